@@ -1,0 +1,333 @@
+"""Load fmforge manifests from YAML files and validate them with the v1alpha1 models.
+
+Used by `fmforge validate` and `fmforge run`. Every problem becomes a `ManifestError` that names
+the file and line, the object, the field path in wire form (`spec.training.microBatchSize`) and
+what is allowed there, so a user can fix the manifest without reading the schema.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Union
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from .v1alpha1 import API_VERSION, GROUP, MAX_NAME_LENGTH, NAME_PATTERN, kind_info
+from .v1alpha1.common import Spec
+from .v1alpha1.kinds import KIND_ORDER, KindInfo
+
+import re
+
+_NAME_RE = re.compile(NAME_PATTERN)
+_TOP_LEVEL = ("apiVersion", "kind", "metadata", "spec", "status")
+
+
+@dataclass(frozen=True)
+class ManifestError:
+    """One problem in one manifest."""
+
+    path: str
+    line: int | None
+    obj: str | None
+    """`Kind/name` where known."""
+    field: str | None
+    """Field path in wire form, such as `spec.filters[1].threshold`."""
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line else self.path
+        parts = [where]
+        if self.obj:
+            parts.append(self.obj)
+        if self.field:
+            parts.append(self.field)
+        return ": ".join(parts) + ": " + self.message
+
+
+@dataclass
+class Manifest:
+    """A valid fmforge object read from a file."""
+
+    info: KindInfo
+    name: str
+    namespace: str
+    spec: Spec
+    raw: dict[str, Any]
+    path: Path
+    line: int
+
+    @property
+    def kind(self) -> str:
+        return self.info.kind
+
+    @property
+    def key(self) -> str:
+        """`Kind/name`, the object's id in the local runner (one namespace at a time)."""
+        return f"{self.info.kind}/{self.name}"
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.raw.get("metadata") or {}
+
+
+@dataclass
+class LoadResult:
+    """What `load` found."""
+
+    manifests: list[Manifest] = field(default_factory=list)
+    errors: list[ManifestError] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    """Documents that are not fmforge objects (another API group), as `path:line: kind`."""
+    files: list[Path] = field(default_factory=list)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that keeps the node tree so errors can point at a line."""
+
+
+def manifest_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[ManifestError]]:
+    """Expand files and directories (recursively, *.yaml and *.yml) into a sorted file list."""
+    files: list[Path] = []
+    errors: list[ManifestError] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.suffix in (".yaml", ".yml") and q.is_file()
+                           and not any(part.startswith(".") for part in q.relative_to(p).parts))
+            if not found:
+                errors.append(ManifestError(str(p), None, None, None, "directory has no *.yaml or *.yml files"))
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            errors.append(ManifestError(str(p), None, None, None, "no such file or directory"))
+    return files, errors
+
+
+def load(paths: Iterable[str | Path]) -> LoadResult:
+    """Read and validate every fmforge manifest under `paths`."""
+    result = LoadResult()
+    files, result.errors = manifest_files(paths)
+    result.files = files
+    seen: dict[tuple[str, str, str], Manifest] = {}
+    for path in files:
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            result.errors.append(ManifestError(str(path), None, None, None, f"cannot read: {e}"))
+            continue
+        try:
+            nodes = list(yaml.compose_all(text, Loader=_Loader))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = mark.line + 1 if mark else None
+            result.errors.append(ManifestError(str(path), line, None, None, f"not valid YAML: {getattr(e, 'problem', e)}"))
+            continue
+        for node in nodes:
+            if node is None:
+                continue
+            data = _Loader(text).construct_document(node)
+            if data is None:
+                continue
+            m = _validate_document(path, node, data, result)
+            if m is None:
+                continue
+            dup_key = (m.namespace, m.kind, m.name)
+            if dup_key in seen:
+                other = seen[dup_key]
+                result.errors.append(
+                    ManifestError(str(path), m.line, m.key, "metadata.name",
+                                  f"duplicate object; also defined at {other.path}:{other.line}")
+                )
+                continue
+            seen[dup_key] = m
+            result.manifests.append(m)
+    result.manifests.sort(key=lambda m: (KIND_ORDER.index(m.kind), m.name))
+    return result
+
+
+def _validate_document(path: Path, node: yaml.Node, data: Any, result: LoadResult) -> Manifest | None:
+    line = node.start_mark.line + 1
+    err = lambda obj, fld, msg, ln=line: result.errors.append(ManifestError(str(path), ln, obj, fld, msg))  # noqa: E731
+    if not isinstance(data, dict):
+        err(None, None, "a manifest must be a mapping with apiVersion, kind, metadata and spec")
+        return None
+    api_version, kind = data.get("apiVersion"), data.get("kind")
+    if not isinstance(api_version, str) or not api_version:
+        err(None, "apiVersion", f"required field is missing; fmforge objects use apiVersion {API_VERSION}")
+        return None
+    if api_version.split("/")[0] != GROUP:
+        result.skipped.append(f"{path}:{line}: {api_version} {kind}")
+        return None
+    if api_version != API_VERSION:
+        err(None, "apiVersion", f"unsupported version {api_version!r}; use {API_VERSION}", _line(node, ["apiVersion"]))
+        return None
+    try:
+        info = kind_info(str(kind)) if isinstance(kind, str) else None
+    except KeyError:
+        info = None
+    if info is None or info.kind != kind:
+        err(None, "kind", f"unknown kind {kind!r}; allowed: {', '.join(KIND_ORDER)}", _line(node, ["kind"]))
+        return None
+    meta = data.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    obj = f"{kind}/{name}" if isinstance(name, str) else kind
+    ok = True
+    for key in data:
+        if key not in _TOP_LEVEL:
+            err(obj, str(key), f"unknown field; allowed: {', '.join(_TOP_LEVEL)}", _line(node, [key]))
+            ok = False
+    if not isinstance(meta, dict):
+        err(obj, "metadata", "required field is missing (it holds the object's name)")
+        return None
+    if not isinstance(name, str) or not name:
+        err(obj, "metadata.name", "required field is missing")
+        return None
+    if len(name) > MAX_NAME_LENGTH:
+        err(obj, "metadata.name",
+            f"must be at most {MAX_NAME_LENGTH} characters (it has {len(name)}): child objects are named "
+            f"<name>-g<generation>-{info.stage} and must fit a 63-character DNS label",
+            _line(node, ["metadata", "name"]))
+        ok = False
+    elif not _NAME_RE.match(name):
+        err(obj, "metadata.name",
+            "must be a DNS-1035 label: lower-case letters, digits and '-', starting with a letter and "
+            "ending with a letter or digit", _line(node, ["metadata", "name"]))
+        ok = False
+    namespace = meta.get("namespace") or "default"
+    if "spec" not in data or data["spec"] is None:
+        err(obj, "spec", "required field is missing")
+        return None
+    try:
+        spec = info.spec.model_validate(data["spec"])
+    except ValidationError as e:
+        for d in e.errors():
+            fld, at = _field_path(info.spec, d["loc"], data["spec"])
+            result.errors.append(
+                ManifestError(str(path), _line(node, ["spec", *at]) or line, obj,
+                              "spec" + fld, _message(d, info.spec, at, data["spec"]))
+            )
+        return None
+    if not ok:
+        return None
+    return Manifest(info=info, name=name, namespace=namespace, spec=spec, raw=data, path=path, line=line)
+
+
+def validate_object(info: KindInfo, spec: Any) -> Spec:
+    """Validate a spec dict (as the operator reads it from the API) into its model."""
+    return info.spec.model_validate(spec)
+
+
+# -- error rendering --------------------------------------------------------------------------------
+
+
+def _field_path(model: type, loc: tuple[Any, ...], data: Any) -> tuple[str, list[Any]]:
+    """Pydantic's loc as a wire-form path, dropping the discriminator tags pydantic inserts."""
+    out, at = "", []
+    cur = data
+    for elem in loc:
+        if isinstance(elem, int):
+            out += f"[{elem}]"
+            at.append(elem)
+            cur = cur[elem] if isinstance(cur, list) and elem < len(cur) else None
+        elif isinstance(cur, dict) and elem not in cur and cur.get("type") == elem:
+            continue  # the tag of a discriminated union, not a field
+        else:
+            out += f".{elem}"
+            at.append(elem)
+            cur = cur.get(elem) if isinstance(cur, dict) else None
+    return out, at
+
+
+def _unwrap(tp: Any, data: Any) -> Any:
+    """Strip Annotated/Optional and pick the variant of a discriminated union from the data."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(args) == 1:
+                tp = args[0]
+                continue
+            tag = data.get("type") if isinstance(data, dict) else None
+            for a in args:
+                a0 = _unwrap(a, None)
+                f = getattr(a0, "model_fields", {}).get("type")
+                if f is not None and tag in typing.get_args(f.annotation):
+                    return a0
+            return None
+        else:
+            return tp
+
+
+def _model_at(model: type, at: list[Any], data: Any) -> type | None:
+    tp: Any = model
+    cur = data
+    for elem in at:
+        tp = _unwrap(tp, cur)
+        if isinstance(elem, int):
+            args = typing.get_args(tp)
+            if not args:
+                return None
+            tp = args[0]
+            cur = cur[elem] if isinstance(cur, list) and elem < len(cur) else None
+        else:
+            fields = getattr(tp, "model_fields", None)
+            if fields is None:
+                return None
+            match = [f for n, f in fields.items() if (f.alias or n) == elem]
+            if not match:
+                return None
+            tp = match[0].annotation
+            cur = cur.get(elem) if isinstance(cur, dict) else None
+    tp = _unwrap(tp, cur)
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+def _message(err: dict[str, Any], model: type, at: list[Any], data: Any) -> str:
+    kind, msg = err["type"], err["msg"]
+    value = err.get("input")
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "extra_forbidden":
+        parent = _model_at(model, at[:-1], data)
+        if parent is not None:
+            allowed = [f.alias or n for n, f in parent.model_fields.items()]
+            return f"unknown field; allowed fields here: {', '.join(allowed)}"
+        return "unknown field"
+    if kind == "union_tag_invalid":
+        return f"unknown type {err['ctx']['tag']!r}; allowed: {err['ctx']['expected_tags']}"
+    if kind == "union_tag_not_found":
+        return "required field 'type' is missing; it says which variant this is"
+    if kind == "rule":
+        return msg
+    msg = msg.replace("Input should be", "must be").replace("String should", "must")
+    msg = msg.replace("List should", "must").replace("Value error, ", "")
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"must be a mapping (got {type(value).__name__})"
+    if not isinstance(value, (dict, list)):
+        msg += f" (got {value!r})"
+    return msg
+
+
+def _line(node: yaml.Node, path: list[Any]) -> int | None:
+    """Line of the deepest node along `path` in the YAML tree (1-based)."""
+    cur, line = node, node.start_mark.line + 1
+    for elem in path:
+        nxt = None
+        if isinstance(cur, yaml.MappingNode):
+            for k, v in cur.value:
+                if getattr(k, "value", None) == elem:
+                    nxt, line = v, k.start_mark.line + 1
+                    break
+        elif isinstance(cur, yaml.SequenceNode) and isinstance(elem, int) and elem < len(cur.value):
+            nxt = cur.value[elem]
+            line = nxt.start_mark.line + 1
+        if nxt is None:
+            break
+        cur = nxt
+    return line

@@ -1,0 +1,324 @@
+"""The `fmforge` command line.
+
+    fmforge validate PATH...          check manifests with the API models
+    fmforge run PATH...               run the pipeline locally (the embedded default)
+    fmforge get [KIND [NAME]]         the local status, shaped like the CR status
+    fmforge lineage KIND/NAME         where an artifact came from
+    fmforge crds [--out DIR]          write the CRDs generated from the models
+    fmforge version
+
+Exit codes: 0 success; 1 invalid manifests, a failed or waiting object, or an object not found;
+2 wrong usage. Errors go to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from . import __version__
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _err(msg: str) -> None:
+    print(f"fmforge: {msg}", file=sys.stderr)
+
+
+# -- validate ---------------------------------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .api.manifests import load
+
+    result = load(args.paths)
+    for e in result.errors:
+        print(e, file=sys.stderr)
+    if not args.quiet:
+        for s in result.skipped:
+            print(f"{s}: skipped (not an fmforge.io object)", file=sys.stderr)
+        for m in result.manifests:
+            print(f"{m.path}:{m.line}: {m.key}: valid")
+    if result.errors:
+        _err(f"{len(result.errors)} error(s) in {len(result.files)} file(s)")
+        return EXIT_FAILED
+    if not result.manifests:
+        _err("no fmforge objects found")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# -- run ------------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runtime.local import run_paths
+    from .runtime.progress import RunConsole
+
+    console = RunConsole(rich=None if args.progress == "auto" else args.progress == "rich")
+    report = run_paths(args.paths, state_dir=args.state_dir, console=console, force=args.force,
+                       dry_run=args.dry_run)
+    for e in report.errors:
+        print(e, file=sys.stderr)
+    if report.errors:
+        _err("nothing was run")
+        return EXIT_FAILED
+    if args.dry_run:
+        return EXIT_OK
+    counts: dict[str, int] = {}
+    for o in report.outcomes:
+        counts[o.word] = counts.get(o.word, 0) + 1
+    summary = ", ".join(f"{n} {w.lower()}" for w, n in counts.items())
+    print(f"fmforge run: {summary}", file=sys.stderr)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+# -- get ------------------------------------------------------------------------------------------
+
+
+def _jsonpath(obj: Any, path: str) -> Any:
+    cur = obj
+    for part in path.strip(".").split("."):
+        if not isinstance(cur, dict):
+            return None
+        cur = cur.get(part)
+    return cur
+
+
+def _age(ts: str | None) -> str:
+    if not ts:
+        return "<unknown>"
+    then = datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    s = int((datetime.now(timezone.utc) - then).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s // size}{unit}"
+    return f"{s}s"
+
+
+def _cell(value: Any, col_type: str) -> str:
+    if value is None:
+        return "<none>"
+    if col_type == "date":
+        return _age(value)
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from .api.v1alpha1 import KIND_ORDER, KINDS, kind_info
+    from .runtime.local import default_state_dir
+    from .runtime.state import StateDir, public
+
+    state = StateDir(Path(args.state_dir) if args.state_dir else default_state_dir(["."]))
+    try:
+        kinds = [kind_info(args.kind).kind] if args.kind else list(KIND_ORDER)
+    except KeyError as e:
+        _err(str(e.args[0]))
+        return EXIT_USAGE
+    records = [r for k in kinds for r in state.records(k)]
+    if args.name:
+        records = [r for r in records if r["metadata"]["name"] == args.name]
+        if not records:
+            _err(f"{kinds[0]}/{args.name} not found in {state.root}")
+            return EXIT_FAILED
+    if args.output == "json":
+        items = [public(r) for r in records]
+        print(json.dumps(items[0] if args.name else {"apiVersion": "v1", "kind": "List", "items": items}, indent=2))
+        return EXIT_OK
+    if args.output == "yaml":
+        items = [public(r) for r in records]
+        out = items[0] if args.name else {"apiVersion": "v1", "kind": "List", "items": items}
+        print(yaml.safe_dump(out, sort_keys=False), end="")
+        return EXIT_OK
+    if not records:
+        where = state.root if state.exists() else f"{state.root} (no state yet: run `fmforge run` first)"
+        print(f"No resources found in {where}.", file=sys.stderr)
+        return EXIT_OK
+    for kind in kinds:
+        rows = [r for r in records if r["kind"] == kind]
+        if not rows:
+            continue
+        info = KINDS[kind]
+        cols = [c for c in info.columns if c.priority == 0 or args.wide]
+        header = ["NAME"] + [c.name.upper() for c in cols]
+        table = [header] + [
+            [f"{kind.lower()}.fmforge.io/{r['metadata']['name']}" if len(kinds) > 1 else r["metadata"]["name"]]
+            + [_cell(_jsonpath(r, c.json_path), c.type) for c in cols]
+            for r in rows
+        ]
+        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+        for row in table:
+            print("   ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if len(kinds) > 1:
+            print()
+    return EXIT_OK
+
+
+# -- lineage --------------------------------------------------------------------------------------
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from .api.v1alpha1 import KINDS, kind_info
+    from .runtime.local import default_state_dir
+    from .runtime.state import StateDir
+
+    state = StateDir(Path(args.state_dir) if args.state_dir else default_state_dir(["."]))
+    if "/" not in args.object:
+        _err(f"expected KIND/NAME, such as TrainingRun/pydocs-gpt (got {args.object!r})")
+        return EXIT_USAGE
+    kind, name = args.object.split("/", 1)
+    try:
+        kind = kind_info(kind).kind
+    except KeyError as e:
+        _err(str(e.args[0]))
+        return EXIT_USAGE
+    if state.read(kind, name) is None:
+        _err(f"{kind}/{name} not found in {state.root}")
+        return EXIT_FAILED
+
+    def describe(rec: dict[str, Any]) -> str:
+        st, fm = rec.get("status", {}), rec.get("fmforge", {})
+        bits = [st.get("phase") or "Pending", f"generation {rec['metadata'].get('generation')}"]
+        if st.get("version"):
+            bits.append(f"snapshot {st['version'].get('snapshotId')}")
+        if st.get("tags"):
+            bits.append("tags " + ",".join(st["tags"]))
+        if (st.get("model") or {}).get("uri"):
+            bits.append(f"model {st['model']['uri']}")
+        if fm.get("artifactDigest"):
+            bits.append(fm["artifactDigest"][:19])
+        return ", ".join(bits)
+
+    def walk(k: str, n: str, depth: int, seen: set[str]) -> None:
+        key = f"{k}/{n}"
+        rec = state.read(k, n)
+        pad = "  " * depth + ("└─ " if depth else "")
+        if rec is None:
+            print(f"{pad}{key}: not in the state directory")
+            return
+        print(f"{pad}{key}: {describe(rec)}")
+        if key in seen:
+            return
+        seen.add(key)
+        spec = KINDS[k].spec.model_validate(rec["spec"])
+        for ref in KINDS[k].references(spec):
+            walk(ref.kind, ref.name, depth + 1, seen)
+        for src in (rec.get("fmforge") or {}).get("lineage") or []:
+            print("  " * (depth + 1) + f"└─ source {src.get('name')}: {src.get('uri')} {src.get('digest', '')}".rstrip())
+
+    walk(kind, name, 0, set())
+    return EXIT_OK
+
+
+# -- crds, version --------------------------------------------------------------------------------
+
+
+def cmd_crds(args: argparse.Namespace) -> int:
+    from .api.crdgen import render_crds, write_crds
+
+    if args.stdout:
+        for text in render_crds().values():
+            print(text, end="")
+        return EXIT_OK
+    for p in write_crds(Path(args.out)):
+        print(p)
+    return EXIT_OK
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    from .api.v1alpha1 import API_VERSION
+
+    print(f"fmforge {__version__} (API {API_VERSION})")
+    return EXIT_OK
+
+
+# -- parser ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fmforge",
+        description="Carry a foundation model from raw data to a served endpoint, on Kubernetes or on one machine.",
+        epilog="Exit codes: 0 success; 1 invalid manifests or a failed object; 2 wrong usage.",
+    )
+    p.add_argument("--version", action="version", version=f"fmforge {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    v = sub.add_parser("validate", help="check manifests against the fmforge.io/v1alpha1 API",
+                       description="Validate fmforge manifests (files or directories) with the same models "
+                       "the CRDs are generated from. Each error names the file and line, the object, the "
+                       "field and what is allowed.")
+    v.add_argument("paths", nargs="+", metavar="PATH", help="manifest file or directory (searched recursively)")
+    v.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    v.set_defaults(func=cmd_validate)
+
+    r = sub.add_parser("run", help="run the pipeline locally, with no cluster",
+                       description="Run the objects of the manifests in the order of their references, "
+                       "in-process, recording status and artifacts in the state directory. Objects whose spec "
+                       "and inputs are unchanged since their last success are skipped.")
+    r.add_argument("paths", nargs="+", metavar="PATH", help="manifest file or directory")
+    r.add_argument("--state-dir", type=Path, help="where status and artifacts go (default: .fmforge/ next to "
+                   "the manifests)")
+    r.add_argument("--force", action="store_true", help="run every object even if unchanged")
+    r.add_argument("--dry-run", action="store_true", help="print the order and stop")
+    r.add_argument("--progress", choices=("auto", "rich", "plain"), default="auto",
+                   help="progress bars (rich) or log lines (plain); auto: bars on a terminal")
+    r.set_defaults(func=cmd_run)
+
+    g = sub.add_parser("get", help="show the local status of objects",
+                       description="Show the status that `fmforge run` recorded, in the shape of the custom "
+                       "resources' status; the table has the CRDs' printer columns.")
+    g.add_argument("kind", nargs="?", help="DataPile, TrainingRun, ModelCard, TunedModel, Deployment (or a "
+                   "plural or short name); default: all")
+    g.add_argument("name", nargs="?", help="object name")
+    g.add_argument("-o", "--output", choices=("table", "wide", "json", "yaml"), default="table")
+    g.add_argument("--state-dir", type=Path, help="state directory (default: ./.fmforge)")
+    g.set_defaults(func=cmd_get)
+
+    ln = sub.add_parser("lineage", help="print where an object's artifact came from",
+                        description="Print the chain model -> training run -> pile version -> sources, "
+                        "with digests, from the local state.")
+    ln.add_argument("object", metavar="KIND/NAME")
+    ln.add_argument("--state-dir", type=Path, help="state directory (default: ./.fmforge)")
+    ln.set_defaults(func=cmd_lineage)
+
+    c = sub.add_parser("crds", help="write the CRDs generated from the API models")
+    c.add_argument("--out", default="crds", help="directory (default: %(default)s)")
+    c.add_argument("--stdout", action="store_true", help="print them instead")
+    c.set_defaults(func=cmd_crds)
+
+    ver = sub.add_parser("version", help="print the version")
+    ver.set_defaults(func=cmd_version)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "output", None) == "wide":
+        args.output, args.wide = "table", True
+    else:
+        args.wide = False
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

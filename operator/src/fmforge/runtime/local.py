@@ -1,0 +1,309 @@
+"""The local runner behind `fmforge run`: the embedded default, with no cluster.
+
+It loads the manifests, orders them by their references (a graph: a cycle or a dangling
+reference is an error that names the objects), and runs each object's stage in-process, writing
+status and artifacts into the state directory. An object whose spec and inputs are unchanged
+since its last success is skipped; an object whose producer is not ready waits; an object whose
+stage has not landed yet ends Failed with reason NotImplemented. A failed attempt keeps the
+status fields (version, model, url) of the last success, so nothing already made is lost.
+"""
+
+from __future__ import annotations
+
+import graphlib
+import hashlib
+import json
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import __version__
+from ..api.manifests import Manifest, ManifestError, load
+from ..api.status import now, with_phase
+from ..api.v1alpha1 import API_VERSION, Reference
+from ..stages import STAGES, stage_for
+from ..stages.base import StageContext, StageError
+from .progress import RunConsole
+from .state import StateDir
+
+DONE_PHASES = ("Succeeded", "Ready")
+
+
+class GraphError(Exception):
+    """The manifests do not form a runnable graph; `errors` says why, one line each."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass
+class Outcome:
+    """What happened to one object in a run."""
+
+    key: str
+    word: str
+    """Succeeded, Skipped, Failed, Waiting."""
+    message: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class RunReport:
+    """The result of `run`."""
+
+    order: list[str] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and all(o.word in ("Succeeded", "Skipped") for o in self.outcomes)
+
+
+def default_state_dir(paths: list[str | Path]) -> Path:
+    """`.fmforge/` next to the manifests: in the first directory given, or beside the first file."""
+    first = Path(paths[0])
+    return (first if first.is_dir() else first.parent) / ".fmforge"
+
+
+def _succeeded(record: dict[str, Any] | None) -> bool:
+    return bool(record) and record.get("status", {}).get("phase") in DONE_PHASES
+
+
+def build_graph(manifests: list[Manifest], state: StateDir) -> tuple[list[Manifest], dict[str, set[str]]]:
+    """Order the manifests by their references; return the order and each object's producers.
+
+    A reference may name an object in the manifests or one the state directory already holds
+    from an earlier run. A Deployment that requires an approved ModelCard also depends on the
+    ModelCards of its model, so it runs after them.
+    """
+    by_key = {m.key: m for m in manifests}
+    deps: dict[str, set[str]] = {m.key: set() for m in manifests}
+    errors: list[str] = []
+    namespaces = {m.namespace for m in manifests}
+    if len(namespaces) > 1:
+        errors.append(f"the local runner runs one namespace at a time; the manifests use {sorted(namespaces)}")
+    for m in manifests:
+        for ref in m.info.references(m.spec):
+            target = f"{ref.kind}/{ref.name}"
+            if target in by_key:
+                deps[m.key].add(target)
+            elif state.read(ref.kind, ref.name) is None:
+                errors.append(
+                    f"{m.key}: {ref.field}: refers to {target}, which is neither in the manifests nor in "
+                    f"the state directory {state.root}; add its manifest or fix the name"
+                )
+        if m.kind == "Deployment" and m.spec.require_approved_model_card:
+            model = f"{m.spec.model_ref.kind}/{m.spec.model_ref.name}"
+            cards = [c.key for c in manifests if c.kind == "ModelCard"
+                     and f"{c.spec.model_ref.kind}/{c.spec.model_ref.name}" == model]
+            in_state = [r for r in state.records("ModelCard")
+                        if f"{r['spec']['modelRef'].get('kind', 'TrainingRun')}/{r['spec']['modelRef']['name']}" == model]
+            if cards:
+                deps[m.key].update(cards)
+            elif not in_state:
+                errors.append(
+                    f"{m.key}: spec.requireApprovedModelCard: needs an approved ModelCard for {model}, and no "
+                    f"ModelCard in the manifests or the state directory evaluates it; add one, or set "
+                    f"requireApprovedModelCard: false"
+                )
+    if errors:
+        raise GraphError(errors)
+    sorter = graphlib.TopologicalSorter(deps)
+    try:
+        flat = list(sorter.static_order())
+    except graphlib.CycleError as e:
+        cycle = " -> ".join(reversed(e.args[1]))
+        raise GraphError([f"the references form a cycle: {cycle}; an object cannot depend on itself"]) from None
+    return [by_key[k] for k in flat], deps
+
+
+def spec_digest(m: Manifest) -> str:
+    body = {"kind": m.kind, "name": m.name, "spec": m.spec.model_dump(mode="json", by_alias=True)}
+    return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def input_digest(m: Manifest, upstream: dict[str, dict[str, Any]], fingerprint: str = "") -> str:
+    """Digest of what an attempt depends on: the spec, the producers' artifacts, and the
+    stage's own fingerprint of its inputs outside the graph (source files)."""
+    parts = {
+        "spec": spec_digest(m),
+        "upstream": {k: (r.get("fmforge") or {}).get("artifactDigest") for k, r in sorted(upstream.items())},
+        "fingerprint": fingerprint,
+    }
+    return "sha256:" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+class LocalRunner:
+    """Runs a set of manifests in-process against a state directory."""
+
+    def __init__(self, state_dir: Path, console: RunConsole | None = None, force: bool = False):
+        self.state = StateDir(Path(state_dir))
+        self.console = console or RunConsole()
+        self.force = force
+
+    def run(self, manifests: list[Manifest], dry_run: bool = False) -> RunReport:
+        report = RunReport()
+        order, deps = build_graph(manifests, self.state)
+        report.order = [m.key for m in order]
+        if dry_run:
+            for m in order:
+                after = ", ".join(sorted(deps[m.key])) or "nothing"
+                stage = "stage ready" if m.kind in STAGES else "stage not implemented yet"
+                self.console.status(m.key, "Planned", f"after {after}; {stage}")
+            return report
+        for m in order:
+            report.outcomes.append(self._run_one(m, deps[m.key]))
+        return report
+
+    # -- one object ---------------------------------------------------------------------------
+    def _run_one(self, m: Manifest, dep_keys: set[str]) -> Outcome:
+        started = time.monotonic()
+        record = self.state.read(m.kind, m.name)
+        upstream = {k: self.state.read(*k.split("/", 1)) for k in sorted(dep_keys)}
+        for ref in m.info.references(m.spec):  # references satisfied from earlier runs' state
+            key = f"{ref.kind}/{ref.name}"
+            upstream.setdefault(key, self.state.read(ref.kind, ref.name))
+        sdigest = spec_digest(m)
+        generation = 1
+        if record:
+            generation = record["metadata"].get("generation", 1)
+            if (record.get("fmforge") or {}).get("specDigest") != sdigest:
+                generation += 1
+        record = self._base_record(m, record, generation, sdigest)
+
+        blocked = {k: r for k, r in upstream.items() if not _succeeded(r)}
+        if blocked:
+            why = "; ".join(
+                f"{k} is {(r or {}).get('status', {}).get('phase', 'not run')}" for k, r in blocked.items()
+            )
+            msg = f"waiting for {', '.join(blocked)} to be ready ({why})"
+            self._write(record, "Waiting", "WaitingForUpstream", msg)
+            self.console.status(m.key, "Waiting", msg)
+            return Outcome(m.key, "Waiting", msg)
+
+        stage = None if m.kind not in STAGES else stage_for(m.kind)
+        fingerprint = ""
+        if stage is not None and hasattr(stage, "fingerprint"):
+            fingerprint = stage.fingerprint(m.spec, m.path.parent)
+        digest = input_digest(m, upstream, fingerprint)
+        prior = record.get("fmforge") or {}
+        if not self.force and prior.get("digest") == digest and record["status"].get("phase") in DONE_PHASES:
+            msg = f"spec and inputs unchanged since {prior.get('finishedAt', 'the last run')}"
+            self.console.status(m.key, "Skipped", msg)
+            return Outcome(m.key, "Skipped", msg)
+
+        if stage is None:
+            msg = (f"the {m.kind} stage is not implemented yet in fmforge {__version__}; nothing was run "
+                   f"for it")
+            self._write(record, "Failed", "NotImplemented", msg)
+            self.console.status(m.key, "Failed", msg)
+            return Outcome(m.key, "Failed", msg, time.monotonic() - started)
+
+        self._write(record, "Running", "Started", f"running the {m.info.stage} stage (generation {generation})")
+        self.console.status(m.key, "Running", f"generation {generation}")
+        artifacts = self.state.artifacts_dir(m.kind, m.name, generation)
+        artifacts.mkdir(parents=True, exist_ok=True)
+        reporter = self.console.reporter(m.key)
+        ctx = StageContext(
+            kind=m.kind, name=m.name, namespace=m.namespace, generation=generation, spec=m.spec,
+            inputs={k: v for k, v in upstream.items() if v is not None}, base_dir=m.path.parent.resolve(),
+            artifacts=artifacts, state_dir=self.state.root, reporter=reporter,
+        )
+        try:
+            result = stage(ctx)
+        except StageError as e:
+            reporter.close()
+            return self._fail(m, record, e.reason, str(e), started)
+        except KeyboardInterrupt:
+            reporter.close()
+            self._fail(m, record, "Interrupted", "interrupted by the user", started)
+            raise
+        except Exception as e:  # noqa: BLE001 - any other error ends this object, never the runner
+            reporter.close()
+            log = self._write_traceback(m)
+            return self._fail(m, record, "StageFailed", f"{type(e).__name__}: {e} (traceback in {log})", started)
+        reporter.close()
+        record["status"] = {**record["status"], **result.status}
+        record["fmforge"] = {
+            **record.get("fmforge", {}),
+            "digest": digest,
+            "artifactDigest": result.digest,
+            "finishedAt": now(),
+            "inputs": {k: (v.get("fmforge") or {}).get("artifactDigest") for k, v in upstream.items() if v},
+            "lineage": result.lineage,
+        }
+        phase = "Ready" if m.kind == "Deployment" and m.spec.target == "kserve" else "Succeeded"
+        self._write(record, phase, "Succeeded", result.message or f"{m.info.stage} stage succeeded")
+        took = time.monotonic() - started
+        self.console.status(m.key, "Succeeded", f"{result.message} ({took:.1f}s)".strip())
+        return Outcome(m.key, "Succeeded", result.message, took)
+
+    def _fail(self, m: Manifest, record: dict[str, Any], reason: str, message: str, started: float) -> Outcome:
+        # The status fields of the last success (version, model, url) stay: nothing made is lost.
+        self._write(record, "Failed", reason, message)
+        self.console.status(m.key, "Failed", f"{reason}: {message}")
+        return Outcome(m.key, "Failed", f"{reason}: {message}", time.monotonic() - started)
+
+    def _base_record(self, m: Manifest, old: dict[str, Any] | None, generation: int, sdigest: str) -> dict[str, Any]:
+        meta = {
+            "name": m.name,
+            "namespace": m.namespace,
+            "generation": generation,
+            "creationTimestamp": (old or {}).get("metadata", {}).get("creationTimestamp") or now(),
+        }
+        for k in ("labels", "annotations"):
+            if m.metadata.get(k):
+                meta[k] = m.metadata[k]
+        return {
+            "apiVersion": API_VERSION,
+            "kind": m.kind,
+            "metadata": meta,
+            "spec": m.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+            "status": dict((old or {}).get("status") or {}),
+            "fmforge": {**((old or {}).get("fmforge") or {}), "specDigest": sdigest,
+                        "manifest": f"{m.path}:{m.line}"},
+        }
+
+    def _write(self, record: dict[str, Any], phase: str, reason: str, message: str) -> None:
+        record["status"] = with_phase(record["status"], phase, reason, message, record["metadata"]["generation"])
+        self.state.write(record)
+
+    def _write_traceback(self, m: Manifest) -> Path:
+        d = self.state.logs_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"{m.kind}-{m.name}.log"
+        path.write_text(traceback.format_exc())
+        return path
+
+
+def run_paths(
+    paths: list[str | Path],
+    state_dir: Path | None = None,
+    console: RunConsole | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    on_invalid: Callable[[list[ManifestError]], None] | None = None,
+) -> RunReport:
+    """Load, validate and run the manifests under `paths` (what `fmforge run` does)."""
+    loaded = load(paths)
+    report = RunReport()
+    if loaded.errors:
+        report.errors = [str(e) for e in loaded.errors]
+        return report
+    if not loaded.manifests:
+        report.errors = [f"no fmforge objects found in {', '.join(map(str, paths))}"]
+        return report
+    runner = LocalRunner(state_dir or default_state_dir(paths), console, force)
+    try:
+        return runner.run(loaded.manifests, dry_run=dry_run)
+    except GraphError as e:
+        report.errors = e.errors
+        return report
+
+
+__all__ = ["LocalRunner", "RunReport", "Outcome", "GraphError", "build_graph", "run_paths", "default_state_dir",
+           "Reference"]

@@ -1,0 +1,92 @@
+"""The contract between a stage and whatever runs it.
+
+A stage is a plain function `run(ctx: StageContext) -> StageResult`. It does not know whether it
+runs in `fmforge run` on a laptop or as the entrypoint of a RayJob: the runtime builds the
+context (spec, resolved inputs, directories, a progress reporter) and records the result. Errors
+carry their retry semantics in their type, so the runner and the operator treat them alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Reporter(Protocol):
+    """Progress and log output of a stage; the runtime supplies a terminal or plain-log one."""
+
+    def step(self, name: str, total: int | None = None) -> None:
+        """A named step begins (`total` units of work, if known)."""
+
+    def advance(self, amount: int = 1, **figures: Any) -> None:
+        """Units of the current step are done; `figures` (loss=…, docs=…) are shown beside it."""
+
+    def log(self, message: str, **fields: Any) -> None:
+        """One log line: capitalised, past tense, with fields naming what it is about."""
+
+
+@dataclass
+class StageContext:
+    """Everything a stage needs, resolved: no references left, only URIs and digests."""
+
+    kind: str
+    name: str
+    namespace: str
+    generation: int
+    spec: Any
+    """The validated spec model of the kind."""
+    inputs: dict[str, dict[str, Any]]
+    """Upstream `Kind/name` → its recorded status (wire form), as resolved for this attempt."""
+    base_dir: Path
+    """Directory that `file://` URIs are relative to (the manifest's directory locally)."""
+    artifacts: Path
+    """Directory this attempt writes its artifacts to; created by the runtime."""
+    state_dir: Path
+    """The runtime's state directory (catalogs live under it locally)."""
+    reporter: Reporter
+
+
+@dataclass
+class StageResult:
+    """What a stage made."""
+
+    status: dict[str, Any]
+    """Kind-specific status fields in wire form (version, stats, model, url…)."""
+    digest: str
+    """Digest of the artifact produced; downstream digests include it."""
+    message: str = ""
+    """One line for people: what was made."""
+    lineage: list[dict[str, Any]] = field(default_factory=list)
+    """Where the artifact came from beyond the graph (sources with their content digests)."""
+
+
+class StageError(Exception):
+    """A stage cannot succeed without a change from the user: no retry."""
+
+    reason = "StageFailed"
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        if reason:
+            self.reason = reason
+
+
+class InvalidSpec(StageError):
+    """The spec is valid in form but not in substance (a source that does not exist, …)."""
+
+    reason = "InvalidSpec"
+
+
+class InputError(StageError):
+    """An input is unusable (unreadable file, wrong field, empty pile after filtering)."""
+
+    reason = "InvalidInput"
+
+
+class TemporaryError(Exception):
+    """A dependency is not ready yet; retry after `delay` seconds."""
+
+    def __init__(self, message: str, delay: float = 10.0):
+        super().__init__(message)
+        self.delay = delay

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Builds the binaries of the test control plane (etcd, kube-apiserver, kube-controller-manager,
+# kubectl) and helm from the Go module proxy, the way controller-runtime's envtest gets them,
+# and caches them outside the checkout, keyed by version. Called by the cluster test fixture,
+# by `make controlplane` and by `make helm`; a warm call returns at once.
+#
+# k8s.io/kubernetes cannot be `go install`ed: its go.mod replaces every k8s.io staging module
+# with a local path. So we build from a throwaway wrapper module that requires it and replaces
+# each staging module with its published v0.Y.Z instead.
+set -euo pipefail
+
+K8S_VERSION=${K8S_VERSION:-v1.36.3}
+ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
+HELM_VERSION=${HELM_VERSION:-v3.19.5}
+CACHE=${FMFORGE_CACHE:-$HOME/.cache/fmforge}
+export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
+
+what=${1:-all}
+staging_version="v0${K8S_VERSION#v1}"   # v1.36.3 -> v0.36.3
+
+# wrapper_build OUT MODULE VERSION LOCAL_REPLACE_VERSION PKG...
+# Builds PKGs of MODULE@VERSION from a throwaway wrapper module in which every replace
+# directive of MODULE that points at a local path (`=> ./staging/...`, `=> ../api`) points at
+# the published module at LOCAL_REPLACE_VERSION instead.
+wrapper_build() {
+  local out=$1 module=$2 version=$3 rversion=$4; shift 4
+  local work; work=$(mktemp -d)
+  mkdir -p "$out"
+  (
+    cd "$work"
+    go mod init fmforge.io/controlplane-wrapper >/dev/null 2>&1
+    go mod download -json "$module@$version" >/dev/null
+    local modfile
+    modfile=$(go env GOMODCACHE)/cache/download/$module/@v/$version.mod
+    go mod edit -require="$module@$version"
+    for m in $(grep -v FORBIDDEN "$modfile" | sed -n 's#^[[:space:]]*\(replace[[:space:]]\+\)\?\([a-z0-9./-]*\) => \.\{1,2\}/.*#\2#p'); do
+      go mod edit -replace="$m=$m@$rversion"
+    done
+    { echo '//go:build tools'; echo; echo 'package tools'; echo; echo 'import ('
+      for p in "$@"; do echo "	_ \"$p\""; done; echo ')'; } > tools.go
+    go mod tidy -e >&2
+    for p in "$@"; do
+      local bin=${p##*/}
+      [[ $p == go.etcd.io/etcd/server/v3 ]] && bin=etcd
+      echo "Building $bin from $module@$version" >&2
+      go build -trimpath -ldflags "${LDFLAGS:--s -w}" -o "$out/$bin.tmp" "$p" >&2
+      mv "$out/$bin.tmp" "$out/$bin"
+    done
+  )
+  local rc=$?
+  rm -rf "$work"
+  return $rc
+}
+
+build_k8s() {
+  local out="$CACHE/k8s-$K8S_VERSION"
+  if [[ -x $out/kube-apiserver && -x $out/kube-controller-manager && -x $out/kubectl ]]; then
+    echo "$out"; return
+  fi
+  local v=k8s.io/component-base/version minor
+  minor=$(echo "$K8S_VERSION" | cut -d. -f2)
+  LDFLAGS="-s -w -X $v.gitVersion=$K8S_VERSION -X $v.gitMajor=1 -X $v.gitMinor=$minor -X $v.gitTreeState=clean -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION" \
+    wrapper_build "$out" k8s.io/kubernetes "$K8S_VERSION" "$staging_version" \
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl
+  echo "$out"
+}
+
+build_etcd() {
+  local out="$CACHE/etcd-$ETCD_VERSION"
+  if [[ -x $out/etcd ]]; then echo "$out"; return; fi
+  # The module root is etcd's main package; its go.mod replaces the sibling etcd modules with
+  # local paths, so it is built through a wrapper too, with those at the same version.
+  wrapper_build "$out" go.etcd.io/etcd/server/v3 "$ETCD_VERSION" "$ETCD_VERSION" go.etcd.io/etcd/server/v3
+  echo "$out"
+}
+
+build_helm() {
+  local out="$CACHE/helm-$HELM_VERSION"
+  if [[ -x $out/helm ]]; then echo "$out"; return; fi
+  mkdir -p "$out"
+  echo "Building helm $HELM_VERSION" >&2
+  GOBIN="$out" go install -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
+    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" >&2
+  echo "$out"
+}
+
+case "$what" in
+  k8s) build_k8s ;;
+  etcd) build_etcd ;;
+  helm) build_helm ;;
+  all) build_etcd; build_k8s; build_helm ;;
+  *) echo "usage: $0 [k8s|etcd|helm|all]" >&2; exit 2 ;;
+esac
