@@ -48,10 +48,21 @@ class Rule:
     model, run by `fmforge validate` and the local runner. Both report `message`.
     """
 
-    cel: str
+    cel: str | None
+    """None where the CRD enforces the rule structurally (a list-map's unique keys)."""
     message: str
     check: Callable[[Any], bool]
     field_path: str | None = None
+
+
+def unique_names(field: str) -> Rule:
+    """Items of a list field have unique `name`s (the CRD makes it a list-map keyed by name)."""
+    py = _snake(field)
+    return Rule(
+        cel=None,
+        message=f"{field} must have unique names",
+        check=lambda m: len({i.name for i in getattr(m, py)}) == len(getattr(m, py)),
+    )
 
 
 def _present(value: Any) -> bool:
@@ -101,11 +112,12 @@ class _Base(BaseModel):
     ) -> dict[str, Any]:
         js = handler(schema)
         target = handler.resolve_ref_schema(js)
-        if cls.__rules__:
+        if any(r.cel for r in cls.__rules__):
             target["x-kubernetes-validations"] = [
                 {"rule": r.cel, "message": r.message}
                 | ({"fieldPath": r.field_path} if r.field_path else {})
                 for r in cls.__rules__
+                if r.cel
             ]
         return js
 

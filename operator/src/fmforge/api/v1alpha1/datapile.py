@@ -23,6 +23,7 @@ from .common import (
     Status,
     Tag,
     exactly_one,
+    unique_names,
 )
 
 LanguageCode = Annotated[str, StringConstraints(pattern=r"^[a-z]{2}$")]
@@ -299,6 +300,8 @@ class Publish(Spec):
 
 class DataPileSpec(Spec):
     """What pile to prepare."""
+
+    __rules__ = (unique_names("sources"),)
 
     sources: Annotated[
         list[Source],

@@ -19,6 +19,7 @@ from .common import (
     Spec,
     Status,
     Threshold,
+    unique_names,
 )
 
 Text = Annotated[str, StringConstraints(max_length=8192)]
@@ -82,6 +83,8 @@ class Card(Spec):
 
 class ModelCardSpec(Spec):
     """Which model to validate, how, and how it is approved."""
+
+    __rules__ = (unique_names("benchmarks"),)
 
     model_ref: ModelRef
     """The model to validate."""

@@ -1,0 +1,7 @@
+"""Shared pytest setup: the tests directory on sys.path (for `badmanifests`) and repo paths."""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
