@@ -79,8 +79,17 @@ build_helm() {
   if [[ -x $out/helm ]]; then echo "$out"; return; fi
   mkdir -p "$out"
   echo "Building helm $HELM_VERSION" >&2
-  GOBIN="$out" go install -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
-    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" >&2
+  # Stamp the version and the Kubernetes version helm assumes offline (`helm template`), as
+  # helm's own Makefile does; unstamped, helm assumes Kubernetes v1.20.
+  local kminor
+  kminor=$(go mod download -json "helm.sh/helm/v3@$HELM_VERSION" >/dev/null && \
+    sed -n 's#^[[:space:]]*k8s.io/client-go v0\.\([0-9]*\)\..*#\1#p' \
+    "$(go env GOMODCACHE)/cache/download/helm.sh/helm/v3/@v/$HELM_VERSION.mod")
+  local ld="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+  for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    ld="$ld -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$kminor"
+  done
+  GOBIN="$out" go install -trimpath -ldflags "$ld" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" >&2
   echo "$out"
 }
 

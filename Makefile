@@ -1,0 +1,64 @@
+# fmforge: the commands of the README.
+#
+#   make quickstart   set up, build the corpus, run examples/quickstart locally
+#   make test         set up and run every test tier
+#
+# Heavy things are cached outside the checkout: pip's wheel cache (torch), and the Go-built
+# binaries of the test control plane and helm under $(FMFORGE_CACHE).
+
+PYTHON        ?= python3
+VENV          ?= .venv
+export FMFORGE_CACHE ?= $(HOME)/.cache/fmforge
+export PIP_CACHE_DIR ?= $(FMFORGE_CACHE)/pip
+BIN           := $(VENV)/bin
+EXTRAS        ?= dev
+STAMP         := $(VENV)/.installed-$(EXTRAS)
+PYTEST_ARGS   ?=
+
+.PHONY: help setup quickstart corpus test test-unit test-layers test-chart test-cluster crds helm controlplane bench clean
+
+help:
+	@echo "make quickstart   run the whole pipeline locally (examples/quickstart)"
+	@echo "make test         run every test tier"
+	@echo "make crds         regenerate crds/ and the chart's CRDs from the API models"
+	@echo "make controlplane build the test control plane binaries (etcd, kube-apiserver, kubectl)"
+
+$(STAMP): operator/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e "operator[$(EXTRAS)]"
+	touch $@
+
+setup: $(STAMP)
+
+corpus: setup
+	$(BIN)/python examples/quickstart/build-corpus.py
+
+quickstart: setup corpus
+	$(BIN)/fmforge run examples/quickstart
+
+crds: setup
+	$(BIN)/fmforge crds --out crds
+	rm -f charts/fmforge/crds/*.yaml && mkdir -p charts/fmforge/crds && cp crds/*.yaml charts/fmforge/crds/
+
+helm:
+	@tests/cluster/build-controlplane.sh helm
+
+controlplane:
+	@tests/cluster/build-controlplane.sh all
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/unit tests/cluster
+	cd operator && ../$(BIN)/lint-imports
+
+test-unit: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/unit
+
+test-layers: setup
+	cd operator && ../$(BIN)/lint-imports
+
+test-cluster: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/cluster
+
+clean:
+	rm -rf $(VENV) examples/quickstart/.fmforge examples/quickstart/corpus

@@ -1,0 +1,14 @@
+"""The layer rules of DESIGN.md, checked by import-linter."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+
+def test_import_contracts_are_kept():
+    exe = Path(sys.executable).parent / "lint-imports"
+    r = subprocess.run([str(exe)], cwd=ROOT / "operator", capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "broken" in r.stdout and ", 0 broken" in r.stdout

