@@ -105,9 +105,10 @@ _DELETE = object()
 CASES: list[Case] = [
     # wrong types
     Case("maxsteps-string", "TrainingRun", _set("spec.training.maxSteps", "many"),
-         "spec.training.maxSteps", "must be a valid integer", "must be of type integer"),
+         "spec.training.maxSteps", "must be a valid integer",
+         ".spec.training.maxSteps: expected numeric (int or float), got string"),
     Case("sources-not-list", "DataPile", _set("spec.sources", {"name": "docs"}),
-         "spec.sources", "must be a valid list", "must be of type array"),
+         "spec.sources", "must be a valid list", ".spec.sources: expected list"),
     Case("memory-not-quantity", "TrainingRun", _set("spec.resources.memory", "lots"),
          "spec.resources.memory", "must match pattern", "should match"),
     # out-of-range numbers
@@ -123,9 +124,9 @@ CASES: list[Case] = [
          "spec.resources.workers", "must be greater than or equal to 1", "should be greater than or equal to 1"),
     # unknown fields
     Case("unknown-training-field", "TrainingRun", _set("spec.training.epochs", 3),
-         "spec.training.epochs", "unknown field; allowed fields here: maxSteps", 'unknown field "spec.training.epochs"'),
+         "spec.training.epochs", "unknown field; allowed fields here: maxSteps", ".spec.training.epochs: field not declared in schema"),
     Case("unknown-spec-field", "DataPile", _set("spec.owner", "me"),
-         "spec.owner", "unknown field; allowed fields here: sources", 'unknown field "spec.owner"'),
+         "spec.owner", "unknown field; allowed fields here: sources", ".spec.owner: field not declared in schema"),
     Case("field-of-other-filter-type", "DataPile", _set("spec.filters.1.allow", ["en"]),
          "spec.filters[1].allow", "unknown field; allowed fields here: type, threshold",
          "allow applies to type language or license only"),
@@ -172,7 +173,8 @@ CASES: list[Case] = [
          "spec", "lora settings apply to method lora only", "lora settings apply to method lora only"),
     Case("duplicate-source-names", "DataPile",
          _set("spec.sources.1", {"name": "docs", "uri": "file://other/", "format": "text"}),
-         "spec", "sources must have unique names", "Duplicate value"),
+         "spec", "sources must have unique names",
+         '.spec.sources: duplicate entries for key [name="docs"]'),
     # names
     Case("name-too-long", "DataPile", _set("metadata.name", "a" * 41),
          "metadata.name", "must be at most 40 characters", "metadata.name must be at most 40 characters"),

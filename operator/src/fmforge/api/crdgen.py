@@ -124,12 +124,25 @@ def _strip_defaults(node: dict[str, Any]) -> dict[str, Any]:
     return node
 
 
-def _loosen(node: dict[str, Any]) -> dict[str, Any]:
-    """The common part of two schemas of one field: drop what only one variant demands."""
-    node = {k: v for k, v in node.items() if k not in ("pattern", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minItems")}
-    if "items" in node:
-        node["items"] = _loosen(node["items"])
-    return node
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """One schema for a field two union variants declare differently: what both allow.
+
+    Bounds that only one variant has (a pattern, an enum, a range) are dropped here and put back
+    as rules guarded by the type; size limits take the larger one, so CEL cost stays bounded.
+    """
+    out = {k: v for k, v in a.items() if k in ("type", "description", "x-kubernetes-list-type")}
+    for key in ("maxItems", "maxLength"):
+        if key in a and key in b:
+            out[key] = max(a[key], b[key])
+    for key in ("minItems", "minLength"):
+        if key in a and key in b:
+            out[key] = min(a[key], b[key])
+    for key in ("pattern", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        if key in a and a.get(key) == b.get(key):
+            out[key] = a[key]
+    if "items" in a and "items" in b:
+        out["items"] = _merge(a["items"], b["items"])
+    return out
 
 
 def _flatten_union(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
@@ -158,7 +171,7 @@ def _flatten_union(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, An
             if name not in props:
                 props[name] = prop
             elif props[name] != prop:
-                props[name] = _loosen(props[name])
+                props[name] = _merge(props[name], prop)
         for rule in v.get("x-kubernetes-validations", []):
             rules.append({**rule, "rule": f"self.{disc} != '{tag}' || ({rule['rule']})"})
         for name in v.get("required", []):
@@ -227,7 +240,8 @@ def crd_for(info: KindInfo) -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            # Only name may be typed here; its bound keeps the CEL cost of the name rules small.
+            "metadata": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 253}}},
             "spec": spec_schema,
             "status": status_schema,
         },

@@ -26,7 +26,7 @@ from .common import (
     unique_names,
 )
 
-LanguageCode = Annotated[str, StringConstraints(pattern=r"^[a-z]{2}$")]
+LanguageCode = Annotated[str, StringConstraints(max_length=2, pattern=r"^[a-z]{2}$")]
 """An ISO 639-1 language code, such as `en`."""
 
 Glob = Annotated[str, StringConstraints(min_length=1, max_length=256)]
