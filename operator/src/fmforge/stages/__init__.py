@@ -12,7 +12,9 @@ import importlib
 from typing import Callable
 
 #: kind → "module:function" of the stages that have landed.
-STAGES: dict[str, str] = {}
+STAGES: dict[str, str] = {
+    "DataPile": "fmforge.stages.datapile:run",
+}
 
 
 def stage_for(kind: str) -> Callable | None:

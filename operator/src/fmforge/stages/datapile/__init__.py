@@ -1,0 +1,310 @@
+"""The DataPile stage: sources in, a versioned and tagged pile out.
+
+    read sources → [Ray Data map_batches: categorize → filters in order → exact hash → MinHash]
+    → exact dedup → fuzzy dedup (LSH, components) → tokenizer → tokenize and pack
+    → publish (Iceberg snapshots + tags) → data card
+
+The per-document work runs on Ray Data (`map_batches` over Arrow batches: in-process locally,
+on the KubeRay cluster in a RayJob); the global steps (dedup decisions over hashes and
+signatures, tokenizer training, publishing) run on the driver over compact arrays. Called by the
+local runner (`fmforge run`) and by the RayJob entrypoint with the same StageContext.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ...api.v1alpha1.datapile import DataPileSpec
+from ..base import InputError, InvalidSpec, StageContext, StageResult
+from . import dedup as dd
+from . import publish as pub
+from . import tokenize as tk
+from .annotate import annotate
+from .filters import build_steps, effective_rules
+from .sources import fingerprint as _fingerprint
+from .sources import read_source, resolve
+
+#: Columns of the published documents table.
+DOC_COLUMNS = ("id", "source", "path", "text", "is_code", "lang", "lang_confidence", "prog_lang", "license",
+               "source_license", "hap_score", "pii", "split")
+
+
+def fingerprint(spec: DataPileSpec, base_dir: Path) -> str:
+    """What the runner adds to the digest: the sources' files (names, sizes, times)."""
+    return _fingerprint(spec.sources, base_dir)
+
+
+def process_batch(batch: pa.Table, spec: DataPileSpec) -> pa.Table:
+    """The per-document part of the pipeline, on one Arrow batch (a Ray Data map_batches UDF)."""
+    nl, pl = spec.categorize.natural_language, spec.categorize.programming_language
+    batch = annotate(batch, nl.enabled, nl.min_confidence, pl.enabled)
+    batch = batch.append_column("dropped", pa.nulls(batch.num_rows, pa.string()))
+    for step in build_steps(spec.filters):
+        batch = step(batch)
+    for col, typ in (("hap_score", pa.float32()), ("pii", pa.int32()), ("license", pa.string()),
+                     ("quality_rule", pa.string())):
+        if col not in batch.column_names:
+            batch = batch.append_column(col, pa.nulls(batch.num_rows, typ))
+    h = dd.content_hashes(batch.column("text"))
+    batch = batch.append_column("hash_hi", pa.array(h[:, 0])).append_column("hash_lo", pa.array(h[:, 1]))
+    fz = spec.dedup.fuzzy
+    if spec.dedup.fuzzy.enabled:
+        sig = dd.signatures(batch.column("text"), fz.num_perm, fz.shingle_size)
+        flat = pa.array(sig.reshape(-1))
+        batch = batch.append_column("minhash", pa.FixedSizeListArray.from_arrays(flat, fz.num_perm))
+    return batch
+
+
+def _ray_init(workers: int, cpus: int) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # Local: an in-process Ray with no dashboard; in a RayJob this attaches to the cluster.
+        ray.init(num_cpus=None if _in_cluster() else max(1, workers * cpus), include_dashboard=False,
+                 log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
+
+
+def _in_cluster() -> bool:
+    import os
+
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
+def run_on_ray(table: pa.Table, spec: DataPileSpec) -> pa.Table:
+    """process_batch over the documents with Ray Data, as many blocks as CPUs."""
+    import ray
+
+    _ray_init(spec.resources.workers, spec.resources.cpus_per_worker)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # Balanced blocks by bytes, not rows: code files and doc topics differ a lot in size.
+    sizes = np.cumsum(pc.binary_length(table.column("text").cast(pa.large_binary())).to_numpy())
+    nblocks = max(1, min(table.num_rows, cpus * 2))
+    cuts = np.searchsorted(sizes, np.linspace(0, sizes[-1], nblocks + 1)[1:-1]) if len(sizes) else []
+    bounds = [0, *sorted(set(int(c) for c in cuts)), table.num_rows]
+    blocks = [table.slice(a, b - a) for a, b in zip(bounds, bounds[1:]) if b > a]
+    ds = ray.data.from_arrow(blocks)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    out = ds.map_batches(process_batch, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=None,
+                         zero_copy_batch=True)
+    tables = ray.get(list(out.to_arrow_refs()))
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def run(ctx: StageContext) -> StageResult:
+    spec: DataPileSpec = ctx.spec
+    rep = ctx.reporter
+    timings: dict[str, float] = {}
+
+    def timed(name: str):
+        class _T:
+            def __enter__(self):
+                rep.step(name)
+                self.t = time.monotonic()
+
+            def __exit__(self, *exc):
+                timings[name] = time.monotonic() - self.t
+
+        return _T()
+
+    # 1. sources
+    with timed("read sources"):
+        tables, reads = [], []
+        for s in spec.sources:
+            t, r = read_source(s, ctx.base_dir)
+            tables.append(t)
+            reads.append(r)
+            rep.advance(r.documents, source=s.name, mb=f"{r.bytes / 1e6:.1f}")
+        docs = pa.concat_tables(tables)
+    read = docs.num_rows
+    digest = _digest(spec, reads)
+
+    cat = pub.catalog(ctx.state_dir)
+    existing = pub.find_version(cat, ctx.namespace, ctx.name, digest)
+    if existing is not None:
+        # Same spec, same sources: the version exists; make sure its tags are on it, publish nothing.
+        pub.move_tags(cat.load_table(existing.table), existing.snapshot_id, spec.publish.tags)
+        _, seq_name = pub.table_names(ctx.namespace, ctx.name)
+        pub.move_tags(cat.load_table(seq_name), existing.sequences_snapshot_id, spec.publish.tags)
+        rep.log("Found the version already published", snapshot=existing.snapshot_id)
+        return _reuse(ctx, existing, digest, reads)
+
+    # 2-3. categorize and filter on Ray Data, with exact hashes and MinHash signatures
+    with timed("categorize, filter, hash (Ray Data)"):
+        processed = run_on_ray(docs, spec)
+        rep.advance(processed.num_rows)
+    dropped = processed.column("dropped").to_numpy(zero_copy_only=False)
+    counters: dict[str, int] = {f.type: 0 for f in spec.filters}
+    counters.update(Counter(d for d in dropped if d is not None))
+    alive = np.array([d is None for d in dropped])
+
+    # 4. dedup on the driver, over hashes and signatures of the surviving rows
+    order_keys = np.argsort(np.argsort(np.array(processed.column("id").to_pylist(), dtype=object)))
+    with timed("deduplicate"):
+        survivors = np.flatnonzero(alive)
+        n_exact = n_fuzzy = clusters = 0
+        if spec.dedup.exact and len(survivors):
+            h = np.stack([processed.column("hash_hi").to_numpy()[survivors],
+                          processed.column("hash_lo").to_numpy()[survivors]], axis=1)
+            keep = dd.first_of_each(h, order_keys[survivors])
+            n_exact = int((~keep).sum())
+            survivors = survivors[keep]
+        reached_fuzzy = len(survivors)
+        fz = spec.dedup.fuzzy
+        if fz.enabled and len(survivors):
+            sig = processed.column("minhash").combine_chunks().flatten().to_numpy().reshape(-1, fz.num_perm)[survivors]
+            res = dd.fuzzy_clusters(sig, order_keys[survivors], fz.bands, fz.threshold, fz.verify)
+            n_fuzzy = int((~res.keep).sum())
+            clusters = res.clusters
+            survivors = survivors[res.keep]
+        reached_exact = int(alive.sum())
+    counters["duplicateExact"] = n_exact
+    counters["duplicateFuzzy"] = n_fuzzy
+    kept = processed.take(pa.array(survivors, pa.int64()))
+    if kept.num_rows == 0:
+        raise InputError(
+            f"no documents left after filtering and deduplication ({read} read; dropped "
+            f"{', '.join(f'{k}: {v}' for k, v in counters.items() if v)}); loosen the filters or add sources")
+    assert read == kept.num_rows + sum(counters.values()), "counters must add up"
+
+    # 5. tokenizer, split, pack
+    texts = kept.column("text").to_pylist()
+    splits = tk.split_of(kept.column("id").to_pylist(), spec.split.validation_fraction)
+    kept = kept.append_column("split", pa.array(splits.tolist(), pa.string()))
+    tok_dir = ctx.artifacts / "tokenizer"
+    with timed("tokenizer"):
+        if spec.tokenizer.train is not None:
+            tr = spec.tokenizer.train
+            train_texts = [t for t, s in zip(texts, splits) if s == "train"] or texts
+            tok = tk.train_tokenizer(train_texts, tr.vocab_size, tr.min_frequency)
+            tok_source = f"trained: byte-level BPE, vocab {tok.get_vocab_size()}"
+        else:
+            fs, path = resolve(spec.tokenizer.uri.replace("pkg://", "file://"), ctx.base_dir)
+            tok = tk.load_tokenizer(Path(path))
+            tok_source = f"loaded from {spec.tokenizer.uri}"
+        tk.save_tokenizer(tok, tok_dir)
+    with timed("tokenize and pack"):
+        seqs, tokens_by_split = tk.pack(tok, texts, splits, spec.tokenize.sequence_length)
+        rep.advance(seqs.num_rows, tokens=sum(tokens_by_split.values()))
+    tokens = int(sum(tokens_by_split.values()))
+
+    # 6. publish
+    languages = dict(Counter(x for x in kept.column("lang").to_pylist() if x).most_common())
+    prog = dict(Counter(x for x in kept.column("prog_lang").to_pylist() if x).most_common())
+    stats = {
+        "documents": {"read": read, "kept": kept.num_rows},
+        "dropped": counters,
+        "languages": languages,
+        "programmingLanguages": prog,
+        "tokens": tokens,
+        "sequences": seqs.num_rows,
+    }
+    props = {
+        pub.PROP_DIGEST: digest,
+        "fmforge.spec-digest": _spec_digest(spec),
+        "fmforge.sources": json.dumps({r.name: r.digest for r in reads}, sort_keys=True),
+        "fmforge.stats": json.dumps(stats, sort_keys=True),
+        "fmforge.tokenizer": str(tok_dir),
+        "fmforge.generation": str(ctx.generation),
+    }
+    with timed("publish"):
+        table = kept.select([c for c in DOC_COLUMNS if c in kept.column_names])
+        published = pub.publish(cat, ctx.namespace, ctx.name, table, seqs, spec.publish.tags, props)
+    card = {
+        "name": ctx.name,
+        "version": {"snapshotId": str(published.snapshot_id), "digest": digest, "createdAt": published.created_at},
+        "tags": spec.publish.tags,
+        "sources": [{"name": r.name, "uri": r.uri, "license": s.license, "files": r.files, "documents": r.documents,
+                     "bytes": r.bytes, "digest": r.digest} for r, s in zip(reads, spec.sources)],
+        "stats": stats,
+        "qualityRules": dict(Counter(x for x in processed.column("quality_rule").to_pylist() if x).most_common()),
+        "dedup": {"exact": n_exact, "exactRate": n_exact / max(reached_exact, 1), "fuzzy": n_fuzzy,
+                  "fuzzyRate": n_fuzzy / max(reached_fuzzy, 1), "clusters": clusters,
+                  "params": spec.dedup.fuzzy.model_dump(by_alias=True)},
+        "licenses": dict(Counter(kept.column("license").to_pylist()).most_common()),
+        "piiRedacted": int(pc.sum(kept.column("pii")).as_py() or 0),
+        "tokenizer": tok_source,
+        "tokensBySplit": tokens_by_split,
+        "sequenceLength": spec.tokenize.sequence_length,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "filters": [f.model_dump(by_alias=True) | ({"effectiveRules": effective_rules(f).model_dump(
+            by_alias=True, exclude_none=True)} if f.type == "quality" else {}) for f in spec.filters],
+    }
+    md = pub.data_card(card, ctx.artifacts)
+    rep.log("Published version", snapshot=published.snapshot_id, tags=",".join(spec.publish.tags) or None)
+    return StageResult(
+        status=_status(published, spec.publish.tags, stats, md, digest),
+        digest=digest,
+        message=f"published snapshot {published.snapshot_id} ({kept.num_rows}/{read} documents, {tokens} tokens)",
+        lineage=[{"name": r.name, "uri": r.uri, "digest": r.digest} for r in reads],
+    )
+
+
+def _status(published: pub.Published, tags: list[str], stats: dict[str, Any], md: Path, digest: str) -> dict:
+    return {
+        "version": {"snapshotId": str(published.snapshot_id), "digest": digest, "createdAt": published.created_at},
+        "tags": list(tags),
+        "stats": stats,
+        "dataCard": md.resolve().as_uri(),
+        "table": published.table,
+    }
+
+
+def _reuse(ctx: StageContext, existing: pub.Published, digest: str, reads) -> StageResult:
+    props = {}
+    cat = pub.catalog(ctx.state_dir)
+    snap = cat.load_table(existing.table).snapshot_by_id(existing.snapshot_id)
+    if snap and snap.summary:
+        props = snap.summary.additional_properties
+    stats = json.loads(props.get("fmforge.stats", "{}"))
+    tags = pub.tags_of(cat, existing.table, existing.snapshot_id)
+    card = _find_card(ctx, existing.snapshot_id)
+    return StageResult(
+        status={"version": {"snapshotId": str(existing.snapshot_id), "digest": digest,
+                            "createdAt": existing.created_at},
+                "tags": tags, "stats": stats, "table": existing.table,
+                **({"dataCard": card.as_uri()} if card else {})},
+        digest=digest,
+        message=f"version {existing.snapshot_id} already published with this spec and these sources; nothing new",
+        lineage=[{"name": r.name, "uri": r.uri, "digest": r.digest} for r in reads],
+    )
+
+
+def _find_card(ctx: StageContext, snapshot_id: int) -> Path | None:
+    base = ctx.artifacts.parent
+    for card in sorted(base.glob("g*/datacard.json")):
+        try:
+            if json.loads(card.read_text())["version"]["snapshotId"] == str(snapshot_id):
+                return (card.parent / "datacard.md").resolve()
+        except (OSError, KeyError, json.JSONDecodeError):
+            continue
+    return None
+
+
+def _spec_digest(spec: DataPileSpec) -> str:
+    body = json.dumps(spec.model_dump(mode="json", by_alias=True), sort_keys=True)
+    return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
+
+
+def _digest(spec: DataPileSpec, reads) -> str:
+    """The version's digest: the spec (tags aside: retagging is not a new version) and the sources' content."""
+    body = spec.model_dump(mode="json", by_alias=True)
+    body.pop("publish", None)
+    body.pop("resources", None)
+    h = hashlib.sha256(json.dumps(body, sort_keys=True).encode())
+    for r in reads:
+        h.update(f"{r.name}\0{r.digest}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+__all__ = ["run", "fingerprint", "process_batch", "InvalidSpec"]

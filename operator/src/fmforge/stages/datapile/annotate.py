@@ -1,0 +1,103 @@
+"""Categorize documents: natural language (lingua) and programming language (Pygments).
+
+Both run per Arrow batch. lingua's Rust detector works on the whole batch in parallel and gives
+a confidence; Pygments identifies a source file from its name and, where the name says nothing,
+from its content. Prose gets `lang`/`lang_confidence`; code gets `prog_lang`.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import PurePosixPath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+#: Languages lingua tells apart. A bounded set keeps detection fast and memory small; a document
+#: in another language is recorded with a low confidence, i.e. `unknown`.
+LANGUAGES = ("EN", "DE", "FR", "ES", "IT", "PT", "NL", "SV", "PL", "RU", "UK", "TR", "AR", "ZH", "JA", "KO",
+             "HI", "CS", "DA", "FI")
+SAMPLE_CHARS = 2000
+
+
+@functools.lru_cache(maxsize=1)
+def _detector():
+    from lingua import IsoCode639_1, Language, LanguageDetectorBuilder
+
+    langs = [Language.from_iso_code_639_1(getattr(IsoCode639_1, c)) for c in LANGUAGES]
+    return LanguageDetectorBuilder.from_languages(*langs).build()
+
+
+def natural_language(texts: list[str], min_confidence: float) -> tuple[list[str | None], np.ndarray]:
+    """ISO 639-1 code (or `unknown`) and confidence of each text."""
+    if not texts:
+        return [], np.zeros(0)
+    det = _detector()
+    values = det.compute_language_confidence_values_in_parallel([t[:SAMPLE_CHARS] for t in texts])
+    codes, conf = [], np.zeros(len(texts))
+    for i, vals in enumerate(values):
+        if vals and vals[0].value >= min_confidence:
+            codes.append(vals[0].language.iso_code_639_1.name.lower())
+            conf[i] = vals[0].value
+        else:
+            codes.append("unknown")
+            conf[i] = vals[0].value if vals else 0.0
+    return codes, conf
+
+
+@functools.lru_cache(maxsize=4096)
+def _lexer_for_name(name: str) -> str | None:
+    from pygments.lexers import get_lexer_for_filename
+    from pygments.util import ClassNotFound
+
+    try:
+        return get_lexer_for_filename(name).name.lower()
+    except ClassNotFound:
+        return None
+
+
+def programming_language(path: str, text: str) -> str:
+    """Pygments' lexer name for a source file: by file name, else by content."""
+    name = PurePosixPath(path).name
+    lang = _lexer_for_name(name) if "." in name else None
+    if lang is None:
+        from pygments.lexers import guess_lexer
+        from pygments.util import ClassNotFound
+
+        try:
+            lang = guess_lexer(text[:SAMPLE_CHARS]).name.lower()
+        except ClassNotFound:
+            lang = "unknown"
+        # Pygments' last resort is plain text: that is not a programming language.
+        if lang in ("text only", "text"):
+            lang = "unknown"
+    return lang
+
+
+def annotate(batch: pa.Table, nl_enabled: bool, min_confidence: float, pl_enabled: bool) -> pa.Table:
+    """`batch` with lang, lang_confidence and prog_lang columns added."""
+    is_code = batch.column("is_code").to_numpy(zero_copy_only=False)
+    texts = batch.column("text").to_pylist()
+    n = batch.num_rows
+    lang: list[str | None] = [None] * n
+    conf = np.full(n, np.nan)
+    prose = np.flatnonzero(~is_code)
+    if nl_enabled and len(prose):
+        codes, c = natural_language([texts[i] for i in prose], min_confidence)
+        for j, i in enumerate(prose):
+            lang[i] = codes[j]
+        conf[prose] = c
+    prog: list[str | None] = [None] * n
+    if pl_enabled:
+        paths = batch.column("path").to_pylist()
+        for i in np.flatnonzero(is_code):
+            prog[i] = programming_language(paths[i], texts[i])
+    batch = batch.append_column("lang", pa.array(lang, pa.string()))
+    batch = batch.append_column("lang_confidence", pa.array(conf, pa.float32(), mask=np.isnan(conf)))
+    return batch.append_column("prog_lang", pa.array(prog, pa.string()))
+
+
+def word_counts(batch: pa.Table) -> np.ndarray:
+    """Whitespace-separated words per document, vectorised in Arrow."""
+    return pc.list_value_length(pc.utf8_split_whitespace(batch.column("text"))).to_numpy(zero_copy_only=False)

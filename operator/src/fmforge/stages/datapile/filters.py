@@ -1,0 +1,413 @@
+"""The DataPile filters: small Arrow-batch steps that each mark what they drop.
+
+Each step gets a batch with a `dropped` column (null while a document is kept) and returns it
+with `dropped` set to its reason for the documents it drops, never touching documents an earlier
+step dropped; so the counters add up by construction (read = kept + Σ dropped) and the steps
+compose in the manifest's order on any executor (in-process or Ray Data `map_batches`).
+
+Written here, and why: licence detection is a table of SPDX headers and licence-text phrases,
+because the one thorough library (scancode-toolkit) is a gigabyte of dependencies and seconds
+per file; the Gopher rules are a dozen formulae from the paper (Rae et al. 2021, appendix A),
+whose only packaged form (datatrove) is a whole framework. The HAP classifier
+(alt-profanity-check), IBAN and Luhn validation (python-stdnum) and language identification
+(lingua) are libraries.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ...api.v1alpha1.datapile import (
+    HapFilter,
+    LanguageFilter,
+    LengthFilter,
+    LicenseFilter,
+    PiiFilter,
+    QualityFilter,
+    QualityRules,
+)
+
+
+def _active(batch: pa.Table) -> np.ndarray:
+    return pc.is_null(batch.column("dropped")).to_numpy(zero_copy_only=False)
+
+
+def _mark(batch: pa.Table, drop: np.ndarray, reason: str) -> pa.Table:
+    old = np.array(batch.column("dropped").to_pylist(), dtype=object)
+    new = np.where(drop & (old == None), reason, old)  # noqa: E711 - elementwise
+    i = batch.schema.get_field_index("dropped")
+    return batch.set_column(i, "dropped", pa.array(new.tolist(), pa.string()))
+
+
+def _set(batch: pa.Table, name: str, arr: pa.Array) -> pa.Table:
+    i = batch.schema.get_field_index(name)
+    return batch.set_column(i, name, arr) if i >= 0 else batch.append_column(name, arr)
+
+
+@dataclass
+class Step:
+    """One filter: `fn(batch) -> batch`, named by the reason it drops for."""
+
+    reason: str
+    fn: Callable[[pa.Table], pa.Table]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.fn(batch)
+
+
+# -- language, length ------------------------------------------------------------------------------
+
+
+def language_step(f: LanguageFilter) -> Step:
+    allow = set(f.allow)
+
+    def fn(batch: pa.Table) -> pa.Table:
+        is_code = batch.column("is_code").to_numpy(zero_copy_only=False)
+        lang = np.array(batch.column("lang").to_pylist(), dtype=object)
+        drop = ~is_code & ~np.isin(lang, list(allow))
+        return _mark(batch, drop, "language")
+
+    return Step("language", fn)
+
+
+def length_step(f: LengthFilter) -> Step:
+    def fn(batch: pa.Table) -> pa.Table:
+        words = pc.list_value_length(pc.utf8_split_whitespace(batch.column("text"))).to_numpy(zero_copy_only=False)
+        drop = words < f.min_words
+        if f.max_words is not None:
+            drop |= words > f.max_words
+        return _mark(batch, drop, "length")
+
+    return Step("length", fn)
+
+
+# -- hate, abuse, profanity ------------------------------------------------------------------------
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n{1,}")
+
+
+@functools.lru_cache(maxsize=1)
+def _hap_model():
+    from profanity_check import predict_prob
+
+    return predict_prob
+
+
+def hap_scores(texts: list[str]) -> np.ndarray:
+    """Each document's worst (highest) sentence probability of being offensive."""
+    sentences: list[str] = []
+    owner: list[int] = []
+    for i, t in enumerate(texts):
+        parts = [s for s in _SENTENCE.split(t) if len(s) > 3]
+        sentences.extend(parts)
+        owner.extend([i] * len(parts))
+    scores = np.zeros(len(texts))
+    if sentences:
+        p = _hap_model()(sentences)
+        np.maximum.at(scores, np.asarray(owner), p)
+    return scores
+
+
+def hap_step(f: HapFilter) -> Step:
+    def fn(batch: pa.Table) -> pa.Table:
+        active = _active(batch)
+        texts = batch.column("text").to_pylist()
+        scores = np.zeros(batch.num_rows)
+        idx = np.flatnonzero(active)
+        scores[idx] = hap_scores([texts[i] for i in idx])
+        batch = _set(batch, "hap_score", pa.array(scores, pa.float32()))
+        return _mark(batch, scores > f.threshold, "hap")
+
+    return Step("hap", fn)
+
+
+# -- licences --------------------------------------------------------------------------------------
+
+_SPDX = re.compile(r"SPDX-License-Identifier:\s*([A-Za-z0-9.+\-]+(?:\s+(?:AND|OR|WITH)\s+[A-Za-z0-9.+\-]+)*)")
+
+#: (SPDX id, patterns that must all match). A licence *text* is recognised by its title on lines
+#: of its own (so a text that merely names another licence, as MPL-2.0 names the GPL, is not
+#: taken for it); a licence *header* by its standard sentence.
+_M = re.IGNORECASE | re.MULTILINE
+LICENSE_PATTERNS: tuple[tuple[str, tuple[re.Pattern, ...]], ...] = tuple(
+    (spdx, tuple(re.compile(p, _M) for p in pats)) for spdx, pats in (
+        ("AGPL-3.0", (r"^\s*GNU AFFERO GENERAL PUBLIC LICENSE\s*\n\s*Version 3",)),
+        ("AGPL-3.0", (r"GNU Affero General Public License as published\s+by\s+the Free Software Foundation",)),
+        ("LGPL-3.0", (r"^\s*GNU LESSER GENERAL PUBLIC LICENSE\s*\n\s*Version 3",)),
+        ("LGPL-2.1", (r"^\s*GNU LESSER GENERAL PUBLIC LICENSE\s*\n\s*Version 2\.1",)),
+        ("LGPL-2.0", (r"^\s*GNU LIBRARY GENERAL PUBLIC LICENSE\s*\n\s*Version 2",)),
+        ("GPL-3.0", (r"^\s*GNU GENERAL PUBLIC LICENSE\s*\n\s*Version 3",)),
+        ("GPL-2.0", (r"^\s*GNU GENERAL PUBLIC LICENSE\s*\n\s*Version 2,",)),
+        ("GPL-1.0", (r"^\s*GNU GENERAL PUBLIC LICENSE\s*\n\s*Version 1,",)),
+        ("GPL-3.0", (r"GNU General Public License as published\s+by\s+the Free Software Foundation[,;]?\s+"
+                     r"either\s+version 3",)),
+        ("GPL-2.0", (r"GNU General Public License as published\s+by\s+the Free Software Foundation[,;]?\s+"
+                     r"either\s+version 2",)),
+        ("GFDL-1.3", (r"^\s*GNU Free Documentation License\s*\n\s*Version 1\.3",)),
+        ("GFDL-1.2", (r"^\s*GNU Free Documentation License\s*\n\s*Version 1\.2",)),
+        ("Apache-2.0", (r"^\s*Apache License\s*\n\s*Version 2\.0",)),
+        ("Apache-2.0", (r"Licensed under the Apache License,? Version 2\.0",)),
+        ("MPL-2.0", (r"^\s*Mozilla Public License,? Version 2\.0",)),
+        ("MPL-2.0", (r"subject to the terms of the Mozilla Public\s+License, v\. 2\.0",)),
+        ("MPL-1.1", (r"^\s*MOZILLA PUBLIC LICENSE\s*\n\s*Version 1\.1",)),
+        ("Artistic-2.0", (r"^\s*The Artistic License 2\.0",)),
+        ("Artistic-1.0", (r'^\s*The "Artistic License"',)),
+        ("CC0-1.0", (r"^\s*(Creative Commons Legal Code\s*\n\s*)?CC0 1\.0 Universal",)),
+        ("PSF-2.0", (r"^\s*PYTHON SOFTWARE FOUNDATION LICENSE VERSION 2",)),
+        ("MIT", (r"Permission is hereby granted, free of charge, to any person obtaining\s+a copy",)),
+        ("BSD-3-Clause", (r"Redistribution and use in source and binary forms", r"Neither the name")),
+        ("BSD-2-Clause", (r"Redistribution and use in source and binary forms",)),
+        ("Unlicense", (r"This is free and unencumbered software released into the public domain",)),
+    )
+)
+_HEAD = 12000  # licence headers and texts are found near the top
+
+
+def detect_licenses(text: str) -> list[str]:
+    """SPDX ids a document declares (SPDX headers) or is (licence texts) or carries (headers)."""
+    found: list[str] = []
+    head = text[:_HEAD]
+    for expr in _SPDX.findall(head):
+        found.extend(t for t in re.split(r"\s+(?:AND|OR|WITH)\s+", expr) if t)
+    for spdx, pats in LICENSE_PATTERNS:
+        if spdx in found:
+            continue
+        if spdx == "BSD-2-Clause" and "BSD-3-Clause" in found:
+            continue  # BSD-3 is BSD-2 plus the endorsement clause
+        if all(p.search(head) for p in pats):
+            found.append(spdx)
+    return sorted(set(found))
+
+
+def license_step(f: LicenseFilter) -> Step:
+    allow = set(f.allow) if f.allow is not None else None
+    deny = set(f.deny or [])
+
+    def fn(batch: pa.Table) -> pa.Table:
+        texts = batch.column("text").to_pylist()
+        declared = batch.column("source_license").to_pylist()
+        active = _active(batch)
+        licenses: list[str] = []
+        drop = np.zeros(batch.num_rows, dtype=bool)
+        for i, t in enumerate(texts):
+            ids = detect_licenses(t) if active[i] else []
+            if not ids and declared[i]:
+                ids = [declared[i]]
+            licenses.append(" AND ".join(ids) if ids else "unknown")
+            if not ids:
+                drop[i] = f.unknown == "drop"
+            elif deny & set(ids) or (allow is not None and not set(ids) <= allow):
+                drop[i] = True
+        batch = _set(batch, "license", pa.array(licenses, pa.string()))
+        return _mark(batch, drop, "license")
+
+    return Step("license", fn)
+
+
+# -- personal data ---------------------------------------------------------------------------------
+
+PII_PATTERNS: dict[str, re.Pattern] = {
+    "email": re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"),
+    "credit-card": re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)"),
+    "iban": re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"),
+    "ip": re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])"),
+    # International numbers with a + prefix, or North American (555) 123-4567 / 555-123-4567:
+    # bare groups of digits (build numbers, versions) are not phone numbers.
+    "phone": re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){2,3}"
+                        r"|\(\d{3}\) ?\d{3}[-.]\d{4}|\b\d{3}[-.]\d{3}[-.]\d{4})(?!\w)"),
+}
+PLACEHOLDER = {"email": "<EMAIL>", "credit-card": "<CREDIT_CARD>", "iban": "<IBAN>", "ip": "<IP_ADDRESS>",
+               "phone": "<PHONE>"}
+#: Order matters: a card number must not be half-eaten as a phone number first.
+PII_ORDER = ("email", "iban", "credit-card", "ip", "phone")
+
+
+def _valid(kind: str, s: str) -> bool:
+    if kind == "credit-card":
+        from stdnum import luhn
+
+        digits = re.sub(r"\D", "", s)
+        return 13 <= len(digits) <= 19 and luhn.is_valid(digits)
+    if kind == "iban":
+        from stdnum import iban
+
+        return iban.is_valid(s)
+    if kind == "ip":
+        try:
+            return ipaddress.ip_address(s).is_global  # documentation and private ranges are not personal
+        except ValueError:
+            return False
+    if kind == "phone":
+        return len(re.sub(r"\D", "", s)) >= 9
+    return True
+
+
+def redact_pii(text: str, kinds: tuple[str, ...]) -> tuple[str, Counter]:
+    """`text` with each valid match replaced by its placeholder, and the counts by kind."""
+    counts: Counter = Counter()
+    for kind in PII_ORDER:
+        if kind not in kinds:
+            continue
+
+        def sub(m: re.Match, kind: str = kind) -> str:
+            if _valid(kind, m.group(0)):
+                counts[kind] += 1
+                return PLACEHOLDER[kind]
+            return m.group(0)
+
+        text = PII_PATTERNS[kind].sub(sub, text)
+    return text, counts
+
+
+_ANY_PII = r"@|\d"
+
+
+def pii_step(f: PiiFilter) -> Step:
+    kinds = tuple(f.types)
+
+    def fn(batch: pa.Table) -> pa.Table:
+        active = _active(batch)
+        # Only documents with an '@' or a digit can hold any of the kinds: an Arrow-vectorised
+        # pre-filter, so the Python regex work touches candidates only.
+        cand = pc.match_substring_regex(batch.column("text"), _ANY_PII).to_numpy(zero_copy_only=False) & active
+        texts = batch.column("text").to_pylist()
+        counts = np.zeros(batch.num_rows, dtype=np.int32)
+        for i in np.flatnonzero(cand):
+            new, c = redact_pii(texts[i], kinds)
+            if c:
+                counts[i] = sum(c.values())
+                if f.action == "redact":
+                    texts[i] = new
+        batch = _set(batch, "pii", pa.array(counts, pa.int32()))
+        if f.action == "redact":
+            return _set(batch, "text", pa.array(texts, pa.large_string()))
+        return _mark(batch, counts > 0, "pii")
+
+    return Step("pii", fn)
+
+
+# -- quality -------------------------------------------------------------------------------------
+
+#: Gopher quality and repetition rules (Rae et al. 2021, "Scaling Language Models", appendix A.1.1).
+GOPHER = QualityRules(
+    min_words=50, max_words=100_000, min_mean_word_length=3, max_mean_word_length=10,
+    max_symbol_word_ratio=0.1, max_bullet_lines_ratio=0.9, max_ellipsis_lines_ratio=0.3,
+    min_alpha_words_ratio=0.8, min_stop_words=2, max_duplicate_line_fraction=0.3,
+    max_duplicate_paragraph_fraction=0.3,
+)
+#: C4's heuristics (Raffel et al. 2020) expressed in the same rules where they map: short pages go,
+#: every kept line is a sentence; the rest of C4's list (bad words, "lorem ipsum", curly braces)
+#: is left to the other filters.
+C4 = QualityRules(min_words=15, min_alpha_words_ratio=0.5, max_duplicate_line_fraction=0.3, min_stop_words=1)
+#: FineWeb's additions on top of Gopher repetition (Penedo et al. 2024): stricter duplicated lines.
+FINEWEB = QualityRules(min_words=50, max_duplicate_line_fraction=0.1, max_duplicate_paragraph_fraction=0.3,
+                       min_alpha_words_ratio=0.8, min_stop_words=2, max_mean_word_length=10,
+                       min_mean_word_length=3)
+PRESETS = {"gopher": GOPHER, "c4": C4, "fineweb": FINEWEB, "none": QualityRules()}
+STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
+_BULLETS = ("•", "●", "○", "■", "□", "▪", "▫", "※", "·", "- ", "* ")
+
+
+def quality_reasons(text: str, r: QualityRules) -> str | None:
+    """The first Gopher-style rule `text` breaks, or None."""
+    words = text.split()
+    n = len(words)
+    if r.min_words is not None and n < r.min_words:
+        return "min_words"
+    if r.max_words is not None and n > r.max_words:
+        return "max_words"
+    if n == 0:
+        return None
+    mean = sum(map(len, words)) / n
+    if r.min_mean_word_length is not None and mean < r.min_mean_word_length:
+        return "min_mean_word_length"
+    if r.max_mean_word_length is not None and mean > r.max_mean_word_length:
+        return "max_mean_word_length"
+    if r.max_symbol_word_ratio is not None:
+        symbols = text.count("#") + text.count("...") + text.count("…")
+        if symbols / n > r.max_symbol_word_ratio:
+            return "max_symbol_word_ratio"
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if lines:
+        if r.max_bullet_lines_ratio is not None:
+            bullets = sum(ln.lstrip().startswith(_BULLETS) for ln in lines)
+            if bullets / len(lines) > r.max_bullet_lines_ratio:
+                return "max_bullet_lines_ratio"
+        if r.max_ellipsis_lines_ratio is not None:
+            ell = sum(ln.rstrip().endswith(("...", "…")) for ln in lines)
+            if ell / len(lines) > r.max_ellipsis_lines_ratio:
+                return "max_ellipsis_lines_ratio"
+        if r.max_duplicate_line_fraction is not None:
+            c = Counter(ln.strip() for ln in lines)
+            dup = sum(v for v in c.values() if v > 1) - sum(1 for v in c.values() if v > 1)
+            if dup / len(lines) > r.max_duplicate_line_fraction:
+                return "max_duplicate_line_fraction"
+    if r.min_alpha_words_ratio is not None:
+        alpha = sum(any(ch.isalpha() for ch in w) for w in words)
+        if alpha / n < r.min_alpha_words_ratio:
+            return "min_alpha_words_ratio"
+    if r.min_stop_words is not None:
+        if sum(w.lower().strip(".,;:!?\"'()") in STOP_WORDS for w in words) < r.min_stop_words:
+            return "min_stop_words"
+    if r.max_duplicate_paragraph_fraction is not None:
+        paras = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+        if len(paras) > 1:
+            c = Counter(paras)
+            dup = sum(v - 1 for v in c.values() if v > 1)
+            if dup / len(paras) > r.max_duplicate_paragraph_fraction:
+                return "max_duplicate_paragraph_fraction"
+    return None
+
+
+def effective_rules(f: QualityFilter) -> QualityRules:
+    """The preset with the manifest's overrides on top."""
+    base = PRESETS[f.preset].model_dump()
+    if f.rules is not None:
+        base.update({k: v for k, v in f.rules.model_dump().items() if v is not None})
+    return QualityRules(**base)
+
+
+def quality_step(f: QualityFilter) -> Step:
+    rules = effective_rules(f)
+
+    def fn(batch: pa.Table) -> pa.Table:
+        active = _active(batch)
+        is_code = batch.column("is_code").to_numpy(zero_copy_only=False)
+        texts = batch.column("text").to_pylist()
+        why: list[str | None] = [None] * batch.num_rows
+        for i in np.flatnonzero(active & (f.apply_to_code | ~is_code)):
+            why[i] = quality_reasons(texts[i], rules)
+        batch = _set(batch, "quality_rule", pa.array(why, pa.string()))
+        return _mark(batch, np.array([w is not None for w in why]), "quality")
+
+    return Step("quality", fn)
+
+
+BUILDERS = {"language": language_step, "length": length_step, "hap": hap_step, "license": license_step,
+            "pii": pii_step, "quality": quality_step}
+
+
+def build_steps(filters: list) -> list[Step]:
+    """The manifest's filters as steps, in order."""
+    return [BUILDERS[f.type](f) for f in filters]
+
+
+@dataclass
+class Counters:
+    """read = kept + Σ dropped, by construction."""
+
+    read: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> int:
+        return self.read - sum(self.dropped.values())
