@@ -11,16 +11,17 @@ VENV          ?= .venv
 export FMFORGE_CACHE ?= $(HOME)/.cache/fmforge
 export PIP_CACHE_DIR ?= $(FMFORGE_CACHE)/pip
 BIN           := $(VENV)/bin
-EXTRAS        ?= dev
+EXTRAS        ?= dev,data
 STAMP         := $(VENV)/.installed-$(EXTRAS)
 PYTEST_ARGS   ?=
 
-.PHONY: help setup quickstart corpus test test-unit test-layers test-chart test-cluster crds helm controlplane bench clean
+.PHONY: help setup quickstart corpus test test-unit test-stages test-layers test-cluster crds helm controlplane bench clean
 
 help:
 	@echo "make quickstart   run the whole pipeline locally (examples/quickstart)"
 	@echo "make test         run every test tier"
 	@echo "make crds         regenerate crds/ and the chart's CRDs from the API models"
+	@echo "make bench        DataPile benchmark beside datatrove (prints figures, never part of make test)"
 	@echo "make controlplane build the test control plane binaries (etcd, kube-apiserver, kubectl)"
 
 $(STAMP): operator/pyproject.toml
@@ -48,8 +49,22 @@ controlplane:
 	@tests/cluster/build-controlplane.sh all
 
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/unit tests/cluster
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/unit tests/stages tests/cluster
 	cd operator && ../$(BIN)/lint-imports
+
+test-stages: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/stages
+
+# Benchmarks never run in `make test`. datatrove (the peer) lives in a venv of its own.
+BENCH_VENV ?= .venv-bench
+$(BENCH_VENV)/.installed: operator/pyproject.toml
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install -q -e "operator[data]" "datatrove[processing]" orjson spacy
+	touch $@
+
+bench: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python tests/bench/bench_datapile.py
 
 test-unit: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/unit
@@ -61,4 +76,4 @@ test-cluster: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/cluster
 
 clean:
-	rm -rf $(VENV) examples/quickstart/.fmforge examples/quickstart/corpus
+	rm -rf $(VENV) $(BENCH_VENV) examples/quickstart/.fmforge examples/quickstart/corpus

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,12 @@ def process_batch(batch: pa.Table, spec: DataPileSpec) -> pa.Table:
 
 
 def _ray_init(workers: int, cpus: int) -> None:
+    import logging
+
     import ray
 
+    # Ray Data logs its execution plan and progress at INFO; the reporter says what matters.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     if not ray.is_initialized():
         # Local: an in-process Ray with no dashboard; in a RayJob this attaches to the cluster.
         ray.init(num_cpus=None if _in_cluster() else max(1, workers * cpus), include_dashboard=False,
@@ -219,7 +224,10 @@ def run(ctx: StageContext) -> StageResult:
     }
     with timed("publish"):
         table = kept.select([c for c in DOC_COLUMNS if c in kept.column_names])
-        published = pub.publish(cat, ctx.namespace, ctx.name, table, seqs, spec.publish.tags, props)
+        with warnings.catch_warnings():
+            # pyiceberg warns that the overwrite's delete matched nothing on a table's first version
+            warnings.filterwarnings("ignore", message="Delete operation did not match any records")
+            published = pub.publish(cat, ctx.namespace, ctx.name, table, seqs, spec.publish.tags, props)
     card = {
         "name": ctx.name,
         "version": {"snapshotId": str(published.snapshot_id), "digest": digest, "createdAt": published.created_at},

@@ -21,28 +21,37 @@ LANGUAGES = ("EN", "DE", "FR", "ES", "IT", "PT", "NL", "SV", "PL", "RU", "UK", "
 SAMPLE_CHARS = 2000
 
 
-@functools.lru_cache(maxsize=1)
-def _detector():
+#: Texts shorter than this go to the high-accuracy detector (all n-gram models); longer ones to
+#: the low-accuracy one (trigrams only), which loads ~20x faster and is as accurate on
+#: document-length text, per lingua's own evaluation, but misreads single short sentences.
+SHORT_TEXT = 200
+
+
+@functools.lru_cache(maxsize=2)
+def _detector(low_accuracy: bool = True):
     from lingua import IsoCode639_1, Language, LanguageDetectorBuilder
 
     langs = [Language.from_iso_code_639_1(getattr(IsoCode639_1, c)) for c in LANGUAGES]
-    return LanguageDetectorBuilder.from_languages(*langs).build()
+    builder = LanguageDetectorBuilder.from_languages(*langs)
+    return (builder.with_low_accuracy_mode() if low_accuracy else builder).build()
 
 
 def natural_language(texts: list[str], min_confidence: float) -> tuple[list[str | None], np.ndarray]:
     """ISO 639-1 code (or `unknown`) and confidence of each text."""
-    if not texts:
-        return [], np.zeros(0)
-    det = _detector()
-    values = det.compute_language_confidence_values_in_parallel([t[:SAMPLE_CHARS] for t in texts])
-    codes, conf = [], np.zeros(len(texts))
-    for i, vals in enumerate(values):
-        if vals and vals[0].value >= min_confidence:
-            codes.append(vals[0].language.iso_code_639_1.name.lower())
-            conf[i] = vals[0].value
-        else:
-            codes.append("unknown")
-            conf[i] = vals[0].value if vals else 0.0
+    codes: list[str | None] = ["unknown"] * len(texts)
+    conf = np.zeros(len(texts))
+    short = [i for i, t in enumerate(texts) if len(t) < SHORT_TEXT]
+    long_ = [i for i, t in enumerate(texts) if len(t) >= SHORT_TEXT]
+    for idx, low in ((long_, True), (short, False)):
+        if not idx:
+            continue
+        values = _detector(low).compute_language_confidence_values_in_parallel(
+            [texts[i][:SAMPLE_CHARS] for i in idx])
+        for i, vals in zip(idx, values):
+            if vals:
+                conf[i] = vals[0].value
+                if vals[0].value >= min_confidence:
+                    codes[i] = vals[0].language.iso_code_639_1.name.lower()
     return codes, conf
 
 

@@ -9,6 +9,7 @@ and cut into sequences of `sequenceLength` tokens (the last one padded, with its
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -79,12 +80,8 @@ def pack(tok, texts: list[str], splits: np.ndarray, seq_len: int) -> tuple[pa.Ta
             tokens[split] = 0
             continue
         encs = encode([texts[i] for i in idx], add_special_tokens=False)
-        lens = np.fromiter((len(e.ids) + 1 for e in encs), dtype=np.int64, count=len(encs))
-        flat = np.empty(int(lens.sum()), dtype=np.int32)
-        ends = np.cumsum(lens)
-        for e, end, n in zip(encs, ends, lens):
-            flat[end - n: end - 1] = e.ids
-        flat[ends - 1] = eos
+        # one flat buffer: each document's ids followed by EOS (the document boundary)
+        flat = np.fromiter(itertools.chain.from_iterable(e.ids + [eos] for e in encs), dtype=np.int32)
         tokens[split] = int(len(flat))
         nseq = -(-len(flat) // seq_len)
         padded = np.full(nseq * seq_len, pad, dtype=np.int32)

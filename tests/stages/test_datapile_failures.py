@@ -1,0 +1,145 @@
+"""DataPile: nothing lost when a run fails half-way, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from test_datapile import PILE
+
+from fmforge.runtime.local import run_paths
+from fmforge.runtime.progress import RunConsole
+from fmforge.runtime.state import StateDir
+from fmforge.stages.datapile import publish as pub
+from fmforge.stages.datapile import tokenize as tk
+
+SMALL = copy.deepcopy(PILE)
+SMALL["spec"]["sources"] = [
+    {"name": "python-docs", "uri": "file://corpus/prose/", "format": "jsonl", "license": "PSF-2.0"},
+    {"name": "extra", "uri": "file://corpus/extra/", "format": "jsonl", "idField": "id"},
+]
+
+
+def _dir(tmp_path: Path, corpus: Path) -> Path:
+    d = tmp_path / "w"
+    d.mkdir()
+    (d / "corpus").symlink_to(corpus)
+    return d
+
+
+def _run(d: Path, manifest: dict, **kw):
+    (d / "pile.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return run_paths([d / "pile.yaml"], console=RunConsole(rich=False), **kw)
+
+
+def _snapshots(state: StateDir) -> list[int]:
+    t = pub.catalog(state.root).load_table(pub.table_names("default", "pydocs")[0])
+    return [s.snapshot_id for s in t.snapshots()]
+
+
+@pytest.mark.parametrize("where", ["pack", "move_tags"])
+def test_failure_half_way_keeps_the_previous_version(tmp_path: Path, corpus: Path, monkeypatch, where: str):
+    d = _dir(tmp_path, corpus)
+    assert _run(d, SMALL).ok
+    state = StateDir(d / ".fmforge")
+    v1 = state.read("DataPile", "pydocs")["status"]
+    v1_rows = pub.read_version(pub.catalog(state.root), "default", "pydocs", "v1").num_rows
+
+    def boom(*a, **k):
+        raise RuntimeError(f"injected failure in {where}")
+
+    # A new spec (tag v2, another filter setting) whose run fails: before publishing (pack) or
+    # after the table commits but before the tags move (move_tags).
+    monkeypatch.setattr(tk if where == "pack" else pub, where, boom)
+    v2 = copy.deepcopy(SMALL)
+    v2["spec"]["publish"]["tags"] = ["v1", "v2"]
+    v2["spec"]["filters"][-1]["minWords"] = 30
+    report = _run(d, v2)
+    assert not report.ok and "injected failure" in report.outcomes[0].message
+    rec = state.read("DataPile", "pydocs")
+    assert rec["status"]["phase"] == "Failed"
+    assert rec["status"]["version"] == v1["version"], "the status keeps the last published version"
+    cat = pub.catalog(state.root)
+    t = cat.load_table(pub.table_names("default", "pydocs")[0])
+    assert t.snapshot_by_name("v1").snapshot_id == int(v1["version"]["snapshotId"])
+    assert t.snapshot_by_name("v2") is None
+    assert pub.read_version(cat, "default", "pydocs", "v1").num_rows == v1_rows
+    # a later good run publishes v2 and moves v1 along
+    monkeypatch.undo()
+    assert _run(d, v2).ok
+    t = pub.catalog(state.root).load_table(pub.table_names("default", "pydocs")[0])
+    new = state.read("DataPile", "pydocs")["status"]
+    assert t.snapshot_by_name("v2").snapshot_id == int(new["version"]["snapshotId"]) != int(v1["version"]["snapshotId"])
+    # the old version stays readable by snapshot id
+    assert pub.read_version(pub.catalog(state.root), "default", "pydocs", int(v1["version"]["snapshotId"])).num_rows == v1_rows
+
+
+def _fail_message(d: Path, manifest: dict) -> str:
+    report = _run(d, manifest)
+    assert not report.ok
+    [o] = report.outcomes
+    rec = StateDir(d / ".fmforge").read("DataPile", "pydocs")
+    assert rec["status"]["phase"] == "Failed"
+    ready = next(c for c in rec["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "InvalidInput"
+    return o.message
+
+
+def test_missing_source_path(tmp_path: Path, corpus: Path):
+    m = copy.deepcopy(SMALL)
+    m["spec"]["sources"][0]["uri"] = "file://corpus/nope/"
+    msg = _fail_message(_dir(tmp_path, corpus), m)
+    assert "source python-docs: file://corpus/nope/ does not exist" in msg and "fix the uri" in msg
+
+
+def test_wrong_text_field(tmp_path: Path, corpus: Path):
+    m = copy.deepcopy(SMALL)
+    m["spec"]["sources"][0]["textField"] = "body"
+    msg = _fail_message(_dir(tmp_path, corpus), m)
+    assert "has no field 'body'" in msg and "set textField" in msg and "modules.jsonl" in msg
+
+
+def test_unreadable_json_line(tmp_path: Path, corpus: Path):
+    d = _dir(tmp_path, corpus)
+    (d / "broken").mkdir()
+    (d / "broken" / "x.jsonl").write_text('{"text": "fine"}\n{not json\n')
+    m = copy.deepcopy(SMALL)
+    m["spec"]["sources"] = [{"name": "broken", "uri": "file://broken/", "format": "jsonl"}]
+    msg = _fail_message(d, m)
+    assert "source broken: x.jsonl line 2 is not JSON" in msg
+
+
+def test_empty_pile_after_filtering(tmp_path: Path, corpus: Path):
+    m = copy.deepcopy(SMALL)
+    m["spec"]["filters"] = [{"type": "length", "minWords": 1_000_000}]
+    msg = _fail_message(_dir(tmp_path, corpus), m)
+    assert "no documents left after filtering" in msg and "length:" in msg and "loosen the filters" in msg
+
+
+def test_formats_gz_parquet_text(tmp_path: Path, corpus: Path):
+    d = _dir(tmp_path, corpus)
+    rows = [json.loads(x) for x in (corpus / "prose" / "topics.jsonl").read_text().splitlines()][:40]
+    (d / "gz").mkdir()
+    with gzip.open(d / "gz" / "topics.jsonl.gz", "wt") as f:
+        for r in rows[:20]:
+            f.write(json.dumps({"body": r["text"], "key": r["id"]}) + "\n")
+    (d / "pq").mkdir()
+    pq.write_table(pa.table({"content": [r["text"] for r in rows[20:]]}), d / "pq" / "part-0.parquet")
+    m = copy.deepcopy(SMALL)
+    m["spec"]["filters"] = []
+    m["spec"]["dedup"] = {"exact": True, "fuzzy": {"enabled": False}}
+    m["spec"]["tokenizer"] = {"train": {"vocabSize": 512}}
+    m["spec"]["sources"] = [
+        {"name": "gz", "uri": "file://gz/", "format": "jsonl", "textField": "body", "idField": "key"},
+        {"name": "pq", "uri": "file://pq/", "format": "parquet", "textField": "content"},
+        {"name": "lic", "uri": "file://corpus/licenses/", "format": "text", "include": ["Apache*"]},
+    ]
+    assert _run(d, m).ok
+    st = StateDir(d / ".fmforge").read("DataPile", "pydocs")["status"]["stats"]
+    assert st["documents"]["read"] == 41
