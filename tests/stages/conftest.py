@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-DATA = Path(__file__).resolve().parent / "data"
+from paths import ROOT, STAGE_DATA as DATA  # noqa: E402
 
 
 @pytest.fixture(scope="session")

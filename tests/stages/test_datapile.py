@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import yaml
-from conftest import DATA
+from paths import STAGE_DATA as DATA
 
 from fmforge.api.manifests import load
 from fmforge.runtime.local import run_paths

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import ROOT
+from paths import ROOT
 from tools import build
 
 CHART = ROOT / "charts" / "fmforge"

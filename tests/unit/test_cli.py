@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from paths import ROOT
 
 from fmforge import __version__
 from fmforge.cli import main
@@ -27,13 +27,14 @@ def ran(tmp_path: Path, monkeypatch) -> Path:
     return d / ".fmforge"
 
 
-def test_run_exit_code_and_summary(tmp_path: Path, capsys):
+def test_run_exit_code_and_summary(tmp_path: Path, capsys, monkeypatch):
     d = tmp_path / "qs"
-    shutil.copytree(ROOT / "examples" / "quickstart", d, ignore=shutil.ignore_patterns("corpus"))
+    shutil.copytree(ROOT / "examples" / "quickstart", d, ignore=shutil.ignore_patterns("corpus", ".fmforge"))
+    monkeypatch.setitem(STAGES, "DataPile", "test_runner:ok_stage")
     assert main(["run", str(d), "--progress", "plain"]) == 1
     err = capsys.readouterr().err
-    assert "DataPile/pydocs: Failed: the DataPile stage is not implemented yet" in err
-    assert "fmforge run: 1 failed, 4 waiting" in err
+    assert "TrainingRun/pydocs-gpt: Failed: the TrainingRun stage is not implemented yet" in err
+    assert "fmforge run: 1 succeeded, 1 failed, 3 waiting" in err
 
 
 def test_get_table_has_the_printer_columns(ran: Path, capsys):

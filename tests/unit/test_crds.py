@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from paths import ROOT
 
 from fmforge.api.crdgen import render_crds
 from fmforge.api.v1alpha1 import KINDS

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT
+from paths import ROOT
 
 
 def test_import_contracts_are_kept():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typing
 
 import pytest
-from conftest import ROOT
+from paths import ROOT
 from pydantic import BaseModel
 
 from fmforge.api.manifests import load

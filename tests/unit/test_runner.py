@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from badmanifests import BASE
-from conftest import ROOT
+from paths import ROOT
 
 from fmforge.api.manifests import load
 from fmforge.runtime import local
@@ -77,19 +77,21 @@ def test_order_follows_references(quickstart: Path):
     assert deps["ModelCard/pydocs-qa"] == {"TunedModel/pydocs-qa", "DataPile/pydocs"}
 
 
-def test_stages_not_built_end_as_not_implemented(quickstart: Path, capsys):
+def test_stages_not_built_end_as_not_implemented(quickstart: Path, stages):
+    stages(DataPile="ok_stage")
     report = _run(quickstart)
     assert not report.ok
     words = {o.key: o.word for o in report.outcomes}
-    assert words["DataPile/pydocs"] == "Failed"
-    assert all(w == "Waiting" for k, w in words.items() if k != "DataPile/pydocs")
-    rec = StateDir(quickstart / ".fmforge").read("DataPile", "pydocs")
+    assert words["DataPile/pydocs"] == "Succeeded"
+    assert words["TrainingRun/pydocs-gpt"] == "Failed"
+    assert all(w == "Waiting" for k, w in words.items() if k not in ("DataPile/pydocs", "TrainingRun/pydocs-gpt"))
+    rec = StateDir(quickstart / ".fmforge").read("TrainingRun", "pydocs-gpt")
     assert rec["status"]["phase"] == "Failed"
     ready = next(c for c in rec["status"]["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and ready["reason"] == "NotImplemented"
     assert "not implemented yet" in ready["message"]
-    waiting = StateDir(quickstart / ".fmforge").read("TrainingRun", "pydocs-gpt")["status"]
-    assert waiting["phase"] == "Waiting" and "DataPile/pydocs" in waiting["message"]
+    waiting = StateDir(quickstart / ".fmforge").read("TunedModel", "pydocs-qa")["status"]
+    assert waiting["phase"] == "Waiting" and "TrainingRun/pydocs-gpt" in waiting["message"]
 
 
 def test_rerun_skips_unchanged_and_reruns_changed(quickstart: Path, stages):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 from badmanifests import BASE, CASES, Case
-from conftest import ROOT
+from paths import ROOT
 
 from fmforge.api.manifests import load
 from fmforge.cli import main
