@@ -67,13 +67,19 @@ def resolve(uri: str, base_dir: Path) -> tuple[pafs.FileSystem, str]:
         root = Path(os.environ.get("FMFORGE_PVC_ROOT", "/mnt/pvc"))
         return pafs.LocalFileSystem(), str(root / rest)
     if scheme == "s3":
-        fs = pafs.S3FileSystem(
-            endpoint_override=os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL"),
-            region=os.environ.get("AWS_REGION", "us-east-1"),
-            allow_bucket_creation=False,
-        )
-        return fs, rest.rstrip("/")
+        return s3_filesystem(), rest.rstrip("/")
     raise InvalidSpec(f"unsupported URI scheme in {uri!r}; use file://, pvc:// or s3://")
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """pyarrow's S3 filesystem, configured from the usual variables (AWS_ENDPOINT_URL for MinIO,
+    Ceph RGW or OpenShift Data Foundation; credentials from the AWS chain)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
+    scheme = "https"
+    if endpoint and "://" in endpoint:
+        scheme, endpoint = endpoint.split("://", 1)
+    return pafs.S3FileSystem(endpoint_override=endpoint, scheme=scheme,
+                             region=os.environ.get("AWS_REGION", "us-east-1"), allow_bucket_creation=False)
 
 
 def list_files(fs: pafs.FileSystem, root: str, source: Source) -> list[tuple[str, str]]:
