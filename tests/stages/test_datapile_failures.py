@@ -165,3 +165,31 @@ def test_uri_schemes_resolve(tmp_path: Path, monkeypatch):
     fs, path = resolve("s3://bucket/prefix/", tmp_path)
     assert isinstance(fs, pafs.S3FileSystem) and path == "bucket/prefix"
     assert fs.region == "eu-west-1"
+
+
+def test_rayjob_entrypoint_runs_the_same_stage(tmp_path: Path, corpus: Path):
+    """`python -m fmforge.runtime.job --plan` (what a RayJob runs) publishes like `fmforge run`."""
+    import subprocess
+    import sys
+
+    from fmforge.api.v1alpha1 import DataPileSpec
+
+    d = _dir(tmp_path, corpus)
+    spec = DataPileSpec.model_validate(SMALL["spec"]).model_dump(mode="json", by_alias=True)
+    plan = {"kind": "DataPile", "name": "pydocs", "namespace": "team-a", "generation": 3, "spec": spec,
+            "baseDir": str(d), "artifacts": str(d / "artifacts" / "g3"), "stateDir": str(d / "state")}
+    (d / "plan.json").write_text(json.dumps(plan))
+    r = subprocess.run([sys.executable, "-m", "fmforge.runtime.job", "--plan", str(d / "plan.json"),
+                        "--result", str(d / "result.json")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((d / "result.json").read_text())
+    assert result["ok"] and result["status"]["tags"] == ["v1"]
+    sid = int(result["status"]["version"]["snapshotId"])
+    cat = pub.catalog(d / "state")
+    assert cat.load_table("team-a.pydocs_documents").snapshot_by_name("v1").snapshot_id == sid
+    # a bad plan is a StageError: exit 2, no retry
+    bad = dict(plan, spec={**spec, "sources": [{"name": "x", "uri": "file://nope/", "format": "jsonl"}]})
+    (d / "bad.json").write_text(json.dumps(bad))
+    r = subprocess.run([sys.executable, "-m", "fmforge.runtime.job", "--plan", str(d / "bad.json")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and json.loads(r.stdout)["reason"] == "InvalidInput"

@@ -1,0 +1,78 @@
+"""The entrypoint of a RayJob: run one stage from a plan file.
+
+    python -m fmforge.runtime.job --plan /etc/fmforge/plan.json [--result /tmp/result.json]
+
+The plan is the resolved spec the operator (or `fmforge run --plan-only`, later) writes: kind,
+name, namespace, generation, the spec, the upstream statuses, and where artifacts and the state
+(catalogs) live. It runs the very same stage function as the local runner, inside the Ray
+cluster KubeRay started (RAY_ADDRESS is set there), and writes the stage's result as JSON: the
+status fields the operator copies into the object's status. Exit codes: 0 success; 2 the stage
+refused the input (StageError: no retry helps); 1 anything else (worth a retry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from ..api.v1alpha1 import kind_info
+from ..stages import stage_for
+from ..stages.base import StageContext, StageError
+from .progress import ConsoleReporter
+
+
+def load_plan(path: Path) -> dict[str, Any]:
+    plan = json.loads(path.read_text())
+    missing = [k for k in ("kind", "name", "spec", "artifacts", "stateDir") if k not in plan]
+    if missing:
+        raise ValueError(f"plan {path} lacks {', '.join(missing)}")
+    return plan
+
+
+def run_plan(plan: dict[str, Any], reporter: ConsoleReporter | None = None) -> dict[str, Any]:
+    """Run the plan's stage; the result document (status, digest, message, lineage)."""
+    info = kind_info(plan["kind"])
+    stage = stage_for(info.kind)
+    if stage is None:
+        raise StageError(f"the {info.kind} stage is not implemented yet", reason="NotImplemented")
+    spec = info.spec.model_validate(plan["spec"])
+    artifacts = Path(plan["artifacts"])
+    artifacts.mkdir(parents=True, exist_ok=True)
+    key = f"{info.kind}/{plan['name']}"
+    ctx = StageContext(
+        kind=info.kind, name=plan["name"], namespace=plan.get("namespace", "default"),
+        generation=int(plan.get("generation", 1)), spec=spec, inputs=plan.get("inputs", {}),
+        base_dir=Path(plan.get("baseDir", ".")).resolve(), artifacts=artifacts, state_dir=Path(plan["stateDir"]),
+        reporter=reporter or ConsoleReporter(key, rich=False),
+    )
+    result = stage(ctx)
+    return {"status": result.status, "digest": result.digest, "message": result.message, "lineage": result.lineage}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fmforge.runtime.job", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--plan", type=Path, required=True, help="the plan JSON file")
+    ap.add_argument("--result", type=Path, help="where to write the result JSON (default: stdout)")
+    args = ap.parse_args(argv)
+    try:
+        out = {"ok": True, **run_plan(load_plan(args.plan))}
+        code = 0
+    except StageError as e:
+        out, code = {"ok": False, "reason": e.reason, "message": str(e)}, 2
+    except Exception as e:  # noqa: BLE001 - reported to the operator, which retries
+        traceback.print_exc()
+        out, code = {"ok": False, "reason": "StageFailed", "message": f"{type(e).__name__}: {e}"}, 1
+    text = json.dumps(out, indent=2)
+    if args.result:
+        args.result.write_text(text + "\n")
+    else:
+        print(text)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
