@@ -111,6 +111,9 @@ class HapFilter(Spec):
     """Filter type."""
     threshold: Fraction = 0.9
     """Drop a document whose worst sentence scores above this probability."""
+    apply_to_code: bool = False
+    """Score code too (its comment lines only). The classifier is trained on prose: on code it
+    flags identifiers such as `p.kill()` or `dumbdbm`, hence off by default."""
 
 
 class LicenseFilter(Spec):

@@ -127,13 +127,22 @@ def hap_scores(texts: list[str]) -> np.ndarray:
     return scores
 
 
+_COMMENT = re.compile(r"^\s*(?:#|//|/\*|\*|--|;)+\s?(.*)$", re.MULTILINE)
+
+
+def comments(code: str) -> str:
+    """The comment lines of a source file, one per line (what HAP scores in code)."""
+    return "\n".join(m.group(1) for m in _COMMENT.finditer(code))
+
+
 def hap_step(f: HapFilter) -> Step:
     def fn(batch: pa.Table) -> pa.Table:
         active = _active(batch)
+        is_code = batch.column("is_code").to_numpy(zero_copy_only=False)
         texts = batch.column("text").to_pylist()
         scores = np.zeros(batch.num_rows)
-        idx = np.flatnonzero(active)
-        scores[idx] = hap_scores([texts[i] for i in idx])
+        idx = np.flatnonzero(active & (f.apply_to_code | ~is_code))
+        scores[idx] = hap_scores([comments(texts[i]) if is_code[i] else texts[i] for i in idx])
         batch = _set(batch, "hap_score", pa.array(scores, pa.float32()))
         return _mark(batch, scores > f.threshold, "hap")
 

@@ -171,7 +171,8 @@ def data_card(card: dict[str, Any], out: Path) -> Path:
     lines += ["", "## Deduplication", "",
               f"- Exact: {card['dedup']['exact']} removed ({card['dedup']['exactRate']:.1%} of documents reaching it)",
               f"- Fuzzy: {card['dedup']['fuzzy']} removed ({card['dedup']['fuzzyRate']:.1%}) in "
-              f"{card['dedup']['clusters']} clusters; MinHash {card['dedup']['params']}",
+              f"{card['dedup']['clusters']} clusters; MinHash "
+              + ", ".join(f"{k} {v}" for k, v in card["dedup"]["params"].items()),
               "", "## Languages", "", "| natural language | documents |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in st["languages"].items()]
     lines += ["", "| programming language | documents |", "|---|---|"]
