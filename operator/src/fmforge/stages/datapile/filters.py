@@ -300,21 +300,24 @@ PII_PREFILTER = {
     "credit-card": r"\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d[ -]?\d",
     "iban": r"[A-Z]{2}\d{2} ?[A-Z0-9]{4}",
     "ip": r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}",
-    "phone": r"\+\d|\(\d{3}\) ?\d{3}[-.]\d{4}|\d{3}[-.]\d{3}[-.]\d{4}",
+    "phone": r"(?:^|[^\w+])\+\d{1,3}[ .-]?\(?\d|\(\d{3}\) ?\d{3}[-.]\d{4}|\d{3}[-.]\d{3}[-.]\d{4}",
 }
 
 
 def pii_step(f: PiiFilter) -> Step:
     kinds = tuple(f.types)
-    prefilter = "|".join(f"(?:{PII_PREFILTER[k]})" for k in kinds)
 
     def fn(batch: pa.Table) -> pa.Table:
         active = _active(batch)
-        cand = pc.match_substring_regex(batch.column("text"), prefilter).to_numpy(zero_copy_only=False) & active
-        texts = batch.column("text").to_pylist()
+        text = batch.column("text")
+        # Per kind, which documents can hold a match at all (RE2 over the whole column); the Python
+        # regexes and validators then run for those documents and kinds only.
+        masks = {k: pc.match_substring_regex(text, PII_PREFILTER[k]).to_numpy(zero_copy_only=False) & active
+                 for k in kinds}
+        texts = text.to_pylist()
         counts = np.zeros(batch.num_rows, dtype=np.int32)
-        for i in np.flatnonzero(cand):
-            new, c = redact_pii(texts[i], kinds)
+        for i in np.flatnonzero(np.logical_or.reduce(list(masks.values()))):
+            new, c = redact_pii(texts[i], tuple(k for k in kinds if masks[k][i]))
             if c:
                 counts[i] = sum(c.values())
                 if f.action == "redact":
