@@ -15,7 +15,7 @@ EXTRAS        ?= dev,data
 STAMP         := $(VENV)/.installed-$(EXTRAS)
 PYTEST_ARGS   ?=
 
-.PHONY: help setup quickstart corpus test test-unit test-stages test-layers test-cluster crds helm controlplane bench clean
+.PHONY: help setup quickstart corpus test test-unit test-stages test-layers test-cluster crds helm controlplane bench controlplane-up clean
 
 help:
 	@echo "make quickstart   run the whole pipeline locally (examples/quickstart)"
@@ -47,6 +47,10 @@ helm:
 
 controlplane:
 	@tests/cluster/build-controlplane.sh all
+
+# A control plane to poke at by hand: prints the KUBECONFIG line, runs until Ctrl-C.
+controlplane-up: setup controlplane
+	$(BIN)/python tests/cluster/controlplane.py
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/unit tests/stages tests/cluster

@@ -122,6 +122,22 @@ def test_empty_pile_after_filtering(tmp_path: Path, corpus: Path):
     assert "no documents left after filtering" in msg and "length:" in msg and "loosen the filters" in msg
 
 
+def test_tokenizer_loaded_from_a_uri(tmp_path: Path, corpus: Path):
+    """tokenizer.uri instead of training: the first run's tokenizer, loaded by the second."""
+    d = _dir(tmp_path, corpus)
+    assert _run(d, SMALL).ok
+    art = Path(StateDir(d / ".fmforge").read("DataPile", "pydocs")["status"]["dataCard"].removeprefix("file://")).parent
+    m = copy.deepcopy(SMALL)
+    m["metadata"] = {"name": "reuse"}
+    m["spec"]["tokenizer"] = {"uri": f"file://{art / 'tokenizer'}"}
+    assert _run(d, m).ok
+    rec = StateDir(d / ".fmforge").read("DataPile", "reuse")
+    card = json.loads((Path(rec["status"]["dataCard"].removeprefix("file://")).parent / "datacard.json").read_text())
+    assert card["tokenizer"].startswith("loaded from file://")
+    tok = tk.load_tokenizer(Path(rec["status"]["dataCard"].removeprefix("file://")).parent / "tokenizer")
+    assert tok.get_vocab_size() == 2048
+
+
 def test_formats_gz_parquet_text(tmp_path: Path, corpus: Path):
     d = _dir(tmp_path, corpus)
     rows = [json.loads(x) for x in (corpus / "prose" / "topics.jsonl").read_text().splitlines()][:40]
@@ -165,6 +181,9 @@ def test_uri_schemes_resolve(tmp_path: Path, monkeypatch):
     fs, path = resolve("s3://bucket/prefix/", tmp_path)
     assert isinstance(fs, pafs.S3FileSystem) and path == "bucket/prefix"
     assert fs.region == "eu-west-1"
+    # pkg:// is a directory inside an installed package
+    fs, path = resolve("pkg://pyarrow/include", tmp_path)
+    assert Path(path).is_dir() and Path(path).parent.name == "pyarrow"
 
 
 def test_rayjob_entrypoint_runs_the_same_stage(tmp_path: Path, corpus: Path):

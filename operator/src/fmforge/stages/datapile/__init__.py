@@ -194,7 +194,7 @@ def run(ctx: StageContext) -> StageResult:
             tok = tk.train_tokenizer(train_texts, tr.vocab_size, tr.min_frequency)
             tok_source = f"trained: byte-level BPE, vocab {tok.get_vocab_size()}"
         else:
-            fs, path = resolve(spec.tokenizer.uri.replace("pkg://", "file://"), ctx.base_dir)
+            fs, path = resolve(spec.tokenizer.uri, ctx.base_dir)
             tok = tk.load_tokenizer(Path(path))
             tok_source = f"loaded from {spec.tokenizer.uri}"
         tk.save_tokenizer(tok, tok_dir)

