@@ -326,6 +326,8 @@ def kserve_crds() -> tuple[str, list[Path]]:
 
 
 def main() -> int:
+    # SIGTERM (a closed terminal, `timeout`) stops the control plane as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     cp = ControlPlane().start()
     print(f"Control plane up at {cp.url} (build {cp.timings['build']:.1f}s, start {cp.timings['start']:.1f}s)")
     print(f"export KUBECONFIG={cp.kubeconfig}")
