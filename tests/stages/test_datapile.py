@@ -199,3 +199,21 @@ def test_rerun_unchanged_publishes_nothing(first_run):
     assert "already published" in report.outcomes[0].message
     assert len(cat.load_table(pub.table_names("default", "pydocs")[0]).snapshots()) == before
     assert state.read("DataPile", "pydocs")["status"]["version"] == rec["status"]["version"]
+
+
+def test_retag_publishes_no_new_snapshot(first_run):
+    """Changing only publish.tags moves tags onto the same version: no new snapshot."""
+    d, state, rec = first_run
+    cat = pub.catalog(state.root)
+    docs_name = pub.table_names("default", "pydocs")[0]
+    before = len(cat.load_table(docs_name).snapshots())
+    m = yaml.safe_load((d / "pile.yaml").read_text())
+    m["spec"]["publish"]["tags"] = ["v1", "stable"]
+    write(d, m)
+    report = run_paths([d / "pile.yaml"], console=RunConsole(rich=False))
+    assert report.ok and report.outcomes[0].word == "Succeeded"
+    t = pub.catalog(state.root).load_table(docs_name)
+    assert len(t.snapshots()) == before
+    sid = int(rec["status"]["version"]["snapshotId"])
+    assert t.snapshot_by_name("stable").snapshot_id == sid == t.snapshot_by_name("v1").snapshot_id
+    assert state.read("DataPile", "pydocs")["status"]["tags"] == ["stable", "v1"]
