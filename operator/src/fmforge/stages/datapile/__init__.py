@@ -55,11 +55,18 @@ def process_batch(batch: pa.Table, spec: DataPileSpec) -> pa.Table:
                      ("quality_rule", pa.string())):
         if col not in batch.column_names:
             batch = batch.append_column(col, pa.nulls(batch.num_rows, typ))
-    h = dd.content_hashes(batch.column("text"))
+    # Hashes and signatures only for what the filters kept: dropped rows never reach dedup.
+    alive = pc.is_null(batch.column("dropped")).to_numpy(zero_copy_only=False)
+    idx = pa.array(np.flatnonzero(alive), pa.int64())
+    texts = batch.column("text").take(idx)
+    h = np.zeros((batch.num_rows, 2), dtype=np.uint64)
+    h[alive] = dd.content_hashes(texts)
     batch = batch.append_column("hash_hi", pa.array(h[:, 0])).append_column("hash_lo", pa.array(h[:, 1]))
     fz = spec.dedup.fuzzy
     if spec.dedup.fuzzy.enabled:
-        sig = dd.signatures(batch.column("text"), fz.num_perm, fz.shingle_size)
+        sig = np.zeros((batch.num_rows, fz.num_perm), dtype=np.uint64)
+        if alive.any():
+            sig[alive] = dd.signatures(texts, fz.num_perm, fz.shingle_size)
         flat = pa.array(sig.reshape(-1))
         batch = batch.append_column("minhash", pa.FixedSizeListArray.from_arrays(flat, fz.num_perm))
     return batch
