@@ -189,6 +189,9 @@ def bench(name: str, corpus: Path, work: Path) -> dict:
     f = {
         "corpus": {"name": name, "documents": table.num_rows, "mb": round(mb, 2), "cores": CORES},
         "steps": steps,
+        # the steps' own work in one process, without Ray's start-up (a lower bound for the run)
+        "fmforge_steps_one_process_s": round(sum(r["seconds"] for r in steps), 2),
+        "fmforge_steps_mb_per_s_per_core": round(mb / sum(r["seconds"] for r in steps), 3),
         "fmforge_whole_run_s": round(whole_s, 2),
         "fmforge_whole_mb_per_s_per_core": round(mb / whole_s / CORES, 3),
         "fmforge_kept": stats["documents"]["kept"],
@@ -204,6 +207,8 @@ def bench(name: str, corpus: Path, work: Path) -> dict:
         "dedup_10x": f["dedup_speedup_vs_datatrove"] >= 10,
         "over_1mb_per_s_per_core": f["fmforge_whole_mb_per_s_per_core"] > 1,
     }
+    print(f"steps in one process {f['fmforge_steps_one_process_s']}s "
+          f"({f['fmforge_steps_mb_per_s_per_core']} MB/s on one core)")
     print(f"whole DataPile run {whole_s:.1f}s ({f['fmforge_whole_mb_per_s_per_core']} MB/s/core), "
           f"{f['whole_run_speedup_vs_datatrove_dedup']}x datatrove's dedup; fmforge dedup {dedup_s:.2f}s "
           f"removed {dedup_removed}; datatrove MinHash dedup {dt_s:.1f}s removed {dt_removed} "
