@@ -12,8 +12,10 @@ local runner (`fmforge run`) and by the RayJob entrypoint with the same StageCon
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import time
 import warnings
 from collections import Counter
@@ -77,12 +79,17 @@ def _ray_init(workers: int, cpus: int) -> None:
 
     import ray
 
-    # Ray Data logs its execution plan and progress at INFO; the reporter says what matters.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     if not ray.is_initialized():
         # Local: an in-process Ray with no dashboard; in a RayJob this attaches to the cluster.
         ray.init(num_cpus=None if _in_cluster() else max(1, workers * cpus), include_dashboard=False,
                  log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
+    # Ray Data logs its plan and progress at INFO (set up by ray.init); the reporter says what matters.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Right after start the node has not reported its CPUs yet, and Ray Data would warn that the
+    # job "will hang"; wait the moment it takes.
+    deadline = time.monotonic() + 10
+    while not ray.available_resources().get("CPU") and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _in_cluster() -> bool:
@@ -91,8 +98,9 @@ def _in_cluster() -> bool:
     return bool(os.environ.get("RAY_ADDRESS"))
 
 
-def run_on_ray(table: pa.Table, spec: DataPileSpec) -> pa.Table:
-    """process_batch over the documents with Ray Data, as many blocks as CPUs."""
+def run_on_ray(table: pa.Table, spec: DataPileSpec, progress=None) -> pa.Table:
+    """process_batch over the documents with Ray Data, in about twice as many blocks as CPUs;
+    `progress(rows)` is called as each block comes back (streaming, not at the end)."""
     import ray
 
     _ray_init(spec.resources.workers, spec.resources.cpus_per_worker)
@@ -103,13 +111,21 @@ def run_on_ray(table: pa.Table, spec: DataPileSpec) -> pa.Table:
     cuts = np.searchsorted(sizes, np.linspace(0, sizes[-1], nblocks + 1)[1:-1]) if len(sizes) else []
     bounds = [0, *sorted(set(int(c) for c in cuts)), table.num_rows]
     blocks = [table.slice(a, b - a) for a, b in zip(bounds, bounds[1:]) if b > a]
-    ds = ray.data.from_arrow(blocks)
+    # A dataset copies the context when it is created: configure it first.
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+    ds = ray.data.from_arrow(blocks)
     out = ds.map_batches(process_batch, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=None,
                          zero_copy_batch=True)
-    tables = ray.get(list(out.to_arrow_refs()))
+    tables = []
+    for batch in out.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
+        tables.append(batch)
+        if progress is not None:
+            progress(batch.num_rows)
     return pa.concat_tables(tables, promote_options="default")
 
 
@@ -118,16 +134,12 @@ def run(ctx: StageContext) -> StageResult:
     rep = ctx.reporter
     timings: dict[str, float] = {}
 
-    def timed(name: str):
-        class _T:
-            def __enter__(self):
-                rep.step(name)
-                self.t = time.monotonic()
-
-            def __exit__(self, *exc):
-                timings[name] = time.monotonic() - self.t
-
-        return _T()
+    @contextlib.contextmanager
+    def timed(name: str, total: int | None = None):
+        rep.step(name, total)
+        t = time.monotonic()
+        yield
+        timings[name] = time.monotonic() - t
 
     # 1. sources
     with timed("read sources"):
@@ -152,9 +164,8 @@ def run(ctx: StageContext) -> StageResult:
         return _reuse(ctx, existing, digest, reads)
 
     # 2-3. categorize and filter on Ray Data, with exact hashes and MinHash signatures
-    with timed("categorize, filter, hash (Ray Data)"):
-        processed = run_on_ray(docs, spec)
-        rep.advance(processed.num_rows)
+    with timed("categorize, filter, hash (Ray Data)", total=docs.num_rows):
+        processed = run_on_ray(docs, spec, progress=rep.advance)
     dropped = processed.column("dropped").to_numpy(zero_copy_only=False)
     counters: dict[str, int] = {f.type: 0 for f in spec.filters}
     counters.update(Counter(d for d in dropped if d is not None))
