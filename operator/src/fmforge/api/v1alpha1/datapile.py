@@ -182,6 +182,38 @@ class QualityRules(Spec):
     """Largest share of duplicated lines (Gopher repetition: 0.3)."""
     max_duplicate_paragraph_fraction: Fraction | None = None
     """Largest share of duplicated paragraphs (Gopher repetition: 0.3)."""
+    max_duplicate_line_char_fraction: Fraction | None = None
+    """Largest share of characters in duplicated lines (Gopher: 0.2; FineWeb: 0.01)."""
+    max_duplicate_paragraph_char_fraction: Fraction | None = None
+    """Largest share of characters in duplicated paragraphs (Gopher: 0.2)."""
+    max_top_2gram_char_fraction: Fraction | None = None
+    """Largest share of characters in the most frequent word 2-gram (Gopher: 0.20)."""
+    max_top_3gram_char_fraction: Fraction | None = None
+    """Largest share of characters in the most frequent word 3-gram (Gopher: 0.18)."""
+    max_top_4gram_char_fraction: Fraction | None = None
+    """Largest share of characters in the most frequent word 4-gram (Gopher: 0.16)."""
+    max_duplicate_5gram_char_fraction: Fraction | None = None
+    """Largest share of characters covered by repeated word 5-grams (Gopher: 0.15)."""
+    max_duplicate_6gram_char_fraction: Fraction | None = None
+    """Largest share of characters covered by repeated word 6-grams (Gopher: 0.14)."""
+    max_duplicate_7gram_char_fraction: Fraction | None = None
+    """Largest share of characters covered by repeated word 7-grams (Gopher: 0.13)."""
+    max_duplicate_8gram_char_fraction: Fraction | None = None
+    """Largest share of characters covered by repeated word 8-grams (Gopher: 0.12)."""
+    max_duplicate_9gram_char_fraction: Fraction | None = None
+    """Largest share of characters covered by repeated word 9-grams (Gopher: 0.11)."""
+    max_duplicate_10gram_char_fraction: Fraction | None = None
+    """Largest share of characters covered by repeated word 10-grams (Gopher: 0.10)."""
+    min_line_punct_ratio: Fraction | None = None
+    """Smallest share of lines ending in terminal punctuation (FineWeb: 0.12)."""
+    max_short_line_ratio: Fraction | None = None
+    """Largest share of lines of at most 30 characters (FineWeb: 0.67)."""
+    min_sentences: Annotated[int, Field(ge=0)] | None = None
+    """Fewest sentences (C4: 5)."""
+    drop_lorem_ipsum: bool | None = None
+    """Drop documents with "lorem ipsum" placeholder text (C4: true)."""
+    drop_curly_brace: bool | None = None
+    """Drop documents with a curly brace, a sign of code in web text (C4: true)."""
 
 
 class QualityFilter(Spec):

@@ -332,21 +332,26 @@ def pii_step(f: PiiFilter) -> Step:
 
 # -- quality -------------------------------------------------------------------------------------
 
-#: Gopher quality and repetition rules (Rae et al. 2021, "Scaling Language Models", appendix A.1.1).
+#: Gopher quality and repetition rules (Rae et al. 2021, "Scaling Language Models", appendix A,
+#: table A1), with the paper's thresholds.
 GOPHER = QualityRules(
     min_words=50, max_words=100_000, min_mean_word_length=3, max_mean_word_length=10,
     max_symbol_word_ratio=0.1, max_bullet_lines_ratio=0.9, max_ellipsis_lines_ratio=0.3,
     min_alpha_words_ratio=0.8, min_stop_words=2, max_duplicate_line_fraction=0.3,
-    max_duplicate_paragraph_fraction=0.3,
+    max_duplicate_paragraph_fraction=0.3, max_duplicate_line_char_fraction=0.2,
+    max_duplicate_paragraph_char_fraction=0.2, max_top_2gram_char_fraction=0.20,
+    max_top_3gram_char_fraction=0.18, max_top_4gram_char_fraction=0.16,
+    max_duplicate_5gram_char_fraction=0.15, max_duplicate_6gram_char_fraction=0.14,
+    max_duplicate_7gram_char_fraction=0.13, max_duplicate_8gram_char_fraction=0.12,
+    max_duplicate_9gram_char_fraction=0.11, max_duplicate_10gram_char_fraction=0.10,
 )
-#: C4's heuristics (Raffel et al. 2020) expressed in the same rules where they map: short pages go,
-#: every kept line is a sentence; the rest of C4's list (bad words, "lorem ipsum", curly braces)
-#: is left to the other filters.
-C4 = QualityRules(min_words=15, min_alpha_words_ratio=0.5, max_duplicate_line_fraction=0.3, min_stop_words=1)
-#: FineWeb's additions on top of Gopher repetition (Penedo et al. 2024): stricter duplicated lines.
-FINEWEB = QualityRules(min_words=50, max_duplicate_line_fraction=0.1, max_duplicate_paragraph_fraction=0.3,
-                       min_alpha_words_ratio=0.8, min_stop_words=2, max_mean_word_length=10,
-                       min_mean_word_length=3)
+#: C4's page-level heuristics (Raffel et al. 2020, section 2.2): at least five sentences, no
+#: "lorem ipsum", no curly braces. Its line-level cleaning (dropping lines without terminal
+#: punctuation) is not applied: filters here keep or drop whole documents.
+C4 = QualityRules(min_sentences=5, drop_lorem_ipsum=True, drop_curly_brace=True)
+#: FineWeb's filters (Penedo et al. 2024): Gopher's, plus its own three line-level rules.
+FINEWEB = GOPHER.model_copy(update={"min_line_punct_ratio": 0.12, "max_short_line_ratio": 0.67,
+                                    "max_duplicate_line_char_fraction": 0.01})
 PRESETS = {"gopher": GOPHER, "c4": C4, "fineweb": FINEWEB, "none": QualityRules()}
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 _BULLETS = ("•", "●", "○", "■", "□", "▪", "▫", "※", "·", "- ", "* ")
@@ -393,13 +398,78 @@ def quality_reasons(text: str, r: QualityRules) -> str | None:
     if r.min_stop_words is not None:
         if sum(w.lower().strip(".,;:!?\"'()") in STOP_WORDS for w in words) < r.min_stop_words:
             return "min_stop_words"
-    if r.max_duplicate_paragraph_fraction is not None:
-        paras = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
-        if len(paras) > 1:
-            c = Counter(paras)
-            dup = sum(v - 1 for v in c.values() if v > 1)
-            if dup / len(paras) > r.max_duplicate_paragraph_fraction:
+    paras = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    if len(paras) > 1 and (r.max_duplicate_paragraph_fraction is not None
+                           or r.max_duplicate_paragraph_char_fraction is not None):
+        c = Counter(paras)
+        if r.max_duplicate_paragraph_fraction is not None:
+            if sum(v - 1 for v in c.values() if v > 1) / len(paras) > r.max_duplicate_paragraph_fraction:
                 return "max_duplicate_paragraph_fraction"
+        if r.max_duplicate_paragraph_char_fraction is not None:
+            dup_chars = sum(len(p) * (v - 1) for p, v in c.items() if v > 1)
+            if dup_chars / max(len(text), 1) > r.max_duplicate_paragraph_char_fraction:
+                return "max_duplicate_paragraph_char_fraction"
+    if lines and r.max_duplicate_line_char_fraction is not None:
+        c = Counter(ln.strip() for ln in lines)
+        dup_chars = sum(len(ln) * (v - 1) for ln, v in c.items() if v > 1)
+        if dup_chars / max(len(text), 1) > r.max_duplicate_line_char_fraction:
+            return "max_duplicate_line_char_fraction"
+    why = _ngram_rules(text, words, r)
+    if why:
+        return why
+    if lines and r.min_line_punct_ratio is not None:
+        if sum(ln.rstrip().endswith(_TERMINAL) for ln in lines) / len(lines) < r.min_line_punct_ratio:
+            return "min_line_punct_ratio"
+    if lines and r.max_short_line_ratio is not None:
+        if sum(len(ln.strip()) <= 30 for ln in lines) / len(lines) > r.max_short_line_ratio:
+            return "max_short_line_ratio"
+    if r.min_sentences is not None and len(_SENTENCE_END.findall(text)) < r.min_sentences:
+        return "min_sentences"
+    if r.drop_lorem_ipsum and "lorem ipsum" in text.lower():
+        return "drop_lorem_ipsum"
+    if r.drop_curly_brace and ("{" in text or "}" in text):
+        return "drop_curly_brace"
+    return None
+
+
+_TERMINAL = (".", "!", "?", '"', "'", "…")
+_SENTENCE_END = re.compile(r"[.!?…](?:\s|$)")
+
+
+def _ngram_rules(text: str, words: list[str], r: QualityRules) -> str | None:
+    """Gopher's n-gram repetition rules, read the way datatrove's GopherRepetitionFilter reads them.
+
+    Top n-gram (n = 2..4): the characters of the most frequent n-gram times its count, over the
+    characters of the text. Duplicated n-grams (n = 5..10): walking the words, each n-gram seen
+    before adds its characters and jumps past itself; the sum over the characters of the text.
+    """
+    total = len(text)
+    if total == 0:
+        return None
+    for n in (2, 3, 4):
+        limit = getattr(r, f"max_top_{n}gram_char_fraction")
+        if limit is None or len(words) < n:
+            continue
+        grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        gram, count = grams.most_common(1)[0]
+        if count > 1 and sum(map(len, gram)) * count / total > limit:
+            return f"max_top_{n}gram_char_fraction"
+    for n in range(5, 11):
+        limit = getattr(r, f"max_duplicate_{n}gram_char_fraction")
+        if limit is None or len(words) < n:
+            continue
+        seen: set[tuple[str, ...]] = set()
+        repeated, i = 0, 0
+        while i < len(words) - n + 1:
+            g = tuple(words[i:i + n])
+            if g in seen:
+                repeated += sum(map(len, g))
+                i += n
+            else:
+                seen.add(g)
+                i += 1
+        if repeated / total > limit:
+            return f"max_duplicate_{n}gram_char_fraction"
     return None
 
 

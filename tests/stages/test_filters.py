@@ -1,0 +1,131 @@
+"""The filters one by one, on small project-written texts and on the machine's licence files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from fmforge.api.v1alpha1.datapile import LicenseFilter, PiiFilter, QualityFilter, QualityRules
+from fmforge.stages.datapile.filters import (
+    C4,
+    FINEWEB,
+    GOPHER,
+    detect_licenses,
+    effective_rules,
+    hap_scores,
+    license_step,
+    pii_step,
+    quality_reasons,
+    redact_pii,
+)
+
+PROSE = (
+    "The interpreter reads the program one statement at a time and keeps the names it has seen in "
+    "a dictionary. When a function is called, a new frame is created with its own local names, and "
+    "the frame is discarded when the function returns. Exceptions unwind the frames until a handler "
+    "is found; if none is found, the interpreter prints a traceback and exits with a non-zero status. "
+    "Modules are executed once, on their first import, and then cached for the rest of the run."
+)
+
+
+def test_gopher_keeps_good_prose():
+    assert quality_reasons(PROSE, GOPHER) is None
+
+
+@pytest.mark.parametrize("text,rule", [
+    ("Too short to be a document.", "min_words"),
+    (" ".join(["incomprehensibilities"] * 60), "max_mean_word_length"),
+    ("# " * 30 + PROSE, "max_symbol_word_ratio"),
+    ("\n".join(f"- remember the important shopping things number{i}" for i in range(60)),
+     "max_bullet_lines_ratio"),
+    ("\n".join(f"and then the story of the item number{i} went on for a long while..." for i in range(60)),
+     "max_ellipsis_lines_ratio"),
+    (" ".join(["12345", "67890", "||||", "====="] * 20) + " the and of", "min_alpha_words_ratio"),
+    (" ".join(f"word{i} thing{i}" for i in range(60)), "min_stop_words"),
+    ("\n".join(["the same line of text is here again"] * 20 + [PROSE]), "max_duplicate_line_fraction"),
+    (PROSE + " " + " ".join(["cheap watches"] * 40), "max_top_2gram_char_fraction"),
+])
+def test_gopher_rules(text, rule):
+    assert quality_reasons(text, GOPHER) == rule
+
+
+def test_duplicated_ngrams():
+    tail = "the quick brown fox jumps over the lazy dog near the river bank at noon"
+    text = PROSE + " " + " ".join([tail] * 4)
+    assert quality_reasons(text, GOPHER).startswith(("max_duplicate_", "max_top_"))
+
+
+def test_presets_and_overrides():
+    code_like = PROSE + " Use a dict such as {'a': 1} for that."
+    assert quality_reasons(code_like, C4) == "drop_curly_brace"
+    assert quality_reasons("One sentence only. " + PROSE[:40], C4) == "min_sentences"
+    assert quality_reasons(PROSE, FINEWEB) is None
+    f = QualityFilter(type="quality", preset="gopher", rules=QualityRules(min_words=5))
+    assert effective_rules(f).min_words == 5 and effective_rules(f).max_words == 100_000
+    assert quality_reasons("The rule said that this is short and fine.", effective_rules(f)) is None
+
+
+def test_hap_scores_worst_sentence():
+    s = hap_scores([PROSE, PROSE + " You are a fucking idiot and a piece of shit.", ""])
+    assert s[0] < 0.5 and s[1] > 0.9 and s[2] == 0
+
+
+@pytest.mark.parametrize("text,kind,placeholder", [
+    ("write to jane.doe@example.org today", "email", "<EMAIL>"),
+    ("call +1 415 555 0100 now", "phone", "<PHONE>"),
+    ("call (415) 555-0100 now", "phone", "<PHONE>"),
+    ("card 4111-1111-1111-1111 used", "credit-card", "<CREDIT_CARD>"),
+    ("IBAN DE89 3704 0044 0532 0130 00 paid", "iban", "<IBAN>"),
+    ("host 8.8.4.4 answered", "ip", "<IP_ADDRESS>"),
+])
+def test_pii_found(text, kind, placeholder):
+    out, counts = redact_pii(text, ("email", "phone", "credit-card", "ip", "iban"))
+    assert counts[kind] == 1 and placeholder in out
+
+
+@pytest.mark.parametrize("text", [
+    "version 3.11.7 released 2024-01-15",
+    "build 1234 5678 9012 3456 (fails Luhn)",
+    "examples use 192.0.2.1, 10.0.0.1 and 127.0.0.1",
+    "IBAN DE00 3704 0044 0532 0130 00 has a wrong check",
+    "x = a+1 if n+2 > 3 else b",
+])
+def test_pii_not_found(text):
+    out, counts = redact_pii(text, ("email", "phone", "credit-card", "ip", "iban"))
+    assert not counts and out == text
+
+
+def _batch(texts, licenses=None):
+    n = len(texts)
+    return pa.table({"text": pa.array(texts, pa.large_string()), "is_code": [False] * n,
+                     "source_license": licenses or [None] * n, "dropped": pa.nulls(n, pa.string())})
+
+
+def test_pii_drop_action():
+    out = pii_step(PiiFilter(type="pii", action="drop"))(_batch(["mail me at a@b.io please", PROSE]))
+    assert out.column("dropped").to_pylist() == ["pii", None]
+
+
+def test_licence_detection_on_the_machines_licence_texts():
+    common = Path("/usr/share/common-licenses")
+    if not common.is_dir():
+        pytest.skip("no /usr/share/common-licenses on this machine")
+    expect = {"Apache-2.0": ["Apache-2.0"], "GPL-3": ["GPL-3.0"], "GPL-2": ["GPL-2.0"], "LGPL-2.1": ["LGPL-2.1"],
+              "MPL-2.0": ["MPL-2.0"], "CC0-1.0": ["CC0-1.0"], "BSD": ["BSD-3-Clause"]}
+    for name, ids in expect.items():
+        if (common / name).exists():
+            assert detect_licenses((common / name).read_text()) == ids, name
+    assert detect_licenses("// SPDX-License-Identifier: MIT OR Apache-2.0\nint x;") == ["Apache-2.0", "MIT"]
+    assert detect_licenses(PROSE) == []
+
+
+def test_licence_allow_deny_unknown():
+    texts = ["# SPDX-License-Identifier: GPL-3.0\nx = 1", "# SPDX-License-Identifier: MIT\nx = 1", PROSE, PROSE]
+    step = license_step(LicenseFilter(type="license", allow=["MIT", "PSF-2.0"], unknown="drop"))
+    out = step(_batch(texts, [None, None, None, "PSF-2.0"]))
+    assert out.column("dropped").to_pylist() == ["license", None, "license", None]
+    assert out.column("license").to_pylist() == ["GPL-3.0", "MIT", "unknown", "PSF-2.0"]
+    deny = license_step(LicenseFilter(type="license", deny=["GPL-3.0"]))(_batch(texts))
+    assert deny.column("dropped").to_pylist() == ["license", None, None, None]
