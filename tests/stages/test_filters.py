@@ -117,6 +117,11 @@ def test_licence_detection_on_the_machines_licence_texts():
     for name, ids in expect.items():
         if (common / name).exists():
             assert detect_licenses((common / name).read_text()) == ids, name
+    import sysconfig
+
+    py_license = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    if py_license.exists():  # names the GPL in passing: that is not a GPL text
+        assert detect_licenses(py_license.read_text()) == ["PSF-2.0"]
     assert detect_licenses("// SPDX-License-Identifier: MIT OR Apache-2.0\nint x;") == ["Apache-2.0", "MIT"]
     assert detect_licenses(PROSE) == []
 
