@@ -53,6 +53,7 @@ controlplane-up: setup controlplane
 	$(BIN)/python tests/cluster/controlplane.py
 
 test: setup
+	$(BIN)/ruff check --config operator/pyproject.toml operator/src tests examples
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/unit tests/stages tests/cluster
 	cd operator && ../$(BIN)/lint-imports
 

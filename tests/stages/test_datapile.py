@@ -12,7 +12,6 @@ import pytest
 import yaml
 from paths import STAGE_DATA as DATA
 
-from fmforge.api.manifests import load
 from fmforge.runtime.local import run_paths
 from fmforge.runtime.progress import RunConsole
 from fmforge.runtime.state import StateDir

@@ -21,7 +21,6 @@ def test_round_trip(m):
     assert again == m.spec
     assert again.model_dump(mode="json", by_alias=True, exclude_none=True) == wire
     # camelCase on the wire, never snake_case
-    text = repr(wire)
     assert "_" not in "".join(k for k in _keys(wire))
 
 

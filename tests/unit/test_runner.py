@@ -17,7 +17,7 @@ from paths import ROOT
 
 from fmforge.api.manifests import load
 from fmforge.runtime import local
-from fmforge.runtime.local import GraphError, LocalRunner, build_graph, run_paths
+from fmforge.runtime.local import build_graph, run_paths
 from fmforge.runtime.progress import RunConsole
 from fmforge.runtime.state import StateDir
 from fmforge.stages import STAGES

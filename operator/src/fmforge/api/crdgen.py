@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .v1alpha1 import API_VERSION, GROUP, KIND_ORDER, KINDS, MAX_NAME_LENGTH, NAME_PATTERN, VERSION
+from .v1alpha1 import GROUP, KIND_ORDER, KINDS, MAX_NAME_LENGTH, NAME_PATTERN, VERSION
 from .v1alpha1.kinds import KindInfo
 
 _KEEP = {
@@ -328,4 +328,4 @@ def write_crds(directory: Path) -> list[Path]:
     return paths
 
 
-__all__ = ["render_crds", "write_crds", "crd_for", "structural", "API_VERSION"]
+__all__ = ["render_crds", "write_crds", "crd_for", "structural"]

@@ -7,6 +7,7 @@ what is allowed there, so a user can fix the manifest without reading the schema
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,8 +20,6 @@ from pydantic import BaseModel, ValidationError
 from .v1alpha1 import API_VERSION, GROUP, MAX_NAME_LENGTH, NAME_PATTERN, kind_info
 from .v1alpha1.common import Spec
 from .v1alpha1.kinds import KIND_ORDER, KindInfo
-
-import re
 
 _NAME_RE = re.compile(NAME_PATTERN)
 _TOP_LEVEL = ("apiVersion", "kind", "metadata", "spec", "status")

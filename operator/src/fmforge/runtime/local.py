@@ -22,7 +22,7 @@ from typing import Any, Callable
 from .. import __version__
 from ..api.manifests import Manifest, ManifestError, load
 from ..api.status import now, with_phase
-from ..api.v1alpha1 import API_VERSION, Reference
+from ..api.v1alpha1 import API_VERSION
 from ..stages import STAGES, stage_for
 from ..stages.base import StageContext, StageError
 from .progress import RunConsole
@@ -305,5 +305,4 @@ def run_paths(
         return report
 
 
-__all__ = ["LocalRunner", "RunReport", "Outcome", "GraphError", "build_graph", "run_paths", "default_state_dir",
-           "Reference"]
+__all__ = ["LocalRunner", "RunReport", "Outcome", "GraphError", "build_graph", "run_paths", "default_state_dir"]
