@@ -188,3 +188,12 @@ def test_dry_run_prints_the_order(quickstart: Path, capsys):
     assert report.order[0] == "DataPile/pydocs" and report.outcomes == []
     assert "stage not implemented yet" in capsys.readouterr().err
     assert not (quickstart / ".fmforge").exists()
+
+
+def test_missing_stage_dependencies_are_a_clear_failure(quickstart: Path, monkeypatch):
+    monkeypatch.setitem(STAGES, "DataPile", "fmforge_no_such_module:run")
+    report = _run(quickstart)
+    outcome = next(o for o in report.outcomes if o.key == "DataPile/pydocs")
+    assert outcome.word == "Failed" and "pip install 'fmforge[data]'" in outcome.message
+    rec = StateDir(quickstart / ".fmforge").read("DataPile", "pydocs")
+    assert next(c for c in rec["status"]["conditions"] if c["type"] == "Ready")["reason"] == "MissingDependencies"

@@ -29,6 +29,9 @@ from .progress import RunConsole
 from .state import StateDir
 
 DONE_PHASES = ("Succeeded", "Ready")
+#: The pip extra that brings each stage's dependencies.
+EXTRAS = {"DataPile": "data", "TrainingRun": "train", "ModelCard": "train", "TunedModel": "train",
+          "Deployment": "serve"}
 
 
 class GraphError(Exception):
@@ -185,7 +188,15 @@ class LocalRunner:
             self.console.status(m.key, "Waiting", msg)
             return Outcome(m.key, "Waiting", msg)
 
-        stage = None if m.kind not in STAGES else stage_for(m.kind)
+        try:
+            stage = None if m.kind not in STAGES else stage_for(m.kind)
+        except ImportError as e:
+            extra = EXTRAS.get(m.kind, "stages")
+            msg = (f"the {m.kind} stage needs packages that are not installed ({e.name or e}); "
+                   f"install them with: pip install 'fmforge[{extra}]'")
+            self._write(record, "Failed", "MissingDependencies", msg)
+            self.console.status(m.key, "Failed", msg)
+            return Outcome(m.key, "Failed", msg)
         fingerprint = ""
         if stage is not None and hasattr(stage, "fingerprint"):
             fingerprint = stage.fingerprint(m.spec, m.path.parent)
