@@ -66,13 +66,14 @@ def write_prose(out: Path) -> int:
 _SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "idlelib", "turtledemo"}
 
 
-def write_code(out: Path, max_files: int | None, recursive: bool = False) -> int:
+def write_code(out: Path, max_files: int | None, recursive: bool = False, tests: bool = False) -> int:
     n = 0
+    skip = _SKIP - {"test", "tests"} if tests else _SKIP
     for tree in stdlib_trees():
         label = f"python{tree.name.removeprefix('python')}-{hashlib.sha256(str(tree).encode()).hexdigest()[:6]}"
         dest = out / label
         files = sorted(p for p in (tree.rglob("*.py") if recursive else tree.glob("*.py"))
-                       if p.is_file() and not _SKIP & set(p.relative_to(tree).parts[:-1]))
+                       if p.is_file() and not skip & set(p.relative_to(tree).parts[:-1]))
         for p in files[:max_files]:
             target = dest / p.relative_to(tree)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -104,17 +105,19 @@ def main() -> int:
                     help="at most this many source files per standard-library tree (default: all)")
     ap.add_argument("--recursive", action="store_true",
                     help="the standard library's packages too, not only its top-level modules (a larger corpus)")
+    ap.add_argument("--with-tests", action="store_true",
+                    help="with --recursive: the standard library's own test suites too (the largest corpus)")
     ap.add_argument("--force", action="store_true", help="rebuild even if the stamp matches")
     args = ap.parse_args()
     stamp = args.out / ".stamp"
-    key = json.dumps({"max_files": args.max_files, "recursive": args.recursive, "trees": [str(t) for t in stdlib_trees()], "v": 1})
+    key = json.dumps({"max_files": args.max_files, "recursive": args.recursive, "tests": args.with_tests, "trees": [str(t) for t in stdlib_trees()], "v": 1})
     if stamp.exists() and stamp.read_text() == key and not args.force:
         print(f"Corpus is up to date in {args.out}")
         return 0
     if args.out.exists():
         shutil.rmtree(args.out)
     prose = write_prose(args.out / "prose")
-    code = write_code(args.out / "code", args.max_files, args.recursive)
+    code = write_code(args.out / "code", args.max_files, args.recursive, args.with_tests)
     lic = write_licenses(args.out / "licenses")
     size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     stamp.write_text(key)

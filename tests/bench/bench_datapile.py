@@ -220,16 +220,20 @@ def main() -> int:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--corpus", choices=("quickstart", "large", "both"), default="both",
-                    help="quickstart: top-level stdlib modules (~10 MB); large: the stdlib packages too (~23 MB)")
+    ap.add_argument("--corpus", choices=("quickstart", "large", "xlarge", "both", "all"), default="both",
+                    help="quickstart: top-level stdlib modules (~10 MB); large: the stdlib packages too (~23 MB); "
+                    "xlarge: and the stdlib's test suites; both: quickstart and large; all: the three")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fmforge-bench-"))
     results = []
     try:
-        if args.corpus in ("quickstart", "both"):
+        if args.corpus in ("quickstart", "both", "all"):
             results.append(bench("quickstart", build_corpus(work / "corpus-quickstart"), work / "quickstart"))
-        if args.corpus in ("large", "both"):
+        if args.corpus in ("large", "both", "all"):
             results.append(bench("large", build_corpus(work / "corpus-large", "--recursive"), work / "large"))
+        if args.corpus in ("xlarge", "all"):
+            results.append(bench("xlarge", build_corpus(work / "corpus-xlarge", "--recursive", "--with-tests"),
+                                 work / "xlarge"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"benchmark": "datapile", "results": results}))
