@@ -212,3 +212,17 @@ def test_rayjob_entrypoint_runs_the_same_stage(tmp_path: Path, corpus: Path):
     r = subprocess.run([sys.executable, "-m", "fmforge.runtime.job", "--plan", str(d / "bad.json")],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and json.loads(r.stdout)["reason"] == "InvalidInput"
+
+
+def test_catalog_is_configurable(tmp_path: Path, monkeypatch):
+    """FMFORGE_CATALOG (pyiceberg properties as JSON) picks the catalog, as on a cluster."""
+    db = tmp_path / "elsewhere" / "catalog.db"
+    db.parent.mkdir()
+    monkeypatch.setenv("FMFORGE_CATALOG", json.dumps(
+        {"type": "sql", "uri": f"sqlite:///{db}", "warehouse": f"file://{tmp_path / 'wh'}"}))
+    cat = pub.catalog(tmp_path / "state")
+    cat.create_namespace("team-b")
+    assert db.exists() and not (tmp_path / "state" / "catalog").exists()
+    monkeypatch.delenv("FMFORGE_CATALOG")
+    pub.catalog(tmp_path / "state")
+    assert (tmp_path / "state" / "catalog" / "catalog.db").exists()
