@@ -79,6 +79,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+def _state(args: argparse.Namespace):
+    """The state directory of `get` and `lineage`: --state-dir, or ./.fmforge."""
+    from .runtime.local import default_state_dir
+    from .runtime.state import StateDir
+
+    return StateDir(Path(args.state_dir) if args.state_dir else default_state_dir(["."]))
+
+
 # -- get ------------------------------------------------------------------------------------------
 
 
@@ -118,10 +126,9 @@ def _cell(value: Any, col_type: str) -> str:
 
 def cmd_get(args: argparse.Namespace) -> int:
     from .api.v1alpha1 import KIND_ORDER, KINDS, kind_info
-    from .runtime.local import default_state_dir
-    from .runtime.state import StateDir, public
+    from .runtime.state import public
 
-    state = StateDir(Path(args.state_dir) if args.state_dir else default_state_dir(["."]))
+    state = _state(args)
     try:
         kinds = [kind_info(args.kind).kind] if args.kind else list(KIND_ORDER)
     except KeyError as e:
@@ -171,10 +178,8 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def cmd_lineage(args: argparse.Namespace) -> int:
     from .api.v1alpha1 import KINDS, kind_info
-    from .runtime.local import default_state_dir
-    from .runtime.state import StateDir
 
-    state = StateDir(Path(args.state_dir) if args.state_dir else default_state_dir(["."]))
+    state = _state(args)
     if "/" not in args.object:
         _err(f"expected KIND/NAME, such as TrainingRun/pydocs-gpt (got {args.object!r})")
         return EXIT_USAGE

@@ -161,7 +161,7 @@ def run(ctx: StageContext) -> StageResult:
         _, seq_name = pub.table_names(ctx.namespace, ctx.name)
         pub.move_tags(cat.load_table(seq_name), existing.sequences_snapshot_id, spec.publish.tags)
         rep.log("Found the version already published", snapshot=existing.snapshot_id)
-        return _reuse(ctx, existing, digest, reads)
+        return _reuse(ctx, cat, existing, digest, reads)
 
     # 2-3. categorize and filter on Ray Data, with exact hashes and MinHash signatures
     with timed("categorize, filter, hash (Ray Data)", total=docs.num_rows):
@@ -286,9 +286,8 @@ def _status(published: pub.Published, tags: list[str], stats: dict[str, Any], md
     }
 
 
-def _reuse(ctx: StageContext, existing: pub.Published, digest: str, reads) -> StageResult:
+def _reuse(ctx: StageContext, cat, existing: pub.Published, digest: str, reads) -> StageResult:
     props = {}
-    cat = pub.catalog(ctx.state_dir)
     snap = cat.load_table(existing.table).snapshot_by_id(existing.snapshot_id)
     if snap and snap.summary:
         props = snap.summary.additional_properties

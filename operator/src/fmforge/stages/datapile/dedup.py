@@ -58,35 +58,24 @@ def shingle_hashes(texts: pa.ChunkedArray | pa.Array, k: int) -> tuple[np.ndarra
     flat = np.asarray(words.flatten().to_numpy(zero_copy_only=False), dtype=object)
     wh = pd.util.hash_array(flat, hash_key="fmforge-words-01", categorize=True).astype(np.uint64)
     n_words = np.diff(offsets)
-    # A document shorter than k words is one shingle of all its words.
-    eff_k = np.minimum(k, np.maximum(n_words, 1))
     total = len(wh)
+    doc = np.repeat(np.arange(len(n_words)), n_words)
+    pos = np.arange(total) - np.repeat(offsets[:-1], n_words)
+    left = n_words[doc] - pos  # words from here to the end of the document
     with np.errstate(over="ignore"):
-        # rolling polynomial hash over k consecutive word hashes (mod 2^64)
+        # Rolling polynomial hash of k consecutive word hashes (mod 2^64). Words past the end of
+        # the document count as zero, so a document shorter than k words is one shingle of its
+        # own words and no shingle ever spans two documents.
         acc = np.zeros(total, dtype=np.uint64)
         mult = np.uint64(0x100000001B3)
         for j in range(k):
             shifted = np.zeros(total, dtype=np.uint64)
-            if j < total:
-                shifted[: total - j] = wh[j:]
-            acc = acc * mult + shifted
-    starts_doc = np.repeat(np.arange(len(n_words)), n_words)
-    pos = np.arange(total) - np.repeat(offsets[:-1], n_words)
-    valid = pos + eff_k[starts_doc] <= n_words[starts_doc]
-    # a short document's single shingle only covers its own words: recompute those exactly
-    short = np.flatnonzero(n_words < k)
-    keep_hash = acc
-    if len(short):
-        for d in short:  # rare (documents under k words); the common path stays vectorised
-            s, e = offsets[d], offsets[d + 1]
-            h = np.uint64(0)
-            with np.errstate(over="ignore"):
-                for x in wh[s:e]:
-                    h = h * mult + x
-            if e > s:
-                keep_hash[s] = h
-    flat_sh = keep_hash[valid]
-    counts = np.bincount(starts_doc[valid], minlength=len(n_words))
+            shifted[: max(total - j, 0)] = wh[j:]
+            acc = acc * mult + np.where(j < left, shifted, np.uint64(0))
+    # every full shingle, and the first position of a document shorter than k
+    valid = (pos + k <= n_words[doc]) | ((pos == 0) & (n_words[doc] < k))
+    flat_sh = acc[valid]
+    counts = np.bincount(doc[valid], minlength=len(n_words))
     # an empty document gets one constant shingle, so every row has a signature
     empty = np.flatnonzero(counts == 0)
     if len(empty):
