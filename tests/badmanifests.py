@@ -111,6 +111,8 @@ CASES: list[Case] = [
          "spec.sources", "must be a valid list", ".spec.sources: expected list"),
     Case("memory-not-quantity", "TrainingRun", _set("spec.resources.memory", "lots"),
          "spec.resources.memory", "must match pattern", "should match"),
+    Case("sample-bytes-negative", "DataPile", _set("spec.tokenizer", {"train": {"sampleBytes": "-8Mi"}}),
+         "spec.tokenizer.train.sampleBytes", "must match pattern", "should match"),
     # out-of-range numbers
     Case("fuzzy-threshold-zero", "DataPile", _set("spec.dedup.fuzzy.threshold", 0),
          "spec.dedup.fuzzy.threshold", "must be greater than 0", "should be greater than 0"),

@@ -41,7 +41,8 @@ PILE = {
             {"type": "length", "minWords": 20},
         ],
         "dedup": {"exact": True, "fuzzy": {"threshold": 0.8, "numPerm": 112, "bands": 14, "shingleSize": 5}},
-        "tokenizer": {"train": {"vocabSize": 2048}},
+        # a budget below the kept text, so the sample is a strict subset
+        "tokenizer": {"train": {"vocabSize": 2048, "sampleBytes": "1Mi"}},
         "tokenize": {"sequenceLength": 128},
         "publish": {"tags": ["v1"]},
         "resources": {"workers": 1, "cpusPerWorker": 2},
@@ -172,6 +173,30 @@ def test_sequences_have_document_boundaries(first_run):
     flat = np.concatenate([np.asarray(x) for x in seqs.column("input_ids").to_pylist()])
     assert (flat == eos).sum() >= rec["status"]["stats"]["documents"]["kept"]
     assert tok.get_vocab_size() == 2048
+
+
+def test_tokenizer_trains_on_a_bounded_sample(first_run):
+    _, _, rec = first_run
+    card = json.loads(Path(rec["status"]["dataCard"].removeprefix("file://")).with_suffix(".json").read_text())
+    m = re.search(r"on (\d+) documents \(([\d.]+) MB\) of the training split", card["tokenizer"])
+    assert m, card["tokenizer"]
+    assert 0 < int(m.group(1)) < rec["status"]["stats"]["documents"]["kept"]
+    assert 1.0 <= float(m.group(2)) <= 1.6, "stops at the first document past 1Mi"
+
+
+def test_training_sample_is_stable_and_bounded():
+    ids = [f"{i * 2654435761 % 2**32:08x}" for i in range(200)]
+    texts = [("word " * (10 + i)) for i in range(200)]
+    splits = np.array(["validation" if i % 10 == 0 else "train" for i in range(200)], dtype=object)
+    a = tk.training_sample(ids, texts, splits, 5_000)
+    assert a == tk.training_sample(list(ids), list(texts), splits.copy(), 5_000)
+    assert all(splits[i] == "train" for i in a)
+    size = sum(len(texts[i]) for i in a)
+    assert 5_000 <= size < 5_000 + max(len(t) for t in texts)
+    assert sorted(a) != list(range(len(a))), "taken in id-hash order, not file order"
+    assert tk.training_sample(ids, texts, splits, 0) == [i for i in range(200) if splits[i] == "train"]
+    only_val = np.array(["validation"] * 200, dtype=object)
+    assert len(tk.training_sample(ids, texts, only_val, 0)) == 200
 
 
 def test_data_card(first_run):

@@ -84,3 +84,18 @@ def test_every_field_has_a_docstring(kind):
 def test_specs_forbid_unknown_fields(kind):
     for model in _models(KINDS[kind].spec):
         assert model.model_config.get("extra") == "forbid", model.__name__
+
+
+@pytest.mark.parametrize("text,value", [("8Mi", 8 * 2**20), ("500m", 0.5), ("1e3", 1000.0), ("2G", 2e9), (0, 0.0),
+                                        ("1.5Ki", 1536.0), ("+3k", 3000.0)])
+def test_quantity_value(text, value):
+    from fmforge.api.v1alpha1.common import quantity_value
+
+    assert quantity_value(text) == value
+
+
+def test_quantity_value_rejects_what_is_not_a_quantity():
+    from fmforge.api.v1alpha1.common import quantity_value
+
+    with pytest.raises(ValueError, match="not a quantity: '8 MB'"):
+        quantity_value("8 MB")

@@ -205,6 +205,34 @@ Quantity = Annotated[
 ]
 """A Kubernetes resource quantity: `2`, `500m`, `4Gi`."""
 
+BYTES_PATTERN = r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[kMGTPE])?$"
+
+Bytes = Annotated[
+    str,
+    BeforeValidator(_quantity),
+    StringConstraints(pattern=BYTES_PATTERN, max_length=64),
+    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}], "pattern": BYTES_PATTERN,
+                    "x-kubernetes-int-or-string": True}),
+]
+"""A size in bytes, as a non-negative quantity: `0`, `500k`, `8Mi`, `2G`."""
+
+_SUFFIX = {"": 1, "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def quantity_value(q: str | int | float) -> float:
+    """The number a quantity stands for: `8Mi` is 8388608, `500m` is 0.5, `1e3` is 1000.
+
+    Written here because the parser Kubernetes' Python client ships lives in a package the
+    API layer must not import."""
+    m = re.fullmatch(r"([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9.]+)?", str(q))
+    if m is None:
+        raise ValueError(f"not a quantity: {q!r} (expected a number with an optional suffix, like 8Mi)")
+    number, suffix = float(m.group(1)), m.group(2) or ""
+    if suffix[:1] in ("e", "E"):
+        return number * 10 ** float(suffix[1:])
+    return number * _SUFFIX[suffix]
+
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 Phase = Literal["Pending", "Waiting", "Running", "Succeeded", "Failed"]

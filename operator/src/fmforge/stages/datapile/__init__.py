@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ...api.v1alpha1.common import quantity_value
 from ...api.v1alpha1.datapile import DataPileSpec
 from ..base import InputError, InvalidSpec, StageContext, StageResult
 from . import dedup as dd
@@ -208,9 +209,12 @@ def run(ctx: StageContext) -> StageResult:
     with timed("tokenizer"):
         if spec.tokenizer.train is not None:
             tr = spec.tokenizer.train
-            train_texts = [t for t, s in zip(texts, splits) if s == "train"] or texts
-            tok = tk.train_tokenizer(train_texts, tr.vocab_size, tr.min_frequency)
-            tok_source = f"trained: byte-level BPE, vocab {tok.get_vocab_size()}"
+            sample = tk.training_sample(kept.column("id").to_pylist(), texts, splits,
+                                        int(quantity_value(tr.sample_bytes)))
+            tok = tk.train_tokenizer([texts[i] for i in sample], tr.vocab_size, tr.min_frequency)
+            sample_mb = sum(len(texts[i].encode()) for i in sample) / 1e6
+            tok_source = (f"trained: byte-level BPE, vocab {tok.get_vocab_size()}, on {len(sample)} documents "
+                          f"({sample_mb:.1f} MB) of the training split")
         else:
             fs, path = resolve(spec.tokenizer.uri, ctx.base_dir)
             tok = tk.load_tokenizer(Path(path))
