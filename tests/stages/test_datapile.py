@@ -199,6 +199,34 @@ def test_training_sample_is_stable_and_bounded():
     assert len(tk.training_sample(ids, texts, only_val, 0)) == 200
 
 
+def test_pack_lays_documents_end_to_end_with_eos():
+    ids = pa.array([[1, 2, 3], [4], [], [5, 6], [7]], pa.list_(pa.int32()))
+    splits = np.array(["train", "train", "train", "validation", "train"], dtype=object)
+    seqs, tokens = tk.pack(ids, splits, eos=0, pad=9, seq_len=3)
+    rows = seqs.to_pylist()
+    train = [r for r in rows if r["split"] == "train"]
+    # train: 1 2 3 EOS 4 EOS EOS 7 EOS -> three full rows; validation: 5 6 EOS -> one
+    assert [r["input_ids"] for r in train] == [[1, 2, 3], [0, 4, 0], [0, 7, 0]]
+    assert [r["length"] for r in train] == [3, 3, 3]
+    val = [r for r in rows if r["split"] == "validation"]
+    assert [r["input_ids"] for r in val] == [[5, 6, 0]] and val[0]["length"] == 3
+    assert tokens == {"train": 9, "validation": 3}
+    assert [r["seq"] for r in rows] == list(range(len(rows)))
+    short, _ = tk.pack(pa.array([[1, 2]], pa.list_(pa.int32())), np.array(["train"], dtype=object), 0, 9, 4)
+    assert short.to_pylist()[0]["input_ids"] == [1, 2, 0, 9] and short.to_pylist()[0]["length"] == 3
+
+
+def test_encode_on_ray_keeps_document_order(first_run):
+    from fmforge.stages.datapile import _ray_init, encode_on_ray
+
+    _, _, rec = first_run
+    tok = tk.load_tokenizer(Path(rec["status"]["dataCard"].removeprefix("file://")).parent / "tokenizer")
+    texts = [f"document {i}: " + "the quick brown fox " * (1 + (i * 7) % 40) for i in range(64)]
+    _ray_init(1, 2)
+    got = encode_on_ray(pa.array(texts), tok.to_str()).to_pylist()
+    assert got == [tok.encode(t, add_special_tokens=False).ids for t in texts]
+
+
 def test_data_card(first_run):
     _, _, rec = first_run
     md = Path(rec["status"]["dataCard"].removeprefix("file://"))

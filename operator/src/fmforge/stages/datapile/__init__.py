@@ -99,14 +99,14 @@ def _in_cluster() -> bool:
     return bool(os.environ.get("RAY_ADDRESS"))
 
 
-def run_on_ray(table: pa.Table, spec: DataPileSpec, progress=None) -> pa.Table:
-    """process_batch over the documents with Ray Data, in about twice as many blocks as CPUs;
-    `progress(rows)` is called as each block comes back (streaming, not at the end)."""
+def map_on_ray(table: pa.Table, fn, fn_kwargs: dict[str, Any], progress=None) -> pa.Table:
+    """`fn` (an Arrow-batch UDF) over `table` with Ray Data, in about twice as many blocks as
+    CPUs, balanced by bytes of text; `progress(rows)` is called as each block comes back
+    (streaming, not at the end). Blocks may come back in any order."""
     import ray
 
-    _ray_init(spec.resources.workers, spec.resources.cpus_per_worker)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    # Balanced blocks by bytes, not rows: code files and doc topics differ a lot in size.
+    # Balanced by bytes, not rows: code files and doc topics differ a lot in size.
     sizes = np.cumsum(pc.binary_length(table.column("text").cast(pa.large_binary())).to_numpy())
     nblocks = max(1, min(table.num_rows, cpus * 2))
     cuts = np.searchsorted(sizes, np.linspace(0, sizes[-1], nblocks + 1)[1:-1]) if len(sizes) else []
@@ -119,15 +119,27 @@ def run_on_ray(table: pa.Table, spec: DataPileSpec, progress=None) -> pa.Table:
     ctx.enable_auto_log_stats = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
-    ds = ray.data.from_arrow(blocks)
-    out = ds.map_batches(process_batch, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=None,
-                         zero_copy_batch=True)
+    out = ray.data.from_arrow(blocks).map_batches(fn, fn_kwargs=fn_kwargs, batch_format="pyarrow", batch_size=None,
+                                                  zero_copy_batch=True)
     tables = []
     for batch in out.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
         tables.append(batch)
         if progress is not None:
             progress(batch.num_rows)
     return pa.concat_tables(tables, promote_options="default")
+
+
+def run_on_ray(table: pa.Table, spec: DataPileSpec, progress=None) -> pa.Table:
+    """process_batch over the documents on Ray Data (categorize, filter, hash, MinHash)."""
+    _ray_init(spec.resources.workers, spec.resources.cpus_per_worker)
+    return map_on_ray(table, process_batch, {"spec": spec}, progress)
+
+
+def encode_on_ray(texts: pa.Array, tokenizer_json: str, progress=None) -> pa.ChunkedArray:
+    """Token ids of each text, in the order of `texts`, encoded on the Ray Data workers."""
+    table = pa.table({"row": pa.array(np.arange(len(texts), dtype=np.int64)), "text": texts})
+    out = map_on_ray(table, tk.encode, {"tokenizer_json": tokenizer_json}, progress)
+    return out.sort_by("row").column("ids")
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -220,9 +232,11 @@ def run(ctx: StageContext) -> StageResult:
             tok = tk.load_tokenizer(Path(path))
             tok_source = f"loaded from {spec.tokenizer.uri}"
         tk.save_tokenizer(tok, tok_dir)
-    with timed("tokenize and pack"):
-        seqs, tokens_by_split = tk.pack(tok, texts, splits, spec.tokenize.sequence_length)
-        rep.advance(seqs.num_rows, tokens=sum(tokens_by_split.values()))
+    eos, pad = tk.special_ids(tok)
+    with timed("tokenize (Ray Data) and pack", total=kept.num_rows):
+        ids = encode_on_ray(kept.column("text").combine_chunks(), tok.to_str(), progress=rep.advance)
+        seqs, tokens_by_split = tk.pack(ids, splits, eos, pad, spec.tokenize.sequence_length)
+        rep.advance(0, tokens=sum(tokens_by_split.values()), sequences=seqs.num_rows)
     tokens = int(sum(tokens_by_split.values()))
 
     # 6. publish

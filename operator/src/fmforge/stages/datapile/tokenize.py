@@ -3,18 +3,20 @@
 A byte-level BPE trained with Hugging Face `tokenizers` on the kept documents (or a tokenizer
 loaded from a URI), saved in Hugging Face layout so transformers loads it as is. Documents are
 split into train/validation by a hash of their id (stable across runs and machines), encoded in
-Rust (`encode_batch`, all cores), joined with an end-of-text token at every document boundary,
-and cut into sequences of `sequenceLength` tokens (the last one padded, with its real length).
+Rust (`encode_batch`, all threads) on the Ray Data workers, then joined on the driver with an
+end-of-text token at every document boundary and cut into sequences of `sequenceLength` tokens
+(the last one padded, with its real length).
 """
 
 from __future__ import annotations
 
-import itertools
+import functools
 import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..base import InvalidSpec
 
@@ -82,14 +84,44 @@ def save_tokenizer(tok, out: Path) -> None:
                                                             "pad_token": pad}, indent=2))
 
 
-def pack(tok, texts: list[str], splits: np.ndarray, seq_len: int) -> tuple[pa.Table, dict[str, int]]:
-    """Packed sequences of both splits, and the token counts per split."""
+def special_ids(tok) -> tuple[int, int]:
+    """The end-of-text id (document boundary) and the padding id (EOS when there is no PAD)."""
     eos = tok.token_to_id(EOS)
-    pad = tok.token_to_id(PAD)
     if eos is None:
-        raise InvalidSpec(f"the tokenizer has no {EOS} token to mark document boundaries")
-    pad = eos if pad is None else pad
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+        raise InvalidSpec(f"the tokenizer has no {EOS} token to mark document boundaries; "
+                          f"load one that has it or let fmforge train one (tokenizer.train)")
+    pad = tok.token_to_id(PAD)
+    return eos, eos if pad is None else pad
+
+
+@functools.lru_cache(maxsize=2)
+def _from_json(tokenizer_json: str):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(tokenizer_json)
+
+
+def encode(batch: pa.Table, tokenizer_json: str) -> pa.Table:
+    """Token ids of each document of `batch` (a Ray Data map_batches UDF): the `text` column
+    replaced by `ids` (list<int32>), the other columns kept. Rust encodes the batch on all
+    threads; the tokenizer is parsed once per worker."""
+    tok = _from_json(tokenizer_json)
+    encode_fn = getattr(tok, "encode_batch_fast", tok.encode_batch)  # no offsets where supported
+    encs = encode_fn(batch.column("text").to_pylist(), add_special_tokens=False)
+    ids = pa.array([e.ids for e in encs], pa.list_(pa.int32()))
+    return batch.drop_columns(["text"]).append_column("ids", ids)
+
+
+def pack(ids: pa.ChunkedArray | pa.ListArray, splits: np.ndarray, eos: int, pad: int,
+         seq_len: int) -> tuple[pa.Table, dict[str, int]]:
+    """Packed sequences of both splits, and the token counts per split.
+
+    `ids` holds each document's token ids, in document order. Per split, the documents are laid
+    end to end with EOS after each (the document boundary), then cut into rows of `seq_len`; the
+    last row is padded and keeps its real length. Vectorised over the Arrow offsets: no loop
+    over documents or tokens in Python."""
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks() if ids.num_chunks else pa.array([], pa.list_(pa.int32()))
     tables, tokens = [], {}
     seq0 = 0
     for split in ("train", "validation"):
@@ -97,18 +129,27 @@ def pack(tok, texts: list[str], splits: np.ndarray, seq_len: int) -> tuple[pa.Ta
         if not len(idx):
             tokens[split] = 0
             continue
-        encs = encode([texts[i] for i in idx], add_special_tokens=False)
-        # one flat buffer: each document's ids followed by EOS (the document boundary)
-        flat = np.fromiter(itertools.chain.from_iterable(e.ids + [eos] for e in encs), dtype=np.int32)
-        tokens[split] = int(len(flat))
-        nseq = -(-len(flat) // seq_len)
+        docs = ids.take(pa.array(idx, pa.int64()))
+        lengths = pc.list_value_length(docs).to_numpy(zero_copy_only=False).astype(np.int64)
+        values = pc.list_flatten(docs).to_numpy(zero_copy_only=False)
+        n = len(lengths)
+        total = int(lengths.sum()) + n
+        flat = np.empty(total, dtype=np.int32)
+        # document k's tokens shift right by k (the k EOS before them); its EOS follows them
+        ends = np.cumsum(lengths) + np.arange(n)
+        mask = np.ones(total, dtype=bool)
+        mask[ends] = False
+        flat[mask] = values
+        flat[ends] = eos
+        tokens[split] = total
+        nseq = -(-total // seq_len)
         padded = np.full(nseq * seq_len, pad, dtype=np.int32)
-        padded[: len(flat)] = flat
+        padded[:total] = flat
         length = np.full(nseq, seq_len, dtype=np.int32)
-        length[-1] = len(flat) - (nseq - 1) * seq_len
-        ids = pa.FixedSizeListArray.from_arrays(pa.array(padded), seq_len).cast(pa.list_(pa.int32()))
+        length[-1] = total - (nseq - 1) * seq_len
+        rows = pa.FixedSizeListArray.from_arrays(pa.array(padded), seq_len).cast(pa.list_(pa.int32()))
         tables.append(pa.table({"seq": np.arange(seq0, seq0 + nseq, dtype=np.int64), "split": [split] * nseq,
-                                "input_ids": ids, "length": length}, schema=SEQ_SCHEMA))
+                                "input_ids": rows, "length": length}, schema=SEQ_SCHEMA))
         seq0 += nseq
     table = pa.concat_tables(tables) if tables else SEQ_SCHEMA.empty_table()
     return table, tokens
