@@ -117,9 +117,14 @@ def map_on_ray(table: pa.Table, fn, fn_kwargs: dict[str, Any], progress=None) ->
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
+    # Ray Data keeps half the CPUs in reserve per operator by default; with one map operator on
+    # a small node that runs the tasks one at a time (measured: 6 half-second tasks on 2 CPUs
+    # took 2.4 s with the reservation, 1.6 s without).
+    ctx.op_resource_reservation_enabled = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
-    out = ray.data.from_arrow(blocks).map_batches(fn, fn_kwargs=fn_kwargs, batch_format="pyarrow", batch_size=None,
+    # from_blocks builds the block metadata here; from_arrow runs a remote task for it.
+    out = ray.data.from_blocks(blocks).map_batches(fn, fn_kwargs=fn_kwargs, batch_format="pyarrow", batch_size=None,
                                                   zero_copy_batch=True)
     tables = []
     for batch in out.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
