@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -226,3 +228,24 @@ def test_catalog_is_configurable(tmp_path: Path, monkeypatch):
     monkeypatch.delenv("FMFORGE_CATALOG")
     pub.catalog(tmp_path / "state")
     assert (tmp_path / "state" / "catalog" / "catalog.db").exists()
+
+
+def _raylets() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "ray/core/src/ray/raylet/raylet"], capture_output=True, text=True).stdout
+    return {int(x) for x in out.split()}
+
+
+def test_console_script_run_stops_its_ray(tmp_path: Path, corpus: Path):
+    """`fmforge run` (the console script, which leaves through os._exit) shuts its Ray down and
+    keeps its exit code and output."""
+    d = tmp_path / "cli"
+    d.mkdir()
+    (d / "corpus").symlink_to(corpus)
+    m = copy.deepcopy(SMALL)
+    (d / "pile.yaml").write_text(yaml.safe_dump(m))
+    before = _raylets()
+    exe = Path(sys.executable).parent / "fmforge"
+    r = subprocess.run([str(exe), "run", str(d), "--progress", "plain"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Succeeded" in r.stdout + r.stderr and "1 succeeded" in r.stdout + r.stderr
+    assert _raylets() <= before, "the run left its raylet behind"

@@ -96,6 +96,11 @@ def test_console_script_help_and_usage_errors():
     assert r.returncode == 2 and "invalid choice" in r.stderr
     r = subprocess.run([exe, "validate"], capture_output=True, text=True)
     assert r.returncode == 2
+    # the console script leaves through os._exit: exit codes and buffered output must survive it
+    r = subprocess.run([exe, "version"], capture_output=True, text=True)
+    assert r.returncode == 0 and __version__ in r.stdout
+    r = subprocess.run([exe, "validate", "/nonexistent/pile.yaml"], capture_output=True, text=True)
+    assert r.returncode == 1 and "no such file or directory" in r.stderr
 
 
 def test_cli_does_not_import_the_operator_or_heavy_stacks():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import graphlib
 import hashlib
 import json
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -317,3 +318,11 @@ def run_paths(
 
 
 __all__ = ["LocalRunner", "RunReport", "Outcome", "GraphError", "build_graph", "run_paths", "default_state_dir"]
+
+
+def release_ray() -> None:
+    """Shut down the local Ray session the stages started, if there is one, now rather than in
+    Ray's exit handler."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
