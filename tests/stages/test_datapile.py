@@ -147,6 +147,23 @@ def test_programming_languages():
     assert programming_language("build", "#!/bin/bash\nset -e\necho hi\n") == "bash"
 
 
+def test_lexer_index_agrees_with_pygments():
+    from pygments.lexers import get_lexer_for_filename
+    from pygments.util import ClassNotFound
+
+    from fmforge.stages.datapile.annotate import _lexer_for_name
+
+    names = ["util.py", "test_os.py", "x.pyi", "main.c", "a.h", "Dockerfile", "CMakeLists.txt", "notes.txt",
+             "ls.1", "style.css.j2", "FooSpec.hs", "lib.rs", "index.html", "Makefile", "run.sh", ".bashrc",
+             "x.unknownext", "README", "q.sql", "a.googlesql.sql", "x.xbm", "k.kt", "app.tsx", "conf.yaml"]
+    for name in names:
+        try:
+            expected = get_lexer_for_filename(name).name.lower()
+        except ClassNotFound:
+            expected = None
+        assert _lexer_for_name(name) == expected, name
+
+
 def test_tags_resolve_to_the_right_snapshot(first_run):
     _, state, rec = first_run
     cat = pub.catalog(state.root)

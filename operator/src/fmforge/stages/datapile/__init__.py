@@ -67,14 +67,15 @@ def process_batch(batch: pa.Table, spec: DataPileSpec) -> pa.Table:
     alive = pc.is_null(batch.column("dropped")).to_numpy(zero_copy_only=False)
     idx = pa.array(np.flatnonzero(alive), pa.int64())
     texts = batch.column("text").take(idx)
+    word_lists = dd.words(texts)
     h = np.zeros((batch.num_rows, 2), dtype=np.uint64)
-    h[alive] = dd.content_hashes(texts)
+    h[alive] = dd.content_hashes(texts, word_lists)
     batch = batch.append_column("hash_hi", pa.array(h[:, 0])).append_column("hash_lo", pa.array(h[:, 1]))
     fz = spec.dedup.fuzzy
     if spec.dedup.fuzzy.enabled:
         sig = np.zeros((batch.num_rows, fz.num_perm), dtype=np.uint64)
         if alive.any():
-            sig[alive] = dd.signatures(texts, fz.num_perm, fz.shingle_size)
+            sig[alive] = dd.signatures(texts, fz.num_perm, fz.shingle_size, word_lists)
         flat = pa.array(sig.reshape(-1))
         batch = batch.append_column("minhash", pa.FixedSizeListArray.from_arrays(flat, fz.num_perm))
     return batch

@@ -7,7 +7,9 @@ from its content. Prose gets `lang`/`lang_confidence`; code gets `prog_lang`.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
+import re
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -55,11 +57,36 @@ def natural_language(texts: list[str], min_confidence: float) -> tuple[list[str 
     return codes, conf
 
 
+@functools.lru_cache(maxsize=1)
+def _filename_index() -> tuple[dict[str, list[str]], re.Pattern]:
+    """Pygments' file-name patterns, indexed: `*.ext` patterns by extension, and one regex for
+    all the others (`Dockerfile`, `*.css.j2`, `*.[1-9]`…)."""
+    from pygments.lexers import get_all_lexers
+
+    by_ext: dict[str, list[str]] = {}
+    other: list[str] = []
+    for name, _aliases, patterns, _mimetypes in get_all_lexers():
+        for p in patterns:
+            if re.fullmatch(r"\*\.[A-Za-z0-9_+\-]+", p):
+                by_ext.setdefault(p[1:], []).append(name)
+            else:
+                other.append(p)
+    return by_ext, re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in other))
+
+
 @functools.lru_cache(maxsize=4096)
 def _lexer_for_name(name: str) -> str | None:
+    """Pygments' lexer for a file name. Pygments tries every pattern of every lexer on each
+    call (~1 ms; file names are mostly distinct, so a cache alone does not help): a name whose
+    extension belongs to exactly one lexer, and that no other pattern matches, is answered from
+    the index; the rest go to Pygments."""
     from pygments.lexers import get_lexer_for_filename
     from pygments.util import ClassNotFound
 
+    by_ext, other = _filename_index()
+    candidates = by_ext.get("." + name.rsplit(".", 1)[-1], []) if "." in name else []
+    if len(candidates) == 1 and not other.match(name):
+        return candidates[0].lower()
     try:
         return get_lexer_for_filename(name).name.lower()
     except ClassNotFound:

@@ -1,7 +1,8 @@
 """Exact and fuzzy deduplication, vectorised.
 
 Exact: a 128-bit hash of the normalised text (lower case, whitespace collapsed), computed over
-the whole Arrow column; the first document of each hash (by id) survives.
+the whole Arrow column; the first document of each hash (by id) survives. The words are split
+once per batch and shared with the shingles.
 
 Fuzzy: MinHash over word shingles with rensa (Rust), LSH banding, optional verification of
 candidate pairs by their estimated Jaccard similarity, connected components (scipy), and the
@@ -24,15 +25,22 @@ _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _SEED = 1337
 
 
-def normalize(texts: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """Lower case, runs of whitespace as one space, trimmed."""
-    low = pc.utf8_lower(texts)
-    return pc.utf8_trim_whitespace(pc.replace_substring_regex(low, r"\s+", " "))
+def words(texts: pa.ChunkedArray | pa.Array) -> pa.ListArray:
+    """The lower-cased, whitespace-split words of each text (Arrow kernels, no Python strings).
+    Computed once per batch and shared by the exact hash and the shingles."""
+    w = pc.utf8_split_whitespace(pc.utf8_lower(texts))
+    return w.combine_chunks() if isinstance(w, pa.ChunkedArray) else w
 
 
-def content_hashes(texts: pa.ChunkedArray | pa.Array) -> np.ndarray:
+def normalize(texts: pa.ChunkedArray | pa.Array, word_lists: pa.ListArray | None = None) -> pa.Array:
+    """Lower case, runs of whitespace as one space, trimmed: the words joined by single spaces."""
+    wl = words(texts) if word_lists is None else word_lists
+    return pc.binary_join(wl, pa.scalar(" ", wl.type.value_type))
+
+
+def content_hashes(texts: pa.ChunkedArray | pa.Array, word_lists: pa.ListArray | None = None) -> np.ndarray:
     """(n, 2) uint64: a 128-bit hash of each normalised text (two keyed SipHash-1-3 runs)."""
-    norm = np.asarray(normalize(texts).to_numpy(zero_copy_only=False), dtype=object)
+    norm = np.asarray(normalize(texts, word_lists).to_numpy(zero_copy_only=False), dtype=object)
     a = pd.util.hash_array(norm, hash_key="fmforge-exact-01", categorize=False)
     b = pd.util.hash_array(norm, hash_key="fmforge-exact-02", categorize=False)
     return np.stack([a, b], axis=1)
@@ -48,15 +56,18 @@ def first_of_each(hashes: np.ndarray, order_keys: np.ndarray) -> np.ndarray:
     return keep
 
 
-def shingle_hashes(texts: pa.ChunkedArray | pa.Array, k: int) -> tuple[np.ndarray, np.ndarray]:
+def shingle_hashes(texts: pa.ChunkedArray | pa.Array, k: int,
+                   word_lists: pa.ListArray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Flat uint64 hashes of every word k-shingle, and row offsets (len n+1), for rensa."""
-    words = pc.utf8_split_whitespace(normalize(texts))
-    if isinstance(words, pa.ChunkedArray):
-        words = words.combine_chunks()
-    offsets = words.offsets.to_numpy().astype(np.int64)
+    wl = words(texts) if word_lists is None else word_lists
+    offsets = wl.offsets.to_numpy().astype(np.int64)
     offsets = offsets - offsets[0]
-    flat = np.asarray(words.flatten().to_numpy(zero_copy_only=False), dtype=object)
-    wh = pd.util.hash_array(flat, hash_key="fmforge-words-01", categorize=True).astype(np.uint64)
+    # Distinct words are hashed once: Arrow's dictionary encoding finds them without making a
+    # Python string per word, and only the dictionary becomes Python objects.
+    enc = pc.dictionary_encode(wl.flatten())
+    vocab = np.asarray(enc.dictionary.to_numpy(zero_copy_only=False), dtype=object)
+    vocab_hash = pd.util.hash_array(vocab, hash_key="fmforge-words-01", categorize=False).astype(np.uint64)
+    wh = vocab_hash[enc.indices.to_numpy(zero_copy_only=False)]
     n_words = np.diff(offsets)
     total = len(wh)
     doc = np.repeat(np.arange(len(n_words)), n_words)
@@ -87,11 +98,12 @@ def shingle_hashes(texts: pa.ChunkedArray | pa.Array, k: int) -> tuple[np.ndarra
     return flat_sh, row_offsets
 
 
-def signatures(texts: pa.ChunkedArray | pa.Array, num_perm: int, shingle_size: int) -> np.ndarray:
+def signatures(texts: pa.ChunkedArray | pa.Array, num_perm: int, shingle_size: int,
+               word_lists: pa.ListArray | None = None) -> np.ndarray:
     """(n, num_perm) MinHash signature matrix, built by rensa from one flat buffer."""
     from rensa import RMinHash
 
-    flat, offsets = shingle_hashes(texts, shingle_size)
+    flat, offsets = shingle_hashes(texts, shingle_size, word_lists)
     if len(offsets) <= 1:
         return np.zeros((0, num_perm), dtype=np.uint64)
     m = RMinHash.digest_matrix_from_flat_token_hashes(flat, offsets, num_perm, _SEED)
