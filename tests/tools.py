@@ -1,4 +1,5 @@
-"""Finding (building, on first use) the Go-built tools the tests need: helm, the control plane.
+"""Finding (building, on first use) the Go-built tools the tests need: helm, the control plane,
+the S3 gateway.
 
 A machine without Go skips the tests that need them, with the reason; in CI (CI=true) a missing
 tool or a failed build fails the run instead, so CI never silently skips a tier.
@@ -29,9 +30,9 @@ def unavailable(reason: str):
 
 
 def build(what: str) -> Path:
-    """Build (or find in the cache) `what` (helm, k8s, etcd); the directory with its binaries."""
+    """Build (or find in the cache) `what` (helm, k8s, etcd, versitygw); the directory with its binaries."""
     if shutil.which("go") is None:
-        unavailable("Go is not installed: the cluster tier builds etcd, kube-apiserver and helm with it")
+        unavailable(f"Go is not installed: the tests build {what} with it")
     r = subprocess.run([str(BUILD), what], capture_output=True, text=True)
     if r.returncode != 0:
         unavailable(f"building {what} failed:\n{r.stderr[-4000:]}")

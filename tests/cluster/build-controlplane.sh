@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Builds the binaries of the test control plane (etcd, kube-apiserver, kube-controller-manager,
-# kubectl) and helm from the Go module proxy, the way controller-runtime's envtest gets them,
-# and caches them outside the checkout, keyed by version. Called by the cluster test fixture,
-# by `make controlplane` and by `make helm`; a warm call returns at once.
+# Builds the Go binaries the tests need from the Go module proxy and caches them outside the
+# checkout, keyed by version: the test control plane (etcd, kube-apiserver,
+# kube-controller-manager, kubectl, the way controller-runtime's envtest gets them), helm, and
+# versitygw (Versity's S3 gateway over a local directory: the S3 server of the stage tests).
+# Called by the test fixtures, by `make controlplane` and by `make helm`; a warm call returns
+# at once.
 #
 # k8s.io/kubernetes cannot be `go install`ed: its go.mod replaces every k8s.io staging module
 # with a local path. So we build from a throwaway wrapper module that requires it and replaces
@@ -12,6 +14,7 @@ set -euo pipefail
 K8S_VERSION=${K8S_VERSION:-v1.36.3}
 ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
 HELM_VERSION=${HELM_VERSION:-v3.19.5}
+VERSITYGW_VERSION=${VERSITYGW_VERSION:-v1.8.0}
 CACHE=${FMFORGE_CACHE:-$HOME/.cache/fmforge}
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 
@@ -93,10 +96,21 @@ build_helm() {
   echo "$out"
 }
 
+build_versitygw() {
+  local out="$CACHE/versitygw-$VERSITYGW_VERSION"
+  if [[ -x $out/versitygw ]]; then echo "$out"; return; fi
+  mkdir -p "$out"
+  echo "Building versitygw $VERSITYGW_VERSION" >&2
+  GOBIN="$out" go install -trimpath -ldflags "-s -w" \
+    "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION" >&2
+  echo "$out"
+}
+
 case "$what" in
   k8s) build_k8s ;;
   etcd) build_etcd ;;
   helm) build_helm ;;
+  versitygw) build_versitygw ;;
   all) build_etcd; build_k8s; build_helm ;;
-  *) echo "usage: $0 [k8s|etcd|helm|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [k8s|etcd|helm|versitygw|all]" >&2; exit 2 ;;
 esac

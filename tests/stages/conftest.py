@@ -1,5 +1,8 @@
 """Stage tests: a corpus built from text that ships with the machine, and a local Ray.
 
+An S3 server for the s3:// sources: versitygw (Versity's S3 gateway, built from the Go module
+proxy like the control plane) serving a temporary directory.
+
 The corpus comes from examples/quickstart/build-corpus.py (Python's documentation topics and
 module docstrings, two standard-library trees, the system's licence texts), cut down for speed,
 plus the project-written lines in tests/stages/data for the HAP, PII and language checks.
@@ -8,8 +11,11 @@ plus the project-written lines in tests/stages/data for the HAP, PII and languag
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,3 +42,47 @@ def ray_session():
     yield
     if ray.is_initialized():
         ray.shutdown()
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    access_key: str
+    secret_key: str
+    root: Path
+    """The gateway's directory: each subdirectory is a bucket."""
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    from tools import build
+
+    binary = build("versitygw") / "versitygw"
+    root = tmp_path_factory.mktemp("s3")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (root.parent / "versitygw.log").open("wb")
+    server = S3Server(f"http://127.0.0.1:{port}", "fmforge-test", "fmforge-test-secret", root / "data")
+    server.root.mkdir()
+    proc = subprocess.Popen([str(binary), "--port", f"127.0.0.1:{port}", "--access", server.access_key,
+                             "--secret", server.secret_key, "--quiet", "posix", str(server.root)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"versitygw did not start: {(root.parent / 'versitygw.log').read_text()[-2000:]}")
+            time.sleep(0.05)
+    yield server
+    proc.terminate()
+    proc.wait(10)
+    log.close()

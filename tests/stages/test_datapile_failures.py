@@ -164,11 +164,8 @@ def test_formats_gz_parquet_text(tmp_path: Path, corpus: Path):
 
 
 def test_uri_schemes_resolve(tmp_path: Path, monkeypatch):
-    """file:// is relative to the manifest, pvc:// is the mounted claim, s3:// is pyarrow's S3.
-
-    No S3-compatible server runs here (moto's server pins python-dateutil below what kubernetes
-    needs), so s3:// is checked at its boundary: the filesystem and path handed to pyarrow.
-    """
+    """file:// is relative to the manifest, pvc:// is the mounted claim, s3:// is pyarrow's S3
+    (read from a real S3 server in test_s3_sources_read_like_files)."""
     import pyarrow.fs as pafs
 
     from fmforge.stages.datapile.sources import resolve
@@ -249,3 +246,49 @@ def test_console_script_run_stops_its_ray(tmp_path: Path, corpus: Path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Succeeded" in r.stdout + r.stderr and "1 succeeded" in r.stdout + r.stderr
     assert _raylets() <= before, "the run left its raylet behind"
+
+
+def test_s3_sources_read_like_files(tmp_path: Path, corpus: Path, s3_server, monkeypatch):
+    """The same pile from s3:// (a real S3 server, objects PUT through the S3 API) and from
+    file:// reads, keeps and digests the same documents; a missing prefix fails clearly."""
+    import pyarrow.fs as pafs
+
+    from fmforge.stages.datapile.sources import s3_filesystem
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    (s3_server.root / "piles").mkdir()  # the bucket
+    s3 = s3_filesystem()
+    for sub in ("prose", "extra"):
+        pafs.copy_files(str(corpus / sub), f"piles/raw/{sub}", source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=s3)
+    assert {i.path for i in s3.get_file_info(pafs.FileSelector("piles/raw/extra"))} >= {"piles/raw/extra/pii.jsonl"}
+
+    local = _dir(tmp_path, corpus)
+    assert _run(local, SMALL).ok
+    remote = tmp_path / "s3"
+    remote.mkdir()
+    m = copy.deepcopy(SMALL)
+    m["spec"]["sources"] = [dict(src, uri=src["uri"].replace("file://corpus/", "s3://piles/raw/"))
+                            for src in SMALL["spec"]["sources"]]
+    report = _run(remote, m)
+    assert report.ok, report.outcomes
+    a = StateDir(local / ".fmforge").read("DataPile", "pydocs")["status"]
+    b = StateDir(remote / ".fmforge").read("DataPile", "pydocs")["status"]
+    assert b["stats"] == a["stats"]
+    card = json.loads(Path(b["dataCard"].removeprefix("file://")).with_suffix(".json").read_text())
+    assert [s["uri"] for s in card["sources"]] == ["s3://piles/raw/prose/", "s3://piles/raw/extra/"]
+    local_card = json.loads(Path(a["dataCard"].removeprefix("file://")).with_suffix(".json").read_text())
+    assert [s["digest"] for s in card["sources"]] == [s["digest"] for s in local_card["sources"]]
+
+    m["spec"]["sources"][0]["uri"] = "s3://piles/nothing-here/"
+    report = _run(remote, m)
+    assert not report.ok
+    assert "python-docs" in report.outcomes[0].message and "s3://piles/nothing-here/" in report.outcomes[0].message
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    m["spec"]["sources"][0]["uri"] = "s3://piles/raw/prose/"
+    report = _run(remote, m)
+    assert not report.ok and "check the credentials" in report.outcomes[0].message
+    rec = StateDir(remote / ".fmforge").read("DataPile", "pydocs")
+    assert rec["status"]["version"] == b["version"], "a failed run keeps the last version"

@@ -96,12 +96,23 @@ def s3_filesystem() -> pafs.S3FileSystem:
                              region=os.environ.get("AWS_REGION", "us-east-1"), allow_bucket_creation=False)
 
 
+def _hint(e: OSError) -> str:
+    """What to fix, for the errors whose cause the message alone does not say."""
+    text = str(e)
+    if "ACCESS_DENIED" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
+        return ("; check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the pod's "
+                "service account) and that they may read this bucket")
+    if isinstance(e, PermissionError):
+        return "; the file is not readable by this user"
+    return ""
+
+
 def list_files(fs: pafs.FileSystem, root: str, source: Source) -> list[tuple[str, str]]:
     """(absolute path, path relative to the source root) of every file the source reads, sorted."""
     try:
         info = fs.get_file_info(root)
     except OSError as e:
-        raise InputError(f"source {source.name}: cannot read {source.uri}: {e}") from e
+        raise InputError(f"source {source.name}: cannot read {source.uri}: {e}{_hint(e)}") from e
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"source {source.name}: {source.uri} does not exist (resolved to {root}); "
                          f"fix the uri or create the data")
@@ -146,7 +157,7 @@ def read_source(source: Source, base_dir: Path) -> tuple[pa.Table, SourceRead]:
             with fs.open_input_file(path) as f:
                 data = f.read()
         except OSError as e:
-            raise InputError(f"source {source.name}: cannot read {rel}: {e}") from e
+            raise InputError(f"source {source.name}: cannot read {rel}: {e}{_hint(e)}") from e
         total += len(data)
         digest.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
         if source.format in ("text", "code"):
