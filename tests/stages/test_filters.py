@@ -122,7 +122,7 @@ def test_licence_detection_on_the_machines_licence_texts():
     py_license = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
     if py_license.exists():  # names the GPL in passing: that is not a GPL text
         assert detect_licenses(py_license.read_text()) == ["PSF-2.0"]
-    assert detect_licenses("// SPDX-License-Identifier: MIT OR Apache-2.0\nint x;") == ["Apache-2.0", "MIT"]
+    assert detect_licenses("// SPDX-License-Identifier: MIT OR Apache-2.0\nint x;") == ["MIT OR Apache-2.0"]
     assert detect_licenses(PROSE) == []
 
 
@@ -134,3 +134,25 @@ def test_licence_allow_deny_unknown():
     assert out.column("license").to_pylist() == ["GPL-3.0", "MIT", "unknown", "PSF-2.0"]
     deny = license_step(LicenseFilter(type="license", deny=["GPL-3.0"]))(_batch(texts))
     assert deny.column("dropped").to_pylist() == ["license", None, None, None]
+
+
+def test_licence_expressions_or_is_a_choice_and_is_not():
+    """SPDX OR lets the user pick an allowed licence; AND needs all of them allowed; WITH keeps
+    the licence's own id; a garbled header is no licence at all."""
+    texts = ["# SPDX-License-Identifier: MIT OR GPL-3.0\nx = 1",
+             "# SPDX-License-Identifier: MIT AND GPL-3.0\nx = 1",
+             "# SPDX-License-Identifier: (GPL-3.0 OR Apache-2.0) AND MIT\nx = 1",
+             "# SPDX-License-Identifier: GPL-2.0 WITH Classpath-exception-2.0\nx = 1",
+             "# SPDX-License-Identifier: MIT OR OR\nx = 1"]
+    allow = license_step(LicenseFilter(type="license", allow=["MIT", "Apache-2.0"], unknown="drop"))(_batch(texts))
+    assert allow.column("dropped").to_pylist() == [None, "license", None, "license", "license"]
+    assert allow.column("license").to_pylist() == ["MIT OR GPL-3.0", "MIT AND GPL-3.0", "(GPL-3.0 OR Apache-2.0) AND MIT",
+                                                   "GPL-2.0 WITH Classpath-exception-2.0", "unknown"]
+    deny = license_step(LicenseFilter(type="license", deny=["GPL-3.0", "GPL-2.0"]))(_batch(texts))
+    assert deny.column("dropped").to_pylist() == [None, "license", None, "license", None]
+    # a licence header found beside an SPDX line naming another licence: both apply
+    both = license_step(LicenseFilter(type="license", allow=["MIT"]))(
+        _batch(["# SPDX-License-Identifier: MIT OR BSD-2-Clause\n" + PROSE + "\nLicensed under the Apache License, "
+                "Version 2.0 (the License)"]))
+    assert both.column("license").to_pylist() == ["Apache-2.0 AND (MIT OR BSD-2-Clause)"]
+    assert both.column("dropped").to_pylist() == ["license"]

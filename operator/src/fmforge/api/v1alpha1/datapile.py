@@ -131,9 +131,10 @@ class LicenseFilter(Spec):
     type: Literal["license"]
     """Filter type."""
     allow: Annotated[list[SpdxId], Field(max_length=128)] | None = None
-    """SPDX ids to keep; a document under any other detected licence is dropped."""
+    """SPDX ids to keep. A document is kept when its licences can be complied with using only
+    these: `MIT OR GPL-3.0` passes an allow-list with MIT, `MIT AND GPL-3.0` does not."""
     deny: Annotated[list[SpdxId], Field(max_length=128)] | None = None
-    """SPDX ids to drop."""
+    """SPDX ids to drop, with the same reading of OR: `MIT OR GPL-3.0` survives a deny of GPL-3.0."""
     unknown: Literal["keep", "drop"] = "keep"
     """What to do with documents whose licence cannot be determined."""
 

@@ -151,7 +151,8 @@ def hap_step(f: HapFilter) -> Step:
 
 # -- licences --------------------------------------------------------------------------------------
 
-_SPDX = re.compile(r"SPDX-License-Identifier:\s*([A-Za-z0-9.+\-]+(?:\s+(?:AND|OR|WITH)\s+[A-Za-z0-9.+\-]+)*)")
+# The expression runs to the end of its line (a comment closer such as `*/` ends it too).
+_SPDX = re.compile(r"SPDX-License-Identifier:[ \t]*([()A-Za-z0-9.+:\- \t]+)")
 
 #: (SPDX id, patterns that must all match). A licence *text* is recognised by its title on lines
 #: of its own (so a text that merely names another licence, as MPL-2.0 names the GPL, is not
@@ -191,20 +192,68 @@ LICENSE_PATTERNS: tuple[tuple[str, tuple[re.Pattern, ...]], ...] = tuple(
 _HEAD = 12000  # licence headers and texts are found near the top
 
 
+@functools.lru_cache(maxsize=1)
+def _licensing():
+    from license_expression import Licensing
+
+    return Licensing()
+
+
+def _parse(expression: str):
+    """The parsed SPDX expression, or None when it is not one (a garbled header)."""
+    from license_expression import ExpressionError
+
+    try:
+        return _licensing().parse(expression)
+    except ExpressionError:
+        return None
+
+
 def detect_licenses(text: str) -> list[str]:
-    """SPDX ids a document declares (SPDX headers) or is (licence texts) or carries (headers)."""
+    """The licences a document declares (SPDX header expressions, such as `MIT OR Apache-2.0`),
+    is (licence texts) or carries (standard headers), each an SPDX expression; all apply."""
     found: list[str] = []
+    ids: set[str] = set()
     head = text[:_HEAD]
     for expr in _SPDX.findall(head):
-        found.extend(t for t in re.split(r"\s+(?:AND|OR|WITH)\s+", expr) if t)
-    for spdx, pats in LICENSE_PATTERNS:
-        if spdx in found:
+        parsed = _parse(expr.strip())
+        if parsed is None:
             continue
-        if spdx == "BSD-2-Clause" and "BSD-3-Clause" in found:
+        found.append(str(parsed))
+        ids.update(_key(s) for s in _licensing().license_symbols(parsed, decompose=False))
+    for spdx, pats in LICENSE_PATTERNS:
+        if spdx in ids:
+            continue
+        if spdx == "BSD-2-Clause" and "BSD-3-Clause" in ids:
             continue  # BSD-3 is BSD-2 plus the endorsement clause
         if all(p.search(head) for p in pats):
             found.append(spdx)
+            ids.add(spdx)
     return sorted(set(found))
+
+
+def _key(symbol) -> str:
+    """The licence id of a symbol; `GPL-2.0 WITH Classpath-exception-2.0` counts as GPL-2.0."""
+    return symbol.license_symbol.key if hasattr(symbol, "license_symbol") else symbol.key
+
+
+def combine(expressions: list[str]) -> str:
+    """One SPDX expression for licences that all apply: `A AND (B OR C)`."""
+    return " AND ".join(f"({e})" if " OR " in e and len(expressions) > 1 else e for e in expressions)
+
+
+@functools.lru_cache(maxsize=4096)
+def license_allowed(expression: str, allow: frozenset[str] | None, deny: frozenset[str]) -> bool:
+    """Whether an SPDX expression can be complied with using only allowed, not denied licences:
+    `MIT OR GPL-3.0` passes an allow-list with MIT (the user may choose MIT), `MIT AND GPL-3.0`
+    does not. Evaluated with license-expression's boolean algebra."""
+    lic = _licensing()
+    parsed = _parse(expression)
+    if parsed is None:
+        return False
+    ok = {s: lic.TRUE if _key(s) not in deny and (allow is None or _key(s) in allow) else lic.FALSE
+          for s in lic.license_symbols(parsed, decompose=False)}
+    return parsed.subs(ok).simplify() == lic.TRUE
 
 
 #: RE2 pattern every licence text or header above contains (vectorised pre-filter).
@@ -212,8 +261,8 @@ _LICENSE_HINT = r"(?i)licen[cs]e|redistribution and use|permission is hereby gra
 
 
 def license_step(f: LicenseFilter) -> Step:
-    allow = set(f.allow) if f.allow is not None else None
-    deny = set(f.deny or [])
+    allow = frozenset(f.allow) if f.allow is not None else None
+    deny = frozenset(f.deny or [])
 
     def fn(batch: pa.Table) -> pa.Table:
         texts = batch.column("text").to_pylist()
@@ -224,14 +273,15 @@ def license_step(f: LicenseFilter) -> Step:
         licenses: list[str] = []
         drop = np.zeros(batch.num_rows, dtype=bool)
         for i, t in enumerate(texts):
-            ids = detect_licenses(t) if active[i] and hinted[i] else []
-            if not ids and declared[i]:
-                ids = [declared[i]]
-            licenses.append(" AND ".join(ids) if ids else "unknown")
-            if not ids:
+            found = detect_licenses(t) if active[i] and hinted[i] else []
+            if not found and declared[i]:
+                found = [declared[i]]
+            expression = combine(found) if found else "unknown"
+            licenses.append(expression)
+            if not found:
                 drop[i] = f.unknown == "drop"
-            elif deny & set(ids) or (allow is not None and not set(ids) <= allow):
-                drop[i] = True
+            else:
+                drop[i] = not license_allowed(expression, allow, deny)
         batch = _set(batch, "license", pa.array(licenses, pa.string()))
         return _mark(batch, drop, "license")
 
