@@ -18,6 +18,7 @@ from fmforge.stages.datapile.filters import (
     license_step,
     pii_step,
     quality_reasons,
+    quality_step,
     redact_pii,
 )
 
@@ -156,3 +157,36 @@ def test_licence_expressions_or_is_a_choice_and_is_not():
                 "Version 2.0 (the License)"]))
     assert both.column("license").to_pylist() == ["Apache-2.0 AND (MIT OR BSD-2-Clause)"]
     assert both.column("dropped").to_pylist() == ["license"]
+
+
+def test_c4_line_cleaning():
+    from fmforge.stages.datapile.filters import c4_clean_lines
+
+    text = "\n".join([
+        "Python is a programming language that lets you work quickly.",
+        "Home | About | Contact",                                   # no terminal punctuation
+        "Read more.",                                               # fewer than 3 words
+        "Please enable JavaScript to view the comments below.",    # javascript
+        "This site uses cookies to improve your experience.",      # policy boilerplate
+        "It was created by Guido van Rossum[1] and first released in 1991.[citation needed]",
+        "",
+    ])
+    cleaned, removed = c4_clean_lines(text)
+    assert cleaned.splitlines() == ["Python is a programming language that lets you work quickly.",
+                                    "It was created by Guido van Rossum and first released in 1991."]
+    assert removed == 4
+    assert c4_clean_lines("no punctuation here\nnor here")[0] == ""
+
+
+def test_c4_preset_cleans_lines_then_applies_the_page_rules():
+    good = " ".join(f"Sentence number {i} is about the standard library." for i in range(6))
+    menu = "Home | Downloads | Docs"
+    step = quality_step(QualityFilter(type="quality", preset="c4"))
+    out = step(_batch([good + "\n" + menu, "Only one sentence here.\n" + menu, menu]))
+    assert out.column("dropped").to_pylist() == [None, "quality", "quality"]
+    assert out.column("quality_rule").to_pylist() == [None, "min_sentences", "clean_lines"]
+    assert out.column("text").to_pylist()[0] == good, "the menu line is gone from the kept text"
+    assert out.column("lines_removed").to_pylist() == [1, 1, 1]
+    # gopher does not clean lines: the text is left as it was
+    g = quality_step(QualityFilter(type="quality", preset="gopher"))(_batch([good + "\n" + menu]))
+    assert g.column("text").to_pylist()[0] == good + "\n" + menu

@@ -216,6 +216,11 @@ class QualityRules(Spec):
     """Drop documents with "lorem ipsum" placeholder text (C4: true)."""
     drop_curly_brace: bool | None = None
     """Drop documents with a curly brace, a sign of code in web text (C4: true)."""
+    clean_lines: bool | None = None
+    """C4's line cleaning before the page rules (C4: true): drop the lines that do not end in
+    terminal punctuation, have fewer than 3 words or a word over 1,000 characters, mention
+    javascript, or are cookie and privacy-policy boilerplate, and citation marks like `[1]`. The
+    published text is the cleaned text; a document left with no line is dropped."""
 
 
 class QualityFilter(Spec):

@@ -60,7 +60,7 @@ def process_batch(batch: pa.Table, spec: DataPileSpec) -> pa.Table:
     for step in build_steps(spec.filters):
         batch = step(batch)
     for col, typ in (("hap_score", pa.float32()), ("pii", pa.int32()), ("license", pa.string()),
-                     ("quality_rule", pa.string())):
+                     ("quality_rule", pa.string()), ("lines_removed", pa.int32())):
         if col not in batch.column_names:
             batch = batch.append_column(col, pa.nulls(batch.num_rows, typ))
     # Hashes and signatures only for what the filters kept: dropped rows never reach dedup.
@@ -296,6 +296,9 @@ def run(ctx: StageContext) -> StageResult:
                   "params": spec.dedup.fuzzy.model_dump(by_alias=True)},
         "licenses": dict(Counter(kept.column("license").to_pylist()).most_common()),
         "piiRedacted": int(pc.sum(kept.column("pii")).as_py() or 0),
+        "linesRemoved": {"lines": int(pc.sum(kept.column("lines_removed")).as_py() or 0),
+                         "documents": int(pc.sum(pc.greater(pc.fill_null(kept.column("lines_removed"), 0), 0))
+                                          .as_py() or 0)},
         "tokenizer": tok_source,
         "tokensBySplit": tokens_by_split,
         "sequenceLength": spec.tokenize.sequence_length,

@@ -395,10 +395,9 @@ GOPHER = QualityRules(
     max_duplicate_7gram_char_fraction=0.13, max_duplicate_8gram_char_fraction=0.12,
     max_duplicate_9gram_char_fraction=0.11, max_duplicate_10gram_char_fraction=0.10,
 )
-#: C4's page-level heuristics (Raffel et al. 2020, section 2.2): at least five sentences, no
-#: "lorem ipsum", no curly braces. Its line-level cleaning (dropping lines without terminal
-#: punctuation) is not applied: filters here keep or drop whole documents.
-C4 = QualityRules(min_sentences=5, drop_lorem_ipsum=True, drop_curly_brace=True)
+#: C4's heuristics (Raffel et al. 2020, section 2.2): its line cleaning (c4_clean_lines), then
+#: at least five sentences, no "lorem ipsum", no curly braces.
+C4 = QualityRules(min_sentences=5, drop_lorem_ipsum=True, drop_curly_brace=True, clean_lines=True)
 #: FineWeb's filters (Penedo et al. 2024): Gopher's, plus its own three line-level rules.
 FINEWEB = GOPHER.model_copy(update={"min_line_punct_ratio": 0.12, "max_short_line_ratio": 0.67,
                                     "max_duplicate_line_char_fraction": 0.01})
@@ -531,6 +530,33 @@ def effective_rules(f: QualityFilter) -> QualityRules:
     return QualityRules(**base)
 
 
+_C4_POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+_C4_TERMINAL = (".", "?", "!", '"', "'")
+_CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]", re.IGNORECASE)
+
+
+def c4_clean_lines(text: str) -> tuple[str, int]:
+    """C4's line cleaning (Raffel et al. 2020, section 2.2, as TFDS's c4_utils and datatrove's
+    C4QualityFilter apply it): the text with only the lines that end in terminal punctuation,
+    have at least 3 words and no word over 1,000 characters, do not mention javascript and are
+    not cookie or privacy-policy boilerplate, with citation marks removed; and how many lines
+    went."""
+    kept: list[str] = []
+    removed = 0
+    for line in text.splitlines():
+        line = _CITATION.sub("", line).strip()
+        if not line:
+            continue
+        words = line.split()
+        low = line.lower()
+        if (not line.endswith(_C4_TERMINAL) or len(words) < 3 or max(map(len, words)) > 1000
+                or "javascript" in low or any(p in low for p in _C4_POLICY)):
+            removed += 1
+            continue
+        kept.append(line)
+    return "\n".join(kept), removed
+
+
 def quality_step(f: QualityFilter) -> Step:
     rules = effective_rules(f)
 
@@ -539,9 +565,18 @@ def quality_step(f: QualityFilter) -> Step:
         is_code = batch.column("is_code").to_numpy(zero_copy_only=False)
         texts = batch.column("text").to_pylist()
         why: list[str | None] = [None] * batch.num_rows
+        removed = np.zeros(batch.num_rows, dtype=np.int32)
         for i in np.flatnonzero(active & (f.apply_to_code | ~is_code)):
+            if rules.clean_lines:
+                texts[i], removed[i] = c4_clean_lines(texts[i])
+                if not texts[i]:
+                    why[i] = "clean_lines"
+                    continue
             why[i] = quality_reasons(texts[i], rules)
         batch = _set(batch, "quality_rule", pa.array(why, pa.string()))
+        if rules.clean_lines:
+            batch = _set(batch, "text", pa.array(texts, pa.large_string()))
+            batch = _set(batch, "lines_removed", pa.array(removed, pa.int32()))
         return _mark(batch, np.array([w is not None for w in why]), "quality")
 
     return Step("quality", fn)

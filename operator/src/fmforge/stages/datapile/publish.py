@@ -179,7 +179,11 @@ def data_card(card: dict[str, Any], out: Path) -> Path:
     lines += [f"| {k} | {v} |" for k, v in st["programmingLanguages"].items()]
     lines += ["", "## Licences of kept documents", "", "| licence | documents |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in card["licenses"].items()]
-    lines += ["", f"PII redacted: {card['piiRedacted']} matches.", ""]
+    lines += ["", f"PII redacted: {card['piiRedacted']} matches."]
+    removed = card.get("linesRemoved") or {}
+    if removed.get("lines"):
+        lines += [f"C4 line cleaning removed {removed['lines']} lines from {removed['documents']} kept documents."]
+    lines += [""]
     path = out / "datacard.md"
     path.write_text("\n".join(lines))
     return path
