@@ -117,6 +117,20 @@ def test_unreadable_json_line(tmp_path: Path, corpus: Path):
     assert "source broken: x.jsonl line 2 is not JSON" in msg
 
 
+@pytest.mark.parametrize("name,fmt,expect", [
+    ("x.jsonl.gz", "jsonl", "x.jsonl.gz is not a readable gzip file"),
+    ("x.parquet", "parquet", "x.parquet is not a readable Parquet file"),
+])
+def test_corrupt_file(tmp_path: Path, corpus: Path, name: str, fmt: str, expect: str):
+    d = _dir(tmp_path, corpus)
+    (d / "broken").mkdir()
+    (d / "broken" / name).write_bytes(b"PAR1 this is neither gzip nor parquet")
+    m = copy.deepcopy(SMALL)
+    m["spec"]["sources"] = [{"name": "broken", "uri": "file://broken/", "format": fmt}]
+    msg = _fail_message(d, m)
+    assert f"source broken: {expect}" in msg and "fix or remove it" in msg
+
+
 def test_empty_pile_after_filtering(tmp_path: Path, corpus: Path):
     m = copy.deepcopy(SMALL)
     m["spec"]["filters"] = [{"type": "length", "minWords": 1_000_000}]

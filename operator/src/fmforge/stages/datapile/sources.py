@@ -167,7 +167,11 @@ def read_source(source: Source, base_dir: Path) -> tuple[pa.Table, SourceRead]:
             texts.append(text)
         elif source.format == "jsonl":
             if rel.endswith(".gz"):
-                data = gzip.decompress(data)
+                try:
+                    data = gzip.decompress(data)
+                except (OSError, EOFError) as e:
+                    raise InputError(f"source {source.name}: {rel} is not a readable gzip file ({e}); "
+                                     f"fix or remove it, or drop the .gz suffix if it is plain JSON lines") from e
             for n, line in enumerate(io.BytesIO(data)):
                 if not line.strip():
                     continue
@@ -184,7 +188,11 @@ def read_source(source: Source, base_dir: Path) -> tuple[pa.Table, SourceRead]:
                 paths.append(rel)
                 texts.append(str(rec[source.text_field]))
         else:  # parquet
-            t = pq.read_table(io.BytesIO(data))
+            try:
+                t = pq.read_table(io.BytesIO(data))
+            except (pa.ArrowInvalid, OSError) as e:
+                raise InputError(f"source {source.name}: {rel} is not a readable Parquet file ({e}); "
+                                 f"fix or remove it, or set the source's format") from e
             if source.text_field not in t.column_names:
                 raise InputError(f"source {source.name}: {rel} has no column {source.text_field!r} "
                                  f"(it has {t.column_names[:10]}); set textField")
