@@ -115,6 +115,9 @@ def test_unreadable_json_line(tmp_path: Path, corpus: Path):
     m["spec"]["sources"] = [{"name": "broken", "uri": "file://broken/", "format": "jsonl"}]
     msg = _fail_message(d, m)
     assert "source broken: x.jsonl line 2 is not JSON" in msg
+    (d / "broken" / "x.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9 latin-1"}\n')
+    msg = _fail_message(d, m)
+    assert "source broken: x.jsonl line 2 is not UTF-8 text" in msg and "re-encode" in msg
 
 
 @pytest.mark.parametrize("name,fmt,expect", [

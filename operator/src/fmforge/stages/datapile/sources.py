@@ -179,6 +179,9 @@ def read_source(source: Source, base_dir: Path) -> tuple[pa.Table, SourceRead]:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise InputError(f"source {source.name}: {rel} line {n + 1} is not JSON ({e.msg})") from e
+                except UnicodeDecodeError as e:
+                    raise InputError(f"source {source.name}: {rel} line {n + 1} is not UTF-8 text ({e.reason} at "
+                                     f"byte {e.start}); re-encode the file as UTF-8") from e
                 if not isinstance(rec, dict) or source.text_field not in rec:
                     have = sorted(rec)[:10] if isinstance(rec, dict) else type(rec).__name__
                     raise InputError(f"source {source.name}: {rel} line {n + 1} has no field "
