@@ -87,6 +87,9 @@ def _ray_init(workers: int, cpus: int) -> None:
     import ray
 
     if not ray.is_initialized():
+        # Ray 2.60 announces on every local start that it turned token authentication on (the
+        # secure default, which stays on); in fmforge's output that line is noise.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         # Local: an in-process Ray with no dashboard; in a RayJob this attaches to the cluster.
         ray.init(num_cpus=None if _in_cluster() else max(1, workers * cpus), include_dashboard=False,
                  log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
