@@ -131,7 +131,11 @@ def whole_run(manifest: Path) -> tuple[float, dict]:
     if r.returncode != 0:
         raise SystemExit(f"fmforge run failed:\n{r.stderr[-3000:]}")
     state = json.loads((manifest.parent / ".fmforge" / "objects" / "DataPile" / "pydocs.json").read_text())
-    return seconds, state["status"]["stats"]
+    card = json.loads(Path(state["status"]["dataCard"].removeprefix("file://")).with_suffix(".json").read_text())
+    phases = dict(card["timings"])
+    # Python's start and imports, Ray's shutdown and the exit: the run's time outside its steps
+    phases["outside the steps"] = round(seconds - sum(card["timings"].values()), 3)
+    return seconds, state["status"]["stats"] | {"phases": phases}
 
 
 RAY_FLOOR = """
@@ -219,6 +223,7 @@ def bench(name: str, corpus: Path, work: Path) -> dict:
         "fmforge_whole_run_s": round(whole_s, 2),
         "fmforge_whole_mb_per_s_per_core": round(mb / whole_s / CORES, 3),
         "fmforge_kept": stats["documents"]["kept"],
+        "fmforge_whole_run_phases_s": stats["phases"],
         "fmforge_dedup_step_s": round(dedup_s, 3),
         "fmforge_dedup_removed": dedup_removed,
         "ray_empty_session_s": round(floor_s, 2),
@@ -241,6 +246,7 @@ def bench(name: str, corpus: Path, work: Path) -> dict:
           f"{f['whole_run_speedup_vs_datatrove_dedup']}x datatrove's dedup; fmforge dedup {dedup_s:.2f}s "
           f"removed {dedup_removed}; datatrove MinHash dedup {dt_s:.1f}s removed {dt_removed} "
           f"({f['dedup_speedup_vs_datatrove']}x)")
+    print("whole run by phase: " + ", ".join(f"{k} {v:.1f}s" for k, v in stats["phases"].items()))
     print(f"an empty Ray session (start, one task per core, shut down) {floor_s:.1f}s; the goals leave the whole run "
           f"{f['budget_for_3x_s']}s (3x datatrove) and {f['budget_for_1mb_per_s_per_core_s']}s (1 MB/s per core)")
     return f
