@@ -1,12 +1,12 @@
 """The DataPile stage: sources in, a versioned and tagged pile out.
 
     read sources → [Ray Data map_batches: categorize → filters in order → exact hash → MinHash]
-    → exact dedup → fuzzy dedup (LSH, components) → tokenizer → tokenize and pack
-    → publish (Iceberg snapshots + tags) → data card
+    → exact dedup → fuzzy dedup (LSH, components) → tokenizer (trained on a sample)
+    → [Ray Data map_batches: encode] → pack → publish (Iceberg snapshots + tags) → data card
 
 The per-document work runs on Ray Data (`map_batches` over Arrow batches: in-process locally,
 on the KubeRay cluster in a RayJob); the global steps (dedup decisions over hashes and
-signatures, tokenizer training, publishing) run on the driver over compact arrays. Called by the
+signatures, tokenizer training, packing, publishing) run on the driver over compact arrays. Called by the
 local runner (`fmforge run`) and by the RayJob entrypoint with the same StageContext.
 """
 
