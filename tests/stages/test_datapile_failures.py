@@ -80,6 +80,10 @@ def test_failure_half_way_keeps_the_previous_version(tmp_path: Path, corpus: Pat
     assert t.snapshot_by_name("v2").snapshot_id == int(new["version"]["snapshotId"]) != int(v1["version"]["snapshotId"])
     # the old version stays readable by snapshot id
     assert pub.read_version(pub.catalog(state.root), "default", "pydocs", int(v1["version"]["snapshotId"])).num_rows == v1_rows
+    # one snapshot per version and table: v1 an append, v2 an overwrite (no separate delete)
+    for name in pub.table_names("default", "pydocs"):
+        snaps = pub.catalog(state.root).load_table(name).snapshots()
+        assert [s.summary.operation.value for s in snaps] == ["append", "overwrite"], name
 
 
 def _fail_message(d: Path, manifest: dict) -> str:

@@ -2,8 +2,9 @@
 
 Two Iceberg tables per pile, `<namespace>.<pile>_documents` (the kept documents with their
 annotations) and `<namespace>.<pile>_sequences` (the packed token sequences). A version is one
-overwrite snapshot of each; the documents snapshot is the version's id and its properties record
-the spec digest, source digests, counters and the sequences snapshot. Tags move to the new
+snapshot of each (the first an append, later ones an overwrite that swaps the data files); the
+documents snapshot is the version's id and its properties record the spec digest, source
+digests, counters and the sequences snapshot. Tags move to the new
 snapshots only after both commits, in one metadata commit per table: a run that fails before
 that leaves every tag, and so every published version, exactly as it was.
 
@@ -92,14 +93,45 @@ def publish(cat, namespace: str, pile: str, docs: pa.Table, seqs: pa.Table, tags
     docs_name, seq_name = table_names(namespace, pile)
     dt = _table(cat, docs_name, docs.schema)
     st = _table(cat, seq_name, seqs.schema)
-    st.overwrite(seqs, snapshot_properties=properties)
-    seq_snap = st.current_snapshot().snapshot_id
-    dt.overwrite(docs, snapshot_properties={**properties, "fmforge.sequences-snapshot-id": str(seq_snap)})
+    seq_snap = replace(st, seqs, properties)
+    replace(dt, docs, {**properties, "fmforge.sequences-snapshot-id": str(seq_snap)})
     snap = dt.current_snapshot()
     move_tags(dt, snap.snapshot_id, tags)
     move_tags(st, seq_snap, tags)
     return Published(snap.snapshot_id, seq_snap,
                      datetime.fromtimestamp(snap.timestamp_ms / 1000, timezone.utc).isoformat(), False, docs_name)
+
+
+def replace(table, df: pa.Table, properties: dict[str, str]) -> int:
+    """Make `df` the table's contents in one snapshot, and return its id.
+
+    pyiceberg's `overwrite` commits two snapshots (a delete, then an append); a pile version is
+    one: an `append` for the first version, then an `overwrite` that removes the previous data
+    files and adds the new ones in the same snapshot. Readers see the old contents or the new,
+    never an empty table.
+
+    pyiceberg has no public call for this; `_dataframe_to_data_files` is what its own overwrite
+    writes with. Should a pyiceberg release drop it, the version is published with `overwrite`
+    (two snapshots, the same data and tags)."""
+    try:
+        from pyiceberg.io.pyarrow import _check_pyarrow_schema_compatible, _dataframe_to_data_files
+    except ImportError:
+        table.overwrite(df, snapshot_properties=properties)
+        return table.current_snapshot().snapshot_id
+
+    _check_pyarrow_schema_compatible(table.schema(), provided_schema=df.schema)
+    if table.current_snapshot() is None:
+        table.append(df, snapshot_properties=properties)
+        return table.current_snapshot().snapshot_id
+    previous = [task.file for task in table.scan().plan_files()]
+    with table.transaction() as tx:
+        with tx.update_snapshot(snapshot_properties=properties).overwrite() as snap:
+            for data_file in previous:
+                snap.delete_data_file(data_file)
+            for data_file in _dataframe_to_data_files(table_metadata=tx.table_metadata, df=df, io=table.io,
+                                                      write_uuid=snap.commit_uuid):
+                snap.append_data_file(data_file)
+    return table.current_snapshot().snapshot_id
 
 
 def move_tags(table, snapshot_id: int, tags: list[str]) -> None:
