@@ -96,7 +96,8 @@ def per_step(spec, base: Path) -> tuple[list[dict], pa.Table]:
     splits = tk.split_of(ids, spec.split.validation_fraction)
     tr = spec.tokenizer.train
     t = time.perf_counter()
-    sample = tk.training_sample(ids, texts, splits, int(quantity_value(tr.sample_bytes)))
+    sizes = np.array([len(x.encode()) for x in texts])
+    sample = tk.training_sample(ids, sizes, splits, int(quantity_value(tr.sample_bytes)))
     tok = tk.train_tokenizer([texts[i] for i in sample], tr.vocab_size, tr.min_frequency)
     rec(f"train tokenizer ({tr.sample_bytes})", time.perf_counter() - t, table.num_rows, nbytes)
     t = time.perf_counter()

@@ -203,17 +203,21 @@ def test_tokenizer_trains_on_a_bounded_sample(first_run):
 
 def test_training_sample_is_stable_and_bounded():
     ids = [f"{i * 2654435761 % 2**32:08x}" for i in range(200)]
-    texts = [("word " * (10 + i)) for i in range(200)]
+    sizes = np.array([5 * (10 + i) for i in range(200)])
     splits = np.array(["validation" if i % 10 == 0 else "train" for i in range(200)], dtype=object)
-    a = tk.training_sample(ids, texts, splits, 5_000)
-    assert a == tk.training_sample(list(ids), list(texts), splits.copy(), 5_000)
+    a = tk.training_sample(ids, sizes, splits, 5_000)
+    assert a == tk.training_sample(list(ids), sizes.copy(), splits.copy(), 5_000)
     assert all(splits[i] == "train" for i in a)
-    size = sum(len(texts[i]) for i in a)
-    assert 5_000 <= size < 5_000 + max(len(t) for t in texts)
-    assert sorted(a) != list(range(len(a))), "taken in id-hash order, not file order"
-    assert tk.training_sample(ids, texts, splits, 0) == [i for i in range(200) if splits[i] == "train"]
+    size = int(sizes[a].sum())
+    assert 5_000 <= size < 5_000 + sizes.max()
+    # the documents left out all come after the budget was reached, in id order
+    order = sorted((ids[i], i) for i in range(200) if splits[i] == "train")
+    taken = [i for _, i in order[:len(a)]]
+    assert sorted(taken) == a
+    assert a != list(range(len(a))), "taken in id-hash order, not file order"
+    assert tk.training_sample(ids, sizes, splits, 0) == [i for i in range(200) if splits[i] == "train"]
     only_val = np.array(["validation"] * 200, dtype=object)
-    assert len(tk.training_sample(ids, texts, only_val, 0)) == 200
+    assert len(tk.training_sample(ids, sizes, only_val, 0)) == 200
 
 
 def test_pack_lays_documents_end_to_end_with_eos():

@@ -236,17 +236,18 @@ def run(ctx: StageContext) -> StageResult:
     assert read == kept.num_rows + sum(counters.values()), "counters must add up"
 
     # 5. tokenizer, split, pack
-    texts = kept.column("text").to_pylist()
     splits = tk.split_of(kept.column("id").to_pylist(), spec.split.validation_fraction)
     kept = kept.append_column("split", pa.array(splits.tolist(), pa.string()))
     tok_dir = ctx.artifacts / "tokenizer"
     with timed("tokenizer"):
         if spec.tokenizer.train is not None:
             tr = spec.tokenizer.train
-            sample = tk.training_sample(kept.column("id").to_pylist(), texts, splits,
+            sizes = pc.binary_length(kept.column("text").cast(pa.large_binary())).to_numpy()
+            sample = tk.training_sample(kept.column("id").to_pylist(), sizes, splits,
                                         int(quantity_value(tr.sample_bytes)))
-            tok = tk.train_tokenizer([texts[i] for i in sample], tr.vocab_size, tr.min_frequency)
-            sample_mb = sum(len(texts[i].encode()) for i in sample) / 1e6
+            texts = kept.column("text").take(pa.array(sample, pa.int64())).to_pylist()
+            tok = tk.train_tokenizer(texts, tr.vocab_size, tr.min_frequency)
+            sample_mb = int(sizes[sample].sum()) / 1e6
             tok_source = (f"trained: byte-level BPE, vocab {tok.get_vocab_size()}, on {len(sample)} documents "
                           f"({sample_mb:.1f} MB) of the training split")
         else:

@@ -34,22 +34,20 @@ def split_of(ids: list[str], validation_fraction: float) -> np.ndarray:
     return np.where(bucket < validation_fraction, "validation", "train").astype(object)
 
 
-def training_sample(ids: list[str], texts: list[str], splits: np.ndarray, max_bytes: int) -> list[int]:
+def training_sample(ids: list[str], sizes: np.ndarray, splits: np.ndarray, max_bytes: int) -> list[int]:
     """Indices of the documents a tokenizer trains on: training-split documents in the order of
-    their id (a content hash, so the order is random and stable), until `max_bytes` of UTF-8 text
-    (0: all of them). Falls back to every document when the training split is empty."""
-    train = [i for i in np.argsort(np.array(ids, dtype=object), kind="stable") if splits[i] == "train"]
-    if not train:
-        train = list(range(len(texts)))
-    if max_bytes <= 0:
-        return sorted(train)
-    picked, total = [], 0
-    for i in train:
-        if total >= max_bytes:
-            break
-        picked.append(int(i))
-        total += len(texts[i].encode())
-    return sorted(picked)
+    their id (a content hash, so the order is random and stable), until `max_bytes` of text
+    (`sizes`: each document's UTF-8 bytes; 0: all of them). Falls back to every document when
+    the training split is empty."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    order = np.argsort(np.array(ids, dtype=object), kind="stable")
+    train = order[splits[order] == "train"] if len(order) else order
+    if not len(train):
+        train = np.arange(len(sizes))
+    if max_bytes > 0:
+        before = np.cumsum(sizes[train]) - sizes[train]  # bytes taken before each document
+        train = train[before < max_bytes]
+    return sorted(int(i) for i in train)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, min_frequency: int):
