@@ -161,7 +161,13 @@ def encode_on_ray(texts: pa.Array, tokenizer_json: str, progress=None) -> pa.Chu
     """Token ids of each text, in the order of `texts`, encoded on the Ray Data workers."""
     table = pa.table({"row": pa.array(np.arange(len(texts), dtype=np.int64)), "text": texts})
     out = map_on_ray(table, tk.encode, {"tokenizer_json": tokenizer_json}, progress)
-    return out.sort_by("row").column("ids")
+    # Each block is a contiguous range of rows: putting the blocks back in order is enough, and
+    # costs nothing; sort the rows only if Ray Data split or merged blocks on the way.
+    blocks = sorted((b for b in out.to_batches() if b.num_rows), key=lambda b: b["row"][0].as_py())
+    ordered = pa.Table.from_batches(blocks, schema=out.schema) if blocks else out
+    if not np.array_equal(ordered.column("row").to_numpy(), np.arange(len(texts))):
+        ordered = out.sort_by("row")
+    return ordered.column("ids")
 
 
 def run(ctx: StageContext) -> StageResult:
