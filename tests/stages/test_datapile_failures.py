@@ -248,6 +248,30 @@ def test_catalog_is_configurable(tmp_path: Path, monkeypatch):
     assert (tmp_path / "state" / "catalog" / "catalog.db").exists()
 
 
+def test_pile_published_to_an_s3_warehouse(tmp_path: Path, corpus: Path, s3_server, monkeypatch):
+    """The cluster set-up: a catalog from FMFORGE_CATALOG whose warehouse is in S3 (the data and
+    metadata files go through the S3 API); two versions, both readable by tag."""
+    (s3_server.root / "lake").mkdir()  # the bucket
+    monkeypatch.setenv("FMFORGE_CATALOG", json.dumps({
+        "type": "sql", "uri": f"sqlite:///{tmp_path / 'catalog.db'}", "warehouse": "s3://lake/piles",
+        "s3.endpoint": s3_server.endpoint, "s3.access-key-id": s3_server.access_key,
+        "s3.secret-access-key": s3_server.secret_key, "s3.region": "us-east-1"}))
+    d = _dir(tmp_path, corpus)
+    assert _run(d, SMALL).ok
+    v2 = copy.deepcopy(SMALL)
+    v2["spec"]["publish"]["tags"] = ["v2"]
+    v2["spec"]["filters"][-1]["minWords"] = 30
+    assert _run(d, v2).ok
+    state = StateDir(d / ".fmforge")
+    cat = pub.catalog(state.root)
+    kept = state.read("DataPile", "pydocs")["status"]["stats"]["documents"]["kept"]
+    assert pub.read_version(cat, "default", "pydocs", "v2").num_rows == kept
+    assert pub.read_version(cat, "default", "pydocs", "v1").num_rows >= kept
+    files = [p for p in (s3_server.root / "lake" / "piles").rglob("*.parquet")]
+    assert len(files) >= 4, "both versions' documents and sequences are objects in the bucket"
+    assert not (state.root / "catalog").exists()
+
+
 def _raylets() -> set[int]:
     out = subprocess.run(["pgrep", "-f", "ray/core/src/ray/raylet/raylet"], capture_output=True, text=True).stdout
     return {int(x) for x in out.split()}
