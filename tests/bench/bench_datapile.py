@@ -253,6 +253,37 @@ def bench(name: str, corpus: Path, work: Path) -> dict:
     return f
 
 
+def tokenizer_sample(corpus: Path) -> list[dict]:
+    """What training the tokenizer on a sample costs: training time and bytes per token on 300
+    held-out documents, for samples of 4, 8 and 16 MB and for all the rest of the corpus (the
+    figures behind tokenizer.train.sampleBytes' default)."""
+    from fmforge.api.manifests import load
+    from fmforge.stages.datapile import tokenize as tk
+    from fmforge.stages.datapile.sources import read_source
+
+    spec = load([pile_manifest(corpus.parent / "tok", corpus)]).manifests[0].spec
+    table = pa.concat_tables([read_source(s, corpus.parent / "tok")[0] for s in spec.sources])
+    ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
+    order = np.argsort(np.array(ids, dtype=object))
+    held_out = [texts[i] for i in order[-300:]]
+    held_bytes = sum(len(t.encode()) for t in held_out)
+    rest = order[:-300]
+    sizes = np.array([len(texts[i].encode()) for i in rest])
+    rows = []
+    for limit in (4_000_000, 8_000_000, 16_000_000, 0):
+        take = rest if limit == 0 else rest[(np.cumsum(sizes) - sizes) < limit]
+        sample = [texts[i] for i in take]
+        t = time.perf_counter()
+        tok = tk.train_tokenizer(sample, spec.tokenizer.train.vocab_size, spec.tokenizer.train.min_frequency)
+        seconds = time.perf_counter() - t
+        n = sum(len(e.ids) for e in tok.encode_batch(held_out, add_special_tokens=False))
+        rows.append({"sample_mb": round(sum(len(x.encode()) for x in sample) / 1e6, 1), "train_s": round(seconds, 2),
+                     "held_out_bytes_per_token": round(held_bytes / n, 3)})
+        print(f"tokenizer on {rows[-1]['sample_mb']:6.1f} MB: trained in {seconds:5.2f}s, "
+              f"{rows[-1]['held_out_bytes_per_token']:.3f} bytes/token on held-out text")
+    return rows
+
+
 def main() -> int:
     import argparse
 
@@ -260,9 +291,18 @@ def main() -> int:
     ap.add_argument("--corpus", choices=("quickstart", "large", "xlarge", "both", "all"), default="both",
                     help="quickstart: top-level stdlib modules (~10 MB); large: the stdlib packages too (~23 MB); "
                     "xlarge: and the stdlib's test suites; both: quickstart and large; all: the three")
+    ap.add_argument("--tokenizer-sample", action="store_true",
+                    help="instead: tokenizer training time and held-out compression by sample size (xlarge corpus)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fmforge-bench-"))
     results = []
+    if args.tokenizer_sample:
+        try:
+            rows = tokenizer_sample(build_corpus(work / "corpus-xlarge", "--recursive", "--with-tests"))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(json.dumps({"benchmark": "tokenizer-sample", "results": rows}))
+        return 0
     try:
         if args.corpus in ("quickstart", "both", "all"):
             results.append(bench("quickstart", build_corpus(work / "corpus-quickstart"), work / "quickstart"))
