@@ -360,21 +360,45 @@ def pii_step(f: PiiFilter) -> Step:
     def fn(batch: pa.Table) -> pa.Table:
         active = _active(batch)
         text = batch.column("text")
-        # Per kind, which documents can hold a match at all (RE2 over the whole column); the Python
-        # regexes and validators then run for those documents and kinds only.
-        masks = {k: pc.match_substring_regex(text, PII_PREFILTER[k]).to_numpy(zero_copy_only=False) & active
-                 for k in kinds}
-        texts = text.to_pylist()
         counts = np.zeros(batch.num_rows, dtype=np.int32)
-        for i in np.flatnonzero(np.logical_or.reduce(list(masks.values()))):
-            new, c = redact_pii(texts[i], tuple(k for k in kinds if masks[k][i]))
-            if c:
-                counts[i] = sum(c.values())
-                if f.action == "redact":
-                    texts[i] = new
+        # Documents that can hold a match at all (RE2 over the whole column), then, within them,
+        # the lines that can (none of the patterns crosses a line): the Python regexes and
+        # validators run on those lines only, and only documents with a match are rebuilt.
+        docs = np.flatnonzero(np.logical_or.reduce(
+            [pc.match_substring_regex(text, PII_PREFILTER[k]).to_numpy(zero_copy_only=False) for k in kinds]) & active)
+        redacted: dict[int, str] = {}
+        if len(docs):
+            lines = pc.split_pattern(text.take(pa.array(docs, pa.int64())), "\n")
+            if isinstance(lines, pa.ChunkedArray):
+                lines = lines.combine_chunks()
+            flat = lines.flatten()
+            owner = pc.list_parent_indices(lines).to_numpy(zero_copy_only=False)
+            line_masks = {k: pc.match_substring_regex(flat, PII_PREFILTER[k]).to_numpy(zero_copy_only=False)
+                          for k in kinds}
+            changed: dict[int, dict[int, str]] = {}
+            for j in np.flatnonzero(np.logical_or.reduce(list(line_masks.values()))):
+                new, c = redact_pii(flat[int(j)].as_py(), tuple(k for k in kinds if line_masks[k][j]))
+                if c:
+                    d = int(owner[j])
+                    counts[docs[d]] += sum(c.values())
+                    changed.setdefault(d, {})[int(j)] = new
+            offsets = lines.offsets.to_numpy()
+            for d, repl in changed.items():
+                start = int(offsets[d])
+                doc_lines = lines[d].as_py()
+                for j, new in repl.items():
+                    doc_lines[j - start] = new
+                redacted[int(docs[d])] = "\n".join(doc_lines)
         batch = _set(batch, "pii", pa.array(counts, pa.int32()))
         if f.action == "redact":
-            return _set(batch, "text", pa.array(texts, pa.large_string()))
+            if redacted:
+                rows = sorted(redacted)
+                mask = np.zeros(batch.num_rows, dtype=bool)
+                mask[rows] = True
+                new_text = pc.replace_with_mask(text, pa.array(mask),
+                                                pa.array([redacted[i] for i in rows], text.type))
+                return _set(batch, "text", new_text)
+            return batch
         return _mark(batch, counts > 0, "pii")
 
     return Step("pii", fn)
