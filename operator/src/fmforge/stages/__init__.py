@@ -14,6 +14,7 @@ from typing import Callable
 #: kind → "module:function" of the stages that have landed.
 STAGES: dict[str, str] = {
     "DataPile": "fmforge.stages.datapile:run",
+    "TrainingRun": "fmforge.stages.train:run",
 }
 
 
