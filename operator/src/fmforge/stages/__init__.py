@@ -15,6 +15,7 @@ from typing import Callable
 STAGES: dict[str, str] = {
     "DataPile": "fmforge.stages.datapile:run",
     "TrainingRun": "fmforge.stages.train:run",
+    "ModelCard": "fmforge.stages.card:run",
 }
 
 

@@ -167,6 +167,11 @@ def ray_init(cpus: int) -> None:
     ctx.execution_options.preserve_order = True
     for name in ("ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+    # transformers' per-file "Loading weights" bars: the reporter shows the stage's progress.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     deadline = time.monotonic() + 10
     while ray.available_resources().get("CPU", 0) < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
