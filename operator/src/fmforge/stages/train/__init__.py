@@ -112,11 +112,12 @@ def run(ctx: StageContext) -> StageResult:
         "precision": precision, "checkpoint_every": tr.checkpoint_every, "mask_probability": tr.mask_probability,
         "parallelism": tr.parallelism, "has_validation": bool(n_val), "progress": progress,
     }
+    storage = (ctx.artifacts / "checkpoints").resolve()
+    loop_config["checkpoints"] = str(storage / "train")
     if spec.model.architecture == "encoder":  # the workers need the tokenizer with its mask token
         tok_dir = ctx.artifacts / "tokenizer"
         tok.save_pretrained(str(tok_dir))
         loop_config["tokenizer"] = str(tok_dir)
-    storage = (ctx.artifacts / "checkpoints").resolve()
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,

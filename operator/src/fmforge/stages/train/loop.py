@@ -26,6 +26,30 @@ MODEL_DIR = "model"
 """Checkpoint subfolder of the final checkpoint: the model in Hugging Face layout."""
 CURVE = "curve.json"
 """Checkpoint file with the loss curve so far: step, loss, learning rate."""
+MANIFEST = "manifest.json"
+"""Checkpoint file listing the others with their sizes: a checkpoint whose copy into storage was
+cut short (a killed run) does not match it and is never resumed from."""
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint directory under `root` (a run's storage folder).
+
+    Ray Train hands a restarted worker its latest registered checkpoint, but a run started
+    again (after the whole run failed) may find none registered: the controller registers
+    reports lazily and a failure can lose the last ones. The directories in storage are the
+    record that survives, and their names carry the step."""
+    for d in sorted(root.glob("checkpoint-*"), reverse=True):
+        try:
+            files = json.loads((d / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if all((d / f).is_file() and (d / f).stat().st_size == n for f, n in files.items()):
+            return d
+    return None
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[1])
 
 
 def _batch_tensors(batch: dict[str, Any]):
@@ -98,6 +122,9 @@ def train_loop(config: dict[str, Any]) -> None:
     resumed_from = None
     curve: list[dict[str, float]] = []
     checkpoint = ray.train.get_checkpoint()
+    stored = latest_checkpoint(Path(config["checkpoints"]))
+    if stored is not None and (checkpoint is None or _step_of(stored) > _step_of(Path(checkpoint.path))):
+        checkpoint = ray.train.Checkpoint.from_directory(str(stored))
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=True)
@@ -136,6 +163,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 hf = auto.from_config(cfg)
                 hf.load_state_dict(msd)
                 hf.save_pretrained(Path(tmp) / MODEL_DIR)
+            files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file()}
+            (Path(tmp) / MANIFEST).write_text(json.dumps(files))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"checkpoint-{step:08d}")
 
@@ -188,7 +217,9 @@ def train_loop(config: dict[str, Any]) -> None:
             loss_sum.zero_()
             now = time.monotonic()
             point = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens, "time": now}
-            curve.append({k: point[k] for k in ("step", "loss", "lr")})
+            # Wall-clock time (comparable across processes and restarts) and tokens of each step,
+            # for throughput read off the curve.
+            curve.append({"step": step, "loss": loss, "lr": point["lr"], "tokens": tokens, "unixTime": time.time()})
             if rank == 0:
                 rate = (step - first_step) / max(now - started, 1e-9)
                 queue.put({"event": "step", **point, "eta": (config["max_steps"] - step) / max(rate, 1e-9)})
