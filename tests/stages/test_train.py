@@ -318,7 +318,7 @@ def test_worker_killed_mid_run_recovers_within_max_failures(ws: Workspace):
 
 @pytest.mark.parametrize("change, field, words", [
     ({"dataPileRef": {"name": "mini", "tag": "v9"}}, "InvalidSpec", ["no version tagged 'v9'", "v1"]),
-    ({"model": {"family": "llama", "config": {"layers": 2, "hidden": 48, "heads": 8}}}, "InvalidSpec",
+    ({"model": {"family": "llama", "config": {"layers": 2, "hidden": 36, "heads": 4}}}, "InvalidSpec",
      ["even head size"]),
     ({"model": {"family": "gpt2", "config": {"layers": 2, "hidden": 64, "heads": 4, "contextLength": 32}}},
      "InvalidSpec", ["contextLength", "64"]),

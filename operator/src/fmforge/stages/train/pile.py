@@ -140,7 +140,7 @@ def sequences(pile: PileVersion, split: str):
                          f"files at snapshot {pile.sequences_snapshot_id}; fmforge publishes whole-file "
                          f"versions only, so re-publish the pile")
     paths = [task.file.file_path for task in tasks]
-    ds = ray.data.read_parquet(paths, columns=["input_ids", "length", "split"])
+    ds = ray.data.read_parquet(paths).select_columns(["input_ids", "length", "split"])
     return ds.filter(expr=col("split") == split).select_columns(["input_ids", "length"])
 
 
