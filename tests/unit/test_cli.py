@@ -31,6 +31,7 @@ def test_run_exit_code_and_summary(tmp_path: Path, capsys, monkeypatch):
     d = tmp_path / "qs"
     shutil.copytree(ROOT / "examples" / "quickstart", d, ignore=shutil.ignore_patterns("corpus", ".fmforge"))
     monkeypatch.setitem(STAGES, "DataPile", "test_runner:ok_stage")
+    monkeypatch.delitem(STAGES, "TrainingRun")  # a kind whose stage has not landed
     assert main(["run", str(d), "--progress", "plain"]) == 1
     err = capsys.readouterr().err
     assert "TrainingRun/pydocs-gpt: Failed: the TrainingRun stage is not implemented yet" in err

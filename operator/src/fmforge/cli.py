@@ -4,6 +4,7 @@
     fmforge run PATH...               run the pipeline locally (the embedded default)
     fmforge get [KIND [NAME]]         the local status, shaped like the CR status
     fmforge lineage KIND/NAME         where an artifact came from
+    fmforge approve ModelCard/NAME --by WHO   approve the model a ModelCard evaluated
     fmforge crds [--out DIR]          write the CRDs generated from the models
     fmforge version
 
@@ -214,6 +215,10 @@ def cmd_lineage(args: argparse.Namespace) -> int:
             bits.append(f"snapshot {st['version'].get('snapshotId')}")
         if st.get("tags"):
             bits.append("tags " + ",".join(st["tags"]))
+        if (st.get("dataPile") or {}).get("snapshotId"):
+            bits.append(f"trained on {st['dataPile']['name']} snapshot {st['dataPile']['snapshotId']}")
+        if st.get("modelDigest"):
+            bits.append(f"evaluated {st['modelDigest'][:19]}" + (" (approved)" if st.get("approved") else ""))
         if (st.get("model") or {}).get("uri"):
             bits.append(f"model {st['model']['uri']}")
         if fm.get("artifactDigest"):
@@ -238,6 +243,25 @@ def cmd_lineage(args: argparse.Namespace) -> int:
             print("  " * (depth + 1) + f"└─ source {src.get('name')}: {src.get('uri')} {src.get('digest', '')}".rstrip())
 
     walk(kind, name, 0, set())
+    return EXIT_OK
+
+
+# -- approve --------------------------------------------------------------------------------------
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    from .runtime.approval import ApprovalError, approve
+
+    kind, _, name = args.object.partition("/")
+    if kind.lower() not in ("modelcard", "modelcards", "card", "mc") or not name:
+        _err(f"expected ModelCard/NAME, such as ModelCard/pydocs-qa (got {args.object!r})")
+        return EXIT_USAGE
+    try:
+        record = approve(_state(args), name, args.by)
+    except ApprovalError as e:
+        _err(str(e))
+        return EXIT_FAILED
+    print(f"ModelCard/{name}: {record['status']['message']}")
     return EXIT_OK
 
 
@@ -315,6 +339,15 @@ def build_parser() -> argparse.ArgumentParser:
     ln.add_argument("object", metavar="KIND/NAME")
     ln.add_argument("--state-dir", type=Path, help="state directory (default: ./.fmforge)")
     ln.set_defaults(func=cmd_lineage)
+
+    a = sub.add_parser("approve", help="approve the model a ModelCard evaluated (approval: manual)",
+                       description="Record a person's approval of exactly the model a ModelCard evaluated "
+                       "(its digest), as the annotations fmforge.io/approved-by and fmforge.io/approved-digest do "
+                       "on a cluster. A new model needs a new approval.")
+    a.add_argument("object", metavar="ModelCard/NAME")
+    a.add_argument("--by", required=True, metavar="WHO", help="who approves (a name or an e-mail address)")
+    a.add_argument("--state-dir", type=Path, help="state directory (default: ./.fmforge)")
+    a.set_defaults(func=cmd_approve)
 
     c = sub.add_parser("crds", help="write the CRDs generated from the API models")
     c.add_argument("--out", default="crds", help="directory (default: %(default)s)")

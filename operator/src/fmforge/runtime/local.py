@@ -31,6 +31,7 @@ from ..api.status import now, with_phase
 from ..api.v1alpha1 import API_VERSION
 from ..stages import STAGES, raysession, stage_for
 from ..stages.base import StageContext, StageError
+from .approval import WAITING_FOR_APPROVAL, approval_annotations
 from .progress import RunConsole
 from .state import StateBusy, StateDir
 
@@ -76,6 +77,11 @@ def default_state_dir(paths: list[str | Path]) -> Path:
     """`.fmforge/` next to the manifests: in the first directory given, or beside the first file."""
     first = Path(paths[0])
     return (first if first.is_dir() else first.parent) / ".fmforge"
+
+
+def _waiting_for_approval(record: dict[str, Any]) -> bool:
+    ready = next((c for c in record["status"].get("conditions") or [] if c.get("type") == "Ready"), {})
+    return record["status"].get("phase") == "Waiting" and ready.get("reason") == WAITING_FOR_APPROVAL
 
 
 def _succeeded(record: dict[str, Any] | None) -> bool:
@@ -229,6 +235,11 @@ class LocalRunner:
             msg = f"spec and inputs unchanged since {prior.get('finishedAt', 'the last run')}"
             self.console.status(m.key, "Skipped", msg)
             return Outcome(m.key, "Skipped", msg)
+        if not self.force and prior.get("digest") == digest and _waiting_for_approval(record):
+            # Evaluated already; only a person can move it on (`fmforge approve`).
+            msg = record["status"].get("message", "")
+            self.console.status(m.key, "Waiting", msg)
+            return Outcome(m.key, "Waiting", msg)
 
         if stage is None:
             msg = (f"the {m.kind} stage is not implemented yet in fmforge {__version__}; nothing was run "
@@ -248,6 +259,7 @@ class LocalRunner:
             inputs={k: v for k, v in upstream.items() if v is not None}, base_dir=m.path.parent.resolve(),
             artifacts=artifacts, state_dir=self.state.root, reporter=reporter,
             allow_outside_paths=self.allow_outside_paths,
+            annotations={**(m.metadata.get("annotations") or {}), **approval_annotations(record)},
         )
         try:
             result = stage.run(ctx)
@@ -274,6 +286,12 @@ class LocalRunner:
             "inputs": {k: (v.get("fmforge") or {}).get("artifactDigest") for k, v in upstream.items() if v},
             "lineage": result.lineage,
         }
+        if result.waiting:
+            self._write(record, "Waiting", WAITING_FOR_APPROVAL, result.waiting)
+            self.console.status(m.key, "Waiting", result.waiting)
+            return Outcome(m.key, "Waiting", result.waiting, time.monotonic() - started)
+        if result.rejected:
+            return self._fail(m, record, "Rejected", result.rejected, started)
         phase = "Ready" if m.kind == "Deployment" and m.spec.target == "kserve" else "Succeeded"
         self._write(record, phase, "Succeeded", result.message or f"{m.info.stage} stage succeeded")
         took = time.monotonic() - started

@@ -18,6 +18,8 @@ from typing import Any, Callable
 #: kind → "module:function" of the stages that have landed.
 STAGES: dict[str, str] = {
     "DataPile": "fmforge.stages.datapile:run",
+    "TrainingRun": "fmforge.stages.train:run",
+    "ModelCard": "fmforge.stages.card:run",
 }
 
 

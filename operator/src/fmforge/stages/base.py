@@ -49,6 +49,8 @@ class StageContext:
     reporter: Reporter
     allow_outside_paths: bool = False
     """Whether `file://` URIs may name paths outside `base_dir` (the user opted in)."""
+    annotations: dict[str, str] = field(default_factory=dict)
+    """The object's annotations (a ModelCard's manual approval lives there)."""
 
 
 @dataclass
@@ -63,6 +65,12 @@ class StageResult:
     """One line for people: what was made."""
     lineage: list[dict[str, Any]] = field(default_factory=list)
     """Where the artifact came from beyond the graph (sources with their content digests)."""
+    waiting: str = ""
+    """Non-empty: the work is done and the object now waits for a person (a manual approval);
+    says what to do. The runner records the status with phase Waiting."""
+    rejected: str = ""
+    """Non-empty: the work is done and its verdict is no (thresholds not met); says why. The
+    runner records the status with phase Failed, reason Rejected."""
 
 
 class StageError(Exception):

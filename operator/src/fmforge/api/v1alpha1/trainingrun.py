@@ -104,6 +104,9 @@ class Training(Spec):
     """Save a checkpoint every N steps; unset: at the end only."""
     mask_probability: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
     """Share of tokens masked, for encoders."""
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: every worker holds the whole model (the default); fsdp: parameters, gradients and
+    optimizer state sharded over the workers, for models that do not fit one GPU (GPUs only)."""
 
 
 class FaultTolerance(Spec):
@@ -150,6 +153,8 @@ class TrainingProgress(Status):
     """Throughput over all workers."""
     eta: str | None = None
     """Estimated time left."""
+    resumed_from_step: int | None = None
+    """Step of the checkpoint the latest attempt resumed from; unset: it started at step 0."""
 
 
 class ModelArtifact(Status):
@@ -163,6 +168,10 @@ class ModelArtifact(Status):
     """Number of parameters."""
     trainable_parameters: int | None = None
     """Parameters that were trained (LoRA: the adapters only)."""
+    generation: int | None = None
+    """metadata.generation of the object whose attempt made the model."""
+    spec_digest: str | None = None
+    """sha256 of the spec that made the model."""
 
 
 class PileLineage(Status):
@@ -176,6 +185,10 @@ class PileLineage(Status):
     """Tag it was read by."""
     digest: str | None = None
     """Digest of the version."""
+    sequences_snapshot_id: str | None = None
+    """Snapshot id of the pile's sequences table that was read."""
+    data_card: str | None = None
+    """URI of the version's data card."""
 
 
 class TrainingRunStatus(CommonStatus):
@@ -189,3 +202,8 @@ class TrainingRunStatus(CommonStatus):
     """The pile version it was trained on."""
     ray_job: str | None = None
     """RayJob of the current attempt (cluster only)."""
+    precision: str | None = None
+    """Precision training ran in; fp32 where the hardware lacks the one asked for (the message
+    says so)."""
+    validation_loss: float | None = None
+    """Mean loss on the pile's validation split after training; unset when the split is empty."""

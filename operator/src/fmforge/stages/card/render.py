@@ -1,0 +1,122 @@
+"""The rendered model card: Hugging Face model card (README-style Markdown with YAML front
+matter), the same content as JSON, and the loss curve as a PNG.
+
+The front matter is written by `huggingface_hub.ModelCardData` (license, datasets, base_model,
+model-index with one result per benchmark), so the Hub and its tools read it as they read any
+model card. Called by `fmforge.stages.card`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+TASKS = {"decoder": ("text-generation", "Text Generation"), "encoder": ("fill-mask", "Fill-Mask")}
+
+
+def loss_curve(curve: list[dict[str, float]], out: Path, title: str) -> Path | None:
+    """The training loss (and learning rate) by step as a PNG; None without a curve."""
+    if not curve:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], color="tab:blue", label="training loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    lr = ax.twinx()
+    lr.plot([p["step"] for p in curve], [p["lr"] for p in curve], color="tab:gray", alpha=0.5, label="learning rate")
+    lr.set_ylabel("learning rate")
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def front_matter(card: dict[str, Any]) -> str:
+    from huggingface_hub import EvalResult, ModelCardData
+
+    task, task_name = TASKS[card["model"]["architecture"]]
+    evals = []
+    for r in card["results"]:
+        ds = r.get("dataset") or {}
+        evals.append(EvalResult(
+            task_type=task, task_name=task_name, dataset_type=ds.get("type", "prompts"),
+            dataset_name=ds.get("name", r["name"]), dataset_split=ds.get("split"), dataset_revision=ds.get("revision"),
+            metric_type=r["metric"], metric_value=r["value"], metric_name=r["name"], verified=False))
+    data = ModelCardData(
+        model_name=card["name"], license=card["text"].get("license") or None,
+        datasets=[p["name"] for p in card.get("datasets", [])] or None, base_model=card.get("baseModel"),
+        library_name="transformers", pipeline_tag=task, tags=["fmforge"], eval_results=evals or None)
+    return data.to_yaml()
+
+
+def markdown(card: dict[str, Any]) -> str:
+    t, tr, m = card["text"], card.get("training") or {}, card["model"]
+    lines = ["---", front_matter(card).rstrip(), "---", "", f"# {card['name']}", ""]
+    lines += [t.get("description") or "_No description given._", ""]
+    lines += [f"- Model: `{m['digest']}` ({m['architecture']}, {m.get('family') or 'unknown family'}, "
+              f"{m.get('parameters') or '?'} parameters), from {m['ref']}",
+              f"- Evaluated: {card['evaluatedAt']}",
+              f"- Approval ({card['approval']['mode']}): " + (
+                  f"approved by {card['approval']['by']}" if card["approval"]["approved"]
+                  else card["approval"].get("waiting") or "not approved: thresholds not met"),
+              f"- Owners: {', '.join(t.get('owners') or []) or 'none given'}", ""]
+    lines += ["## Intended use", "", t.get("intendedUse") or "_Not stated._", "",
+              "## Limitations", "", t.get("limitations") or "_Not stated._", ""]
+    lines += ["## Training data", ""]
+    for p in card.get("datasets", []):
+        link = f" ([data card]({p['dataCard']}))" if p.get("dataCard") else ""
+        lines.append(f"- DataPile `{p['name']}` snapshot {p.get('snapshotId')}"
+                     + (f" (tag {p['tag']})" if p.get("tag") else "") + f", digest `{p.get('digest')}`{link}")
+    if not card.get("datasets"):
+        lines.append("_Unknown: the model directory does not say._")
+    lines += ["", "## Training procedure", ""]
+    if tr:
+        hp = tr.get("training") or {}
+        lines += ["| hyperparameter | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in hp.items()]
+        lines += [f"| workers | {(tr.get('resources') or {}).get('workers')} |",
+                  f"| parameters | {tr.get('parameters')} |",
+                  f"| validation loss | {tr.get('validationLoss')} |",
+                  f"| training time (s) | {tr.get('seconds')} |", ""]
+        if card.get("lossCurve"):
+            lines += [f"![Training loss]({card['lossCurve']})", ""]
+    else:
+        lines += ["_The model directory has no fmforge training log._", ""]
+    lines += ["## Evaluation results", "", "| benchmark | metric | value | threshold | samples | passed |",
+              "|---|---|---|---|---|---|"]
+    for r in card["results"]:
+        th = r.get("threshold") or {}
+        bounds = " and ".join(x for x in (f">= {th['min']}" if th.get("min") is not None else "",
+                                          f"<= {th['max']}" if th.get("max") is not None else "") if x)
+        lines.append(f"| {r['name']} | {r['metric']} | {r['value']:.4g} | {bounds} | {r.get('samples')} | "
+                     f"{'yes' if r['passed'] else 'no'} |")
+    for r in card["results"]:
+        for d in (r.get("examples") or [])[:5]:
+            lines.append(f"\n`{r['name']}` prompt {json.dumps(d['prompt'])} → {json.dumps(d['output'])} "
+                         f"(expected {json.dumps(d['expected'])}, score {d['score']:.2f})")
+    lines += ["", "## History", ""]
+    if card["history"]:
+        lines += ["| evaluated | model | results | approved |", "|---|---|---|---|"]
+        for h in card["history"]:
+            res = ", ".join(f"{r['name']} {r['value']:.4g}" for r in h["results"])
+            lines.append(f"| {h['evaluatedAt']} | `{h['modelDigest'][:19]}` | {res} | {h['approved']} |")
+    else:
+        lines.append("First evaluation.")
+    return "\n".join(lines) + "\n"
+
+
+def write(card: dict[str, Any], out: Path) -> Path:
+    """card.json and README.md (the model card) into `out`; the Markdown path."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    path = out / "README.md"
+    path.write_text(markdown(card))
+    return path

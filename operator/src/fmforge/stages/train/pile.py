@@ -1,0 +1,177 @@
+"""A pile version as the training and evaluation stages read it: resolved, then streamed.
+
+`resolve` turns a `dataPileRef` (tag, snapshot id, or the latest) into the exact Iceberg
+snapshots to read, with the version's tokenizer and lineage, and refuses a missing tag or a pile
+without a sequences table before any work starts. `sequences` is the Ray Data dataset of one
+split of that snapshot: read from Iceberg by Ray Data tasks and streamed on, so that no process
+holds the pile. Called by the TrainingRun stage (`fmforge.stages.train`) and the ModelCard stage
+(`fmforge.stages.card`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..base import InputError, InvalidSpec, StageContext
+from ..datapile import publish as pub
+
+
+@dataclass(frozen=True)
+class PileVersion:
+    """One version of a pile, pinned to its snapshots."""
+
+    name: str
+    tag: str | None
+    snapshot_id: int
+    """The version's id: the snapshot of the documents table."""
+    sequences_table: str
+    sequences_snapshot_id: int
+    digest: str | None
+    tokenizer: Path
+    """The version's tokenizer, in Hugging Face layout."""
+    sequence_length: int
+    catalog_kwargs: dict[str, str]
+    """What `pyiceberg.catalog.load_catalog` needs to open the catalog again in a Ray task."""
+    data_card: str | None = None
+
+    def lineage(self) -> dict[str, Any]:
+        """The status' `dataPile` (wire form)."""
+        out = {"name": self.name, "snapshotId": str(self.snapshot_id), "tag": self.tag, "digest": self.digest,
+               "sequencesSnapshotId": str(self.sequences_snapshot_id), "dataCard": self.data_card}
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def catalog_kwargs(cat) -> dict[str, str]:
+    """The catalog's name and properties, as `load_catalog` takes them (Ray Data's read tasks open
+    the catalog themselves)."""
+    return {"name": cat.name, **{k: str(v) for k, v in cat.properties.items()}}
+
+
+def resolve(ctx: StageContext, ref, field: str) -> PileVersion:
+    """The version `ref` (a DataPileRef) names, checked to be trainable; `field` is its path in
+    the spec, for the error messages."""
+    from pyiceberg.exceptions import NoSuchTableError
+
+    cat = pub.catalog(ctx.state_dir)
+    docs_name, seq_name = pub.table_names(ctx.namespace, ref.name)
+    try:
+        docs = cat.load_table(docs_name)
+    except NoSuchTableError:
+        raise InputError(f"{field}: DataPile {ref.name} has no published version (no table {docs_name} in the "
+                         f"pile catalog); run the DataPile first") from None
+    if ref.snapshot_id is not None:
+        snap = docs.snapshot_by_id(int(ref.snapshot_id))
+        if snap is None:
+            raise InvalidSpec(f"{field}.snapshotId: DataPile {ref.name} has no snapshot {ref.snapshot_id}; "
+                              f"its versions are {_versions(docs)}")
+    elif ref.tag is not None:
+        snap = docs.snapshot_by_name(ref.tag)
+        if snap is None:
+            tags = sorted(k for k in docs.refs() if k != "main")
+            raise InvalidSpec(f"{field}.tag: DataPile {ref.name} has no version tagged {ref.tag!r}; its tags are "
+                              f"{', '.join(tags) or 'none'}: use one of them, or add the tag to the pile's "
+                              f"publish.tags")
+    else:
+        snap = docs.current_snapshot()
+        if snap is None:
+            raise InputError(f"{field}: DataPile {ref.name} has no published version; run the DataPile first")
+    props = snap.summary.additional_properties if snap.summary else {}
+    seq_snap = props.get("fmforge.sequences-snapshot-id")
+    try:
+        seqs = cat.load_table(seq_name)
+    except NoSuchTableError:
+        seqs = None
+    if seq_snap is None or seqs is None or seqs.snapshot_by_id(int(seq_snap)) is None:
+        raise InputError(f"{field}: DataPile {ref.name} version {snap.snapshot_id} has no sequences table "
+                         f"({seq_name}); publish the pile with tokenize.sequenceLength set, then train on it")
+    tok = props.get("fmforge.tokenizer")
+    if not tok or not (Path(tok) / "tokenizer.json").is_file():
+        raise InputError(f"{field}: the tokenizer of DataPile {ref.name} version {snap.snapshot_id} is missing "
+                         f"(recorded at {tok or 'nowhere'}); re-run the DataPile to publish it again")
+    first = seqs.scan(snapshot_id=int(seq_snap), selected_fields=("input_ids",), limit=1).to_arrow()
+    if first.num_rows == 0:
+        raise InputError(f"{field}: DataPile {ref.name} version {snap.snapshot_id} has no sequences")
+    status = (ctx.inputs.get(f"DataPile/{ref.name}") or {}).get("status") or {}
+    card = status.get("dataCard") if (status.get("version") or {}).get("snapshotId") == str(snap.snapshot_id) else None
+    return PileVersion(
+        name=ref.name, tag=ref.tag, snapshot_id=snap.snapshot_id, sequences_table=seq_name,
+        sequences_snapshot_id=int(seq_snap), digest=props.get(pub.PROP_DIGEST), tokenizer=Path(tok),
+        sequence_length=len(first.column("input_ids")[0]), catalog_kwargs=catalog_kwargs(cat), data_card=card,
+    )
+
+
+def _versions(table) -> str:
+    return ", ".join(str(s.snapshot_id) for s in table.snapshots()) or "none"
+
+
+def count(pile: PileVersion, split: str) -> int:
+    """Sequences of one split (reads the split column only)."""
+    from pyiceberg.catalog import load_catalog
+    from pyiceberg.expressions import EqualTo
+
+    t = load_catalog(**pile.catalog_kwargs).load_table(pile.sequences_table)
+    scan = t.scan(snapshot_id=pile.sequences_snapshot_id, row_filter=EqualTo("split", split),
+                  selected_fields=("split",))
+    return scan.count()
+
+
+def sequences(pile: PileVersion, split: str):
+    """A Ray Data dataset of one split's sequences (`input_ids`, `length`) at the pinned snapshot;
+    nothing is read until a consumer iterates it.
+
+    pyiceberg plans the scan (the snapshot's manifests, pruned by the split's column statistics);
+    Ray Data tasks read the planned Parquet data files and keep the split's rows. Not
+    `ray.data.read_iceberg`: its dataset keeps the loaded table, whose SQL catalog holds an
+    SQLAlchemy engine that cannot be pickled, and Ray Train pickles the datasets it shards."""
+    import ray
+    from pyiceberg.catalog import load_catalog
+    from pyiceberg.expressions import EqualTo
+    from ray.data.expressions import col
+
+    t = load_catalog(**pile.catalog_kwargs).load_table(pile.sequences_table)
+    tasks = list(t.scan(snapshot_id=pile.sequences_snapshot_id, row_filter=EqualTo("split", split)).plan_files())
+    if any(task.delete_files for task in tasks):
+        raise InputError(f"DataPile {pile.name}: the sequences table {pile.sequences_table} has row-level delete "
+                         f"files at snapshot {pile.sequences_snapshot_id}; fmforge publishes whole-file "
+                         f"versions only, so re-publish the pile")
+    paths = [task.file.file_path for task in tasks]
+    ds = ray.data.read_parquet(paths).select_columns(["input_ids", "length", "split"])
+    return ds.filter(expr=col("split") == split).select_columns(["input_ids", "length"])
+
+
+def ray_init(cpus: int) -> None:
+    """Start the local Ray (or attach to the RayJob's cluster) with at least `cpus` CPUs.
+
+    Locally, a Ray started by an earlier stage with fewer CPUs is restarted: Ray Train's workers
+    hold their CPUs for the whole run, and the Ray Data tasks that read the pile need one more,
+    or they would wait for ever."""
+    import ray
+
+    in_cluster = bool(os.environ.get("RAY_ADDRESS"))
+    if ray.is_initialized() and not in_cluster and ray.cluster_resources().get("CPU", 0) < cpus:
+        ray.shutdown()
+    if not ray.is_initialized():
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        ray.init(num_cpus=None if in_cluster else cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, ignore_reinit_error=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    # A resumed attempt skips the batches its checkpoint had consumed: the order must not change.
+    ctx.execution_options.preserve_order = True
+    for name in ("ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+    # transformers' per-file "Loading weights" bars: the reporter shows the stage's progress.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    deadline = time.monotonic() + 10
+    while ray.available_resources().get("CPU", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)

@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""Benchmark the TrainingRun stage beside a plain PyTorch loop on the same model, data and batch.
+
+    python tests/bench/bench_train.py                  CPU: 2 workers x 1 CPU, the quickstart's tiny llama
+    python tests/bench/bench_train.py --device cuda    one GPU: a ~125M llama in bf16, tokens/s and MFU
+
+Both sides train the model the TrainingRun's config describes, from the same seed, on the training
+split of the same pile version, with the same micro-batch, accumulation and workers, one after the
+other on this machine:
+  - fmforge: the TrainingRun stage as `fmforge run` runs it (Ray Train TorchTrainer, Ray Data
+    streaming the Iceberg snapshot into the workers, progress queue, checkpoints);
+  - peer: `torch.distributed` DDP over the same number of processes (gloo on CPU, nccl on GPU),
+    each reading its rows from an in-memory copy of the same split, and the same optimizer,
+    schedule, clipping and precision. No Ray.
+Steady-state tokens/s is measured over the steps after the first `--warmup` (start-up, first
+batches and compilation excluded), from each step's wall-clock time. Prints a table and one JSON
+line. Goal on 2 CPU workers: fmforge's overhead <= 5% of the peer's tokens/s. With --device cuda:
+MFU >= 40% (model FLOPs: 6 x parameters + attention per token, over the GPU's bf16 peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = ROOT / "examples" / "quickstart"
+sys.path.insert(0, str(ROOT / "operator" / "src"))
+
+#: bf16 dense peak of the GPUs this is meant for (TFLOP/s, no sparsity).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+
+
+def pile(work: Path, seq_len: int, vocab: int) -> Path:
+    """A pile of the quickstart corpus (no filters: the benchmark is about training), published once."""
+    corpus = work / "corpus"
+    subprocess.run([sys.executable, str(QUICKSTART / "build-corpus.py"), "--out", str(corpus)], check=True,
+                   capture_output=True)
+    m = {"apiVersion": "fmforge.io/v1alpha1", "kind": "DataPile", "metadata": {"name": "bench"},
+         "spec": {"sources": [{"name": "prose", "uri": "file://corpus/prose/", "format": "jsonl"},
+                              {"name": "code", "uri": "file://corpus/code/", "format": "code", "include": ["*.py"]}],
+                  "categorize": {"naturalLanguage": {"enabled": False}, "programmingLanguage": {"enabled": False}},
+                  "filters": [], "dedup": {"exact": True, "fuzzy": {"enabled": False}},
+                  "tokenizer": {"train": {"vocabSize": vocab}}, "tokenize": {"sequenceLength": seq_len},
+                  "split": {"validationFraction": 0.02}, "publish": {"tags": ["v1"]}}}
+    p = work / "datapile.yaml"
+    p.write_text(yaml.safe_dump(m))
+    return p
+
+
+def training_manifest(work: Path, args) -> Path:
+    m = yaml.safe_load((QUICKSTART / "trainingrun.yaml").read_text())
+    m["spec"]["dataPileRef"] = {"name": "bench", "tag": "v1"}
+    m["spec"]["model"]["config"] = {"layers": args.layers, "hidden": args.hidden, "heads": args.heads}
+    t = m["spec"]["training"]
+    t.update(maxSteps=args.steps, globalBatchSize=args.global_batch, microBatchSize=args.micro_batch,
+             warmupSteps=min(10, args.steps), checkpointEvery=None, precision="bf16")
+    del t["checkpointEvery"]
+    m["spec"]["resources"] = {"workers": args.workers, "cpusPerWorker": args.cpus_per_worker,
+                              "gpusPerWorker": 1 if args.device == "cuda" else 0}
+    m["spec"]["faultTolerance"] = {"maxFailures": 0}
+    p = work / "trainingrun.yaml"
+    p.write_text(yaml.safe_dump(m))
+    return p
+
+
+def steady(curve: list[dict], warmup: int) -> tuple[float, float]:
+    """tokens/s and seconds/step over the steps after `warmup`."""
+    pts = [p for p in curve if p["step"] > warmup]
+    t0 = next(p["unixTime"] for p in curve if p["step"] == warmup)
+    secs = pts[-1]["unixTime"] - t0
+    return sum(p["tokens"] for p in pts) / secs, secs / len(pts)
+
+
+# -- the peer: plain torch.distributed ------------------------------------------------------------
+
+
+def peer_worker(rank: int, world: int, cfg: dict, out: str) -> None:
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
+
+    cuda = cfg["device"] == "cuda"
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=cfg["port"])
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    torch.set_num_threads(cfg["threads"])  # what Ray Train gives a worker: its CPUs
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    torch.manual_seed(cfg["seed"])
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg["model_config"]),
+                                             attn_implementation="sdpa").to(device)
+    if cfg["compile"]:
+        model = torch.compile(model)
+    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if cuda else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                            lr=3e-4, betas=(0.9, 0.95), fused=cuda)
+    sched = get_scheduler("cosine", opt, num_warmup_steps=min(10, cfg["steps"]), num_training_steps=cfg["steps"])
+    data = np.load(cfg["data"])
+    ids_all, len_all = data["ids"], data["length"]
+    rows = np.arange(rank, len(ids_all) - len(ids_all) % world, world)  # this rank's shard
+    micro, accum = cfg["micro"], cfg["accum"]
+    dtype = torch.bfloat16 if cuda else None
+    curve, step, cursor = [], 0, 0
+    acc = torch.zeros(2, dtype=torch.float64)
+    while step < cfg["steps"]:
+        for m in range(accum):
+            take = rows[(np.arange(micro) + cursor) % len(rows)]
+            cursor += micro
+            ids = torch.from_numpy(ids_all[take].astype(np.int64))
+            valid = torch.arange(ids.shape[1])[None, :] < torch.from_numpy(len_all[take].astype(np.int64))[:, None]
+            labels = ids.masked_fill(~valid, -100)
+            ctx = model.no_sync() if m < accum - 1 else torch.autocast("cuda", enabled=False)
+            with ctx, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = model(input_ids=ids.to(device), attention_mask=valid.long().to(device),
+                             labels=labels.to(device)).loss
+            (loss / accum).backward()
+            acc += torch.tensor([loss.item(), float(valid.sum())], dtype=torch.float64)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        dist.all_reduce(acc)
+        if cuda:
+            torch.cuda.synchronize()
+        curve.append({"step": step, "loss": float(acc[0]) / (accum * world), "tokens": float(acc[1]),
+                      "unixTime": time.time()})
+        acc.zero_()
+    if rank == 0:
+        Path(out).write_text(json.dumps(curve))
+    dist.destroy_process_group()
+
+
+def run_peer(state: Path, model_config: dict, args, work: Path) -> list[dict]:
+    import numpy as np
+    import pyarrow.compute as pc
+    import torch.multiprocessing as mp
+
+    from fmforge.stages.datapile import publish as pub
+
+    # The peer reads the split into memory: it is the baseline, not a way to train on a pile.
+    seqs = pub.read_version(pub.catalog(state), "default", "bench", "v1", which="sequences")
+    train = seqs.filter(pc.equal(seqs.column("split"), "train"))
+    np.savez(work / "peer.npz", ids=np.stack(train.column("input_ids").to_numpy(zero_copy_only=False)),
+             length=train.column("length").to_numpy())
+    accum = args.global_batch // (args.micro_batch * args.workers)
+    cfg = {"device": args.device, "port": "29517", "threads": args.cpus_per_worker, "seed": 42,
+           "model_config": model_config, "compile": args.compile and args.device == "cuda", "steps": args.steps,
+           "data": str(work / "peer.npz"), "micro": args.micro_batch, "accum": accum}
+    out = work / "peer-curve.json"
+    mp.spawn(peer_worker, args=(args.workers, cfg, str(out)), nprocs=args.workers, join=True)
+    return json.loads(out.read_text())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None, help="steps left out of the steady state")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the peer (cuda)")
+    args = ap.parse_args()
+    if args.device == "cuda":  # ~125M llama (12 x 768, GPT-2 small sizes), one GPU
+        args.layers, args.hidden, args.heads, args.seq, args.vocab = 12, 768, 12, 1024, 32768
+        args.workers, args.cpus_per_worker, args.micro_batch, args.global_batch = 1, 8, 16, 64
+        args.steps, args.warmup = args.steps or 60, args.warmup or 20
+    else:  # the quickstart's tiny llama on 2 CPU workers
+        args.layers, args.hidden, args.heads, args.seq, args.vocab = 4, 256, 4, 256, 8192
+        args.workers, args.cpus_per_worker, args.micro_batch, args.global_batch = 2, 1, 8, 32
+        args.steps, args.warmup = args.steps or 40, args.warmup or 10
+
+    from fmforge.runtime.local import release_ray, run_paths
+    from fmforge.runtime.progress import RunConsole
+    from fmforge.runtime.state import StateDir
+    from fmforge.stages.train import TRAINING_LOG
+
+    work = Path(tempfile.mkdtemp(prefix="fmforge-bench-train-"))
+    state = work / ".fmforge"
+    report = run_paths([pile(work, args.seq, args.vocab)], state_dir=state, console=RunConsole(rich=False))
+    assert report.ok, report.outcomes
+    t = time.monotonic()
+    report = run_paths([work / "datapile.yaml", training_manifest(work, args)], state_dir=state,
+                       console=RunConsole(rich=False))
+    wall = time.monotonic() - t
+    assert report.ok, report.outcomes
+    release_ray()
+    rec = StateDir(state).read("TrainingRun", "pydocs-gpt")
+    model = Path(rec["status"]["model"]["uri"].removeprefix("file://"))
+    log = json.loads((model / TRAINING_LOG).read_text())
+    config = json.loads((model / "config.json").read_text())
+    fm_tps, fm_step = steady(log["lossCurve"], args.warmup)
+    peer_curve = run_peer(state, config, args, work)
+    peer_tps, peer_step = steady(peer_curve, args.warmup)
+    figures = {
+        "device": args.device, "workers": args.workers, "parameters": rec["status"]["model"]["parameters"],
+        "steps": args.steps, "warmup": args.warmup, "globalBatch": args.global_batch, "microBatch": args.micro_batch,
+        "sequenceLength": args.seq, "fmforgeTokensPerSecond": round(fm_tps, 1), "peerTokensPerSecond": round(peer_tps, 1),
+        "fmforgeSecondsPerStep": round(fm_step, 4), "peerSecondsPerStep": round(peer_step, 4),
+        "overhead": round(1 - fm_tps / peer_tps, 4), "fmforgeWallSeconds": round(wall, 1),
+        "fmforgeFinalLoss": round(log["lossCurve"][-1]["loss"], 4), "peerFinalLoss": round(peer_curve[-1]["loss"], 4),
+    }
+    if args.device == "cuda":
+        import torch
+
+        name = torch.cuda.get_device_name(0)
+        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        n = figures["parameters"]
+        flops_per_token = 6 * n + 12 * args.layers * args.hidden * args.seq
+        figures["gpu"] = name
+        if peak:
+            figures["fmforgeMFU"] = round(fm_tps * flops_per_token / peak, 4)
+            figures["peerMFU"] = round(peer_tps * flops_per_token / peak, 4)
+    print(f"{'':24}{'fmforge':>14}{'plain torch':>14}")
+    print(f"{'tokens/s (steady)':24}{fm_tps:14.1f}{peer_tps:14.1f}")
+    print(f"{'s/step (steady)':24}{fm_step:14.4f}{peer_step:14.4f}")
+    print(f"{'final loss':24}{figures['fmforgeFinalLoss']:14.4f}{figures['peerFinalLoss']:14.4f}")
+    print(f"fmforge overhead: {100 * figures['overhead']:.1f}% (goal <= 5%); whole run {wall:.1f}s")
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

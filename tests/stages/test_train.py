@@ -1,0 +1,381 @@
+"""The TrainingRun and ModelCard stages for real: Ray Train (TorchTrainer, DDP over two CPU
+workers), transformers models trained from scratch on a small pile read from Iceberg, worker
+processes killed mid-run, cards rendered and approved.
+
+One small pile (Python's docs and sources, no filters, a 512-token BPE, 64-token sequences) is
+published once for the module; the runs are tiny (2 layers, 64 hidden, tens of steps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from paths import ROOT
+
+from fmforge.runtime.local import run_paths
+from fmforge.runtime.progress import RunConsole
+from fmforge.runtime.state import StateDir
+from fmforge.stages.train import TRAINING_LOG, model_digest
+from fmforge.stages.train.loop import latest_checkpoint
+
+PILE = {
+    "apiVersion": "fmforge.io/v1alpha1", "kind": "DataPile", "metadata": {"name": "mini"},
+    "spec": {
+        "sources": [{"name": "prose", "uri": "file://corpus/prose/", "format": "jsonl", "license": "PSF-2.0"},
+                    {"name": "code", "uri": "file://corpus/code/", "format": "code", "include": ["*.py"]}],
+        "categorize": {"naturalLanguage": {"enabled": False}, "programmingLanguage": {"enabled": False}},
+        "filters": [], "dedup": {"exact": True, "fuzzy": {"enabled": False}},
+        "tokenizer": {"train": {"vocabSize": 512}}, "tokenize": {"sequenceLength": 64},
+        "split": {"validationFraction": 0.1}, "publish": {"tags": ["v1"]},
+    },
+}
+TINY = {"layers": 2, "hidden": 64, "heads": 4}
+
+
+def training_run(name: str, family: str = "llama", workers: int = 2, **training) -> dict:
+    arch = "encoder" if family == "bert" else "decoder"
+    return {
+        "apiVersion": "fmforge.io/v1alpha1", "kind": "TrainingRun", "metadata": {"name": name},
+        "spec": {"dataPileRef": {"name": "mini", "tag": "v1"},
+                 "model": {"architecture": arch, "family": family, "config": TINY},
+                 "training": {"maxSteps": 30, "globalBatchSize": 16, "microBatchSize": 4, "learningRate": 3.0e-3,
+                              "warmupSteps": 3, **training},
+                 "resources": {"workers": workers, "cpusPerWorker": 1}},
+    }
+
+
+def model_card(name: str, model: str, benchmarks: list[dict], approval: str = "automatic") -> dict:
+    return {"apiVersion": "fmforge.io/v1alpha1", "kind": "ModelCard", "metadata": {"name": name},
+            "spec": {"modelRef": {"kind": "TrainingRun", "name": model}, "benchmarks": benchmarks,
+                     "card": {"description": "A test model.", "license": "apache-2.0", "owners": ["tests"]},
+                     "approval": approval}}
+
+
+PERPLEXITY = {"name": "heldout", "type": "perplexity", "dataPileRef": {"name": "mini", "tag": "v1"},
+              "maxSamples": 48, "threshold": {"max": 400}}
+
+
+class Workspace:
+    """A directory of manifests beside the corpus, run with the local runner."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.state = StateDir(root / ".fmforge")
+
+    def put(self, manifest: dict) -> Path:
+        p = self.root / f"{manifest['kind'].lower()}-{manifest['metadata']['name']}.yaml"
+        p.write_text(yaml.safe_dump(manifest, sort_keys=False))
+        return p
+
+    def run(self, *manifests: dict):
+        paths = [self.put(m) for m in manifests]
+        return run_paths([self.root / "pile.yaml", *paths], state_dir=self.state.root, console=RunConsole(rich=False))
+
+    def record(self, kind: str, name: str) -> dict:
+        return self.state.read(kind, name)
+
+
+@pytest.fixture(scope="module")
+def ws(corpus: Path, tmp_path_factory) -> Workspace:
+    root = tmp_path_factory.mktemp("train")
+    (root / "corpus").symlink_to(corpus)
+    (root / "pile.yaml").write_text(yaml.safe_dump(PILE, sort_keys=False))
+    w = Workspace(root)
+    report = run_paths([root / "pile.yaml"], state_dir=w.state.root, console=RunConsole(rich=False))
+    assert report.ok, report.outcomes
+    return w
+
+
+def outcome(report, key: str):
+    return next(o for o in report.outcomes if o.key == key)
+
+
+def ready(record: dict) -> dict:
+    return next(c for c in record["status"]["conditions"] if c["type"] == "Ready")
+
+
+def model_dir(record: dict) -> Path:
+    return Path(record["status"]["model"]["uri"].removeprefix("file://"))
+
+
+@pytest.fixture(scope="module")
+def decoder(ws: Workspace) -> dict:
+    report = ws.run(training_run("dec", checkpointEvery=10))
+    assert outcome(report, "TrainingRun/dec").word == "Succeeded", report.outcomes
+    return ws.record("TrainingRun", "dec")
+
+
+def test_decoder_learns_and_reloads(ws: Workspace, decoder: dict):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    st = decoder["status"]
+    curve = json.loads((model_dir(decoder) / TRAINING_LOG).read_text())["lossCurve"]
+    assert [p["step"] for p in curve] == list(range(1, 31))
+    first, last = curve[0]["loss"], sum(p["loss"] for p in curve[-5:]) / 5
+    assert last < first - 0.5, f"loss fell from {first:.3f} to only {last:.3f}"
+    assert st["progress"]["step"] == 30 and st["progress"]["loss"] == pytest.approx(curve[-1]["loss"])
+    # fp32 on CPUs, and said so
+    assert st["precision"] == "fp32" and "fp32" in decoder["status"]["message"]
+    # lineage: the snapshot trained on, not just the tag
+    pile = ws.record("DataPile", "mini")["status"]
+    assert st["dataPile"]["snapshotId"] == pile["version"]["snapshotId"] and st["dataPile"]["tag"] == "v1"
+    assert st["dataPile"]["digest"] == pile["version"]["digest"]
+    assert st["model"]["generation"] == 1 and st["model"]["specDigest"].startswith("sha256:")
+    assert 0 < st["validationLoss"] < first
+    # a Hugging Face model directory any transformers user can load, with the digest recorded
+    d = model_dir(decoder)
+    for f in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
+        assert (d / f).is_file(), f
+    assert model_digest(d) == st["model"]["digest"] and d.name == st["model"]["digest"][7:23]
+    model = AutoModelForCausalLM.from_pretrained(d)
+    assert sum(p.numel() for p in model.parameters()) == st["model"]["parameters"]
+    assert model.config._attn_implementation == "sdpa"
+    tok = AutoTokenizer.from_pretrained(d)
+    enc = tok("def main(", return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert out.shape[1] == enc["input_ids"].shape[1] + 8
+
+
+def test_card_passes_and_fails_thresholds(ws: Workspace, decoder: dict, tmp_path: Path):
+    (ws.root / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "def main(", "expected": ""}, {"prompt": "import os\n", "expected": ""}]) + "\n")
+    prompts = {"name": "qa", "type": "prompts", "uri": "file://qa.jsonl", "metric": "contains", "maxNewTokens": 4,
+               "threshold": {"min": 1.0}}
+    good = model_card("dec-good", "dec", [PERPLEXITY, prompts])
+    bad = model_card("dec-bad", "dec", [dict(PERPLEXITY, threshold={"max": 1.5})])
+    report = ws.run(good, bad)
+    assert outcome(report, "ModelCard/dec-good").word == "Succeeded", report.outcomes
+    assert outcome(report, "ModelCard/dec-bad").word == "Failed"
+
+    st = ws.record("ModelCard", "dec-good")["status"]
+    assert st["approved"] is True and st["approvedBy"] == "automatic"
+    assert st["modelDigest"] == decoder["status"]["model"]["digest"]
+    ppl = next(r for r in st["results"] if r["name"] == "heldout")
+    assert ppl["passed"] and 1.0 < ppl["value"] < 400 and ppl["samples"] == 48
+    # the perplexity matches the training run's own validation loss on the same split, roughly
+    assert abs(ppl["value"] - 2.718281828 ** decoder["status"]["validationLoss"]) / ppl["value"] < 0.25
+    assert next(r for r in st["results"] if r["name"] == "qa")["value"] == 1.0  # "" is in every answer
+
+    rec = ws.record("ModelCard", "dec-bad")
+    assert ready(rec)["reason"] == "Rejected" and "heldout" in ready(rec)["message"]
+    assert rec["status"]["approved"] is False and rec["status"]["results"][0]["passed"] is False
+
+    # the card: YAML front matter whose model-index matches the status, JSON, loss curve PNG
+    md = Path(st["card"]["uri"].removeprefix("file://"))
+    text = md.read_text()
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["license"] == "apache-2.0" and front["datasets"] == ["mini"]
+    metrics = {m["name"]: m["value"] for r in front["model-index"][0]["results"] for m in r["metrics"]}
+    assert metrics == {r["name"]: r["value"] for r in st["results"]}
+    for section in ("## Intended use", "## Limitations", "## Training data", "## Training procedure",
+                    "## Evaluation results", "![Training loss](loss_curve.png)"):
+        assert section in text
+    assert ws.record("DataPile", "mini")["status"]["dataCard"] in text
+    assert (md.parent / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = json.loads((md.parent / "card.json").read_text())
+    assert card["results"][0]["value"] == st["results"][0]["value"]
+
+
+def test_manual_approval_is_bound_to_the_model_digest(ws: Workspace):
+    from fmforge.cli import main
+
+    run = training_run("appr", family="gpt2", workers=1, maxSteps=3, globalBatchSize=4)
+    card = model_card("appr", "appr", [dict(PERPLEXITY, maxSamples=8, threshold={"max": 10000})], approval="manual")
+    report = ws.run(run, card)
+    assert outcome(report, "ModelCard/appr").word == "Waiting", report.outcomes
+    rec = ws.record("ModelCard", "appr")
+    first = rec["status"]["modelDigest"]
+    assert rec["status"]["phase"] == "Waiting" and ready(rec)["reason"] == "WaitingForApproval"
+    assert "fmforge approve ModelCard/appr" in rec["status"]["message"] and first in rec["status"]["message"]
+    assert rec["status"]["approved"] is False
+
+    # a second run neither re-evaluates nor approves: it still waits
+    assert outcome(ws.run(run, card), "ModelCard/appr").word == "Waiting"
+    assert main(["approve", "ModelCard/appr", "--by", "alice", "--state-dir", str(ws.state.root)]) == 0
+    rec = ws.record("ModelCard", "appr")
+    assert rec["status"]["phase"] == "Succeeded" and rec["status"]["approved"] is True
+    assert rec["status"]["approvedBy"] == "alice"
+    assert outcome(ws.run(run, card), "ModelCard/appr").word == "Skipped"
+
+    # a new model (the run's spec changed) needs a new approval
+    report = ws.run(dict(run, spec={**run["spec"], "training": {**run["spec"]["training"], "maxSteps": 4}}), card)
+    assert outcome(report, "TrainingRun/appr").word == "Succeeded"
+    assert outcome(report, "ModelCard/appr").word == "Waiting"
+    rec = ws.record("ModelCard", "appr")
+    assert rec["status"]["modelDigest"] != first and rec["status"]["approved"] is False
+    assert "approval by alice was for " + first in rec["status"]["message"]
+    # both evaluations are kept: the new card lists the first as history
+    md = Path(rec["status"]["card"]["uri"].removeprefix("file://"))
+    history = json.loads((md.parent / "card.json").read_text())["history"]
+    assert [h["modelDigest"] for h in history] == [first]
+    assert Path(history[0]["card"].removeprefix("file://"), "card.json").is_file()
+
+
+def test_encoder_learns_and_predicts_masked_tokens(ws: Workspace):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    run = training_run("enc", family="bert", workers=1, maxSteps=30, learningRate=2.0e-3, maskProbability=0.15)
+    card = model_card("enc", "enc", [
+        {"name": "masked", "type": "maskedTokens", "dataPileRef": {"name": "mini", "tag": "v1"}, "maxSamples": 48,
+         "threshold": {"min": 0.05}},
+        dict(PERPLEXITY, threshold={"max": 400})])
+    report = ws.run(run, card)
+    assert outcome(report, "TrainingRun/enc").word == "Succeeded", report.outcomes
+    assert outcome(report, "ModelCard/enc").word == "Succeeded", report.outcomes
+    rec = ws.record("TrainingRun", "enc")
+    curve = json.loads((model_dir(rec) / TRAINING_LOG).read_text())["lossCurve"]
+    first, last = curve[0]["loss"], sum(p["loss"] for p in curve[-5:]) / 5
+    assert last < first - 0.5, f"masked-LM loss fell from {first:.3f} to only {last:.3f}"
+    model = AutoModelForMaskedLM.from_pretrained(model_dir(rec))
+    tok = AutoTokenizer.from_pretrained(model_dir(rec))
+    assert tok.mask_token == "<|mask|>" and model.config.vocab_size == len(tok)
+    enc = tok(f"import {tok.mask_token}", return_tensors="pt")
+    logits = model(**enc).logits
+    assert logits.shape[-1] == len(tok)
+    acc = next(r for r in ws.record("ModelCard", "enc")["status"]["results"] if r["name"] == "masked")
+    assert acc["metric"] == "accuracy" and 0.05 <= acc["value"] <= 1.0 and acc["passed"]
+
+
+def _kill_a_worker_after(checkpoints: Path, step: int, killed: list[int], stop: threading.Event) -> None:
+    """Once the checkpoint of `step` is written, SIGKILL one Ray Train worker process."""
+    target = checkpoints / "train" / f"checkpoint-{step:08d}"
+    while not stop.is_set():
+        if target.is_dir():
+            for p in psutil.process_iter(["pid", "cmdline"]):
+                if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+                    os.kill(p.info["pid"], signal.SIGKILL)
+                    killed.append(p.info["pid"])
+                    return
+        time.sleep(0.05)
+
+
+def _run_killing(ws: Workspace, manifest: dict, generation: int, step: int):
+    checkpoints = ws.state.root / "artifacts" / "TrainingRun" / manifest["metadata"]["name"] / f"g{generation}" / "checkpoints"
+    killed: list[int] = []
+    stop = threading.Event()
+    t = threading.Thread(target=_kill_a_worker_after, args=(checkpoints, step, killed, stop), daemon=True)
+    t.start()
+    try:
+        report = ws.run(manifest)
+    finally:
+        stop.set()
+        t.join()
+    return report, killed, checkpoints
+
+
+def test_killed_run_keeps_the_previous_model_and_resumes(ws: Workspace, decoder: dict):
+    run = training_run("dec", maxSteps=16, checkpointEvery=4)
+    run["spec"]["faultTolerance"] = {"maxFailures": 0}
+    report, killed, checkpoints = _run_killing(ws, run, generation=2, step=8)
+    assert killed, "no Ray Train worker was found to kill"
+    assert outcome(report, "TrainingRun/dec").word == "Failed"
+    rec = ws.record("TrainingRun", "dec")
+    # the previous model stays in the status, intact and loadable
+    assert rec["status"]["model"] == decoder["status"]["model"]
+    assert model_digest(model_dir(rec)) == decoder["status"]["model"]["digest"]
+    assert "resumes from the last checkpoint" in rec["status"]["message"]
+    latest = latest_checkpoint(checkpoints / "train")  # the last one whose copy was complete
+    assert latest is not None and latest.name >= "checkpoint-00000004"
+    resume_step = int(latest.name.rsplit("-", 1)[1])
+
+    # started again: the same attempt resumes from its last checkpoint, not from step 0
+    report = ws.run(run)
+    assert outcome(report, "TrainingRun/dec").word == "Succeeded", report.outcomes
+    rec = ws.record("TrainingRun", "dec")
+    assert rec["metadata"]["generation"] == 2
+    assert rec["status"]["progress"]["resumedFromStep"] == resume_step
+    assert rec["status"]["model"]["digest"] != decoder["status"]["model"]["digest"]
+    final = torch.load(checkpoints / "train" / "checkpoint-00000016" / "state.pt", weights_only=True)
+    assert final["step"] == 16
+    # AdamW counted every step: its state came back from the checkpoint with the model
+    assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {16}
+    curve = json.loads((model_dir(rec) / TRAINING_LOG).read_text())["lossCurve"]
+    assert [p["step"] for p in curve] == list(range(1, 17))
+
+
+def test_worker_killed_mid_run_recovers_within_max_failures(ws: Workspace):
+    run = training_run("ft", maxSteps=12, checkpointEvery=4)
+    run["spec"]["faultTolerance"] = {"maxFailures": 1}
+    report, killed, checkpoints = _run_killing(ws, run, generation=1, step=4)
+    assert killed
+    assert outcome(report, "TrainingRun/ft").word == "Succeeded", report.outcomes
+    st = ws.record("TrainingRun", "ft")["status"]
+    assert st["progress"]["step"] == 12 and st["progress"]["resumedFromStep"] >= 4
+    log = json.loads((model_dir(ws.record("TrainingRun", "ft")) / TRAINING_LOG).read_text())
+    assert log["restarts"] == 1
+
+
+@pytest.mark.parametrize("change, field, words", [
+    ({"dataPileRef": {"name": "mini", "tag": "v9"}}, "InvalidSpec", ["no version tagged 'v9'", "v1"]),
+    ({"model": {"family": "llama", "config": {"layers": 2, "hidden": 36, "heads": 4}}}, "InvalidSpec",
+     ["even head size"]),
+    ({"model": {"family": "gpt2", "config": {"layers": 2, "hidden": 64, "heads": 4, "contextLength": 32}}},
+     "InvalidSpec", ["contextLength", "64"]),
+    ({"training": {"maxSteps": 5, "globalBatchSize": 12, "microBatchSize": 4}}, "InvalidSpec",
+     ["multiple of microBatchSize x workers"]),
+])
+def test_bad_training_input_fails_before_training(ws: Workspace, change, field, words):
+    run = training_run("bad")
+    run["spec"].update(change)
+    started = time.monotonic()
+    report = ws.run(run)
+    rec = ws.record("TrainingRun", "bad")
+    assert outcome(report, "TrainingRun/bad").word == "Failed"
+    assert ready(rec)["reason"] == field
+    for w in words:
+        assert w in ready(rec)["message"]
+    assert not (ws.state.root / "artifacts" / "TrainingRun" / "bad" / f"g{rec['metadata']['generation']}" /
+                "checkpoints").exists(), "no training may start"
+    assert time.monotonic() - started < 60
+
+
+def test_broken_prompts_file_is_refused(ws: Workspace, decoder: dict):
+    (ws.root / "broken.jsonl").write_text('{"prompt": "a", "expected": "b"}\n{"prompt": "c", expected: "d"}\n')
+    card = model_card("broken", "dec", [{"name": "qa", "type": "prompts", "uri": "file://broken.jsonl",
+                                         "threshold": {"min": 0.5}}])
+    report = ws.run(card)
+    assert outcome(report, "ModelCard/broken").word == "Failed"
+    msg = ready(ws.record("ModelCard", "broken"))["message"]
+    assert "broken.jsonl line 2: not valid JSON" in msg and '"expected"' in msg
+
+
+def test_rayjob_entrypoint_runs_both_stages(ws: Workspace, tmp_path: Path):
+    """`python -m fmforge.runtime.job --plan` runs the same stages, from plan files."""
+    pile = ws.record("DataPile", "mini")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "operator" / "src"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    train = training_run("job", family="gpt2", workers=1, maxSteps=3, globalBatchSize=4)
+    plan = {"kind": "TrainingRun", "name": "job", "namespace": "default", "generation": 1, "spec": train["spec"],
+            "inputs": {"DataPile/mini": pile}, "artifacts": str(tmp_path / "train"),
+            "stateDir": str(ws.state.root), "baseDir": str(ws.root)}
+    (tmp_path / "train.json").write_text(json.dumps(plan))
+    r = subprocess.run([sys.executable, "-m", "fmforge.runtime.job", "--plan", str(tmp_path / "train.json"),
+                        "--result", str(tmp_path / "train-result.json")], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "train-result.json").read_text())
+    assert result["ok"] and result["status"]["dataPile"]["snapshotId"] == pile["status"]["version"]["snapshotId"]
+    assert result["digest"] == result["status"]["model"]["digest"]
+
+    card = model_card("job", "job", [dict(PERPLEXITY, maxSamples=8, threshold={"max": 10000})])
+    plan = {"kind": "ModelCard", "name": "job", "namespace": "default", "generation": 1, "spec": card["spec"],
+            "inputs": {"TrainingRun/job": {"status": result["status"]}, "DataPile/mini": pile},
+            "artifacts": str(tmp_path / "card"), "stateDir": str(ws.state.root), "baseDir": str(ws.root)}
+    (tmp_path / "card.json").write_text(json.dumps(plan))
+    r = subprocess.run([sys.executable, "-m", "fmforge.runtime.job", "--plan", str(tmp_path / "card.json")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["ok"] and out["status"]["approved"] is True
+    assert out["status"]["modelDigest"] == result["status"]["model"]["digest"]
