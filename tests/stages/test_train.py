@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,7 +90,7 @@ class Workspace:
 @pytest.fixture(scope="module")
 def ws(corpus: Path, tmp_path_factory) -> Workspace:
     root = tmp_path_factory.mktemp("train")
-    (root / "corpus").symlink_to(corpus)
+    shutil.copytree(corpus, root / "corpus")  # file:// URIs may not leave the manifest folder
     (root / "pile.yaml").write_text(yaml.safe_dump(PILE, sort_keys=False))
     w = Workspace(root)
     report = run_paths([root / "pile.yaml"], state_dir=w.state.root, console=RunConsole(rich=False))
@@ -247,30 +248,37 @@ def test_encoder_learns_and_predicts_masked_tokens(ws: Workspace):
     assert acc["metric"] == "accuracy" and 0.05 <= acc["value"] <= 1.0 and acc["passed"]
 
 
-def _kill_a_worker_after(checkpoints: Path, step: int, killed: list[int], stop: threading.Event) -> None:
-    """Once the checkpoint of `step` is written, SIGKILL one Ray Train worker process."""
-    target = checkpoints / "train" / f"checkpoint-{step:08d}"
+def _kill_a_worker_after(root: Path, generation: int, step: int, killed: list[int], stop: threading.Event) -> None:
+    """Once the attempt's checkpoint of `step` is written, SIGKILL one Ray Train worker process."""
     while not stop.is_set():
-        if target.is_dir():
-            for p in psutil.process_iter(["pid", "cmdline"]):
-                if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
-                    os.kill(p.info["pid"], signal.SIGKILL)
-                    killed.append(p.info["pid"])
+        if any(root.glob(f"g{generation}-*/train/checkpoint-{step:08d}")):
+            # Only this test's own Ray (started by this process): other Ray sessions on the
+            # machine are not ours to kill.
+            for p in psutil.Process().children(recursive=True):
+                try:
+                    cmdline = " ".join(p.cmdline())
+                except psutil.Error:
+                    continue
+                if "RayTrainWorker" in cmdline:
+                    os.kill(p.pid, signal.SIGKILL)
+                    killed.append(p.pid)
                     return
         time.sleep(0.05)
 
 
 def _run_killing(ws: Workspace, manifest: dict, generation: int, step: int):
-    checkpoints = ws.state.root / "artifacts" / "TrainingRun" / manifest["metadata"]["name"] / f"g{generation}" / "checkpoints"
+    # An attempt's checkpoints live in checkpoints/g<generation>-<pile snapshot>/.
+    root = ws.state.root / "artifacts" / "TrainingRun" / manifest["metadata"]["name"] / "checkpoints"
     killed: list[int] = []
     stop = threading.Event()
-    t = threading.Thread(target=_kill_a_worker_after, args=(checkpoints, step, killed, stop), daemon=True)
+    t = threading.Thread(target=_kill_a_worker_after, args=(root, generation, step, killed, stop), daemon=True)
     t.start()
     try:
         report = ws.run(manifest)
     finally:
         stop.set()
         t.join()
+    [checkpoints] = root.glob(f"g{generation}-*")
     return report, killed, checkpoints
 
 
@@ -335,8 +343,8 @@ def test_bad_training_input_fails_before_training(ws: Workspace, change, field, 
     assert ready(rec)["reason"] == field
     for w in words:
         assert w in ready(rec)["message"]
-    assert not (ws.state.root / "artifacts" / "TrainingRun" / "bad" / f"g{rec['metadata']['generation']}" /
-                "checkpoints").exists(), "no training may start"
+    assert not (ws.state.root / "artifacts" / "TrainingRun" / "bad" / "checkpoints").exists(), \
+        "no training may start"
     assert time.monotonic() - started < 60
 
 

@@ -99,7 +99,7 @@ def run(ctx: StageContext) -> StageResult:
     from ray.util.queue import Empty, Queue
 
     # One CPU beyond the workers' for the Ray Data tasks that read the pile.
-    pile.ray_init(res.workers * res.cpus_per_worker + 1)
+    pile.ray_init(ctx.state_dir, res.workers * res.cpus_per_worker + 1)
     datasets = {"train": pile.sequences(version, "train")}
     if n_val:
         datasets["validation"] = pile.sequences(version, "validation")
@@ -112,10 +112,12 @@ def run(ctx: StageContext) -> StageResult:
         "precision": precision, "checkpoint_every": tr.checkpoint_every, "mask_probability": tr.mask_probability,
         "parallelism": tr.parallelism, "has_validation": bool(n_val), "progress": progress,
     }
-    storage = (ctx.artifacts / "checkpoints").resolve()
+    # Checkpoints belong to one attempt (this generation on this pile snapshot): a run started
+    # again after a crash resumes from them; a new spec or pile version starts afresh.
+    storage = (ctx.artifacts / "checkpoints" / f"g{ctx.generation}-{version.snapshot_id}").resolve()
     loop_config["checkpoints"] = str(storage / "train")
     if spec.model.architecture == "encoder":  # the workers need the tokenizer with its mask token
-        tok_dir = ctx.artifacts / "tokenizer"
+        tok_dir = storage / "tokenizer"
         tok.save_pretrained(str(tok_dir))
         loop_config["tokenizer"] = str(tok_dir)
     trainer = TorchTrainer(

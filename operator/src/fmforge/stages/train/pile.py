@@ -11,12 +11,11 @@ holds the pile. Called by the TrainingRun stage (`fmforge.stages.train`) and the
 from __future__ import annotations
 
 import logging
-import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import raysession
 from ..base import InputError, InvalidSpec, StageContext
 from ..datapile import publish as pub
 
@@ -144,21 +143,12 @@ def sequences(pile: PileVersion, split: str):
     return ds.filter(expr=col("split") == split).select_columns(["input_ids", "length"])
 
 
-def ray_init(cpus: int) -> None:
-    """Start the local Ray (or attach to the RayJob's cluster) with at least `cpus` CPUs.
-
-    Locally, a Ray started by an earlier stage with fewer CPUs is restarted: Ray Train's workers
-    hold their CPUs for the whole run, and the Ray Data tasks that read the pile need one more,
-    or they would wait for ever."""
+def ray_init(state_dir: Path, cpus: int) -> None:
+    """Start the local Ray (or attach to the RayJob's cluster) with at least `cpus` CPUs, and
+    set Ray Data up to feed training in a fixed order."""
     import ray
 
-    in_cluster = bool(os.environ.get("RAY_ADDRESS"))
-    if ray.is_initialized() and not in_cluster and ray.cluster_resources().get("CPU", 0) < cpus:
-        ray.shutdown()
-    if not ray.is_initialized():
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        ray.init(num_cpus=None if in_cluster else cpus, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, ignore_reinit_error=True)
+    raysession.start(state_dir, cpus)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -172,6 +162,4 @@ def ray_init(cpus: int) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    deadline = time.monotonic() + 10
-    while ray.available_resources().get("CPU", 0) < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
+
