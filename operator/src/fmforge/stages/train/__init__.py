@@ -28,7 +28,7 @@ from typing import Any
 from ...api.v1alpha1.trainingrun import TrainingRunSpec
 from ..base import InputError, InvalidSpec, StageContext, StageResult
 from . import models, pile
-from .loop import CURVE, MODEL_DIR, train_loop
+from .loop import CURVE, MODEL_DIR, LoopConfig, train_loop
 
 #: Written into every model directory: how the model was made (hyperparameters, lineage, the
 #: loss curve). The ModelCard stage reads it for the card.
@@ -104,23 +104,21 @@ def run(ctx: StageContext) -> StageResult:
     if n_val:
         datasets["validation"] = pile.sequences(version, "validation")
     progress = Queue(actor_options={"num_cpus": 0})
-    loop_config = {
-        "architecture": spec.model.architecture, "model_config": config, "tokenizer": str(version.tokenizer),
-        "seed": tr.seed, "max_steps": tr.max_steps, "micro_batch_size": tr.micro_batch_size,
-        "accumulation": accumulation, "learning_rate": tr.learning_rate, "warmup_steps": tr.warmup_steps,
-        "schedule": tr.schedule, "weight_decay": tr.weight_decay, "gradient_clip": tr.gradient_clip,
-        "precision": precision, "checkpoint_every": tr.checkpoint_every, "mask_probability": tr.mask_probability,
-        "parallelism": tr.parallelism, "has_validation": bool(n_val), "progress": progress,
-    }
     storage = (ctx.artifacts / "checkpoints").resolve()
-    loop_config["checkpoints"] = str(storage / "train")
+    tok_dir = version.tokenizer
     if spec.model.architecture == "encoder":  # the workers need the tokenizer with its mask token
         tok_dir = ctx.artifacts / "tokenizer"
         tok.save_pretrained(str(tok_dir))
-        loop_config["tokenizer"] = str(tok_dir)
+    loop = LoopConfig(
+        architecture=spec.model.architecture, model_config=config, tokenizer=str(tok_dir), seed=tr.seed,
+        max_steps=tr.max_steps, micro_batch_size=tr.micro_batch_size, accumulation=accumulation,
+        learning_rate=tr.learning_rate, warmup_steps=tr.warmup_steps, schedule=tr.schedule,
+        weight_decay=tr.weight_decay, gradient_clip=tr.gradient_clip, precision=precision,
+        checkpoint_every=tr.checkpoint_every, mask_probability=tr.mask_probability, parallelism=tr.parallelism,
+        has_validation=bool(n_val), checkpoints=str(storage / "train"), progress=progress)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=loop_config,
+        train_loop_config={"loop": loop},
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
                                      resources_per_worker={"CPU": res.cpus_per_worker,
                                                            **({"GPU": res.gpus_per_worker}
@@ -150,16 +148,12 @@ def run(ctx: StageContext) -> StageResult:
                             resumed_from=ev["resumed_from"])
                 if ev["resumed_from"]:
                     rep.log(f"Resumed TrainingRun {ctx.name} from its checkpoint", step=ev["resumed_from"])
-                done = last.get("step", 0)
-                rep.advance(ev["step"] - done)
+                rep.advance(ev["step"] - last.get("step", 0))  # back to the checkpoint's step after a restart
                 last["step"] = ev["step"]
             elif ev["event"] == "step":
                 rep.advance(ev["step"] - last.get("step", 0), loss=f"{ev['loss']:.3f}", lr=f"{ev['lr']:.2e}",
-                            tokens_s=f"{ev['tokens'] / max(ev['time'] - last.get('time', started), 1e-9):.0f}",
-                            eta=_eta(ev["eta"]))
-                if ev["step"] > last.get("step", 0):
-                    last.update(tokens_s=ev["tokens"] / max(ev["time"] - last.get("time", started), 1e-9))
-                last.update(step=ev["step"], loss=ev["loss"], time=ev["time"])
+                            tokens_s=f"{ev['tokens_per_second']:.0f}", eta=_eta(ev["eta"]))
+                last.update(step=ev["step"], tokens_s=ev["tokens_per_second"])
             elif ev["event"] == "end":
                 info["validation_loss"] = ev["validation_loss"]
         try:
