@@ -190,6 +190,16 @@ CASES: list[Case] = [
          "metadata.name", "must be a DNS-1035 label", "metadata.name must be a DNS-1035 label"),
     Case("ref-name-uppercase", "TrainingRun", _set("spec.dataPileRef.name", "PyDocs"),
          "spec.dataPileRef.name", "must match pattern", "should match"),
+    # metadata, validated as Kubernetes validates ObjectMeta
+    Case("namespace-not-dns-label", "DataPile", _set("metadata.namespace", "Team.A B"),
+         "metadata.namespace", "is not a valid namespace", "does not match the namespace"),
+    Case("label-key-with-space", "DataPile", _set("metadata.labels", {"Team A": "x"}),
+         "metadata.labels", "the name part must be at most 63 characters",
+         "name part must consist of alphanumeric characters"),
+    Case("label-value-number", "TrainingRun", _set("metadata.labels", {"version": 2}),
+         "metadata.labels", "value of 'version' must be a string (got int)", "cannot unmarshal number"),
+    Case("annotations-over-256k", "DataPile", _set("metadata.annotations", {"note": "x" * (256 * 1024)}),
+         "metadata.annotations", "Kubernetes allows at most 262144 bytes", "262144"),
     # unknown enum values
     Case("unknown-architecture", "TrainingRun", _set("spec.model.architecture", "transformer"),
          "spec.model.architecture", "must be 'decoder' or 'encoder'", 'Unsupported value: "transformer"'),

@@ -237,13 +237,14 @@ def test_pack_lays_documents_end_to_end_with_eos():
     assert short.to_pylist()[0]["input_ids"] == [1, 2, 0, 9] and short.to_pylist()[0]["length"] == 3
 
 
-def test_encode_on_ray_keeps_document_order(first_run):
-    from fmforge.stages.datapile import _ray_init, encode_on_ray
+def test_encode_on_ray_keeps_document_order(first_run, tmp_path: Path):
+    from fmforge.stages import raysession
+    from fmforge.stages.datapile import encode_on_ray
 
     _, _, rec = first_run
     tok = tk.load_tokenizer(Path(rec["status"]["dataCard"].removeprefix("file://")).parent / "tokenizer")
     texts = [f"document {i}: " + "the quick brown fox " * (1 + (i * 7) % 40) for i in range(64)]
-    _ray_init(1, 2)
+    raysession.start(tmp_path, 2)
     got = encode_on_ray(pa.array(texts), tok.to_str()).to_pylist()
     assert got == [tok.encode(t, add_special_tokens=False).ids for t in texts]
 

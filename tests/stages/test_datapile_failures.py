@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,9 +30,10 @@ SMALL["spec"]["sources"] = [
 
 
 def _dir(tmp_path: Path, corpus: Path) -> Path:
+    """A folder with the manifest's data inside it (file:// URIs may not leave the folder)."""
     d = tmp_path / "w"
     d.mkdir()
-    (d / "corpus").symlink_to(corpus)
+    shutil.copytree(corpus, d / "corpus")
     return d
 
 
@@ -45,7 +47,7 @@ def _snapshots(state: StateDir) -> list[int]:
     return [s.snapshot_id for s in t.snapshots()]
 
 
-@pytest.mark.parametrize("where", ["pack", "move_tags"])
+@pytest.mark.parametrize("where", ["pack", "promote"])
 def test_failure_half_way_keeps_the_previous_version(tmp_path: Path, corpus: Path, monkeypatch, where: str):
     d = _dir(tmp_path, corpus)
     assert _run(d, SMALL).ok
@@ -57,7 +59,7 @@ def test_failure_half_way_keeps_the_previous_version(tmp_path: Path, corpus: Pat
         raise RuntimeError(f"injected failure in {where}")
 
     # A new spec (tag v2, another filter setting) whose run fails: before publishing (pack) or
-    # after the table commits but before the tags move (move_tags).
+    # after the staged table commits but before the version is made visible (promote).
     monkeypatch.setattr(tk if where == "pack" else pub, where, boom)
     v2 = copy.deepcopy(SMALL)
     v2["spec"]["publish"]["tags"] = ["v1", "v2"]
@@ -193,7 +195,7 @@ def test_uri_schemes_resolve(tmp_path: Path, monkeypatch):
 
     fs, path = resolve("file://corpus/prose/", tmp_path)
     assert isinstance(fs, pafs.LocalFileSystem) and path == str((tmp_path / "corpus/prose").resolve())
-    assert resolve("file:///abs/data", tmp_path)[1] == "/abs/data"
+    assert resolve("file:///abs/data", tmp_path, confine=False)[1] == "/abs/data"
     monkeypatch.setenv("FMFORGE_PVC_ROOT", str(tmp_path / "pvc"))
     assert resolve("pvc://datasets/raw/docs", tmp_path)[1] == str(tmp_path / "pvc" / "datasets/raw/docs")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
@@ -272,25 +274,25 @@ def test_pile_published_to_an_s3_warehouse(tmp_path: Path, corpus: Path, s3_serv
     assert not (state.root / "catalog").exists()
 
 
-def _raylets() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "ray/core/src/ray/raylet/raylet"], capture_output=True, text=True).stdout
-    return {int(x) for x in out.split()}
-
-
 def test_console_script_run_stops_its_ray(tmp_path: Path, corpus: Path):
-    """`fmforge run` (the console script, which leaves through os._exit) shuts its Ray down and
-    keeps its exit code and output."""
+    """`fmforge run` (the console script, which leaves through os._exit) shuts its Ray down,
+    removes Ray's files, and keeps its exit code and output."""
+    from fmforge.stages import raysession
+
     d = tmp_path / "cli"
     d.mkdir()
-    (d / "corpus").symlink_to(corpus)
+    shutil.copytree(corpus, d / "corpus")
     m = copy.deepcopy(SMALL)
     (d / "pile.yaml").write_text(yaml.safe_dump(m))
-    before = _raylets()
     exe = Path(sys.executable).parent / "fmforge"
-    r = subprocess.run([str(exe), "run", str(d), "--progress", "plain"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "Succeeded" in r.stdout + r.stderr and "1 succeeded" in r.stdout + r.stderr
-    assert _raylets() <= before, "the run left its raylet behind"
+    proc = subprocess.Popen([str(exe), "run", str(d), "--progress", "plain"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out + err
+    assert "Succeeded" in out + err and "1 succeeded" in out + err
+    ray_tmp = raysession.temp_dir(d / ".fmforge", proc.pid)
+    assert raysession.processes_using(ray_tmp) == [], "the run left Ray processes behind"
+    assert raysession.temp_dirs(d / ".fmforge") == [], "Ray's files are removed"
 
 
 def test_s3_sources_read_like_files(tmp_path: Path, corpus: Path, s3_server, monkeypatch):

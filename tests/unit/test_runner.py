@@ -27,11 +27,14 @@ CALLS: list[str] = []
 
 
 def ok_stage(ctx):
-    """Writes one artifact and reports its digest."""
+    """Writes one artifact, in a directory named by its digest as the stage contract asks, and
+    reports the digest."""
     CALLS.append(f"{ctx.kind}/{ctx.name}")
-    out = ctx.artifacts / "artifact.txt"
-    out.write_text(f"{ctx.kind} {ctx.name} g{ctx.generation} from {sorted(ctx.inputs)}")
-    digest = "sha256:" + hashlib.sha256(out.read_bytes()).hexdigest()
+    content = f"{ctx.kind} {ctx.name} g{ctx.generation} from {sorted(ctx.inputs)}".encode()
+    digest = "sha256:" + hashlib.sha256(content).hexdigest()
+    out = ctx.artifacts / digest[7:23] / "artifact.txt"
+    out.parent.mkdir()
+    out.write_bytes(content)
     return StageResult(status={"tags": ["v1"]} if ctx.kind == "DataPile" else {}, digest=digest,
                        message=f"made {out.name}")
 
@@ -111,8 +114,8 @@ def test_rerun_skips_unchanged_and_reruns_changed(quickstart: Path, stages):
     state = StateDir(quickstart / ".fmforge")
     rec = state.read("DataPile", "pydocs")
     assert rec["metadata"]["generation"] == 2
-    assert (state.artifacts_dir("DataPile", "pydocs", 1) / "artifact.txt").exists(), "g1 artifacts stay"
-    assert (state.artifacts_dir("DataPile", "pydocs", 2) / "artifact.txt").exists()
+    made = sorted(p.read_text() for p in state.artifacts_dir("DataPile", "pydocs").glob("*/artifact.txt"))
+    assert made == ["DataPile pydocs g1 from []", "DataPile pydocs g2 from []"], "each attempt's artifacts stay"
 
 
 def test_failure_keeps_the_last_success(quickstart: Path, stages, monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,92 @@ def test_duplicate_objects_are_rejected(tmp_path: Path):
     p.write_text(yaml.safe_dump_all([BASE["Deployment"], BASE["Deployment"]]))
     [e] = load([p]).errors
     assert "duplicate object" in e.message
+
+
+# -- hostile or sloppy YAML and metadata, refused before anything runs -------------------------------
+
+_PILE_SPEC = "spec:\n  sources: [{name: docs, uri: 'file://corpus/'}]\n"
+
+
+def _one(tmp_path: Path, text: str):
+    p = tmp_path / "m.yaml"
+    p.write_text(text)
+    return load([p])
+
+
+def test_an_alias_bomb_is_refused_quickly(tmp_path: Path):
+    import time
+
+    levels = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i, name in enumerate("bcdefghi"):
+        prev = "abcdefghi"[i]
+        levels.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    text = ("apiVersion: fmforge.io/v1alpha1\nkind: DataPile\nmetadata:\n  name: bomb\n  annotations:\n"
+            + "".join(f"    {line}\n" for line in levels) + _PILE_SPEC)
+    started = time.monotonic()
+    r = _one(tmp_path, text)
+    assert time.monotonic() - started < 5
+    assert r.manifests == [] and "refused as an alias bomb" in r.errors[0].message
+
+
+def test_a_few_aliases_are_fine(tmp_path: Path):
+    text = ("apiVersion: fmforge.io/v1alpha1\nkind: DataPile\nmetadata:\n  name: ok\n  labels: &l {team: ml}\n"
+            "spec:\n  sources: [{name: docs, uri: 'file://corpus/'}]\n  publish: {tags: [v1]}\n")
+    assert _one(tmp_path, text).errors == []
+
+
+def test_a_recursive_alias_is_refused(tmp_path: Path):
+    text = "apiVersion: fmforge.io/v1alpha1\nkind: DataPile\nmetadata: &m\n  name: x\n  self: *m\n" + _PILE_SPEC
+    r = _one(tmp_path, text)
+    assert r.manifests == [] and "recursive" in r.errors[0].message
+
+
+def test_duplicate_keys_are_refused_with_both_lines(tmp_path: Path):
+    text = ("apiVersion: fmforge.io/v1alpha1\nkind: DataPile\nmetadata:\n  name: dup\n" + _PILE_SPEC
+            + "  sources: [{name: other, uri: 'file://x/'}]\n")
+    r = _one(tmp_path, text)
+    assert r.manifests == []
+    assert (r.errors[0].line, r.errors[0].message.split(";")[0]) == (7, "duplicate key 'sources'")
+    assert "already defined at line 6" in r.errors[0].message
+
+
+@pytest.mark.parametrize("meta, field, message", [
+    ({"namespace": "../../x"}, "metadata.namespace", "is not a valid namespace"),
+    ({"namespace": "Team.A B"}, "metadata.namespace", "is not a valid namespace"),
+    ({"labels": {"Team A": "x"}}, "metadata.labels", "the name part must be at most 63 characters"),
+    ({"labels": {"example.com/team_": "y"}}, "metadata.labels", "the name part"),
+    ({"labels": {"UPPER.example.com/team": "y"}}, "metadata.labels", "the prefix before '/' must be a DNS subdomain"),
+    ({"labels": {"team": 1}}, "metadata.labels", "value of 'team' must be a string (got int)"),
+    ({"labels": {"team": "x" * 64}}, "metadata.labels", "value of 'team' must be at most 63 characters"),
+    ({"annotations": {"note": "x" * (256 * 1024)}}, "metadata.annotations", "Kubernetes allows at most 262144 bytes"),
+    ({"annotations": {"n": 5}}, "metadata.annotations", "value of 'n' must be a string"),
+    ({"colour": "blue"}, "metadata.colour", "unknown field"),
+    ({"generateName": "pile-"}, "metadata.generateName", "need a fixed metadata.name"),
+])
+def test_metadata_is_validated_as_kubernetes_does(tmp_path: Path, meta: dict, field: str, message: str):
+    doc = {"apiVersion": "fmforge.io/v1alpha1", "kind": "DataPile", "metadata": {"name": "p", **meta},
+           "spec": BASE["DataPile"]["spec"]}
+    r = _one(tmp_path, yaml.safe_dump(doc))
+    assert r.manifests == []
+    assert any(e.field == field and message in e.message for e in r.errors), r.errors
+
+
+def test_valid_metadata_passes(tmp_path: Path):
+    doc = {"apiVersion": "fmforge.io/v1alpha1", "kind": "DataPile",
+           "metadata": {"name": "p", "namespace": "team-a", "labels": {"app.kubernetes.io/part-of": "fmforge",
+                                                                        "tier": ""},
+                        "annotations": {"fmforge.io/approved-by": "alice@example.com", "note": "x" * 1000}},
+           "spec": BASE["DataPile"]["spec"]}
+    assert _one(tmp_path, yaml.safe_dump(doc)).errors == []
+
+
+def test_an_object_larger_than_kubernetes_stores_is_refused(tmp_path: Path, monkeypatch):
+    # The models bound every field, so no valid object reaches etcd's 1.5 MiB; the check is the
+    # last guard if a field is ever left unbounded. Here the limit is lowered to exercise it.
+    from fmforge.api import manifests
+
+    monkeypatch.setattr(manifests, "MAX_OBJECT_BYTES", 2000)
+    doc = copy.deepcopy(BASE["DataPile"])
+    doc["metadata"]["annotations"] = {"note": "x" * 3000}
+    r = _one(tmp_path, yaml.safe_dump(doc))
+    assert r.manifests == [] and any("Kubernetes stores at most 2000 bytes" in e.message for e in r.errors)

@@ -9,7 +9,7 @@
     fmforge version
 
 Exit codes: 0 success; 1 invalid manifests, a failed or waiting object, or an object not found;
-2 wrong usage. Errors go to stderr, results to stdout.
+2 wrong usage; 130 Ctrl-C; 143 SIGTERM. Errors go to stderr, results to stdout.
 """
 
 from __future__ import annotations
@@ -58,13 +58,27 @@ def cmd_validate(args: argparse.Namespace) -> int:
 # -- run ------------------------------------------------------------------------------------------
 
 
+def _on_sigterm(signum, frame) -> None:
+    # SIGTERM ends a run as Ctrl-C does: the runner records the object as Failed/Interrupted.
+    # (Once a stage starts Ray, ray.init installs its own handler, which raises SystemExit; the
+    # runner treats both alike.)
+    raise SystemExit(128 + signum)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    import signal
+
     from .runtime.local import run_paths
     from .runtime.progress import RunConsole
 
     console = RunConsole(rich=None if args.progress == "auto" else args.progress == "rich")
-    report = run_paths(args.paths, state_dir=args.state_dir, console=console, force=args.force,
-                       dry_run=args.dry_run)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        report = run_paths(args.paths, state_dir=args.state_dir, console=console, force=args.force,
+                           dry_run=args.dry_run, allow_outside_paths=args.allow_outside_paths)
+    except SystemExit:
+        _err("stopped by SIGTERM")
+        return 128 + signal.SIGTERM
     for e in report.errors:
         print(e, file=sys.stderr)
     if report.errors:
@@ -135,7 +149,7 @@ def cmd_get(args: argparse.Namespace) -> int:
     except KeyError as e:
         _err(str(e.args[0]))
         return EXIT_USAGE
-    records = [r for k in kinds for r in state.records(k)]
+    records = [state.live_view(r) for k in kinds for r in state.records(k)]
     if args.name:
         records = [r for r in records if r["metadata"]["name"] == args.name]
         if not records:
@@ -302,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the manifests)")
     r.add_argument("--force", action="store_true", help="run every object even if unchanged")
     r.add_argument("--dry-run", action="store_true", help="print the order and stop")
+    r.add_argument("--allow-outside-paths", action="store_true",
+                   help="let file:// URIs name paths outside the manifests' folder (off: a manifest from "
+                   "elsewhere cannot read this machine's files)")
     r.add_argument("--progress", choices=("auto", "rich", "plain"), default="auto",
                    help="progress bars (rich) or log lines (plain); auto: bars on a terminal")
     r.set_defaults(func=cmd_run)
@@ -362,7 +379,7 @@ def entry() -> None:
     """The `fmforge` console script: main(), then a quick exit.
 
     Once the command is over and its records are written, Ray (if a stage started it) is shut
-    down explicitly and the process leaves with os._exit: Python's own teardown after a run
+    down explicitly, its temporary files removed, and the process leaves with os._exit: Python's own teardown after a run
     (Ray's C++ core worker, Arrow memory pools, a few thousand modules) takes about 0.7 s and does
     nothing a finished command needs. mypy exits the same way. Tests call main() and are not
     affected."""
@@ -370,9 +387,9 @@ def entry() -> None:
     import os
 
     rc = main()
-    from .runtime.local import release_ray
+    from .stages import raysession
 
-    release_ray()
+    raysession.shutdown()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

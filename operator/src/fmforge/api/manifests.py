@@ -7,6 +7,7 @@ what is allowed there, so a user can fix the manifest without reading the schema
 
 from __future__ import annotations
 
+import json
 import re
 import types
 import typing
@@ -88,6 +89,133 @@ class _Loader(yaml.SafeLoader):
     """SafeLoader that keeps the node tree so errors can point at a line."""
 
 
+#: The most nodes a document may expand to once its aliases are followed. A real manifest has a
+#: few hundred; the bound stops "billion laughs" alias bombs before anything is constructed
+#: (go-yaml, which kubectl uses, refuses such documents as "excessive aliasing" too).
+MAX_EXPANDED_NODES = 100_000
+#: Kubernetes' limits on metadata (apimachinery's ObjectMeta validation) and on a whole object
+#: (etcd's default request limit, which the API server answers with "request is too large").
+MAX_ANNOTATIONS_BYTES = 256 * 1024
+MAX_OBJECT_BYTES = 1536 * 1024
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+#: ObjectMeta's fields; anything else in metadata is an unknown field, as for kubectl.
+_METADATA_FIELDS = ("name", "generateName", "namespace", "selfLink", "uid", "resourceVersion", "generation",
+                    "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "labels",
+                    "annotations", "ownerReferences", "finalizers", "managedFields")
+
+
+def _tree_problems(node: yaml.Node) -> list[tuple[int, str]]:
+    """Duplicate mapping keys and alias bombs in a composed document, as (line, message).
+
+    Both are checked on the node tree, before anything is constructed: PyYAML would keep the
+    last of two equal keys silently (kubectl refuses them) and would build every expansion of
+    an alias bomb in memory."""
+    problems: list[tuple[int, str]] = []
+    sizes: dict[int, int] = {}
+    visiting: set[int] = set()
+
+    def size(n: yaml.Node) -> int:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        if id(n) in visiting:
+            raise RecursionError
+        visiting.add(id(n))
+        total = 1
+        if isinstance(n, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for k, v in n.value:
+                if isinstance(k, yaml.ScalarNode):
+                    if k.value in seen and k.tag != "tag:yaml.org,2002:merge":
+                        problems.append((k.start_mark.line + 1, f"duplicate key {k.value!r}; it is already "
+                                         f"defined at line {seen[k.value]} (kubectl refuses this too)"))
+                    seen.setdefault(k.value, k.start_mark.line + 1)
+                total += size(k) + size(v)
+                if total > MAX_EXPANDED_NODES:
+                    break
+        elif isinstance(n, yaml.SequenceNode):
+            for v in n.value:
+                total += size(v)
+                if total > MAX_EXPANDED_NODES:
+                    break
+        visiting.discard(id(n))
+        sizes[id(n)] = total
+        return total
+
+    try:
+        total = size(node)
+    except RecursionError:
+        return [(node.start_mark.line + 1, "an alias refers to a node that contains it (a recursive "
+                 "structure); a manifest must be a tree")]
+    if total > MAX_EXPANDED_NODES:
+        problems.append((node.start_mark.line + 1,
+                         f"the document expands to more than {MAX_EXPANDED_NODES} values through YAML aliases "
+                         f"(&anchor/*alias); refused as an alias bomb: write the values out"))
+    return problems
+
+
+def _qualified_key_problem(key: Any) -> str | None:
+    """Why `key` is not a valid label or annotation key (Kubernetes' qualified name), or None."""
+    if not isinstance(key, str) or not key:
+        return "keys must be non-empty strings"
+    prefix, _, name = key.rpartition("/")
+    if "/" in key and (not prefix or len(prefix) > 253 or not _DNS1123_SUBDOMAIN.match(prefix)):
+        return (f"key {key!r}: the prefix before '/' must be a DNS subdomain (lower-case letters, digits, "
+                f"'-' and '.', at most 253 characters)")
+    if len(name) > 63 or not _QUALIFIED_NAME.match(name):
+        return (f"key {key!r}: the name part must be at most 63 characters of letters, digits, '-', '_' or "
+                f"'.', starting and ending with a letter or digit")
+    return None
+
+
+def _metadata_problems(meta: dict[str, Any]) -> list[tuple[str, str]]:
+    """What Kubernetes would reject in `metadata`, as (field path, message)."""
+    out: list[tuple[str, str]] = []
+    for key in meta:
+        if key not in _METADATA_FIELDS:
+            out.append((f"metadata.{key}", f"unknown field; allowed: {', '.join(_METADATA_FIELDS)}"))
+    if meta.get("generateName") is not None:
+        out.append(("metadata.generateName", "not supported: fmforge objects need a fixed metadata.name (the "
+                    "local runner, lineage and references find objects by name)"))
+    ns = meta.get("namespace")
+    if ns is not None and (not isinstance(ns, str) or len(ns) > 63 or not _DNS1123_LABEL.match(ns)):
+        out.append(("metadata.namespace", f"{ns!r} is not a valid namespace: a DNS-1123 label of at most 63 "
+                    f"lower-case letters, digits and '-', starting and ending with a letter or digit"))
+    labels = meta.get("labels")
+    if labels is not None:
+        if not isinstance(labels, dict):
+            out.append(("metadata.labels", f"must be a mapping of strings (got {type(labels).__name__})"))
+        else:
+            for k, v in labels.items():
+                why = _qualified_key_problem(k)
+                if why is None and not isinstance(v, str):
+                    why = f"value of {k!r} must be a string (got {type(v).__name__}); quote it"
+                elif why is None and v and (len(v) > 63 or not _QUALIFIED_NAME.match(v)):
+                    why = (f"value of {k!r} must be at most 63 characters of letters, digits, '-', '_' or '.', "
+                           f"starting and ending with a letter or digit")
+                if why:
+                    out.append(("metadata.labels", why))
+    annotations = meta.get("annotations")
+    if annotations is not None:
+        if not isinstance(annotations, dict):
+            out.append(("metadata.annotations", f"must be a mapping of strings (got {type(annotations).__name__})"))
+        else:
+            total = 0
+            for k, v in annotations.items():
+                why = _qualified_key_problem(k)
+                if why is None and not isinstance(v, str):
+                    why = f"value of {k!r} must be a string (got {type(v).__name__}); quote it"
+                if why:
+                    out.append(("metadata.annotations", why))
+                else:
+                    total += len(k.encode()) + len(v.encode())
+            if total > MAX_ANNOTATIONS_BYTES:
+                out.append(("metadata.annotations", f"too long: {total} bytes; Kubernetes allows at most "
+                            f"{MAX_ANNOTATIONS_BYTES} bytes of annotations (keys and values) per object"))
+    return out
+
+
 def manifest_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[ManifestError]]:
     """Expand files and directories (recursively, *.yaml and *.yml) into a sorted file list."""
     files: list[Path] = []
@@ -127,6 +255,10 @@ def load(paths: Iterable[str | Path]) -> LoadResult:
             continue
         for node in nodes:
             if node is None:
+                continue
+            problems = _tree_problems(node)
+            if problems:
+                result.errors.extend(ManifestError(str(path), ln, None, None, msg) for ln, msg in problems)
                 continue
             data = _Loader(text).construct_document(node)
             if data is None:
@@ -195,6 +327,14 @@ def _validate_document(path: Path, node: yaml.Node, data: Any, result: LoadResul
         err(obj, "metadata.name",
             "must be a DNS-1035 label: lower-case letters, digits and '-', starting with a letter and "
             "ending with a letter or digit", _line(node, ["metadata", "name"]))
+        ok = False
+    for fld, msg in _metadata_problems(meta):
+        err(obj, fld, msg, _line(node, fld.split(".")))
+        ok = False
+    size = len(json.dumps(data, default=str).encode())
+    if size > MAX_OBJECT_BYTES:
+        err(obj, None, f"the object is {size} bytes; Kubernetes stores at most {MAX_OBJECT_BYTES} bytes per "
+            f"object: keep large data in files the spec points to")
         ok = False
     namespace = meta.get("namespace") or "default"
     if "spec" not in data or data["spec"] is None:

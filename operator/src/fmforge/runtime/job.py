@@ -4,7 +4,8 @@
 
 The plan is the resolved spec the operator (or `fmforge run --plan-only`, later) writes: kind,
 name, namespace, generation, the spec, the upstream statuses, and where artifacts and the state
-(catalogs) live. It runs the very same stage function as the local runner, inside the Ray
+(catalogs) live, and whether `file://` URIs may leave the base directory
+(`allowOutsidePaths`, default false). It runs the very same stage function as the local runner, inside the Ray
 cluster KubeRay started (RAY_ADDRESS is set there), and writes the stage's result as JSON: the
 status fields the operator copies into the object's status. Exit codes: 0 success; 2 the stage
 refused the input (StageError: no retry helps); 1 anything else (worth a retry).
@@ -48,8 +49,9 @@ def run_plan(plan: dict[str, Any], reporter: ConsoleReporter | None = None) -> d
         generation=int(plan.get("generation", 1)), spec=spec, inputs=plan.get("inputs", {}),
         base_dir=Path(plan.get("baseDir", ".")).resolve(), artifacts=artifacts, state_dir=Path(plan["stateDir"]),
         reporter=reporter or ConsoleReporter(key, rich=False),
+        allow_outside_paths=bool(plan.get("allowOutsidePaths", False)),
     )
-    result = stage(ctx)
+    result = stage.run(ctx)
     return {"status": result.status, "digest": result.digest, "message": result.message, "lineage": result.lineage}
 
 

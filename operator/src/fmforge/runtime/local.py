@@ -6,6 +6,12 @@ status and artifacts into the state directory. An object whose spec and inputs a
 since its last success is skipped; an object whose producer is not ready waits; an object whose
 stage has not landed yet ends Failed with reason NotImplemented. A failed attempt keeps the
 status fields (version, model, url) of the last success, so nothing already made is lost.
+
+A run holds the state directory's lock from start to end (a second run on it fails at once,
+naming the holder), records itself as the owner of what it runs, and first takes over what a
+killed run left: records still `Running` become Failed (RunnerDied) and the dead run's Ray
+processes and files are removed. Ctrl-C and SIGTERM end the object being run as
+Failed/Interrupted.
 """
 
 from __future__ import annotations
@@ -13,22 +19,21 @@ from __future__ import annotations
 import graphlib
 import hashlib
 import json
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .. import __version__
-from ..api.manifests import Manifest, ManifestError, load
+from ..api.manifests import Manifest, load
 from ..api.status import now, with_phase
 from ..api.v1alpha1 import API_VERSION
-from ..stages import STAGES, stage_for
+from ..stages import STAGES, raysession, stage_for
 from ..stages.base import StageContext, StageError
 from .approval import WAITING_FOR_APPROVAL, approval_annotations
 from .progress import RunConsole
-from .state import StateDir
+from .state import StateBusy, StateDir
 
 DONE_PHASES = ("Succeeded", "Ready")
 #: The pip extra that brings each stage's dependencies.
@@ -150,10 +155,13 @@ def input_digest(m: Manifest, upstream: dict[str, dict[str, Any]], fingerprint: 
 class LocalRunner:
     """Runs a set of manifests in-process against a state directory."""
 
-    def __init__(self, state_dir: Path, console: RunConsole | None = None, force: bool = False):
+    def __init__(self, state_dir: Path, console: RunConsole | None = None, force: bool = False,
+                 allow_outside_paths: bool = False):
         self.state = StateDir(Path(state_dir))
         self.console = console or RunConsole()
         self.force = force
+        self.allow_outside_paths = allow_outside_paths
+        self.owner: dict[str, Any] = {}
 
     def run(self, manifests: list[Manifest], dry_run: bool = False) -> RunReport:
         report = RunReport()
@@ -165,9 +173,23 @@ class LocalRunner:
                 stage = "stage ready" if m.kind in STAGES else "stage not implemented yet"
                 self.console.status(m.key, "Planned", f"after {after}; {stage}")
             return report
-        for m in order:
-            report.outcomes.append(self._run_one(m, deps[m.key]))
+        with self.state.lock() as self.owner:
+            self._take_over()
+            for m in order:
+                report.outcomes.append(self._run_one(m, deps[m.key]))
         return report
+
+    def _take_over(self) -> None:
+        """Clean up after a run that died on this state directory (we hold its lock now)."""
+        stopped = raysession.reap(self.state.root)
+        if stopped:
+            self.console.status("state", "Cleaned", f"stopped {stopped} Ray processes a killed run left behind")
+        for rec in list(self.state.records()):
+            view = self.state.live_view(rec)
+            if view is not rec:
+                self.state.write(view)
+                self.console.status(f"{rec['kind']}/{rec['metadata']['name']}", "Failed",
+                                    f"RunnerDied: {view['status']['message']}")
 
     # -- one object ---------------------------------------------------------------------------
     def _run_one(self, m: Manifest, dep_keys: set[str]) -> Outcome:
@@ -205,8 +227,8 @@ class LocalRunner:
             self.console.status(m.key, "Failed", msg)
             return Outcome(m.key, "Failed", msg)
         fingerprint = ""
-        if stage is not None and hasattr(stage, "fingerprint"):
-            fingerprint = stage.fingerprint(m.spec, m.path.parent)
+        if stage is not None and stage.fingerprint is not None:
+            fingerprint = stage.fingerprint(m.spec, m.path.parent.resolve())
         digest = input_digest(m, upstream, fingerprint)
         prior = record.get("fmforge") or {}
         if not self.force and prior.get("digest") == digest and record["status"].get("phase") in DONE_PHASES:
@@ -226,25 +248,29 @@ class LocalRunner:
             self.console.status(m.key, "Failed", msg)
             return Outcome(m.key, "Failed", msg, time.monotonic() - started)
 
+        record["fmforge"]["owner"] = self.owner
         self._write(record, "Running", "Started", f"running the {m.info.stage} stage (generation {generation})")
         self.console.status(m.key, "Running", f"generation {generation}")
-        artifacts = self.state.artifacts_dir(m.kind, m.name, generation)
+        artifacts = self.state.artifacts_dir(m.kind, m.name)
         artifacts.mkdir(parents=True, exist_ok=True)
         reporter = self.console.reporter(m.key)
         ctx = StageContext(
             kind=m.kind, name=m.name, namespace=m.namespace, generation=generation, spec=m.spec,
             inputs={k: v for k, v in upstream.items() if v is not None}, base_dir=m.path.parent.resolve(),
             artifacts=artifacts, state_dir=self.state.root, reporter=reporter,
+            allow_outside_paths=self.allow_outside_paths,
             annotations={**(m.metadata.get("annotations") or {}), **approval_annotations(record)},
         )
         try:
-            result = stage(ctx)
+            result = stage.run(ctx)
         except StageError as e:
             reporter.close()
             return self._fail(m, record, e.reason, str(e), started)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit) as e:
+            # SystemExit: SIGTERM, through fmforge's handler or the one ray.init installs.
             reporter.close()
-            self._fail(m, record, "Interrupted", "interrupted by the user", started)
+            why = "stopped by SIGTERM" if isinstance(e, SystemExit) else "interrupted by the user (Ctrl-C)"
+            self._fail(m, record, "Interrupted", why, started)
             raise
         except Exception as e:  # noqa: BLE001 - any other error ends this object, never the runner
             reporter.close()
@@ -316,7 +342,7 @@ def run_paths(
     console: RunConsole | None = None,
     force: bool = False,
     dry_run: bool = False,
-    on_invalid: Callable[[list[ManifestError]], None] | None = None,
+    allow_outside_paths: bool = False,
 ) -> RunReport:
     """Load, validate and run the manifests under `paths` (what `fmforge run` does)."""
     loaded = load(paths)
@@ -327,20 +353,15 @@ def run_paths(
     if not loaded.manifests:
         report.errors = [f"no fmforge objects found in {', '.join(map(str, paths))}"]
         return report
-    runner = LocalRunner(state_dir or default_state_dir(paths), console, force)
+    runner = LocalRunner(state_dir or default_state_dir(paths), console, force, allow_outside_paths)
     try:
         return runner.run(loaded.manifests, dry_run=dry_run)
     except GraphError as e:
         report.errors = e.errors
         return report
+    except StateBusy as e:
+        report.errors = [str(e)]
+        return report
 
 
 __all__ = ["LocalRunner", "RunReport", "Outcome", "GraphError", "build_graph", "run_paths", "default_state_dir"]
-
-
-def release_ray() -> None:
-    """Shut down the local Ray session the stages started, if there is one, now rather than in
-    Ray's exit handler."""
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()

@@ -1,6 +1,8 @@
 """The work of each kind, as plain functions over typed configs (see `fmforge.stages.base`).
 
-`STAGES` maps a kind to the `module:function` that runs its stage. A kind that is not listed
+`STAGES` maps a kind to the `module:function` that runs its stage; the module may also define
+`fingerprint(spec, base_dir) -> str`, a cheap digest of the stage's inputs outside the graph
+(source files), which the local runner adds to its skip check. A kind that is not listed
 has no stage yet: the runner ends such an object as Failed with reason NotImplemented and never
 pretends it succeeded. Stage modules import their heavy dependencies (ray, torch, transformers,
 kserve) themselves, so importing this package stays cheap.
@@ -9,7 +11,9 @@ kserve) themselves, so importing this package stays cheap.
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 #: kind → "module:function" of the stages that have landed.
 STAGES: dict[str, str] = {
@@ -19,10 +23,21 @@ STAGES: dict[str, str] = {
 }
 
 
-def stage_for(kind: str) -> Callable | None:
-    """The stage function of `kind`, or None when it has not been built yet."""
+@dataclass(frozen=True)
+class Stage:
+    """A stage as the runtimes call it."""
+
+    run: Callable[..., Any]
+    """`run(ctx: StageContext) -> StageResult`."""
+    fingerprint: Callable[[Any, Path], str] | None
+    """The module's `fingerprint(spec, base_dir)`, if it has one."""
+
+
+def stage_for(kind: str) -> Stage | None:
+    """The stage of `kind`, or None when it has not been built yet."""
     target = STAGES.get(kind)
     if target is None:
         return None
-    module, func = target.split(":")
-    return getattr(importlib.import_module(module), func)
+    module_name, func = target.split(":")
+    module = importlib.import_module(module_name)
+    return Stage(getattr(module, func), getattr(module, "fingerprint", None))

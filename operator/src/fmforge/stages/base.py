@@ -41,10 +41,14 @@ class StageContext:
     base_dir: Path
     """Directory that `file://` URIs are relative to (the manifest's directory locally)."""
     artifacts: Path
-    """Directory this attempt writes its artifacts to; created by the runtime."""
+    """The object's artifact root, created by the runtime. A stage writes what it makes into a
+    subdirectory named by its digest (or snapshot id), never into one an earlier attempt wrote:
+    a later version must not change what an older one recorded."""
     state_dir: Path
     """The runtime's state directory (catalogs live under it locally)."""
     reporter: Reporter
+    allow_outside_paths: bool = False
+    """Whether `file://` URIs may name paths outside `base_dir` (the user opted in)."""
     annotations: dict[str, str] = field(default_factory=dict)
     """The object's annotations (a ModelCard's manual approval lives there)."""
 

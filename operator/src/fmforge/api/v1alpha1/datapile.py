@@ -63,6 +63,13 @@ class Source(Spec):
     """File name globs to skip."""
     license: SpdxId | None = None
     """Declared licence of the whole source (SPDX id), checked by the license filter."""
+    invalid_text: Literal["skip", "fail"] = "skip"
+    """A jsonl record or parquet row whose text is not a string (null, a number, a boolean, an
+    object): skip it and count it as dropped `invalidText`, or fail naming the file and line.
+    Such values are never turned into text."""
+    max_document_bytes: Bytes = "2Mi"
+    """Documents longer than this (UTF-8 bytes) are dropped at read and counted as `tooLarge`:
+    one huge document would otherwise hold a Ray worker's memory many times over."""
 
 
 # -- categorize ------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import shutil
 import time
 import warnings
 from collections import Counter
@@ -28,6 +29,7 @@ import pyarrow.compute as pc
 
 from ...api.v1alpha1.common import quantity_value
 from ...api.v1alpha1.datapile import DataPileSpec
+from .. import raysession
 from ..base import InputError, InvalidSpec, StageContext, StageResult
 from . import dedup as dd
 from . import publish as pub
@@ -81,33 +83,6 @@ def process_batch(batch: pa.Table, spec: DataPileSpec) -> pa.Table:
     return batch
 
 
-def _ray_init(workers: int, cpus: int) -> None:
-    import logging
-
-    import ray
-
-    if not ray.is_initialized():
-        # Ray 2.60 announces on every local start that it turned token authentication on (the
-        # secure default, which stays on); in fmforge's output that line is noise.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        # Local: an in-process Ray with no dashboard; in a RayJob this attaches to the cluster.
-        ray.init(num_cpus=None if _in_cluster() else max(1, workers * cpus), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
-    # Ray Data logs its plan and progress at INFO (set up by ray.init); the reporter says what matters.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    # Right after start the node has not reported its CPUs yet, and Ray Data would warn that the
-    # job "will hang"; wait the moment it takes.
-    deadline = time.monotonic() + 10
-    while not ray.available_resources().get("CPU") and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-def _in_cluster() -> bool:
-    import os
-
-    return bool(os.environ.get("RAY_ADDRESS"))
-
-
 def map_on_ray(table: pa.Table, fn, fn_kwargs: dict[str, Any], progress=None, weights: np.ndarray | None = None,
                per_cpu: int = 2) -> pa.Table:
     """`fn` (an Arrow-batch UDF) over `table` with Ray Data, in `per_cpu` blocks per CPU,
@@ -148,9 +123,13 @@ def map_on_ray(table: pa.Table, fn, fn_kwargs: dict[str, Any], progress=None, we
     return pa.concat_tables(tables, promote_options="default")
 
 
+def start_ray(spec: DataPileSpec, state_dir: Path) -> None:
+    """Ray with the CPUs the spec's resources grant (locally), or the cluster's."""
+    raysession.start(state_dir, spec.resources.workers * spec.resources.cpus_per_worker)
+
+
 def run_on_ray(table: pa.Table, spec: DataPileSpec, progress=None) -> pa.Table:
     """process_batch over the documents on Ray Data (categorize, filter, hash, MinHash)."""
-    _ray_init(spec.resources.workers, spec.resources.cpus_per_worker)
     # Prose costs about 5x more per byte than code (language detection and HAP run on prose
     # only): blocks are balanced by that cost, four per CPU so that no block is a long tail.
     weights = np.where(table.column("is_code").to_numpy(zero_copy_only=False), 1.0, PROSE_COST)
@@ -186,15 +165,28 @@ def run(ctx: StageContext) -> StageResult:
     with timed("read sources"):
         tables, reads = [], []
         for s in spec.sources:
-            t, r = read_source(s, ctx.base_dir)
+            t, r = read_source(s, ctx.base_dir, confine=not ctx.allow_outside_paths)
             tables.append(t)
             reads.append(r)
-            rep.advance(r.documents, source=s.name, mb=f"{r.bytes / 1e6:.1f}")
+            rep.advance(r.documents, source=s.name, mb=f"{r.bytes / 1e6:.1f}",
+                        **{f"dropped_{k}": v for k, v in r.dropped.items()})
         docs = pa.concat_tables(tables)
-    read = docs.num_rows
+    # Records dropped at read (text that is not a string, documents over the size limit) count
+    # as read and dropped, so that read = kept + every dropped counter.
+    at_read = Counter()
+    for r in reads:
+        at_read.update(r.dropped)
+    read = docs.num_rows + sum(at_read.values())
     digest = _digest(spec, reads)
+    if docs.num_rows == 0:
+        raise InputError(f"no documents to process: the sources' {read} records were all dropped at read "
+                         f"({', '.join(f'{k}: {v}' for k, v in at_read.items())}); fix the data or the sources' "
+                         f"invalidText and maxDocumentBytes")
 
     cat = pub.catalog(ctx.state_dir)
+    repaired = pub.repair(cat, ctx.namespace, ctx.name)
+    if repaired:
+        rep.log("Repaired the pile's tables after an interrupted publish", pile=ctx.name, **repaired)
     existing = pub.find_version(cat, ctx.namespace, ctx.name, digest)
     if existing is not None:
         # Same spec, same sources: the version exists; make sure its tags are on it, publish nothing.
@@ -205,10 +197,12 @@ def run(ctx: StageContext) -> StageResult:
         return _reuse(ctx, cat, existing, digest, reads)
 
     # 2-3. categorize and filter on Ray Data, with exact hashes and MinHash signatures
+    start_ray(spec, ctx.state_dir)
     with timed("categorize, filter, hash (Ray Data)", total=docs.num_rows):
         processed = run_on_ray(docs, spec, progress=rep.advance)
     dropped = processed.column("dropped").to_numpy(zero_copy_only=False)
     counters: dict[str, int] = {f.type: 0 for f in spec.filters}
+    counters.update(at_read)
     counters.update(Counter(d for d in dropped if d is not None))
     alive = np.array([d is None for d in dropped])
 
@@ -244,7 +238,13 @@ def run(ctx: StageContext) -> StageResult:
     # 5. tokenizer, split, pack
     splits = tk.split_of(kept.column("id").to_pylist(), spec.split.validation_fraction)
     kept = kept.append_column("split", pa.array(splits.tolist(), pa.string()))
-    tok_dir = ctx.artifacts / "tokenizer"
+    # The version's artifacts live in a directory named by its digest. One that exists now was
+    # left by an attempt that never published (a published digest is found above and reused),
+    # so nothing refers to it.
+    version_dir = ctx.artifacts / digest.split(":", 1)[1][:16]
+    if version_dir.exists():
+        shutil.rmtree(version_dir)
+    tok_dir = version_dir / "tokenizer"
     with timed("tokenizer"):
         if spec.tokenizer.train is not None:
             tr = spec.tokenizer.train
@@ -257,7 +257,7 @@ def run(ctx: StageContext) -> StageResult:
             tok_source = (f"trained: byte-level BPE, vocab {tok.get_vocab_size()}, on {len(sample)} documents "
                           f"({sample_mb:.1f} MB) of the training split")
         else:
-            fs, path = resolve(spec.tokenizer.uri, ctx.base_dir)
+            fs, path = resolve(spec.tokenizer.uri, ctx.base_dir, confine=not ctx.allow_outside_paths)
             tok = tk.load_tokenizer(Path(path))
             tok_source = f"loaded from {spec.tokenizer.uri}"
         tk.save_tokenizer(tok, tok_dir)
@@ -316,7 +316,7 @@ def run(ctx: StageContext) -> StageResult:
         "filters": [f.model_dump(by_alias=True) | ({"effectiveRules": effective_rules(f).model_dump(
             by_alias=True, exclude_none=True)} if f.type == "quality" else {}) for f in spec.filters],
     }
-    md = pub.data_card(card, ctx.artifacts)
+    md = pub.data_card(card, version_dir)
     rep.log("Published version", snapshot=published.snapshot_id, tags=",".join(spec.publish.tags) or None)
     return StageResult(
         status=_status(published, spec.publish.tags, stats, md, digest),
@@ -343,7 +343,8 @@ def _reuse(ctx: StageContext, cat, existing: pub.Published, digest: str, reads) 
         props = snap.summary.additional_properties
     stats = json.loads(props.get("fmforge.stats", "{}"))
     tags = pub.tags_of(cat, existing.table, existing.snapshot_id)
-    card = _find_card(ctx, existing.snapshot_id)
+    card = ctx.artifacts / digest.split(":", 1)[1][:16] / "datacard.md"
+    card = card.resolve() if card.is_file() else None
     return StageResult(
         status={"version": {"snapshotId": str(existing.snapshot_id), "digest": digest,
                             "createdAt": existing.created_at},
@@ -353,17 +354,6 @@ def _reuse(ctx: StageContext, cat, existing: pub.Published, digest: str, reads) 
         message=f"version {existing.snapshot_id} already published with this spec and these sources; nothing new",
         lineage=[{"name": r.name, "uri": r.uri, "digest": r.digest} for r in reads],
     )
-
-
-def _find_card(ctx: StageContext, snapshot_id: int) -> Path | None:
-    base = ctx.artifacts.parent
-    for card in sorted(base.glob("g*/datacard.json")):
-        try:
-            if json.loads(card.read_text())["version"]["snapshotId"] == str(snapshot_id):
-                return (card.parent / "datacard.md").resolve()
-        except (OSError, KeyError, json.JSONDecodeError):
-            continue
-    return None
 
 
 def _spec_digest(spec: DataPileSpec) -> str:

@@ -4,9 +4,18 @@ Two Iceberg tables per pile, `<namespace>.<pile>_documents` (the kept documents 
 annotations) and `<namespace>.<pile>_sequences` (the packed token sequences). A version is one
 snapshot of each (the first an append, later ones an overwrite that swaps the data files); the
 documents snapshot is the version's id and its properties record the spec digest, source
-digests, counters and the sequences snapshot. Tags move to the new
-snapshots only after both commits, in one metadata commit per table: a run that fails before
-that leaves every tag, and so every published version, exactly as it was.
+digests, counters and the sequences snapshot.
+
+Both snapshots are first committed staged (on no branch: Iceberg's write-audit-publish), so a
+reader of either table's current snapshot sees nothing of them. Then the version is made
+visible: the documents table's `main` and tags move to it in one metadata commit (the commit
+point), then the sequences table's. A run killed before the commit point leaves only staged
+snapshots that no reader sees; one killed between the two ref commits leaves the sequences
+table one version behind. The next run repairs either case before it does anything else
+(`repair`): it completes the sequences table's refs from the documents snapshot, and expires
+the snapshots no ref reaches, deleting the files only they added. Readers that go through
+`read_version` always get a matching pair: the sequences snapshot comes from the documents
+snapshot's properties, never from the other table's `main`.
 
 Locally the catalog is SQLite under the state directory; on a cluster any pyiceberg catalog, from
 the properties in $FMFORGE_CATALOG (JSON), as the operator's config ConfigMap sets it.
@@ -65,7 +74,6 @@ class Published:
     snapshot_id: int
     sequences_snapshot_id: int
     created_at: str
-    reused: bool
     table: str
 
 
@@ -78,32 +86,99 @@ def find_version(cat, namespace: str, pile: str, digest: str) -> Published | Non
         t = cat.load_table(docs_name)
     except NoSuchTableError:
         return None
+    visible = _reachable(t)
     for snap in reversed(t.snapshots()):
         props = snap.summary.additional_properties if snap.summary else {}
-        if props.get(PROP_DIGEST) == digest:
+        if snap.snapshot_id in visible and props.get(PROP_DIGEST) == digest:
             return Published(snap.snapshot_id, int(props.get("fmforge.sequences-snapshot-id", 0)),
                              datetime.fromtimestamp(snap.timestamp_ms / 1000, timezone.utc).isoformat(),
-                             True, docs_name)
+                             docs_name)
     return None
+
+
+def _reachable(table) -> set[int]:
+    """Snapshots a reader can reach: the refs (main, tags) and their ancestors."""
+    out: set[int] = set()
+    for ref in table.refs().values():
+        snap = table.snapshot_by_id(ref.snapshot_id)
+        while snap is not None and snap.snapshot_id not in out:
+            out.add(snap.snapshot_id)
+            snap = table.snapshot_by_id(snap.parent_snapshot_id) if snap.parent_snapshot_id else None
+    return out
+
+
+def repair(cat, namespace: str, pile: str) -> dict[str, int]:
+    """Finish or undo what an interrupted publish left; what was done, counted (empty: nothing).
+
+    Called at the start of a run, under the state directory's lock (locally) or the one RayJob
+    of the object (on a cluster), so no publish of this pile is in flight."""
+    from pyiceberg.exceptions import NoSuchTableError
+
+    docs_name, seq_name = table_names(namespace, pile)
+    try:
+        dt, st = cat.load_table(docs_name), cat.load_table(seq_name)
+    except NoSuchTableError:
+        return {}
+    done: dict[str, int] = {}
+    head = dt.current_snapshot()
+    if head is not None:
+        props = head.summary.additional_properties if head.summary else {}
+        seq_id = int(props.get("fmforge.sequences-snapshot-id", 0))
+        cur = st.current_snapshot()
+        if seq_id and st.snapshot_by_id(seq_id) is not None and (cur is None or cur.snapshot_id != seq_id):
+            # Killed between the two ref commits: the documents side is published; finish the sequences side.
+            promote(st, seq_id, tags_of(cat, docs_name, head.snapshot_id))
+            st = cat.load_table(seq_name)
+            done["sequencesRefsCompleted"] = 1
+    visible = _reachable(dt)
+    referenced = {int((s.summary.additional_properties if s.summary else {}).get("fmforge.sequences-snapshot-id", 0))
+                  for s in dt.snapshots() if s.snapshot_id in visible}
+    for table, keep, key in ((dt, set(), "documentsSnapshotsExpired"), (st, referenced, "sequencesSnapshotsExpired")):
+        orphans = [s for s in table.snapshots() if s.snapshot_id not in _reachable(table) | keep]
+        if orphans:
+            _expire(table, orphans)
+            done[key] = len(orphans)
+    return done
+
+
+def _expire(table, snapshots) -> None:
+    """Expire snapshots no ref reaches and delete the files only they wrote: each was committed
+    staged and never made visible, so no other snapshot holds its data files."""
+    ids = [s.snapshot_id for s in snapshots]
+    paths: list[str] = []
+    for snap in snapshots:
+        for manifest in snap.manifests(table.io):
+            if manifest.added_snapshot_id == snap.snapshot_id:
+                paths += [e.data_file.file_path for e in manifest.fetch_manifest_entry(table.io)
+                          if e.snapshot_id == snap.snapshot_id and e.status.name == "ADDED"]
+                paths.append(manifest.manifest_path)
+        paths.append(snap.manifest_list)
+    table.maintenance.expire_snapshots().by_ids(ids).commit()
+    for path in paths:
+        try:
+            table.io.delete(path)
+        except FileNotFoundError:
+            pass
 
 
 def publish(cat, namespace: str, pile: str, docs: pa.Table, seqs: pa.Table, tags: list[str],
             properties: dict[str, str]) -> Published:
-    """Commit both tables, then move the tags; returns the new version."""
+    """Commit both tables staged, then make the version visible (documents first: the commit
+    point); returns the new version."""
     docs_name, seq_name = table_names(namespace, pile)
     dt = _table(cat, docs_name, docs.schema)
     st = _table(cat, seq_name, seqs.schema)
     seq_snap = replace(st, seqs, properties)
-    replace(dt, docs, {**properties, "fmforge.sequences-snapshot-id": str(seq_snap)})
-    snap = dt.current_snapshot()
-    move_tags(dt, snap.snapshot_id, tags)
-    move_tags(st, seq_snap, tags)
-    return Published(snap.snapshot_id, seq_snap,
-                     datetime.fromtimestamp(snap.timestamp_ms / 1000, timezone.utc).isoformat(), False, docs_name)
+    doc_snap = replace(dt, docs, {**properties, "fmforge.sequences-snapshot-id": str(seq_snap)})
+    promote(dt, doc_snap, tags)
+    promote(st, seq_snap, tags)
+    snap = dt.snapshot_by_id(doc_snap)
+    return Published(doc_snap, seq_snap,
+                     datetime.fromtimestamp(snap.timestamp_ms / 1000, timezone.utc).isoformat(), docs_name)
 
 
 def replace(table, df: pa.Table, properties: dict[str, str]) -> int:
-    """Make `df` the table's contents in one snapshot, and return its id.
+    """Stage a snapshot whose contents are `df` (no ref moves to it), and return its id.
 
     pyiceberg's `overwrite` commits two snapshots (a delete, then an append); a pile version is
     one: an `append` for the first version, then an `overwrite` that removes the previous data
@@ -116,22 +191,40 @@ def replace(table, df: pa.Table, properties: dict[str, str]) -> int:
     try:
         from pyiceberg.io.pyarrow import _check_pyarrow_schema_compatible, _dataframe_to_data_files
     except ImportError:
-        table.overwrite(df, snapshot_properties=properties)
-        return table.current_snapshot().snapshot_id
+        table.overwrite(df, snapshot_properties=properties, branch=None)
+        return _newest(table)
 
     _check_pyarrow_schema_compatible(table.schema(), provided_schema=df.schema)
     if table.current_snapshot() is None:
-        table.append(df, snapshot_properties=properties)
-        return table.current_snapshot().snapshot_id
+        table.append(df, snapshot_properties=properties, branch=None)
+        return _newest(table)
     previous = [task.file for task in table.scan().plan_files()]
     with table.transaction() as tx:
-        with tx.update_snapshot(snapshot_properties=properties).overwrite() as snap:
+        with tx.update_snapshot(snapshot_properties=properties, branch=None).overwrite() as snap:
             for data_file in previous:
                 snap.delete_data_file(data_file)
             for data_file in _dataframe_to_data_files(table_metadata=tx.table_metadata, df=df, io=table.io,
                                                       write_uuid=snap.commit_uuid):
                 snap.append_data_file(data_file)
-    return table.current_snapshot().snapshot_id
+    return _newest(table)
+
+
+def _newest(table) -> int:
+    """The id of the snapshot committed last (a staged one is on no ref)."""
+    return max(table.snapshots(), key=lambda s: (s.sequence_number, s.timestamp_ms)).snapshot_id
+
+
+def promote(table, snapshot_id: int, tags: list[str]) -> None:
+    """Make a staged snapshot the table's current one and move `tags` to it, in one commit."""
+    refs = table.refs()
+    ms = table.manage_snapshots().set_current_snapshot(snapshot_id)
+    for tag in tags:
+        if tag in refs:
+            if refs[tag].snapshot_id == snapshot_id:
+                continue
+            ms = ms.remove_tag(tag)
+        ms = ms.create_tag(snapshot_id, tag)
+    ms.commit()
 
 
 def move_tags(table, snapshot_id: int, tags: list[str]) -> None:

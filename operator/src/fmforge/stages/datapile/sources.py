@@ -6,6 +6,12 @@ claim mounted at $FMFORGE_PVC_ROOT/CLAIM in the pod, /mnt/pvc by default), `s3:/
 jsonl (also .gz), parquet, text (one document per file) and code (one document per file of a
 source tree, its path kept). Every document gets a stable id (source, path, line) and every
 source a content digest over its files, recorded in the pile's lineage.
+
+What is read stays where the user pointed: `file://` paths stay inside the manifest's folder
+unless the runner allows otherwise (`fmforge run --allow-outside-paths`), `pvc://` paths inside
+their claim, and directory links in a local tree are not followed (a link loop would read the
+same files again and again). A record whose text is not a string is never turned into one, and
+documents over the source's `maxDocumentBytes` are dropped at read; both are counted.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ...api.v1alpha1.common import quantity_value
 from ...api.v1alpha1.datapile import Source
 from ..base import InputError, InvalidSpec
 
@@ -55,17 +62,31 @@ class SourceRead:
     documents: int
     bytes: int
     digest: str
+    dropped: dict[str, int]
+    """Records dropped at read, by reason: invalidText, tooLarge."""
 
 
-def resolve(uri: str, base_dir: Path) -> tuple[pafs.FileSystem, str]:
-    """The filesystem and path a source URI names."""
+def resolve(uri: str, base_dir: Path, confine: bool = True) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path a source URI names.
+
+    With `confine`, a `file://` path must lie inside `base_dir` (links resolved): manifests
+    from elsewhere cannot read the host's files into a pile unless the user says so."""
     scheme, _, rest = uri.partition("://")
     if scheme == "file":
         p = Path(rest)
-        return pafs.LocalFileSystem(), str(p if p.is_absolute() else (base_dir / p).resolve())
+        path = (p if p.is_absolute() else base_dir / p).resolve()
+        if confine and not path.is_relative_to(base_dir.resolve()):
+            raise InvalidSpec(f"{uri} resolves to {path}, outside the manifest's folder {base_dir.resolve()}; "
+                              f"move the data under that folder, or run with --allow-outside-paths if you "
+                              f"trust this manifest")
+        return pafs.LocalFileSystem(), str(path)
     if scheme == "pvc":
         root = Path(os.environ.get("FMFORGE_PVC_ROOT", "/mnt/pvc"))
-        return pafs.LocalFileSystem(), str(root / rest)
+        claim, _, sub = rest.partition("/")
+        path = (root / claim / sub).resolve()
+        if not claim or not path.is_relative_to((root / claim).resolve()):
+            raise InvalidSpec(f"{uri}: a pvc:// URI is pvc://CLAIM/PATH with PATH inside the claim")
+        return pafs.LocalFileSystem(), str(path)
     if scheme == "s3":
         return s3_filesystem(), rest.rstrip("/")
     if scheme == "pkg":
@@ -118,6 +139,8 @@ def list_files(fs: pafs.FileSystem, root: str, source: Source) -> list[tuple[str
                          f"fix the uri or create the data")
     if info.type == pafs.FileType.File:
         entries = [(root, PurePosixPath(root).name)]
+    elif isinstance(fs, pafs.LocalFileSystem):
+        entries = _local_tree(root)
     else:
         sel = pafs.FileSelector(root, recursive=True)
         entries = [(i.path, os.path.relpath(i.path, root)) for i in fs.get_file_info(sel)
@@ -141,17 +164,44 @@ def list_files(fs: pafs.FileSystem, root: str, source: Source) -> list[tuple[str
     return sorted(out, key=lambda e: e[1])
 
 
+def _local_tree(root: str) -> list[tuple[str, str]]:
+    """Files of a local tree. Directory links are not followed (a loop would read the same files
+    over and over, a link out of the tree would read what the user did not point at); a file
+    link is read only if its target lies inside the tree."""
+    top = Path(root).resolve()
+    out = []
+    for d, _, names in os.walk(root, followlinks=False):
+        for name in names:
+            path = os.path.join(d, name)
+            if os.path.islink(path):
+                target = Path(path).resolve()
+                if not target.is_file() or not target.is_relative_to(top):
+                    continue
+            elif not os.path.isfile(path):
+                continue
+            out.append((path, os.path.relpath(path, root)))
+    return out
+
+
 def _doc_id(source: str, rel: str, n: int | str) -> str:
     return hashlib.sha1(f"{source}\0{rel}\0{n}".encode()).hexdigest()[:20]
 
 
-def read_source(source: Source, base_dir: Path) -> tuple[pa.Table, SourceRead]:
+def _not_text(source: Source, where: str, value: object) -> str:
+    what = "null" if value is None else type(value).__name__
+    return (f"source {source.name}: {where}: {source.text_field!r} is {what}, not text; fix the data, or set "
+            f"invalidText: skip on the source to skip and count such records")
+
+
+def read_source(source: Source, base_dir: Path, confine: bool = True) -> tuple[pa.Table, SourceRead]:
     """All documents of one source, and what was read."""
-    fs, root = resolve(source.uri, base_dir)
+    fs, root = resolve(source.uri, base_dir, confine)
     files = list_files(fs, root, source)
     ids, paths, texts = [], [], []
     digest = hashlib.sha256()
     total = 0
+    limit = int(quantity_value(source.max_document_bytes))
+    dropped = {"invalidText": 0, "tooLarge": 0}
     for path, rel in files:
         try:
             with fs.open_input_file(path) as f:
@@ -161,6 +211,9 @@ def read_source(source: Source, base_dir: Path) -> tuple[pa.Table, SourceRead]:
         total += len(data)
         digest.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
         if source.format in ("text", "code"):
+            if len(data) > limit:
+                dropped["tooLarge"] += 1
+                continue
             text = data.decode("utf-8", errors="replace")
             ids.append(_doc_id(source.name, rel, 0))
             paths.append(rel)
@@ -186,10 +239,19 @@ def read_source(source: Source, base_dir: Path) -> tuple[pa.Table, SourceRead]:
                     have = sorted(rec)[:10] if isinstance(rec, dict) else type(rec).__name__
                     raise InputError(f"source {source.name}: {rel} line {n + 1} has no field "
                                      f"{source.text_field!r} (it has {have}); set textField")
+                text = rec[source.text_field]
+                if not isinstance(text, str):
+                    if source.invalid_text == "fail":
+                        raise InputError(_not_text(source, f"{rel} line {n + 1}", text))
+                    dropped["invalidText"] += 1
+                    continue
+                if len(line) > limit and len(text.encode()) > limit:
+                    dropped["tooLarge"] += 1
+                    continue
                 key = rec.get(source.id_field) if source.id_field else n
                 ids.append(_doc_id(source.name, rel, str(key)))
                 paths.append(rel)
-                texts.append(str(rec[source.text_field]))
+                texts.append(text)
         else:  # parquet
             try:
                 t = pq.read_table(io.BytesIO(data))
@@ -199,14 +261,29 @@ def read_source(source: Source, base_dir: Path) -> tuple[pa.Table, SourceRead]:
             if source.text_field not in t.column_names:
                 raise InputError(f"source {source.name}: {rel} has no column {source.text_field!r} "
                                  f"(it has {t.column_names[:10]}); set textField")
-            col = t.column(source.text_field).to_pylist()
+            column = t.column(source.text_field)
+            if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+                raise InputError(f"source {source.name}: {rel}: column {source.text_field!r} holds {column.type}, "
+                                 f"not text; set textField to the text column")
+            col = column.to_pylist()
             keys = t.column(source.id_field).to_pylist() if source.id_field and source.id_field in t.column_names \
                 else range(len(col))
-            for key, text in zip(keys, col):
+            for row, (key, text) in enumerate(zip(keys, col)):
+                if text is None:
+                    if source.invalid_text == "fail":
+                        raise InputError(_not_text(source, f"{rel} row {row}", text))
+                    dropped["invalidText"] += 1
+                    continue
+                if len(text) > limit // 4 and len(text.encode()) > limit:
+                    dropped["tooLarge"] += 1
+                    continue
                 ids.append(_doc_id(source.name, rel, str(key)))
                 paths.append(rel)
-                texts.append("" if text is None else str(text))
+                texts.append(text)
     n = len(ids)
+    if n == 0 and not any(dropped.values()):
+        raise InputError(f"source {source.name}: its {len(files)} {source.format} file(s) under {source.uri} hold no "
+                         f"documents (empty files?); add data or remove the source")
     table = pa.table(
         {
             "id": ids,
@@ -218,7 +295,8 @@ def read_source(source: Source, base_dir: Path) -> tuple[pa.Table, SourceRead]:
         },
         schema=DOC_SCHEMA,
     )
-    return table, SourceRead(source.name, source.uri, len(files), n, total, "sha256:" + digest.hexdigest())
+    return table, SourceRead(source.name, source.uri, len(files), n, total, "sha256:" + digest.hexdigest(),
+                             {k: v for k, v in dropped.items() if v})
 
 
 def fingerprint(sources: list[Source], base_dir: Path) -> str:
@@ -226,7 +304,7 @@ def fingerprint(sources: list[Source], base_dir: Path) -> str:
     h = hashlib.sha256()
     for s in sources:
         try:
-            fs, root = resolve(s.uri, base_dir)
+            fs, root = resolve(s.uri, base_dir, confine=False)
             for path, rel in list_files(fs, root, s):
                 info = fs.get_file_info(path)
                 h.update(f"{s.name}\0{rel}\0{info.size}\0{info.mtime_ns}\n".encode())
