@@ -31,7 +31,8 @@ def _model(ctx: StageContext, spec: ModelCardSpec) -> tuple[Path, str, dict[str,
     model = ((ctx.inputs.get(key) or {}).get("status") or {}).get("model") or {}
     if not model.get("uri") or not model.get("digest"):
         raise InputError(f"spec.modelRef: {key} has no model in its status; run it first")
-    _, path = resolve_uri(model["uri"], ctx.base_dir)
+    # fmforge wrote this URI itself (the producer's status): not confined to the manifest's folder.
+    _, path = resolve_uri(model["uri"], ctx.base_dir, confine=False)
     path = Path(path)
     if not (path / "config.json").is_file():
         raise InputError(f"spec.modelRef: the model of {key} is not at {model['uri']} (no config.json); run {key} "
@@ -67,7 +68,7 @@ def run(ctx: StageContext) -> StageResult:
             if encoder:
                 raise InvalidSpec(f"{where}: {b.name}: prompts need a generative model, and {spec.model_ref.name} is "
                                   f"an encoder (masked LM); use maskedTokens or perplexity for it")
-            _, p = resolve_uri(b.uri, ctx.base_dir)
+            _, p = resolve_uri(b.uri, ctx.base_dir, confine=not ctx.allow_outside_paths)
             plans.append((b, evaluate.read_prompts(Path(p), b.uri, b.max_samples)))
         else:
             if b.type == "maskedTokens" and not encoder:
@@ -87,7 +88,7 @@ def run(ctx: StageContext) -> StageResult:
             value, samples, dataset = m.value, m.samples, {"name": Path(b.uri).name, "type": "prompts"}
             examples[b.name] = m.details
         else:
-            piles.ray_init(2)
+            piles.ray_init(ctx.state_dir, 2)
             rep.step(f"benchmark {b.name}", total=b.max_samples)
             pm = evaluate.on_pile(plan, b.data_pile_ref.split, path, encoder, b.max_samples, b.mask_probability,
                                   b.seed, progress=rep.advance)
@@ -108,7 +109,7 @@ def run(ctx: StageContext) -> StageResult:
     # 4. The card, in a directory of its own; earlier cards stay as history.
     now = datetime.now(timezone.utc)
     out = ctx.artifacts / f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{digest.split(':')[1][:12]}"
-    history = _history(ctx.artifacts.parent)
+    history = _history(ctx.artifacts)
     pile_info = training.get("dataPile")
     if pile_info:
         datasets = {pile_info["name"]: pile_info, **datasets}
@@ -158,9 +159,10 @@ def _bounds(th: dict[str, float]) -> str:
 
 
 def _history(root: Path) -> list[dict[str, Any]]:
-    """Earlier evaluations of this ModelCard (every attempt's card.json), oldest first."""
+    """Earlier evaluations of this ModelCard (the card.json of each under its artifact root),
+    oldest first."""
     out = []
-    for f in root.glob("*/*/card.json"):
+    for f in root.glob("*/card.json"):
         try:
             c = json.loads(f.read_text())
             out.append({"evaluatedAt": c["evaluatedAt"], "modelDigest": c["model"]["digest"],

@@ -7,9 +7,10 @@
 
 Everything the user can get wrong is refused before a worker starts. The driver (this process:
 `fmforge run` locally, the RayJob entrypoint on a cluster) reads no token: Ray Data tasks read
-the Iceberg snapshot and stream it to the workers. Checkpoints live in the attempt's artifacts
-(`checkpoints/`); a run started again for the same attempt resumes from the latest one, and Ray
-Train restarts failed workers from it up to `faultTolerance.maxFailures` times. A finished
+the Iceberg snapshot and stream it to the workers. Checkpoints live in the attempt's folder
+(`attempts/<digest of spec and pile snapshots>/checkpoints/`); a run started again for the same
+attempt resumes from the newest one, and Ray Train restarts failed workers from it up to
+`faultTolerance.maxFailures` times. A finished
 model never changes: each attempt writes a new directory, so a failed run leaves the previous
 model as it was. Called by the local runner and by `fmforge.runtime.job` through `STAGES`.
 """
@@ -50,6 +51,11 @@ def model_digest(path: Path) -> str:
 def spec_digest(spec: TrainingRunSpec) -> str:
     body = json.dumps(spec.model_dump(mode="json", by_alias=True), sort_keys=True)
     return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
+
+
+def _attempt_key(spec: TrainingRunSpec, version: pile.PileVersion) -> str:
+    body = f"{spec_digest(spec)}\0{version.snapshot_id}\0{version.sequences_snapshot_id}"
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
 def _eta(seconds: float) -> str:
@@ -99,15 +105,18 @@ def run(ctx: StageContext) -> StageResult:
     from ray.util.queue import Empty, Queue
 
     # One CPU beyond the workers' for the Ray Data tasks that read the pile.
-    pile.ray_init(res.workers * res.cpus_per_worker + 1)
+    pile.ray_init(ctx.state_dir, res.workers * res.cpus_per_worker + 1)
     datasets = {"train": pile.sequences(version, "train")}
     if n_val:
         datasets["validation"] = pile.sequences(version, "validation")
     progress = Queue(actor_options={"num_cpus": 0})
-    storage = (ctx.artifacts / "checkpoints").resolve()
+    # The attempt's folder: the same spec on the same pile version is the same attempt, and a run
+    # started again resumes from its checkpoints; anything else starts afresh in a folder of its own.
+    attempt = ctx.artifacts / "attempts" / _attempt_key(spec, version)
+    storage = (attempt / "checkpoints").resolve()
     tok_dir = version.tokenizer
     if spec.model.architecture == "encoder":  # the workers need the tokenizer with its mask token
-        tok_dir = ctx.artifacts / "tokenizer"
+        tok_dir = attempt / "tokenizer"
         tok.save_pretrained(str(tok_dir))
     loop = LoopConfig(
         architecture=spec.model.architecture, model_config=config, tokenizer=str(tok_dir), seed=tr.seed,

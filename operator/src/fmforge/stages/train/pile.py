@@ -11,8 +11,6 @@ holds the pile. Called by the TrainingRun stage (`fmforge.stages.train`) and the
 from __future__ import annotations
 
 import logging
-import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,7 +142,7 @@ def sequences(pile: PileVersion, split: str):
     return ds.filter(expr=col("split") == split).select_columns(["input_ids", "length"])
 
 
-def ray_init(cpus: int) -> None:
+def ray_init(state_dir: Path, cpus: int) -> None:
     """Start the local Ray (or attach to the RayJob's cluster) with at least `cpus` CPUs.
 
     Locally, a Ray started by an earlier stage with fewer CPUs is restarted: Ray Train's workers
@@ -152,13 +150,11 @@ def ray_init(cpus: int) -> None:
     or they would wait for ever."""
     import ray
 
-    in_cluster = bool(os.environ.get("RAY_ADDRESS"))
-    if ray.is_initialized() and not in_cluster and ray.cluster_resources().get("CPU", 0) < cpus:
-        ray.shutdown()
-    if not ray.is_initialized():
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        ray.init(num_cpus=None if in_cluster else cpus, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, ignore_reinit_error=True)
+    from .. import raysession
+
+    if ray.is_initialized() and not raysession.in_cluster() and ray.cluster_resources().get("CPU", 0) < cpus:
+        raysession.shutdown()
+    raysession.start(state_dir, cpus)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -172,6 +168,3 @@ def ray_init(cpus: int) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    deadline = time.monotonic() + 10
-    while ray.available_resources().get("CPU", 0) < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
