@@ -15,13 +15,14 @@ EXTRAS        ?= dev,data,train,serve
 STAMP         := $(VENV)/.installed-$(EXTRAS)
 PYTEST_ARGS   ?=
 
-.PHONY: help setup quickstart corpus test test-unit test-stages test-layers test-cluster crds helm controlplane bench controlplane-up clean
+.PHONY: help setup quickstart corpus test test-unit test-stages test-layers test-cluster crds helm controlplane bench bench-train controlplane-up clean
 
 help:
 	@echo "make quickstart   run the whole pipeline locally (examples/quickstart)"
 	@echo "make test         run every test tier"
 	@echo "make crds         regenerate crds/ and the chart's CRDs from the API models"
 	@echo "make bench        DataPile benchmark beside datatrove (prints figures, never part of make test)"
+	@echo "make bench-train  TrainingRun benchmark beside a plain PyTorch DDP loop (never part of make test)"
 	@echo "make controlplane build the test control plane binaries (etcd, kube-apiserver, kubectl)"
 
 $(STAMP): operator/pyproject.toml
@@ -70,6 +71,10 @@ $(BENCH_VENV)/.installed: operator/pyproject.toml
 
 bench: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python tests/bench/bench_datapile.py
+
+# Ray Train beside a plain torch.distributed loop, same model, data and batch (add ARGS=--device cuda on a GPU).
+bench-train: setup
+	$(BIN)/python tests/bench/bench_train.py $(ARGS)
 
 test-unit: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/unit

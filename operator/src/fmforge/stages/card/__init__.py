@@ -31,7 +31,7 @@ def _model(ctx: StageContext, spec: ModelCardSpec) -> tuple[Path, str, dict[str,
     model = ((ctx.inputs.get(key) or {}).get("status") or {}).get("model") or {}
     if not model.get("uri") or not model.get("digest"):
         raise InputError(f"spec.modelRef: {key} has no model in its status; run it first")
-    # A producer's artifact URI, written by fmforge: not confined to the manifest's folder.
+    # fmforge wrote this URI itself (the producer's status): not confined to the manifest's folder.
     _, path = resolve_uri(model["uri"], ctx.base_dir, confine=False)
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -159,7 +159,8 @@ def _bounds(th: dict[str, float]) -> str:
 
 
 def _history(root: Path) -> list[dict[str, Any]]:
-    """Earlier evaluations of this ModelCard (every attempt's card.json), oldest first."""
+    """Earlier evaluations of this ModelCard (the card.json of each under its artifact root),
+    oldest first."""
     out = []
     for f in root.glob("*/card.json"):
         try:

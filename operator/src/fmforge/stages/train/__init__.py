@@ -7,9 +7,10 @@
 
 Everything the user can get wrong is refused before a worker starts. The driver (this process:
 `fmforge run` locally, the RayJob entrypoint on a cluster) reads no token: Ray Data tasks read
-the Iceberg snapshot and stream it to the workers. Checkpoints live in the attempt's artifacts
-(`checkpoints/`); a run started again for the same attempt resumes from the latest one, and Ray
-Train restarts failed workers from it up to `faultTolerance.maxFailures` times. A finished
+the Iceberg snapshot and stream it to the workers. Checkpoints live in the attempt's folder
+(`attempts/<digest of spec and pile snapshots>/checkpoints/`); a run started again for the same
+attempt resumes from the newest one, and Ray Train restarts failed workers from it up to
+`faultTolerance.maxFailures` times. A finished
 model never changes: each attempt writes a new directory, so a failed run leaves the previous
 model as it was. Called by the local runner and by `fmforge.runtime.job` through `STAGES`.
 """
@@ -28,7 +29,7 @@ from typing import Any
 from ...api.v1alpha1.trainingrun import TrainingRunSpec
 from ..base import InputError, InvalidSpec, StageContext, StageResult
 from . import models, pile
-from .loop import CURVE, MODEL_DIR, train_loop
+from .loop import CURVE, MODEL_DIR, LoopConfig, train_loop
 
 #: Written into every model directory: how the model was made (hyperparameters, lineage, the
 #: loss curve). The ModelCard stage reads it for the card.
@@ -50,6 +51,11 @@ def model_digest(path: Path) -> str:
 def spec_digest(spec: TrainingRunSpec) -> str:
     body = json.dumps(spec.model_dump(mode="json", by_alias=True), sort_keys=True)
     return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
+
+
+def _attempt_key(spec: TrainingRunSpec, version: pile.PileVersion) -> str:
+    body = f"{spec_digest(spec)}\0{version.snapshot_id}\0{version.sequences_snapshot_id}"
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
 def _eta(seconds: float) -> str:
@@ -104,25 +110,24 @@ def run(ctx: StageContext) -> StageResult:
     if n_val:
         datasets["validation"] = pile.sequences(version, "validation")
     progress = Queue(actor_options={"num_cpus": 0})
-    loop_config = {
-        "architecture": spec.model.architecture, "model_config": config, "tokenizer": str(version.tokenizer),
-        "seed": tr.seed, "max_steps": tr.max_steps, "micro_batch_size": tr.micro_batch_size,
-        "accumulation": accumulation, "learning_rate": tr.learning_rate, "warmup_steps": tr.warmup_steps,
-        "schedule": tr.schedule, "weight_decay": tr.weight_decay, "gradient_clip": tr.gradient_clip,
-        "precision": precision, "checkpoint_every": tr.checkpoint_every, "mask_probability": tr.mask_probability,
-        "parallelism": tr.parallelism, "has_validation": bool(n_val), "progress": progress,
-    }
-    # Checkpoints belong to one attempt (this generation on this pile snapshot): a run started
-    # again after a crash resumes from them; a new spec or pile version starts afresh.
-    storage = (ctx.artifacts / "checkpoints" / f"g{ctx.generation}-{version.snapshot_id}").resolve()
-    loop_config["checkpoints"] = str(storage / "train")
+    # The attempt's folder: the same spec on the same pile version is the same attempt, and a run
+    # started again resumes from its checkpoints; anything else starts afresh in a folder of its own.
+    attempt = ctx.artifacts / "attempts" / _attempt_key(spec, version)
+    storage = (attempt / "checkpoints").resolve()
+    tok_dir = version.tokenizer
     if spec.model.architecture == "encoder":  # the workers need the tokenizer with its mask token
-        tok_dir = storage / "tokenizer"
+        tok_dir = attempt / "tokenizer"
         tok.save_pretrained(str(tok_dir))
-        loop_config["tokenizer"] = str(tok_dir)
+    loop = LoopConfig(
+        architecture=spec.model.architecture, model_config=config, tokenizer=str(tok_dir), seed=tr.seed,
+        max_steps=tr.max_steps, micro_batch_size=tr.micro_batch_size, accumulation=accumulation,
+        learning_rate=tr.learning_rate, warmup_steps=tr.warmup_steps, schedule=tr.schedule,
+        weight_decay=tr.weight_decay, gradient_clip=tr.gradient_clip, precision=precision,
+        checkpoint_every=tr.checkpoint_every, mask_probability=tr.mask_probability, parallelism=tr.parallelism,
+        has_validation=bool(n_val), checkpoints=str(storage / "train"), progress=progress)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=loop_config,
+        train_loop_config={"loop": loop},
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
                                      resources_per_worker={"CPU": res.cpus_per_worker,
                                                            **({"GPU": res.gpus_per_worker}
@@ -152,16 +157,12 @@ def run(ctx: StageContext) -> StageResult:
                             resumed_from=ev["resumed_from"])
                 if ev["resumed_from"]:
                     rep.log(f"Resumed TrainingRun {ctx.name} from its checkpoint", step=ev["resumed_from"])
-                done = last.get("step", 0)
-                rep.advance(ev["step"] - done)
+                rep.advance(ev["step"] - last.get("step", 0))  # back to the checkpoint's step after a restart
                 last["step"] = ev["step"]
             elif ev["event"] == "step":
                 rep.advance(ev["step"] - last.get("step", 0), loss=f"{ev['loss']:.3f}", lr=f"{ev['lr']:.2e}",
-                            tokens_s=f"{ev['tokens'] / max(ev['time'] - last.get('time', started), 1e-9):.0f}",
-                            eta=_eta(ev["eta"]))
-                if ev["step"] > last.get("step", 0):
-                    last.update(tokens_s=ev["tokens"] / max(ev["time"] - last.get("time", started), 1e-9))
-                last.update(step=ev["step"], loss=ev["loss"], time=ev["time"])
+                            tokens_s=f"{ev['tokens_per_second']:.0f}", eta=_eta(ev["eta"]))
+                last.update(step=ev["step"], tokens_s=ev["tokens_per_second"])
             elif ev["event"] == "end":
                 info["validation_loss"] = ev["validation_loss"]
         try:

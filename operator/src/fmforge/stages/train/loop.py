@@ -17,6 +17,7 @@ import json
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,50 @@ def _step_of(path: Path) -> int:
     return int(path.name.rsplit("-", 1)[1])
 
 
+@dataclass(frozen=True)
+class LoopConfig:
+    """What every worker needs, resolved by the driver (sent as `train_loop_config["loop"]`)."""
+
+    architecture: str
+    """decoder or encoder."""
+    model_config: dict[str, Any]
+    """The transformers config, as `to_dict()` (model_type included)."""
+    tokenizer: str
+    """Directory of the tokenizer in Hugging Face layout (encoders read their mask token there)."""
+    seed: int
+    """Seed of the model's initialisation (the same on every worker) and of the masking."""
+    max_steps: int
+    """Optimizer steps in all."""
+    micro_batch_size: int
+    """Sequences per forward pass on one worker."""
+    accumulation: int
+    """Micro-batches per optimizer step on each worker (globalBatchSize / micro / workers)."""
+    learning_rate: float
+    """Peak learning rate."""
+    warmup_steps: int
+    """Steps of linear warm-up."""
+    schedule: str
+    """cosine, linear or constant after warm-up."""
+    weight_decay: float
+    """AdamW weight decay of the matrices."""
+    gradient_clip: float
+    """Gradient norm clipping; 0 disables it."""
+    precision: str
+    """bf16, fp16 or fp32, as the driver chose it (fp32 on CPUs)."""
+    checkpoint_every: int | None
+    """Checkpoint every N steps; None: at the end only."""
+    mask_probability: float
+    """Share of tokens masked (encoders)."""
+    parallelism: str
+    """ddp or fsdp, for `ray.train.torch.prepare_model`."""
+    has_validation: bool
+    """Whether a `validation` dataset shard exists to measure the validation loss on."""
+    checkpoints: str
+    """The run's checkpoint folder in storage, searched for the newest complete checkpoint."""
+    progress: Any
+    """A `ray.util.queue.Queue` the rank-0 worker sends progress events to."""
+
+
 def _batch_tensors(batch: dict[str, Any]):
     """input_ids (micro × length) and the real lengths of a numpy batch from Ray Data."""
     import numpy as np
@@ -62,7 +107,8 @@ def _batch_tensors(batch: dict[str, Any]):
     return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(batch["length"].astype(np.int64))
 
 
-def train_loop(config: dict[str, Any]) -> None:
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """One worker's training: the function `TorchTrainer` runs on every worker."""
     import numpy as np
     import ray.train
     import ray.train.torch
@@ -77,31 +123,32 @@ def train_loop(config: dict[str, Any]) -> None:
     )
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, get_scheduler
 
+    c: LoopConfig = loop_config["loop"]
     tc = ray.train.get_context()
     rank, world = tc.get_world_rank(), tc.get_world_size()
-    encoder = config["architecture"] == "encoder"
+    encoder = c.architecture == "encoder"
     device = ray.train.torch.get_device()
 
-    torch.manual_seed(config["seed"])
-    np.random.seed(config["seed"] + rank)
-    cfg = AutoConfig.for_model(**config["model_config"])
+    torch.manual_seed(c.seed)
+    np.random.seed(c.seed + rank)
+    cfg = AutoConfig.for_model(**c.model_config)
     auto = AutoModelForMaskedLM if encoder else AutoModelForCausalLM
     model = auto.from_config(cfg, attn_implementation="sdpa")
     parameters = sum(p.numel() for p in model.parameters())
-    model = ray.train.torch.prepare_model(model, parallel_strategy=config["parallelism"])
+    model = ray.train.torch.prepare_model(model, parallel_strategy=c.parallelism)
 
     # AdamW decays matrices only: biases and norm weights (1-D) are left alone, as in GPT-2/Llama.
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config["weight_decay"]},
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": c.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=config["learning_rate"], betas=(0.9, 0.95), eps=1e-8,
+    optimizer = torch.optim.AdamW(groups, lr=c.learning_rate, betas=(0.9, 0.95), eps=1e-8,
                                   fused=device.type == "cuda")
-    schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[config["schedule"]]
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=config["warmup_steps"],
-                              num_training_steps=config["max_steps"])
+    schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[c.schedule]
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=c.warmup_steps,
+                              num_training_steps=c.max_steps)
 
     # The precision the driver chose (fp32 on CPUs); a GPU without bf16 falls back to fp32 too.
-    precision = config["precision"]
+    precision = c.precision
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         precision = "fp32"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -112,9 +159,9 @@ def train_loop(config: dict[str, Any]) -> None:
     if encoder:
         from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
-        tok = PreTrainedTokenizerFast.from_pretrained(config["tokenizer"])
-        masker = DataCollatorForLanguageModeling(tok, mlm_probability=config["mask_probability"],
-                                                 seed=config["seed"] + rank)
+        tok = PreTrainedTokenizerFast.from_pretrained(c.tokenizer)
+        masker = DataCollatorForLanguageModeling(tok, mlm_probability=c.mask_probability,
+                                                 seed=c.seed + rank)
         masker.create_rng("pt")
 
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -122,7 +169,7 @@ def train_loop(config: dict[str, Any]) -> None:
     resumed_from = None
     curve: list[dict[str, float]] = []
     checkpoint = ray.train.get_checkpoint()
-    stored = latest_checkpoint(Path(config["checkpoints"]))
+    stored = latest_checkpoint(Path(c.checkpoints))
     if stored is not None and (checkpoint is None or _step_of(stored) > _step_of(Path(checkpoint.path))):
         checkpoint = ray.train.Checkpoint.from_directory(str(stored))
     if checkpoint is not None:
@@ -168,19 +215,20 @@ def train_loop(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"checkpoint-{step:08d}")
 
-    queue = config["progress"]
+    queue = c.progress
     if rank == 0:
         queue.put({"event": "start", "step": step, "resumed_from": resumed_from, "parameters": parameters,
                    "precision": precision})
-    accum = config["accumulation"]
+    accum = c.accumulation
     shard = ray.train.get_dataset_shard("train")
     ddp = hasattr(model, "no_sync")
     loss_sum = torch.zeros(2, dtype=torch.float64)  # summed loss of the step's micro-batches, tokens
     micro = 0
     started, first_step = time.monotonic(), step
-    while step < config["max_steps"]:
+    last_time = started
+    while step < c.max_steps:
         seen = 0
-        for batch in shard.iter_batches(batch_size=config["micro_batch_size"], batch_format="numpy",
+        for batch in shard.iter_batches(batch_size=c.micro_batch_size, batch_format="numpy",
                                         drop_last=True, prefetch_batches=2):
             seen += 1
             if seen <= consumed:  # a resumed epoch: skip what the checkpoint had consumed
@@ -202,8 +250,8 @@ def train_loop(config: dict[str, Any]) -> None:
             if not sync:
                 continue
             scaler.unscale_(optimizer)
-            if config["gradient_clip"] > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config["gradient_clip"])
+            if c.gradient_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), c.gradient_clip)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -216,20 +264,23 @@ def train_loop(config: dict[str, Any]) -> None:
             tokens = float(loss_sum[1])
             loss_sum.zero_()
             now = time.monotonic()
-            point = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens, "time": now}
+            lr = scheduler.get_last_lr()[0]
             # Wall-clock time (comparable across processes and restarts) and tokens of each step,
             # for throughput read off the curve.
-            curve.append({"step": step, "loss": loss, "lr": point["lr"], "tokens": tokens, "unixTime": time.time()})
-            if rank == 0:
+            curve.append({"step": step, "loss": loss, "lr": lr, "tokens": tokens, "unixTime": time.time()})
+            if rank == 0:  # rates from this worker's own clock: the driver may be on another node
                 rate = (step - first_step) / max(now - started, 1e-9)
-                queue.put({"event": "step", **point, "eta": (config["max_steps"] - step) / max(rate, 1e-9)})
-            if step >= config["max_steps"]:
+                queue.put({"event": "step", "step": step, "loss": loss, "lr": lr,
+                           "tokens_per_second": tokens / max(now - last_time, 1e-9),
+                           "eta": (c.max_steps - step) / max(rate, 1e-9)})
+            last_time = now
+            if step >= c.max_steps:
                 break
-            if config["checkpoint_every"] and step % config["checkpoint_every"] == 0:
+            if c.checkpoint_every and step % c.checkpoint_every == 0:
                 save(final=False)
         else:
             if seen == 0:
-                raise RuntimeError(f"worker {rank} got no training batch of {config['micro_batch_size']} sequences "
+                raise RuntimeError(f"worker {rank} got no training batch of {c.micro_batch_size} sequences "
                                    f"from its shard of the pile")
             epoch += 1
             consumed = 0
@@ -237,12 +288,12 @@ def train_loop(config: dict[str, Any]) -> None:
         break
 
     validation = None
-    if config["has_validation"]:
+    if c.has_validation:
         model.eval()
         totals = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
             for batch in ray.train.get_dataset_shard("validation").iter_batches(
-                    batch_size=config["micro_batch_size"], batch_format="numpy", prefetch_batches=2):
+                    batch_size=c.micro_batch_size, batch_format="numpy", prefetch_batches=2):
                 ids, length = _batch_tensors(batch)
                 valid = torch.arange(ids.shape[1])[None, :] < length[:, None]
                 if masker is not None:
