@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,7 +90,7 @@ class Workspace:
 @pytest.fixture(scope="module")
 def ws(corpus: Path, tmp_path_factory) -> Workspace:
     root = tmp_path_factory.mktemp("train")
-    (root / "corpus").symlink_to(corpus)
+    shutil.copytree(corpus, root / "corpus")  # file:// URIs may not leave the manifest folder
     (root / "pile.yaml").write_text(yaml.safe_dump(PILE, sort_keys=False))
     w = Workspace(root)
     report = run_paths([root / "pile.yaml"], state_dir=w.state.root, console=RunConsole(rich=False))
