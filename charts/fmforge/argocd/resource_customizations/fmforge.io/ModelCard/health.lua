@@ -102,6 +102,7 @@ if phases[phase] == nil then
   hs.message = "Unknown phase " .. phase .. (message and (": " .. message) or "")
   return hs
 end
+
 -- With approval: manual, an evaluated model waits (phase Waiting, Ready reason WaitingForApproval)
 -- until a person approves its digest with the annotations fmforge.io/approved-by and
 -- fmforge.io/approved-digest. Only a person can move it on, so it is Suspended; once annotated
