@@ -21,7 +21,7 @@ lua_version=$(pinned github.com/yuin/gopher-lua)
 json_version=$(pinned layeh.com/gopher-json)
 [[ -n $lua_version && -n $json_version ]] || { echo "no gopher-lua/gopher-json in $modfile" >&2; exit 1; }
 
-key=$(cat "$HERE/main.go" | sha256sum | cut -c1-12)
+key=$( (cat "$HERE/main.go"; echo "$json_version") | sha256sum | cut -c1-12)
 out="$CACHE/luahealth-$lua_version-$key"
 if [[ -x $out/luahealth ]]; then echo "$out"; exit 0; fi
 mkdir -p "$out"
