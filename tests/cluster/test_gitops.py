@@ -1,8 +1,8 @@
 """examples/gitops against a real kube-apiserver with Argo CD's real Application CRD.
 
-The Kustomize base is rendered with `kubectl kustomize` (the Kustomize that Argo CD also runs,
-as a library of kubectl) and the operator's Application with `helm template` the way Argo CD
-renders a Helm source; both are applied server-side with strict field validation, so a field
+The Kustomize base is rendered with `kubectl kustomize` (kubectl embeds sigs.k8s.io/kustomize/api,
+the library of the kustomize binary Argo CD runs) and the operator's Application with `helm
+template` the way Argo CD renders a Helm source; both are applied server-side with strict field validation, so a field
 the CRDs do not know fails instead of being pruned. Argo CD's Application CRD comes from its
 published Go module (tests/argocd.py names the release); a stand-in is used only where the
 module is not served, and the run says so. The chart's argocd-cm snippet is merged into an

@@ -16,7 +16,8 @@ from fmforge.cli import main
 
 # examples/gitops/applications holds Argo CD Applications only, no fmforge objects:
 # tests/cluster/test_gitops.py checks them against Argo CD's CRD.
-EXAMPLES = sorted({p.parent for p in (ROOT / "examples").rglob("*.yaml")} - {ROOT / "examples" / "gitops" / "applications"})
+EXAMPLES = sorted({p.parent for p in (ROOT / "examples").rglob("*.yaml")}
+                  - {ROOT / "examples" / "gitops" / "applications"})
 
 
 def test_the_table_is_big_enough():
