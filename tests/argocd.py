@@ -1,10 +1,12 @@
 """Argo CD for the tests: its release, the health checks' test cases, its Lua runtime.
 
 Imported by name (tests/ is on sys.path through tests/conftest.py) by tests/unit/test_argocd_health.py
-and tests/cluster/test_gitops.py. Argo CD itself is too large to build on this project's test
-machines; what the tests need from it comes from its published Go module at ARGOCD_VERSION: the
-versions of the Lua interpreter and JSON bridge it runs health scripts with (tests/luahealth/
-builds a small runner against exactly those) and, for the cluster tier, its Application CRD.
+and tests/cluster/test_gitops.py. Argo CD's own health code (util/lua) does not build from the
+Go module proxy: its go.mod replaces github.com/argoproj/argo-cd/gitops-engine with a directory
+of its repository, and the proxy serves no version of that module. So what the tests take from
+Argo CD is its published Go module at ARGOCD_VERSION: the versions of the Lua interpreter and JSON
+bridge it runs health scripts with (tests/luahealth/ builds a small runner against exactly those)
+and, for the cluster tier, its Application CRD.
 """
 
 from __future__ import annotations
