@@ -15,7 +15,7 @@ EXTRAS        ?= dev,data,train,serve
 STAMP         := $(VENV)/.installed-$(EXTRAS)
 PYTEST_ARGS   ?=
 
-.PHONY: help setup quickstart corpus test test-unit test-stages test-layers test-cluster crds helm controlplane bench bench-train controlplane-up clean
+.PHONY: help setup quickstart corpus test test-unit test-stages test-layers test-cluster crds helm controlplane bench bench-train bench-serve controlplane-up clean
 
 help:
 	@echo "make quickstart   run the whole pipeline locally (examples/quickstart)"
@@ -23,6 +23,7 @@ help:
 	@echo "make crds         regenerate crds/ and the chart's CRDs from the API models"
 	@echo "make bench        DataPile benchmark beside datatrove (prints figures, never part of make test)"
 	@echo "make bench-train  TrainingRun benchmark beside a plain PyTorch DDP loop (never part of make test)"
+	@echo "make bench-serve  model server against the same model in-process (never part of make test)"
 	@echo "make controlplane build the test control plane binaries (etcd, kube-apiserver, kubectl)"
 
 $(STAMP): operator/pyproject.toml
@@ -75,6 +76,9 @@ bench: $(BENCH_VENV)/.installed
 # Ray Train beside a plain torch.distributed loop, same model, data and batch (add ARGS=--device cuda on a GPU).
 bench-train: setup
 	$(BIN)/python tests/bench/bench_train.py $(ARGS)
+
+bench-serve: setup
+	$(BIN)/python tests/bench/bench_serve.py $(ARGS)
 
 test-unit: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/unit

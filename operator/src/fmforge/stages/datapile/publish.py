@@ -216,29 +216,25 @@ def _newest(table) -> int:
 
 def promote(table, snapshot_id: int, tags: list[str]) -> None:
     """Make a staged snapshot the table's current one and move `tags` to it, in one commit."""
-    refs = table.refs()
-    ms = table.manage_snapshots().set_current_snapshot(snapshot_id)
-    for tag in tags:
-        if tag in refs:
-            if refs[tag].snapshot_id == snapshot_id:
-                continue
-            ms = ms.remove_tag(tag)
-        ms = ms.create_tag(snapshot_id, tag)
-    ms.commit()
+    _retag(table, table.manage_snapshots().set_current_snapshot(snapshot_id), snapshot_id, tags).commit()
 
 
 def move_tags(table, snapshot_id: int, tags: list[str]) -> None:
-    if not tags:
-        return
+    """Move `tags` to a snapshot that is already visible, in one commit (none when no tag moves)."""
+    if tags:
+        _retag(table, table.manage_snapshots(), snapshot_id, tags).commit()
+
+
+def _retag(table, ms, snapshot_id: int, tags: list[str]):
+    """`ms` (a pending ManageSnapshots) with each of `tags` moved onto `snapshot_id`."""
     refs = table.refs()
-    ms = table.manage_snapshots()
     for tag in tags:
         if tag in refs:
             if refs[tag].snapshot_id == snapshot_id:
                 continue
             ms = ms.remove_tag(tag)
         ms = ms.create_tag(snapshot_id, tag)
-    ms.commit()
+    return ms
 
 
 def tags_of(cat, name: str, snapshot_id: int) -> list[str]:

@@ -46,6 +46,14 @@ def is_classifier(model_dir: Path) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
 
 
+def _v2_texts(payload: InferRequest, what: str) -> list[Any]:
+    """The strings of a v2 request's BYTES input `text`."""
+    text = next((i for i in payload.inputs if i.name == "text"), None)
+    if text is None or text.datatype != "BYTES":
+        raise InvalidInput(f"v2 requests need a BYTES input named 'text' holding the {what}")
+    return [t.decode() if isinstance(t, bytes) else t for t in text.data]
+
+
 class GenerativePredictor(kserve.Model):
     """A causal language model: greedy or sampled completions of prompts."""
 
@@ -119,10 +127,7 @@ class GenerativePredictor(kserve.Model):
     async def predict(self, payload: dict | InferRequest, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> dict | InferResponse:
         if isinstance(payload, InferRequest):
-            text = next((i for i in payload.inputs if i.name == "text"), None)
-            if text is None or text.datatype != "BYTES":
-                raise InvalidInput("v2 requests need a BYTES input named 'text' holding the prompts")
-            prompts = [p.decode() if isinstance(p, bytes) else p for p in text.data]
+            prompts = _v2_texts(payload, "prompts")
             params = payload.parameters or {}
             max_tokens = params.get("max_tokens", 32)
             outs = [await asyncio.to_thread(self.generate, p, max_tokens) for p in prompts]
@@ -171,11 +176,7 @@ class ClassifierPredictor(kserve.Model):
     async def predict(self, payload: dict | InferRequest, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> dict | InferResponse:
         if isinstance(payload, InferRequest):
-            text = next((i for i in payload.inputs if i.name == "text"), None)
-            if text is None or text.datatype != "BYTES":
-                raise InvalidInput("v2 requests need a BYTES input named 'text' holding the texts")
-            out = await asyncio.to_thread(self.classify, [t.decode() if isinstance(t, bytes) else t
-                                                          for t in text.data])
+            out = await asyncio.to_thread(self.classify, _v2_texts(payload, "texts"))
             return InferResponse(model_name=self.name, response_id=payload.id or str(uuid.uuid4()), infer_outputs=[
                 InferOutput(name="label", shape=[len(out)], datatype="BYTES", data=[o[0] for o in out]),
                 InferOutput(name="score", shape=[len(out)], datatype="FP32", data=[o[1] for o in out])])

@@ -1,0 +1,135 @@
+"""Benchmark of the local model server against calling the same model in-process.
+
+    python tests/bench/bench_serve.py [--model-dir DIR] [--requests 200] [--max-tokens 8]
+
+Serves the model with fmforge's predictor (kserve's ModelServer, one process), sends a fixed
+number of OpenAI completion requests over loopback from a bounded pool of clients, and times the
+same completions called in-process (`GenerativePredictor.generate`) in the same run. Prints one
+JSON line: requests/s, p50/p99 latency of both, the server's added p50 per request, and the
+errors. Without --model-dir it uses the quickstart's served model if `make quickstart` made one,
+else a two-layer GPT-2 built here (and says which). Never part of `make test`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "operator" / "src"))
+
+from fmforge.stages.deploy import start_server, stop_server  # noqa: E402
+from fmforge.stages.deploy.predictor import GenerativePredictor  # noqa: E402
+
+PROMPTS = ["Question: What does len() return?\nAnswer:", "def read(path):", "Python is", "import json\n"]
+
+
+def _model_dir(arg: Path | None) -> tuple[Path, str]:
+    if arg:
+        return arg, "given"
+    rec = ROOT / "examples" / "quickstart" / ".fmforge" / "objects" / "Deployment" / "pydocs-qa.json"
+    if rec.is_file():
+        uri = (json.loads(rec.read_text()).get("status") or {}).get("servedModel", {}).get("uri")
+        if uri:
+            return Path(uri.removeprefix("file://")), "the quickstart's served model"
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    import sysconfig
+
+    out = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    texts = [p.read_text(errors="replace") for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:150]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=2048, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(fast), n_positions=256, n_embd=256, n_layer=4, n_head=4,
+                               bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id)).save_pretrained(out)
+    fast.save_pretrained(out)
+    return out, "a 4-layer, 256-wide GPT-2 built here (untrained weights)"
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model-dir", type=Path)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--clients", type=int, default=4, help="concurrent clients (bounded load)")
+    ap.add_argument("--max-tokens", type=int, default=8)
+    args = ap.parse_args()
+    model_dir, which = _model_dir(args.model_dir)
+
+    # In-process: the same predictor, the same greedy completions, one at a time.
+    pred = GenerativePredictor("bench", model_dir)
+    pred.load()
+    for p in PROMPTS:
+        pred.generate(p, args.max_tokens)  # warm up
+    local = []
+    t0 = time.perf_counter()
+    for i in range(args.requests):
+        t = time.perf_counter()
+        pred.generate(PROMPTS[i % len(PROMPTS)], args.max_tokens)
+        local.append((time.perf_counter() - t) * 1000)
+    local_wall = time.perf_counter() - t0
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = start_server("bench", model_dir, port, Path(tempfile.mkdtemp()) / "server.log")
+    url = f"http://127.0.0.1:{port}/openai/v1/completions"
+    errors: list[str] = []
+
+    def one(i: int) -> float:
+        body = json.dumps({"model": "bench", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": args.max_tokens})
+        req = urllib.request.Request(url, data=body.encode(), headers={"content-type": "application/json"})
+        t = time.perf_counter()
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                r.read()
+        except (urllib.error.URLError, OSError) as e:
+            errors.append(str(e))
+        return (time.perf_counter() - t) * 1000
+
+    try:
+        for i in range(len(PROMPTS)):
+            one(i)  # warm up
+        served_seq = [one(i) for i in range(args.requests)]  # one at a time: the added latency
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
+            served_load = list(pool.map(one, range(args.requests)))  # bounded load: the throughput
+        load_wall = time.perf_counter() - t0
+    finally:
+        stop_server(proc)
+    out = {
+        "model": which, "requests": args.requests, "maxTokens": args.max_tokens, "clients": args.clients,
+        "inProcess": {"rps": round(args.requests / local_wall, 1), "p50ms": round(_pct(local, 0.5), 2),
+                      "p99ms": round(_pct(local, 0.99), 2)},
+        "served": {"p50ms": round(_pct(served_seq, 0.5), 2), "p99ms": round(_pct(served_seq, 0.99), 2)},
+        "servedUnderLoad": {"rps": round(args.requests / load_wall, 1), "p50ms": round(_pct(served_load, 0.5), 2),
+                            "p99ms": round(_pct(served_load, 0.99), 2)},
+        "addedP50ms": round(_pct(served_seq, 0.5) - _pct(local, 0.5), 2),
+        "addedMeanMs": round(statistics.mean(served_seq) - statistics.mean(local), 2),
+        "errors": len(errors),
+        "goal": "added p50 <= 3 ms, no errors",
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
