@@ -5,6 +5,7 @@
     fmforge get [KIND [NAME]]         the local status, shaped like the CR status
     fmforge lineage KIND/NAME         where an artifact came from
     fmforge crds [--out DIR]          write the CRDs generated from the models
+    fmforge operator                  run the operator (kopf) against the current cluster
     fmforge version
 
 Exit codes: 0 success; 1 invalid manifests, a failed or waiting object, or an object not found;
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -242,6 +244,14 @@ def cmd_crds(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    from .handlers import Options, run
+
+    run(Options(config=args.config, metrics_port=args.metrics_port), namespaces=args.namespace,
+        health_port=args.health_port, log_format=args.log_format, log_level=args.log_level)
+    return EXIT_OK
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     from .api.v1alpha1 import API_VERSION
 
@@ -303,6 +313,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="crds", help="directory (default: %(default)s)")
     c.add_argument("--stdout", action="store_true", help="print them instead")
     c.set_defaults(func=cmd_crds)
+
+    env = os.environ.get
+    op = sub.add_parser("operator", help="run the operator against the current cluster",
+                        description="Run the fmforge operator (kopf): watch the five kinds and reconcile them "
+                        "into KubeRay RayJobs and KServe InferenceServices. Credentials: the pod's ServiceAccount, "
+                        "else $KUBECONFIG or ~/.kube/config. Each flag defaults to the environment variable named.")
+    op.add_argument("--config", default=env("FMFORGE_CONFIG"),
+                    help="settings file (charts/fmforge's config.yaml) [FMFORGE_CONFIG]; default: built-in defaults")
+    op.add_argument("--namespace", action="append",
+                    default=[n for n in env("FMFORGE_NAMESPACES", "").split(",") if n],
+                    help="watch this namespace (repeat for more) [FMFORGE_NAMESPACES, comma-separated]; "
+                    "default: the config's watchNamespaces, else all")
+    op.add_argument("--metrics-port", type=int, default=int(env("FMFORGE_METRICS_PORT", "9090")),
+                    help="port of Prometheus /metrics, 0 for none [FMFORGE_METRICS_PORT] (default: %(default)s)")
+    op.add_argument("--health-port", type=int, default=int(env("FMFORGE_HEALTH_PORT", "8080")),
+                    help="port of the /healthz probe, 0 for none [FMFORGE_HEALTH_PORT] (default: %(default)s)")
+    op.add_argument("--log-format", choices=("plain", "full", "json"), default=env("FMFORGE_LOG_FORMAT", "full"),
+                    help="log lines [FMFORGE_LOG_FORMAT] (default: %(default)s)")
+    op.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                    default=env("FMFORGE_LOG_LEVEL", "info"), help="[FMFORGE_LOG_LEVEL] (default: %(default)s)")
+    op.set_defaults(func=cmd_operator)
 
     ver = sub.add_parser("version", help="print the version")
     ver.set_defaults(func=cmd_version)
