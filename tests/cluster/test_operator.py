@@ -198,3 +198,163 @@ def test_failed_job_shows_why_in_status_and_an_event(cluster, operator):
     assert condition(st, "Ready")["reason"] == "AppFailed" and condition(st, "Stalled")["status"] == "True"
     [ev] = [e for e in events(cluster, n, "docs") if e["reason"] == "AppFailed"]
     assert ev["type"] == "Warning" and "exit code 2" in ev["message"]
+
+
+def test_the_quickstart_chain_waits_for_each_producer_and_proceeds(cluster, operator):
+    n = ns(cluster, "chain")
+    cluster.kubectl("apply", "--server-side", "-n", n, "-f", str(ROOT / "examples" / "quickstart"))
+    wait_for("the DataPile's RayJob", lambda: get(cluster, n, "rayjobs", "pydocs-g1-prepare"))
+    st = wait_phase(cluster, n, "TrainingRun", "pydocs-gpt", "Waiting")
+    assert "DataPile/pydocs" in st["message"] and condition(st, "Ready")["reason"] == "WaitingForProducer"
+    for kind, name in (("TunedModel", "pydocs-qa"), ("ModelCard", "pydocs-qa"), ("Deployment", "pydocs-qa")):
+        wait_phase(cluster, n, kind, name, "Waiting")
+    assert get(cluster, n, "rayjobs", "pydocs-gpt-g1-train") is None
+
+    t0 = time.monotonic()
+    succeed(cluster, n, "DataPile", "pydocs", results=PILE_RESULTS)
+    rj = wait_for("the TrainingRun's RayJob", lambda: get(cluster, n, "rayjobs", "pydocs-gpt-g1-train"))
+    took = time.monotonic() - t0
+    # proceeding is watch-driven: far sooner than the 30 s safety-net resync
+    assert took < 10, f"the TrainingRun started {took:.1f}s after its pile was ready"
+    plan = json.loads(get(cluster, n, "configmaps", "pydocs-gpt-g1-train")["data"]["plan.json"])
+    assert plan["inputs"]["DataPile/pydocs"]["version"]["snapshotId"] == "123"
+    workers = rj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert workers["replicas"] == 2 and workers["template"]["spec"]["containers"][0]["resources"]["limits"] == \
+        {"cpu": "1", "memory": "4Gi"}
+
+    succeed(cluster, n, "TrainingRun", "pydocs-gpt", results=MODEL_RESULTS)
+    succeed(cluster, n, "TunedModel", "pydocs-qa", results={"model": {"uri": "pvc://fmforge-artifacts/qa",
+                                                                       "digest": "sha256:qa"}})
+    st = wait_phase(cluster, n, "Deployment", "pydocs-qa", "Waiting")
+    assert "ModelCard/pydocs-qa" in st["message"]
+    succeed(cluster, n, "ModelCard", "pydocs-qa", results={"approved": True, "modelDigest": "sha256:qa"})
+    isvc = wait_for("the InferenceService", lambda: get(cluster, n, "inferenceservices", "pydocs-qa"))
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["storageUri"] == "pvc://fmforge-artifacts/qa" and model["modelFormat"]["name"] == "huggingface"
+    assert isvc["spec"]["predictor"]["maxReplicas"] == 2
+    assert model["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    st = wait_phase(cluster, n, "Deployment", "pydocs-qa", "Running")
+    assert st["servedModel"] == {"uri": "pvc://fmforge-artifacts/qa", "digest": "sha256:qa", "modelCard": "pydocs-qa"}
+    patch_child_status(cluster, n, "inferenceservices", "pydocs-qa", {
+        "observedGeneration": isvc["metadata"]["generation"], "url": f"http://pydocs-qa.{n}.example.com",
+        "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}]})
+    st = wait_phase(cluster, n, "Deployment", "pydocs-qa", "Ready")
+    assert st["url"] == f"http://pydocs-qa.{n}.example.com"
+    cluster.kubectl("wait", "--for=condition=Ready", "deployments.fmforge.io/pydocs-qa", "-n", n, "--timeout=10s")
+    out = cluster.kubectl("get", "fmdeploy", "-n", n).stdout
+    assert f"http://pydocs-qa.{n}.example.com" in out and "Ready" in out
+
+
+def test_deployment_refuses_a_digest_no_card_approved(cluster, operator):
+    n = ns(cluster, "gate")
+    apply(cluster, n, manifest("DataPile", "pydocs"), manifest("TrainingRun", "gpt", dataPileRef={"name": "pydocs"}))
+    succeed(cluster, n, "DataPile", "pydocs", results=PILE_RESULTS)
+    succeed(cluster, n, "TrainingRun", "gpt", results=MODEL_RESULTS)
+    card = manifest("ModelCard", "gpt-card", modelRef={"kind": "TrainingRun", "name": "gpt"})
+    dep = manifest("Deployment", "serve", modelRef={"kind": "TrainingRun", "name": "gpt"})
+    apply(cluster, n, card, dep)
+    # the card approved a different digest than the one the TrainingRun now reports
+    succeed(cluster, n, "ModelCard", "gpt-card", results={"approved": True, "modelDigest": "sha256:older"})
+    st = wait_for("the gate's message", lambda: (s := status(cluster, n, "Deployment", "serve")).get("message", "")
+                  .count("sha256:older") and s)
+    assert st["phase"] == "Waiting" and condition(st, "Ready")["reason"] == "WaitingForApprovedModelCard"
+    assert "approved digest sha256:older, not sha256:model1" in st["message"]
+    assert get(cluster, n, "inferenceservices", "serve") is None
+    assert any(e["reason"] == "WaitingForApprovedModelCard" for e in events(cluster, n, "serve"))
+    # the same Deployment without the gate serves at once
+    apply(cluster, n, manifest("Deployment", "serve", modelRef={"kind": "TrainingRun", "name": "gpt"},
+                               requireApprovedModelCard=False))
+    wait_for("the InferenceService", lambda: get(cluster, n, "inferenceservices", "serve"))
+
+
+def test_canary_change_updates_the_inference_service_in_place(cluster, operator):
+    n = ns(cluster, "canary")
+    apply(cluster, n, manifest("DataPile", "pydocs"), manifest("TrainingRun", "gpt", dataPileRef={"name": "pydocs"}))
+    succeed(cluster, n, "DataPile", "pydocs", results=PILE_RESULTS)
+    succeed(cluster, n, "TrainingRun", "gpt", results=MODEL_RESULTS)
+    dep = manifest("Deployment", "serve", modelRef={"kind": "TrainingRun", "name": "gpt"},
+                   requireApprovedModelCard=False)
+    apply(cluster, n, dep)
+    isvc = wait_for("the InferenceService", lambda: get(cluster, n, "inferenceservices", "serve"))
+    uid = isvc["metadata"]["uid"]
+    assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
+    dep["spec"]["kserve"] = {"minReplicas": 1, "maxReplicas": 2, "canaryTrafficPercent": 10}
+    apply(cluster, n, dep)
+    isvc = wait_for("the canary", lambda: (i := get(cluster, n, "inferenceservices", "serve"))
+                    and i["spec"]["predictor"].get("canaryTrafficPercent") == 10 and i)
+    assert isvc["metadata"]["uid"] == uid and isvc["metadata"]["labels"]["fmforge.io/generation"] == "2"
+
+
+def test_spec_change_starts_a_new_attempt_and_stops_the_old(cluster, operator):
+    n = ns(cluster, "gen")
+    apply(cluster, n, manifest("DataPile", "docs"))
+    wait_for("g1", lambda: get(cluster, n, "rayjobs", "docs-g1-prepare"))
+    rayjob_status(cluster, n, "docs-g1-prepare", "Running", "RUNNING")
+    wait_phase(cluster, n, "DataPile", "docs", "Running")
+    apply(cluster, n, manifest("DataPile", "docs", publish={"tags": ["v2"]}))
+    rj = wait_for("g2", lambda: get(cluster, n, "rayjobs", "docs-g2-prepare"))
+    assert rj["metadata"]["labels"]["fmforge.io/generation"] == "2"
+    wait_for("g1 stopped", lambda: get(cluster, n, "rayjobs", "docs-g1-prepare") is None)
+    st = wait_phase(cluster, n, "DataPile", "docs", "Pending")
+    assert st["observedGeneration"] == 2 and st["rayJob"] == "docs-g2-prepare"
+    # a finished attempt is not stopped: g2 done, then g3 leaves g2 in place
+    rayjob_status(cluster, n, "docs-g2-prepare", "Complete", "SUCCEEDED")
+    wait_phase(cluster, n, "DataPile", "docs", "Succeeded")
+    apply(cluster, n, manifest("DataPile", "docs", publish={"tags": ["v3"]}))
+    wait_for("g3", lambda: get(cluster, n, "rayjobs", "docs-g3-prepare"))
+    time.sleep(1)
+    assert get(cluster, n, "rayjobs", "docs-g2-prepare") is not None
+
+
+def test_deletion_removes_the_children(cluster, operator):
+    n = ns(cluster, "del")
+    apply(cluster, n, manifest("DataPile", "docs"))
+    wait_for("the RayJob", lambda: get(cluster, n, "rayjobs", "docs-g1-prepare"))
+    cluster.kubectl("delete", "datapile", "docs", "-n", n, "--wait=false")
+    wait_for("the RayJob gone", lambda: get(cluster, n, "rayjobs", "docs-g1-prepare") is None, timeout=60)
+    wait_for("the plan gone", lambda: get(cluster, n, "configmaps", "docs-g1-prepare") is None, timeout=60)
+    # nothing fmforge made blocks deletion: no finalizer on the object
+    assert get(cluster, n, "datapiles", "docs") is None
+
+
+def test_what_the_schema_cannot_catch_says_what_to_fix(cluster, operator):
+    n = ns(cluster, "refs")
+    apply(cluster, n, manifest("TrainingRun", "orphan", dataPileRef={"name": "nosuchpile"}))
+    st = wait_phase(cluster, n, "TrainingRun", "orphan", "Waiting")
+    assert "DataPile/nosuchpile (spec.dataPileRef) does not exist; create it, or fix spec.dataPileRef" in st["message"]
+    assert condition(st, "Ready")["reason"] == "ProducerNotFound"
+    [ev] = [e for e in events(cluster, n, "orphan") if e["reason"] == "ProducerNotFound"]
+    assert ev["type"] == "Warning"
+    a = manifest("TunedModel", "a", baseModelRef={"kind": "TunedModel", "name": "b"})
+    b = manifest("TunedModel", "b", baseModelRef={"kind": "TunedModel", "name": "a"})
+    apply(cluster, n, a, b)
+    st = wait_phase(cluster, n, "TunedModel", "a", "Failed")
+    assert "the references form a cycle: TunedModel/a -> TunedModel/b -> TunedModel/a" in st["message"]
+    assert condition(st, "Stalled")["status"] == "True" and condition(st, "Ready")["reason"] == "ReferenceCycle"
+    assert any(e["reason"] == "ReferenceCycle" and e["type"] == "Warning" for e in events(cluster, n, "a"))
+    assert get(cluster, n, "rayjobs", "a-g1-tune") is None
+    # creating the missing pile lets the orphan proceed at once
+    apply(cluster, n, manifest("DataPile", "nosuchpile"))
+    succeed(cluster, n, "DataPile", "nosuchpile", results=PILE_RESULTS)
+    wait_for("the orphan's RayJob", lambda: get(cluster, n, "rayjobs", "orphan-g1-train"))
+
+
+def test_each_job_kind_gets_its_rayjob(cluster, operator):
+    n = ns(cluster, "kinds")
+    apply(cluster, n, manifest("DataPile", "pydocs"),
+          manifest("TrainingRun", "gpt", dataPileRef={"name": "pydocs"}, ray={"queue": "team-a"}),
+          manifest("TunedModel", "qa", baseModelRef={"kind": "TrainingRun", "name": "gpt"},
+                   resources={"workers": 1, "gpusPerWorker": 1, "memory": "8Gi"}),
+          manifest("ModelCard", "card", modelRef={"kind": "TunedModel", "name": "qa"}))
+    succeed(cluster, n, "DataPile", "pydocs", results=PILE_RESULTS)
+    rj = wait_for("train", lambda: get(cluster, n, "rayjobs", "gpt-g1-train"))
+    assert rj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    succeed(cluster, n, "TrainingRun", "gpt", results=MODEL_RESULTS)
+    rj = wait_for("tune", lambda: get(cluster, n, "rayjobs", "qa-g1-tune"))
+    worker = rj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1" and worker["resources"]["limits"]["memory"] == "8Gi"
+    succeed(cluster, n, "TunedModel", "qa", results={"model": {"uri": "pvc://a/qa", "digest": "sha256:qa"}})
+    rj = wait_for("eval", lambda: get(cluster, n, "rayjobs", "card-g1-eval"))
+    plan = json.loads(get(cluster, n, "configmaps", "card-g1-eval")["data"]["plan.json"])
+    assert set(plan["inputs"]) == {"TunedModel/qa", "DataPile/pydocs"}
+    assert "kueue.x-k8s.io/queue-name" not in rj["metadata"]["labels"]
