@@ -358,3 +358,92 @@ def test_each_job_kind_gets_its_rayjob(cluster, operator):
     plan = json.loads(get(cluster, n, "configmaps", "card-g1-eval")["data"]["plan.json"])
     assert set(plan["inputs"]) == {"TunedModel/qa", "DataPile/pydocs"}
     assert "kueue.x-k8s.io/queue-name" not in rj["metadata"]["labels"]
+
+
+def test_stage_reports_progress_with_its_own_service_account(cluster, operator):
+    from fmforge.runtime.report import StatusWriter
+
+    n = ns(cluster, "progress")
+    apply(cluster, n, manifest("DataPile", "pydocs"), manifest("TrainingRun", "gpt", dataPileRef={"name": "pydocs"}))
+    succeed(cluster, n, "DataPile", "pydocs", results=PILE_RESULTS)
+    wait_for("the RayJob", lambda: get(cluster, n, "rayjobs", "gpt-g1-train"))
+    rayjob_status(cluster, n, "gpt-g1-train", "Running", "RUNNING")
+    wait_phase(cluster, n, "TrainingRun", "gpt", "Running")
+    # the token the Ray head's pod would have: the namespace's fmforge-stage ServiceAccount
+    token = cluster.kubectl("create", "token", "fmforge-stage", "-n", n).stdout.strip()
+    plan = json.loads(get(cluster, n, "configmaps", "gpt-g1-train")["data"]["plan.json"])
+    writer = StatusWriter(plan["status"], cluster.url, token, str(cluster.workdir / "pki" / "ca.crt"))
+    writer.apply(progress={"step": 120, "maxSteps": 300, "loss": 3.91})
+    row = wait_for("the progress columns", lambda: next(
+        (line for line in cluster.kubectl("get", "trainingrun", "gpt", "-n", n).stdout.splitlines()
+         if line.startswith("gpt ") and " 120 " in line), None))
+    assert "Running" in row and "300" in row and "3.91" in row
+    # the operator's next status write leaves the stage's fields alone, and the stage's results
+    # leave the operator's phase alone
+    writer.apply(model={"uri": "pvc://fmforge-artifacts/gpt", "digest": "sha256:gpt"})
+    rayjob_status(cluster, n, "gpt-g1-train", "Complete", "SUCCEEDED")
+    st = wait_phase(cluster, n, "TrainingRun", "gpt", "Succeeded")
+    assert st["progress"]["step"] == 120 and st["model"]["digest"] == "sha256:gpt"
+    # and that ServiceAccount can do nothing else
+    sa = f"--as=system:serviceaccount:{n}:fmforge-stage"
+    for verb, resource in (("get", "configmaps"), ("patch", "trainingruns"), ("create", "rayjobs.ray.io"),
+                           ("get", "secrets")):
+        r = cluster.kubectl("auth", "can-i", verb, resource, "-n", n, sa, check=False)
+        assert r.stdout.strip() == "no", (verb, resource, r.stdout)
+    r = cluster.kubectl("auth", "can-i", "patch", "trainingruns", "--subresource=status", "-n", n, sa, check=False)
+    assert r.stdout.strip() == "yes"
+
+
+def test_metrics_count_reconciles_requests_and_objects_by_phase(cluster, operator):
+    text = operator.metrics()
+    assert operator.metric("fmforge_reconciles_total", result="ok") > 0
+    assert operator.metric("fmforge_api_requests_total", verb="POST", resource="rayjobs", code="201") > 0
+    assert operator.metric("fmforge_objects", kind="DataPile", phase="Succeeded") >= 1
+    assert "fmforge_reconcile_duration_seconds_bucket" in text
+
+
+def test_sigkill_in_the_middle_of_20_objects_leaves_exactly_one_child_each(cluster, crds, tmp_path):
+    n = ns(cluster, "restart")
+    op = OperatorProcess(cluster, name="operator-restart", args=["--namespace", n]).start()
+    try:
+        piles = [manifest("DataPile", f"p{i:02d}") for i in range(20)]
+        apply(cluster, n, *piles)
+        # kill it as soon as some (not all) RayJobs exist
+        wait_for("a first RayJob", lambda: len(json.loads(cluster.kubectl(
+            "get", "rayjobs", "-n", n, "-o", "json").stdout)["items"]) >= 1, every=0.02)
+        op.kill()
+        made = len(json.loads(cluster.kubectl("get", "rayjobs", "-n", n, "-o", "json").stdout)["items"])
+        op.start()
+
+        def all_pending():
+            items = json.loads(cluster.kubectl("get", "datapiles", "-n", n, "-o", "json").stdout)["items"]
+            return all((i.get("status") or {}).get("phase") == "Pending" for i in items) and len(items) == 20
+        wait_for("20 Pending DataPiles", all_pending, timeout=60)
+        jobs = json.loads(cluster.kubectl("get", "rayjobs", "-n", n, "-o", "json").stdout)["items"]
+        names = sorted(j["metadata"]["name"] for j in jobs)
+        assert names == sorted(f"p{i:02d}-g1-prepare" for i in range(20)), names
+        print(f"{made} of 20 RayJobs existed when the operator was killed")
+        # every object reaches the right phase after the restart
+        for i in range(20):
+            rayjob_status(cluster, n, f"p{i:02d}-g1-prepare", "Complete", "SUCCEEDED" if i % 2 else "FAILED")
+        for i in range(20):
+            wait_phase(cluster, n, "DataPile", f"p{i:02d}", "Succeeded" if i % 2 else "Failed")
+    finally:
+        op.stop()
+
+
+def test_operator_carries_on_after_the_api_server_restarts(cluster, crds):
+    n = ns(cluster, "apirestart")
+    op = OperatorProcess(cluster, name="operator-apirestart", args=["--namespace", n]).start()
+    try:
+        apply(cluster, n, manifest("DataPile", "before"))
+        wait_for("the first RayJob", lambda: get(cluster, n, "rayjobs", "before-g1-prepare"))
+        cluster.restart_apiserver()
+        apply(cluster, n, manifest("DataPile", "after"))
+        wait_for("a RayJob made after the restart", lambda: get(cluster, n, "rayjobs", "after-g1-prepare"),
+                 timeout=120)
+        rayjob_status(cluster, n, "before-g1-prepare", "Complete", "SUCCEEDED")
+        wait_phase(cluster, n, "DataPile", "before", "Succeeded", timeout=60)
+        assert op.proc.poll() is None, "the operator exited"
+    finally:
+        op.stop()
