@@ -8,121 +8,28 @@ the RayJob or InferenceService the operator created, and then watch our status f
 
 from __future__ import annotations
 
-import copy
 import json
 import time
-import uuid
-from typing import Any, Callable
 
 import pytest
-from badmanifests import BASE
 from controlplane import ROOT, ControlPlane
-from operatorproc import OperatorProcess
-
-KINDS = {"DataPile": "datapiles", "TrainingRun": "trainingruns", "ModelCard": "modelcards",
-         "TunedModel": "tunedmodels", "Deployment": "deployments.fmforge.io"}
-STAGE = {"DataPile": "prepare", "TrainingRun": "train", "ModelCard": "eval", "TunedModel": "tune"}
-
-
-# -- helpers ----------------------------------------------------------------------------------------
-
-
-def ns(cluster: ControlPlane, prefix: str) -> str:
-    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", name)
-    return name
-
-
-def manifest(kind: str, name: str, **spec: Any) -> dict[str, Any]:
-    doc = copy.deepcopy(BASE[kind])
-    doc["metadata"] = {"name": name}
-    doc["spec"].update(spec)
-    return doc
-
-
-def apply(cluster: ControlPlane, namespace: str, *docs: dict[str, Any]) -> None:
-    body = "\n---\n".join(json.dumps(d) for d in docs)
-    cluster.kubectl("apply", "--server-side", "-n", namespace, "-f", "-", input=body)
-
-
-def get(cluster: ControlPlane, namespace: str, resource: str, name: str) -> dict[str, Any] | None:
-    r = cluster.kubectl("get", resource, name, "-n", namespace, "-o", "json", check=False)
-    if r.returncode != 0:
-        if "NotFound" in r.stderr:
-            return None
-        raise RuntimeError(r.stderr)
-    return json.loads(r.stdout)
-
-
-def wait_for(what: str, fn: Callable[[], Any], timeout: float = 30.0, every: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-
-
-def status(cluster: ControlPlane, namespace: str, kind: str, name: str) -> dict[str, Any]:
-    obj = get(cluster, namespace, KINDS[kind], name) or {}
-    return obj.get("status") or {}
-
-
-def wait_phase(cluster: ControlPlane, namespace: str, kind: str, name: str, phase: str, timeout: float = 30.0):
-    def check():
-        st = status(cluster, namespace, kind, name)
-        return st if st.get("phase") == phase else None
-    try:
-        return wait_for(f"{kind}/{name} to be {phase}", check, timeout)
-    except AssertionError as e:
-        raise AssertionError(f"{e}\nstatus: {json.dumps(status(cluster, namespace, kind, name), indent=1)}") from None
-
-
-def condition(st: dict[str, Any], type_: str) -> dict[str, Any]:
-    return next(c for c in st.get("conditions", []) if c["type"] == type_)
-
-
-def patch_child_status(cluster: ControlPlane, namespace: str, resource: str, name: str, st: dict[str, Any]) -> None:
-    """Play the KubeRay or KServe controller: write the child's status."""
-    cluster.kubectl("patch", resource, name, "-n", namespace, "--subresource=status", "--type=merge",
-                    "-p", json.dumps({"status": st}))
-
-
-def rayjob_status(cluster: ControlPlane, namespace: str, name: str, deployment: str, job: str = "",
-                  reason: str = "", message: str = "") -> None:
-    st: dict[str, Any] = {"jobDeploymentStatus": deployment}
-    if job:
-        st["jobStatus"] = job
-    if reason:
-        st["reason"] = reason
-    if message:
-        st["message"] = message
-    patch_child_status(cluster, namespace, "rayjobs", name, st)
-
-
-def events(cluster: ControlPlane, namespace: str, name: str) -> list[dict[str, Any]]:
-    out = cluster.kubectl("get", "events", "-n", namespace, "-o", "json",
-                          f"--field-selector=involvedObject.name={name}").stdout
-    return json.loads(out)["items"]
-
-
-def succeed(cluster: ControlPlane, namespace: str, kind: str, name: str, gen: int = 1,
-            results: dict[str, Any] | None = None) -> None:
-    """Play a whole successful attempt: the stage writes its results, KubeRay reports the job done."""
-    job = f"{name}-g{gen}-{STAGE[kind]}"
-    wait_for(f"RayJob {job}", lambda: get(cluster, namespace, "rayjobs", job))
-    if results:
-        cluster.kubectl("patch", KINDS[kind], name, "-n", namespace, "--subresource=status", "--type=merge",
-                        "-p", json.dumps({"status": results}))
-    rayjob_status(cluster, namespace, job, "Complete", "SUCCEEDED")
-    wait_phase(cluster, namespace, kind, name, "Succeeded")
-
-
-PILE_RESULTS = {"version": {"snapshotId": "123", "digest": "sha256:pile"}, "tags": ["v1"]}
-MODEL_RESULTS = {"model": {"uri": "pvc://fmforge-artifacts/models/m", "digest": "sha256:model1"}}
-
+from operatorproc import (
+    MODEL_RESULTS,
+    PILE_RESULTS,
+    OperatorProcess,
+    apply,
+    condition,
+    events,
+    get,
+    manifest,
+    ns,
+    patch_child_status,
+    rayjob_status,
+    status,
+    succeed,
+    wait_for,
+    wait_phase,
+)
 
 # -- fixtures ---------------------------------------------------------------------------------------
 
@@ -182,7 +89,7 @@ def test_datapile_gets_a_rayjob_that_the_real_schema_accepts_and_mirrors_it(clus
     assert ready["status"] == "True" and ready["observedGeneration"] == 1
     assert condition(st, "Reconciling")["status"] == "False" and condition(st, "Stalled")["status"] == "False"
     # kubectl wait, as a user or a CI pipeline would
-    cluster.kubectl("wait", "--for=condition=Ready", f"datapile/docs", "-n", n, "--timeout=10s")
+    cluster.kubectl("wait", "--for=condition=Ready", "datapile/docs", "-n", n, "--timeout=10s")
     reasons = [e["reason"] for e in events(cluster, n, "docs")]
     assert "JobCreated" in reasons and "JobSucceeded" in reasons
 
@@ -400,50 +307,3 @@ def test_metrics_count_reconciles_requests_and_objects_by_phase(cluster, operato
     assert operator.metric("fmforge_api_requests_total", verb="POST", resource="rayjobs", code="201") > 0
     assert operator.metric("fmforge_objects", kind="DataPile", phase="Succeeded") >= 1
     assert "fmforge_reconcile_duration_seconds_bucket" in text
-
-
-def test_sigkill_in_the_middle_of_20_objects_leaves_exactly_one_child_each(cluster, crds, tmp_path):
-    n = ns(cluster, "restart")
-    op = OperatorProcess(cluster, name="operator-restart", args=["--namespace", n]).start()
-    try:
-        piles = [manifest("DataPile", f"p{i:02d}") for i in range(20)]
-        apply(cluster, n, *piles)
-        # kill it as soon as some (not all) RayJobs exist
-        wait_for("a first RayJob", lambda: len(json.loads(cluster.kubectl(
-            "get", "rayjobs", "-n", n, "-o", "json").stdout)["items"]) >= 1, every=0.02)
-        op.kill()
-        made = len(json.loads(cluster.kubectl("get", "rayjobs", "-n", n, "-o", "json").stdout)["items"])
-        op.start()
-
-        def all_pending():
-            items = json.loads(cluster.kubectl("get", "datapiles", "-n", n, "-o", "json").stdout)["items"]
-            return all((i.get("status") or {}).get("phase") == "Pending" for i in items) and len(items) == 20
-        wait_for("20 Pending DataPiles", all_pending, timeout=60)
-        jobs = json.loads(cluster.kubectl("get", "rayjobs", "-n", n, "-o", "json").stdout)["items"]
-        names = sorted(j["metadata"]["name"] for j in jobs)
-        assert names == sorted(f"p{i:02d}-g1-prepare" for i in range(20)), names
-        print(f"{made} of 20 RayJobs existed when the operator was killed")
-        # every object reaches the right phase after the restart
-        for i in range(20):
-            rayjob_status(cluster, n, f"p{i:02d}-g1-prepare", "Complete", "SUCCEEDED" if i % 2 else "FAILED")
-        for i in range(20):
-            wait_phase(cluster, n, "DataPile", f"p{i:02d}", "Succeeded" if i % 2 else "Failed")
-    finally:
-        op.stop()
-
-
-def test_operator_carries_on_after_the_api_server_restarts(cluster, crds):
-    n = ns(cluster, "apirestart")
-    op = OperatorProcess(cluster, name="operator-apirestart", args=["--namespace", n]).start()
-    try:
-        apply(cluster, n, manifest("DataPile", "before"))
-        wait_for("the first RayJob", lambda: get(cluster, n, "rayjobs", "before-g1-prepare"))
-        cluster.restart_apiserver()
-        apply(cluster, n, manifest("DataPile", "after"))
-        wait_for("a RayJob made after the restart", lambda: get(cluster, n, "rayjobs", "after-g1-prepare"),
-                 timeout=120)
-        rayjob_status(cluster, n, "before-g1-prepare", "Complete", "SUCCEEDED")
-        wait_phase(cluster, n, "DataPile", "before", "Succeeded", timeout=60)
-        assert op.proc.poll() is None, "the operator exited"
-    finally:
-        op.stop()

@@ -31,6 +31,8 @@ class Options:
 
     config: str | None = field(default_factory=lambda: os.environ.get("FMFORGE_CONFIG"))
     metrics_port: int = field(default_factory=lambda: int(os.environ.get("FMFORGE_METRICS_PORT", "9090")))
+    namespaces: list[str] = field(default_factory=list)
+    """Watched namespaces; empty: all."""
 
 
 @dataclass
@@ -67,6 +69,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any,
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 10
+    # Watching some namespaces, the chart grants Roles there and nothing cluster-wide, so kopf
+    # does not watch CRDs: KubeRay and KServe must be installed before the operator starts.
+    settings.scanning.disabled = bool(opts.namespaces)
     info = _connection(settings)
     if info is None:
         raise kopf.PermanentError("no credentials: neither a ServiceAccount token nor a kubeconfig was found")
@@ -124,14 +129,14 @@ def run(options: Options, namespaces: list[str], health_port: int | None, log_fo
     """Run the operator until it is stopped (SIGINT/SIGTERM): what `fmforge operator` does."""
     kopf.configure(debug=log_level == "debug", quiet=log_level in ("warning", "error"),
                    log_format=kopf.LogFormat[log_format.upper()], log_refkey="object")
-    cfg_namespaces = namespaces or load_settings(options.config).watch_namespaces
+    options.namespaces = namespaces or load_settings(options.config).watch_namespaces
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     kopf.run(
         loop=loop,
         standalone=True,
-        clusterwide=not cfg_namespaces,
-        namespaces=cfg_namespaces,
+        clusterwide=not options.namespaces,
+        namespaces=options.namespaces,
         liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
         memo=kopf.Memo(options=options),
     )
