@@ -307,3 +307,34 @@ def test_metrics_count_reconciles_requests_and_objects_by_phase(cluster, operato
     assert operator.metric("fmforge_api_requests_total", verb="POST", resource="rayjobs", code="201") > 0
     assert operator.metric("fmforge_objects", kind="DataPile", phase="Succeeded") >= 1
     assert "fmforge_reconcile_duration_seconds_bucket" in text
+
+
+def test_every_pod_the_operator_renders_passes_pod_security_restricted(cluster, operator):
+    n = ns(cluster, "rendered")
+    apply(cluster, n, manifest("DataPile", "pydocs"), manifest("TrainingRun", "gpt", dataPileRef={"name": "pydocs"}),
+          manifest("Deployment", "serve", modelRef={"kind": "TrainingRun", "name": "gpt"},
+                   requireApprovedModelCard=False))
+    succeed(cluster, n, "DataPile", "pydocs", results=PILE_RESULTS)
+    succeed(cluster, n, "TrainingRun", "gpt", results=MODEL_RESULTS)
+    rj = get(cluster, n, "rayjobs", "gpt-g1-train")
+    isvc = wait_for("the InferenceService", lambda: get(cluster, n, "inferenceservices", "serve"))
+    predictor = dict(isvc["spec"]["predictor"])
+    model = predictor.pop("model")
+    model.pop("modelFormat"), model.pop("storageUri"), model.pop("protocolVersion")
+    templates = {
+        "head": rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"],
+        "worker": rj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"],
+        "submitter": rj["spec"]["submitterPodTemplate"]["spec"],
+        "predictor": {"securityContext": predictor["securityContext"],
+                      "containers": [{**model, "name": "kserve-container", "image": "kserve/huggingfaceserver"}]},
+    }
+    strict = ns(cluster, "pss")
+    cluster.kubectl("label", "namespace", strict, "pod-security.kubernetes.io/enforce=restricted")
+    cluster.kubectl("create", "serviceaccount", "fmforge-stage", "-n", strict)
+    for role, spec in templates.items():
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": role},
+               "spec": {**spec, "volumes": [v for v in spec.get("volumes", []) if "configMap" in v or "emptyDir" in v]}}
+        for c in pod["spec"]["containers"]:
+            c["volumeMounts"] = [m for m in c.get("volumeMounts", []) if m["name"] in ("plan", "tmp")]
+        r = cluster.kubectl("create", "--dry-run=server", "-n", strict, "-f", "-", input=json.dumps(pod), check=False)
+        assert r.returncode == 0 and "violate" not in r.stderr.lower(), (role, r.stderr)
