@@ -6,6 +6,7 @@ import asyncio
 import copy
 import subprocess
 import sys
+import uuid
 
 import kopf
 import pytest
@@ -23,7 +24,7 @@ SETTINGS = Settings()
 
 def obj(kind: str, name: str, gen: int = 1, status: dict | None = None, **spec) -> dict:
     o = copy.deepcopy(BASE[kind])
-    o["metadata"] = {"name": name, "namespace": "ns", "uid": f"uid-{name}", "generation": gen}
+    o["metadata"] = {"name": name, "namespace": "ns", "uid": uuid.uuid4().hex, "generation": gen}
     o["spec"].update(spec)
     if status is not None:
         o["status"] = status
@@ -61,7 +62,7 @@ def test_a_pile_with_no_child_gets_its_plan_and_rayjob():
 
 
 @pytest.mark.parametrize("deployment_status,job,phase,reason", [
-    ("", "", "Pending", "JobInitializing"),
+    ("", "", "Pending", "JobCreated"),
     ("Initializing", "", "Pending", "JobInitializing"),
     ("Suspended", "", "Pending", "JobSuspended"),
     ("Running", "RUNNING", "Running", "JobRunning"),
@@ -195,6 +196,7 @@ def test_deployment_applies_its_inference_service_once_and_mirrors_ready():
     assert d.status["phase"] == "Degraded" and "predictor crashed" in d.status["message"]
     # a canary change renders a different spec: applied again, in place (same name)
     dep["spec"]["kserve"]["canaryTrafficPercent"] = 20
+    dep["metadata"]["generation"] = 2  # as the API server does on every spec change
     [again] = deployment.decide(dep, w, [isvc], SETTINGS).apply
     assert again["metadata"]["name"] == "serve" and again["spec"]["predictor"]["canaryTrafficPercent"] == 20
 
@@ -212,6 +214,7 @@ def test_a_producer_change_queues_its_readers():
     assert store.put(pile) == [("ns", "DataPile", "pydocs"), ("ns", "ModelCard", "card"), ("ns", "TrainingRun", "gpt")]
     assert ("ns", "Deployment", "serve") in store.put(card)  # the card's approval gates the Deployment
     run["spec"]["dataPileRef"]["name"] = "other"
+    run["metadata"]["generation"] = 2
     store.put(run)
     assert ("ns", "TrainingRun", "gpt") not in store.put(pile)
 

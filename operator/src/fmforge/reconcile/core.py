@@ -11,6 +11,7 @@ Failed status, a Warning Event and `kopf.PermanentError`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, Callable
@@ -103,8 +104,9 @@ class Reconciler:
                 if await self.kube.ensure(o):
                     log.info("Created %s %s for the stages", o["kind"], o["metadata"]["name"], extra=_object(obj))
             self._stage_rbac.add(ns)
-        for child in decision.create:
-            got, created = await self.kube.create_or_get(child)
+        # At once: the RayJob may exist before its plan ConfigMap; its pods wait for the mount.
+        results = await asyncio.gather(*(self.kube.create_or_get(c) for c in decision.create))
+        for child, (got, created) in zip(decision.create, results):
             if child["kind"] in ("RayJob", "InferenceService"):
                 self.store.put_child(got)
                 existed = existed or not created

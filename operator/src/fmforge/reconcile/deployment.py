@@ -13,14 +13,13 @@ import hashlib
 import json
 from typing import Any
 
-from ..api.v1alpha1 import DeploymentSpec
 from ..api.v1alpha1.deployment import KServe
 from ..kube import builders
 from ..kube.settings import Settings
 from . import jobs
 from .decision import COMMON_OWNED, Decision, phase_status
 from .refs import is_ready, resolve
-from .store import World
+from .store import World, spec_of
 
 OWNED = COMMON_OWNED + ("url", "servedModel", "inferenceService")
 SPEC_HASH = "fmforge.io/spec-hash"
@@ -77,7 +76,7 @@ def decide(obj: dict[str, Any], world: World, children: list[dict[str, Any]], se
         return phase_status(current, phase, reason, message, gen, **fields)
 
     try:
-        spec = DeploymentSpec.model_validate(obj.get("spec") or {})
+        spec = spec_of(obj)
     except ValueError as e:
         msg = f"the spec is invalid: {e}; fix the spec and apply it again"
         return Decision(status("Failed", "InvalidSpec", msg), OWNED, requeue=False, permanent=True)

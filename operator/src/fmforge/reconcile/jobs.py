@@ -19,7 +19,7 @@ from ..kube.names import LABEL_GENERATION, child_name_for
 from ..kube.settings import Settings
 from .decision import COMMON_OWNED, Decision, phase_status
 from .refs import resolve
-from .store import World
+from .store import World, spec_of
 
 FINISHED = ("Succeeded", "Failed")
 
@@ -51,7 +51,15 @@ def mirror(rayjob: dict[str, Any]) -> tuple[str, str, str]:
         return "Running", "JobRetrying", f"RayJob {name} is retrying: {said or why or 'a new Ray cluster is starting'}"
     if deployment in ("Suspended", "Suspending"):
         return "Pending", "JobSuspended", f"RayJob {name} is suspended (queued, or waiting for quota)"
-    return "Pending", "JobInitializing", f"RayJob {name} is starting its Ray cluster ({deployment or 'New'})"
+    if not deployment:
+        # KubeRay has not reported yet: the very status written when the job was created, so that
+        # the job's first watch event costs no second status write.
+        return "Pending", "JobCreated", created_message(name)
+    return "Pending", "JobInitializing", f"RayJob {name} is starting its Ray cluster ({deployment})"
+
+
+def created_message(name: str) -> str:
+    return f"created RayJob {name}; waiting for KubeRay to start it"
 
 
 def _finished(rj: dict[str, Any]) -> bool:
@@ -61,7 +69,6 @@ def _finished(rj: dict[str, Any]) -> bool:
 def decide(obj: dict[str, Any], world: World, children: list[dict[str, Any]], settings: Settings) -> Decision:
     """The decision for one object whose stage runs as a RayJob."""
     kind, meta = obj["kind"], obj["metadata"]
-    info = KINDS[kind]
     gen = int(meta["generation"])
     current = dict(obj.get("status") or {})
     fields = owned(kind)
@@ -79,7 +86,7 @@ def decide(obj: dict[str, Any], world: World, children: list[dict[str, Any]], se
              and not _finished(c)]
 
     try:
-        spec = info.spec.model_validate(obj.get("spec") or {})
+        spec = spec_of(obj)
     except ValueError as e:
         msg = f"the spec is invalid: {e}; fix the spec and apply it again"
         return Decision(status("Failed", "InvalidSpec", msg), fields, delete=stale, requeue=False, permanent=True)
@@ -104,5 +111,4 @@ def decide(obj: dict[str, Any], world: World, children: list[dict[str, Any]], se
     queue = getattr(getattr(spec, "ray", None), "queue", "") or ""
     plan = builders.plan(obj, settings, res.inputs)
     create = [builders.plan_configmap(obj, plan), builders.rayjob(obj, settings, resources, queue)]
-    msg = f"created RayJob {name}; waiting for KubeRay to start it"
-    return Decision(status("Pending", "JobCreated", msg), fields, create=create, delete=stale)
+    return Decision(status("Pending", "JobCreated", created_message(name)), fields, create=create, delete=stale)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..api.v1alpha1 import KINDS, Reference
-from .store import World
+from .store import World, spec_of
 
 DONE_PHASES = ("Succeeded", "Ready")
 
@@ -38,7 +38,7 @@ class Resolution:
 def _refs(obj: dict[str, Any]) -> list[Reference]:
     info = KINDS[obj["kind"]]
     try:
-        return info.references(info.spec.model_validate(obj.get("spec") or {}))
+        return info.references(spec_of(obj))
     except ValueError:
         return []
 

@@ -8,7 +8,7 @@ Reconcilers read it instead of the API server: a reconcile costs no GET.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -32,12 +32,40 @@ def _slim(obj: dict[str, Any]) -> dict[str, Any]:
     return {**obj, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
 
 
+_SPECS: OrderedDict[tuple[str, str, str, int], Any] = OrderedDict()
+_SPECS_MAX = 8192
+
+
+def spec_of(obj: dict[str, Any]) -> Any:
+    """The validated spec model of `obj`; raises ValueError for an invalid spec.
+
+    Validated once per object and generation (the API server bumps the generation on every spec
+    change): every status write and child event brings the same spec back, and validation is
+    most of what a reconcile costs the operator's CPU."""
+    m = obj["metadata"]
+    key = (obj["kind"], m.get("namespace") or "", m.get("uid") or m["name"], int(m.get("generation") or 0))
+    hit = _SPECS.get(key)
+    if hit is None:
+        try:
+            hit = KINDS[obj["kind"]].spec.model_validate(obj.get("spec") or {})
+        except ValueError as e:
+            hit = e
+        _SPECS[key] = hit
+        if len(_SPECS) > _SPECS_MAX:
+            _SPECS.popitem(last=False)
+    else:
+        _SPECS.move_to_end(key)
+    if isinstance(hit, ValueError):
+        raise hit
+    return hit
+
+
 def edges(obj: dict[str, Any]) -> set[tuple[str, str]]:
     """What `obj` reads, as (kind, name) in its namespace: its references, and for a Deployment
     that requires an approved card, the pseudo-kind `ModelCardOf` of its model."""
     info = KINDS[obj["kind"]]
     try:
-        spec = info.spec.model_validate(obj.get("spec") or {})
+        spec = spec_of(obj)
     except ValueError:
         return set()  # an invalid spec reads nothing; its reconcile reports why
     out = {(r.kind, r.name) for r in info.references(spec)}
