@@ -9,11 +9,24 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
+import sys
+from pathlib import Path
 
 import yaml
 from controlplane import ROOT
-from operatorproc import OperatorProcess, apply, events, get, manifest, ns, rayjob_status, wait_for, wait_phase
+from operatorproc import (
+    OperatorProcess,
+    apply,
+    events,
+    get,
+    manifest,
+    ns,
+    rayjob_status,
+    wait_for,
+    wait_phase,
+)
 from tools import build
 
 
@@ -122,3 +135,56 @@ def test_helm_install_and_the_operator_run_with_the_charts_settings_and_identity
         op.stop()
         subprocess.run([str(helm), "uninstall", "fmforge", "-n", release, "--kubeconfig", str(cluster.kubeconfig)],
                        capture_output=True)
+
+
+def test_the_rendered_entrypoint_and_plan_produce_the_piles_artifacts(cluster, crds, tmp_path):
+    """The RayJob's entrypoint run for real with the plan the operator rendered and the head's
+    environment (a local Ray instead of KubeRay's: no pod can start here), its result written
+    into the status as the stage does in a pod, and the consumer's plan carrying the real
+    snapshot id."""
+    from fmforge.runtime.report import StatusWriter
+
+    store = tmp_path / "store"
+    subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart" / "build-corpus.py"), "--out",
+                    str(store / "corpus"), "--max-files", "30"], check=True, capture_output=True)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"storageUri": f"file://{store}/", "catalog": {
+        "type": "sql", "uri": f"sqlite:///{store}/catalog.db", "warehouse": f"file://{store}/warehouse"}}))
+    n = ns(cluster, "entrypoint")
+    op = OperatorProcess(cluster, config=config, name="operator-entrypoint", args=["--namespace", n]).start()
+    try:
+        pile = yaml.safe_load((ROOT / "examples" / "quickstart" / "datapile.yaml").read_text())
+        pile["spec"]["tokenizer"] = {"train": {"type": "bpe", "vocabSize": 512}}
+        apply(cluster, n, pile)
+        rj = wait_for("the RayJob", lambda: get(cluster, n, "rayjobs", "pydocs-g1-prepare"))
+        plan = json.loads(get(cluster, n, "configmaps", "pydocs-g1-prepare")["data"]["plan.json"])
+        plan_file = tmp_path / "plan.json"
+        plan_file.write_text(json.dumps(plan))
+        argv = rj["spec"]["entrypoint"].split()
+        assert argv[:4] == ["python", "-m", "fmforge.runtime.job", "--plan"]
+        head = rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+        env = {**os.environ, **{e["name"]: e["value"] for e in head["env"]},
+               "PYTHONPATH": str(ROOT / "operator" / "src"), "HOME": str(tmp_path)}
+        env.pop("RAY_ADDRESS", None)
+        r = subprocess.run([sys.executable, *argv[1:4], str(plan_file), "--result", str(tmp_path / "result.json")],
+                           env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        result = json.loads((tmp_path / "result.json").read_text())
+        snapshot = result["status"]["version"]["snapshotId"]
+        assert result["status"]["tags"] == ["v1"] and result["status"]["stats"]["documents"]["kept"] > 0
+        artifacts = list(Path(plan["artifacts"]).rglob("*"))
+        assert plan["artifacts"].startswith(str(store)) and artifacts, "the stage wrote no artifacts"
+        assert (store / "catalog.db").exists()
+        # what the stage does in its pod: results into the status, with the stage's identity
+        token = cluster.kubectl("create", "token", "fmforge-stage", "-n", n).stdout.strip()
+        StatusWriter(plan["status"], cluster.url, token, str(cluster.workdir / "pki" / "ca.crt")).apply(
+            **result["status"])
+        rayjob_status(cluster, n, "pydocs-g1-prepare", "Complete", "SUCCEEDED")
+        st = wait_phase(cluster, n, "DataPile", "pydocs", "Succeeded")
+        assert st["version"]["snapshotId"] == snapshot
+        apply(cluster, n, manifest("TrainingRun", "gpt", dataPileRef={"name": "pydocs", "tag": "v1"}))
+        wait_for("the TrainingRun's RayJob", lambda: get(cluster, n, "rayjobs", "gpt-g1-train"))
+        train_plan = json.loads(get(cluster, n, "configmaps", "gpt-g1-train")["data"]["plan.json"])
+        assert train_plan["inputs"]["DataPile/pydocs"]["version"]["snapshotId"] == snapshot
+    finally:
+        op.stop()

@@ -72,12 +72,22 @@ def catalog_properties(settings: Settings) -> dict[str, str]:
     return {"type": c.type, "uri": c.uri, "warehouse": warehouse, **c.properties}
 
 
+def storage_root(settings: Settings) -> str:
+    """The storage URI as a directory of the Ray pods: a mounted claim (pvc://), a path every
+    pod shares (file://, such as an NFS mount in the image); s3:// has no directory yet, so
+    artifacts stay in the pod's scratch space."""
+    uri = settings.storage_uri
+    if uri.startswith("pvc://"):
+        return pvc_path(uri)
+    if uri.startswith("file://"):
+        return uri.removeprefix("file://").rstrip("/")
+    return "/tmp/fmforge"
+
+
 def artifacts_dir(settings: Settings, obj: dict[str, Any]) -> str:
     """Where an attempt writes its artifacts inside the Ray pods."""
     m = obj["metadata"]
-    root = settings.storage_uri
-    base = pvc_path(root) if root.startswith("pvc://") else "/tmp/fmforge"
-    return f"{base}/{m['namespace']}/{obj['kind'].lower()}/{m['name']}/g{m['generation']}"
+    return f"{storage_root(settings)}/{m['namespace']}/{obj['kind'].lower()}/{m['name']}/g{m['generation']}"
 
 
 # -- the plan ---------------------------------------------------------------------------------------
@@ -88,7 +98,7 @@ def plan(obj: dict[str, Any], settings: Settings, inputs: dict[str, dict[str, An
     producers' statuses (URIs, snapshot ids, digests) as they were when the attempt started."""
     m = obj["metadata"]
     info = KINDS[obj["kind"]]
-    root = pvc_path(settings.storage_uri) if settings.storage_uri.startswith("pvc://") else "/tmp/fmforge"
+    root = storage_root(settings)
     return {
         "kind": obj["kind"],
         "name": m["name"],
