@@ -9,6 +9,8 @@ the RayJob or InferenceService the operator created, and then watch our status f
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 
 import pytest
@@ -228,7 +230,7 @@ def test_what_the_schema_cannot_catch_says_what_to_fix(cluster, operator):
     n = ns(cluster, "refs")
     apply(cluster, n, manifest("TrainingRun", "orphan", dataPileRef={"name": "nosuchpile"}))
     st = wait_phase(cluster, n, "TrainingRun", "orphan", "Waiting")
-    assert "DataPile/nosuchpile (spec.dataPileRef) does not exist; create it, or fix spec.dataPileRef" in st["message"]
+    assert "DataPile/nosuchpile, which does not exist (create it, or fix spec.dataPileRef)" in st["message"]
     assert condition(st, "Ready")["reason"] == "ProducerNotFound"
     [ev] = [e for e in events(cluster, n, "orphan") if e["reason"] == "ProducerNotFound"]
     assert ev["type"] == "Warning"
@@ -338,3 +340,47 @@ def test_every_pod_the_operator_renders_passes_pod_security_restricted(cluster, 
             c["volumeMounts"] = [m for m in c.get("volumeMounts", []) if m["name"] in ("plan", "tmp")]
         r = cluster.kubectl("create", "--dry-run=server", "-n", strict, "-f", "-", input=json.dumps(pod), check=False)
         assert r.returncode == 0 and "violate" not in r.stderr.lower(), (role, r.stderr)
+
+
+def test_the_real_kuberay_operator_takes_our_rayjob_and_creates_its_raycluster(cluster, crds, operator):
+    """KubeRay's own controller (ray-operator v1.5.0, built from the Go module proxy) run against
+    the test API server, in a namespace that enforces Pod Security `restricted`. It goes as far
+    as creating the RayCluster and its pods; no pod runs (there is no kubelet), so the job stays
+    Initializing, and our status says so."""
+    import subprocess
+
+    from controlplane import KUBERAY_MODULE, KUBERAY_VERSION, free_port, module_dir
+    from tools import build
+
+    if "stand-in" in crds["ray.io"]:
+        pytest.skip("a stand-in RayJob CRD is installed; KubeRay needs the real ones")
+    binary = build("kuberay") / "ray-operator"
+    bases = module_dir(KUBERAY_MODULE, KUBERAY_VERSION) / "config" / "crd" / "bases"
+    cluster.kubectl("apply", "--server-side", "-f", str(bases / "ray.io_rayservices.yaml"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/rayservices.ray.io", "--timeout=60s")
+    n = ns(cluster, "kuberay")
+    cluster.kubectl("label", "namespace", n, "pod-security.kubernetes.io/enforce=restricted")
+    log = (cluster.workdir / "ray-operator.log").open("ab")
+    proc = subprocess.Popen([str(binary), f"--watch-namespace={n}", f"--metrics-addr=127.0.0.1:{free_port()}",
+                             f"--health-probe-bind-address=127.0.0.1:{free_port()}", "--enable-leader-election=false"],
+                            env={"KUBECONFIG": str(cluster.kubeconfig), "PATH": "/usr/bin:/bin"},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        apply(cluster, n, manifest("DataPile", "docs"))
+        rj = wait_for("KubeRay to start the job", lambda: (r := get(cluster, n, "rayjobs", "docs-g1-prepare"))
+                      and (r.get("status") or {}).get("rayClusterName") and r, timeout=90)
+        rc_name = rj["status"]["rayClusterName"]
+        assert rj["status"]["jobDeploymentStatus"] == "Initializing"
+        rc = wait_for("the RayCluster", lambda: get(cluster, n, "rayclusters", rc_name))
+        assert rc["metadata"]["ownerReferences"][0]["kind"] == "RayJob"
+        assert rc["spec"]["headGroupSpec"]["template"]["spec"]["serviceAccountName"] == "fmforge-stage"
+        pods = wait_for("the Ray pods, admitted under Pod Security restricted", lambda: json.loads(cluster.kubectl(
+            "get", "pods", "-n", n, "-l", f"ray.io/cluster={rc_name}", "-o", "json").stdout)["items"], timeout=60)
+        assert {p["metadata"]["labels"]["ray.io/node-type"] for p in pods} >= {"head"}
+        st = wait_phase(cluster, n, "DataPile", "docs", "Pending")
+        wait_for("our status to mirror Initializing", lambda: "Initializing" in
+                 status(cluster, n, "DataPile", "docs").get("message", ""))
+        print(f"KubeRay created RayCluster {rc_name} and {len(pods)} pod(s); status: {st['message']}")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -108,7 +108,7 @@ def test_consumers_wait_for_their_producer_and_name_it():
     run = obj("TrainingRun", "gpt", dataPileRef={"name": "pydocs", "tag": "v1"})
     d = jobs.decide(run, world(pile, run), [], SETTINGS)
     assert d.status["phase"] == "Waiting" and d.create == []
-    assert d.status["message"] == "waiting for DataPile/pydocs is Running: busy"
+    assert d.status["message"] == "waiting for DataPile/pydocs (Running)"
     assert cond(d.status, "Ready")["reason"] == "WaitingForProducer"
     # Succeeded for an older generation is not ready either
     pile["metadata"]["generation"] = 2
@@ -117,7 +117,7 @@ def test_consumers_wait_for_their_producer_and_name_it():
     # nor is a pile without the tag asked for
     done(pile, tags=["v2"])
     d = jobs.decide(run, world(pile, run), [], SETTINGS)
-    assert "has no version tagged 'v1' yet" in d.status["message"]
+    assert d.status["message"] == "waiting for DataPile/pydocs to publish a version tagged 'v1' (its tags: ['v2'])"
     done(pile, tags=["v1"], version={"snapshotId": "42"})
     d = jobs.decide(run, world(pile, run), [], SETTINGS)
     assert d.status["phase"] == "Pending"
@@ -130,7 +130,8 @@ def test_a_missing_producer_and_a_cycle():
     run = obj("TrainingRun", "gpt", dataPileRef={"name": "nope"})
     d = jobs.decide(run, world(run), [], SETTINGS)
     assert cond(d.status, "Ready")["reason"] == "ProducerNotFound"
-    assert "DataPile/nope (spec.dataPileRef) does not exist" in d.status["message"]
+    assert d.status["message"] == ("waiting for DataPile/nope, which does not exist (create it, or fix "
+                                   "spec.dataPileRef)")
     a = obj("TunedModel", "a", baseModelRef={"kind": "TunedModel", "name": "b"})
     b = obj("TunedModel", "b", baseModelRef={"kind": "TunedModel", "name": "c"})
     c = obj("TunedModel", "c", baseModelRef={"kind": "TunedModel", "name": "a"})

@@ -9,6 +9,7 @@ peering); the chart's Deployment uses the Recreate strategy so that two never ov
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,7 @@ class Operator:
     settings: Settings
     kube: Kube
     store: Store
+    reconciler: Reconciler
     queue: WorkQueue
     metrics: Metrics
 
@@ -77,12 +79,13 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any,
         raise kopf.PermanentError("no credentials: neither a ServiceAccount token nor a kubeconfig was found")
     cfg = load_settings(opts.config)
     store, kube, metrics = Store(), Kube(info), Metrics()
-    queue = WorkQueue(Reconciler(kube, store, cfg, metrics), workers=cfg.workers)
+    reconciler = Reconciler(kube, store, cfg, metrics)
+    queue = WorkQueue(reconciler, workers=cfg.workers)
     metrics.watch(store, kube)
     if opts.metrics_port:
         metrics.serve(opts.metrics_port)
     queue.start()
-    OPERATOR["op"] = Operator(cfg, kube, store, queue, metrics)
+    OPERATOR["op"] = Operator(cfg, kube, store, reconciler, queue, metrics)
     logger.info("Started fmforge: runtime image %s, storage %s, metrics on :%s", cfg.runtime_image,
                 cfg.storage_uri, opts.metrics_port or "off")
 
@@ -105,13 +108,29 @@ async def on_object(event: dict[str, Any], **_: Any) -> None:
     """An fmforge object changed: record it, reconcile it and whoever reads it."""
     op = OPERATOR["op"]
     obj = event["object"]
-    keys = op.store.remove(obj) if event["type"] == "DELETED" else op.store.put(obj)
+    if event["type"] == "DELETED":
+        keys = op.store.remove(obj)
+        ns = obj["metadata"].get("namespace") or ""
+        if not op.store.world(ns).objects:
+            op.reconciler.forget_namespace(ns)
+    else:
+        keys = op.store.put(obj)
     for key in keys:
         op.queue.add(key)
 
 
+def listed(**_: Any) -> None:
+    """Index nothing. An index makes kopf list a resource completely before any handler runs, so
+    the first reconciles see every object and child that exists (no producer taken for missing,
+    no child created twice after a restart)."""
+    return None
+
+
 for _info in KINDS.values():
     kopf.on.event("fmforge.io", "v1alpha1", _info.plural, id=f"watch-{_info.plural}")(on_object)
+    kopf.index("fmforge.io", "v1alpha1", _info.plural, id=f"listed-{_info.plural}")(listed)
+for _group, _version, _plural in (("ray.io", "v1", "rayjobs"), ("serving.kserve.io", "v1beta1", "inferenceservices")):
+    kopf.index(_group, _version, _plural, labels={LABEL_KIND: kopf.PRESENT}, id=f"listed-{_plural}")(listed)
 
 
 @kopf.on.event("ray.io", "v1", "rayjobs", labels={LABEL_KIND: kopf.PRESENT})
@@ -129,6 +148,9 @@ def run(options: Options, namespaces: list[str], health_port: int | None, log_fo
     """Run the operator until it is stopped (SIGINT/SIGTERM): what `fmforge operator` does."""
     kopf.configure(debug=log_level == "debug", quiet=log_level in ("warning", "error"),
                    log_format=kopf.LogFormat[log_format.upper()], log_refkey="object")
+    if log_level != "debug":
+        # kopf logs "Handler … succeeded" for every watch event; fmforge logs what changed instead.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     options.namespaces = namespaces or load_settings(options.config).watch_namespaces
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)

@@ -54,6 +54,11 @@ class Reconciler:
         self.metrics = metrics
         self._stage_rbac: set[str] = set()
 
+    def forget_namespace(self, namespace: str) -> None:
+        """The namespace has no fmforge object left (it may be deleted and made again): create its
+        stage ServiceAccount and Role again when a RayJob is next needed there."""
+        self._stage_rbac.discard(namespace)
+
     async def __call__(self, key: Key) -> float | None:
         kind = key[1]
         t0 = time.monotonic()
@@ -76,6 +81,8 @@ class Reconciler:
         decision = DECIDE[obj["kind"]](obj, self.store.world(ns), self.store.children(key), self.settings)
         try:
             existed = await self._carry_out(obj, decision)
+            if not existed:
+                await self._write_status(obj, decision)
         except ApiError as e:
             if e.retryable or e.status in (401, 403, 404):
                 # 403: RBAC may be fixed; 404: a CRD (KubeRay, KServe) may be installed later.
@@ -85,10 +92,9 @@ class Reconciler:
             await self._write_status(obj, Decision(failed, decision.owned))
             raise kopf.PermanentError(f"a child of {obj['kind']}/{obj['metadata']['name']} was refused: {e}") from e
         if existed:
-            # A child of this generation was there before the store knew it (a restart): it is
-            # in the store now, so decide again from it instead of writing a status that lags.
+            # A child of this generation was there before the store knew it: it is in the store
+            # now, so decide again from it instead of writing a status that lags behind it.
             return 0.01
-        await self._write_status(obj, decision)
         if decision.permanent:
             raise kopf.PermanentError(decision.status.get("message") or "cannot go on without a change")
         return self.settings.resync_seconds if decision.requeue else None
@@ -125,7 +131,12 @@ class Reconciler:
             return
         m = obj["metadata"]
         res = fmforge_resource(KINDS[obj["kind"]].plural, obj["kind"])
-        new = await self.kube.patch_status(res, m["namespace"], m["name"], patch)
+        try:
+            new = await self.kube.patch_status(res, m["namespace"], m["name"], patch)
+        except ApiError as e:
+            if e.status == 404:
+                return  # deleted meanwhile: its DELETED event is on its way
+            raise
         self.store.update(new)
         before = (old.get("phase"), reason_of(old))
         after = (decision.status.get("phase"), reason_of(decision.status))

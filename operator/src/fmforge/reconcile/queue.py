@@ -96,7 +96,7 @@ class WorkQueue:
         except kopf.TemporaryError as e:
             n = self._failures[key] = self._failures.get(key, 0) + 1
             delay = min(self.max_backoff, (e.delay or 1.0) * (2 ** min(n - 1, 8)))
-            log.info("Retrying %s in %.1fs: %s", "/".join(map(str, key)), delay, e)
+            log.info("Postponed %s by %.1fs: %s", "/".join(map(str, key)), delay, e)
             return delay
         except Exception:  # noqa: BLE001 - a bug in one reconcile must not stop the others
             n = self._failures[key] = self._failures.get(key, 0) + 1

@@ -76,16 +76,14 @@ def resolve(obj: dict[str, Any], world: World) -> Resolution:
         target = world.get(ref.kind, ref.name)
         if target is None:
             out.missing = True
-            out.waiting.append(f"{key} ({ref.field}) does not exist; create it, or fix {ref.field}")
+            out.waiting.append(f"{key}, which does not exist (create it, or fix {ref.field})")
             continue
         st = target.get("status") or {}
         if not is_ready(target):
-            phase = st.get("phase") or "Pending"
-            why = f": {st['message']}" if st.get("message") else ""
-            out.waiting.append(f"{key} is {phase}{why}")
+            out.waiting.append(f"{key} ({st.get('phase') or 'Pending'})")
             continue
         if ref.tag and ref.tag not in (st.get("tags") or []):
-            out.waiting.append(f"{key} has no version tagged {ref.tag!r} yet (its tags: {st.get('tags') or []})")
+            out.waiting.append(f"{key} to publish a version tagged {ref.tag!r} (its tags: {st.get('tags') or []})")
             continue
         out.inputs[key] = st
     if out.waiting:
