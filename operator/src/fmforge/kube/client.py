@@ -89,9 +89,10 @@ class Kube:
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            # limit=0: no cap on connections; the work queue bounds how many reconciles run at once.
+            # Enough connections for every reconcile worker and the Events; each is a TLS session
+            # kept alive, so a burst does not pay a handshake per request.
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ssl=self._info.as_ssl_context()),
+                connector=aiohttp.TCPConnector(limit=64, ssl=self._info.as_ssl_context()),
                 headers={**self._info.as_http_headers(), "User-Agent": "fmforge-operator"},
                 timeout=aiohttp.ClientTimeout(total=30),
             )

@@ -53,6 +53,9 @@ class Reconciler:
         self.settings = settings
         self.metrics = metrics
         self._stage_rbac: set[str] = set()
+        self._events: set[asyncio.Task] = set()
+        # A burst of transitions (a thousand objects applied at once) posts its Events a few at a time.
+        self._event_slots = asyncio.Semaphore(8)
 
     def forget_namespace(self, namespace: str) -> None:
         """The namespace has no fmforge object left (it may be deleted and made again): create its
@@ -145,9 +148,17 @@ class Reconciler:
             message = decision.status.get("message") or ""
             type_ = "Warning" if phase in ("Failed", "Degraded") or reason in WARNING_REASONS else "Normal"
             log.info("Moved %s/%s to %s (%s): %s", obj["kind"], m["name"], phase, reason, message, extra=_object(obj))
-            try:
-                await self.kube.post_event(builders.event(obj, type_, reason or phase or "", message))
-                self.metrics.events.labels(obj["kind"], type_, reason or "").inc()
-            except ApiError as e:
-                # An Event is a courtesy: its loss must not undo or repeat the reconcile.
-                log.warning("Failed to post an Event about %s/%s: %s", obj["kind"], m["name"], e, extra=_object(obj))
+            # Off the reconcile's path: an Event is a courtesy, and the worker is free sooner.
+            task = asyncio.create_task(self._post_event(obj, type_, reason or phase or "", message))
+            self._events.add(task)
+            task.add_done_callback(self._events.discard)
+
+    async def _post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        try:
+            async with self._event_slots:
+                await self.kube.post_event(builders.event(obj, type_, reason, message))
+            self.metrics.events.labels(obj["kind"], type_, reason).inc()
+        except ApiError as e:
+            # Its loss must not undo or repeat the reconcile.
+            log.warning("Failed to post an Event about %s/%s: %s", obj["kind"], obj["metadata"]["name"], e,
+                        extra=_object(obj))
