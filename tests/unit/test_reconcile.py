@@ -279,3 +279,15 @@ def test_rayjob_builder_mounts_claims_and_requests_gpus():
     env = {e["name"]: e["value"] for e in c["env"]}
     assert '"warehouse": "file:///mnt/pvc/fmforge-artifacts/warehouse"' in env["FMFORGE_CATALOG"]
     assert "activeDeadlineSeconds" not in rj["spec"]
+
+
+def test_an_edge_package_passes_the_same_gate_then_runs_as_a_rayjob():
+    dep, w = _serving(None)
+    dep["spec"] = {"modelRef": {"kind": "TrainingRun", "name": "gpt"}, "target": "edge"}
+    d = deployment.decide(dep, w, [], SETTINGS)
+    assert d.status["phase"] == "Waiting" and d.create == []
+    dep["spec"]["requireApprovedModelCard"] = False
+    dep["metadata"]["generation"] = 2
+    d = deployment.decide(dep, w, [], SETTINGS)
+    assert [c["kind"] for c in d.create] == ["ConfigMap", "RayJob"]
+    assert d.create[1]["metadata"]["name"] == "serve-g2-serve"

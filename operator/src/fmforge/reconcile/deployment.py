@@ -4,7 +4,8 @@
 `requireApprovedModelCard: false`) a ModelCard that is Ready, approved, and evaluated exactly
 the digest of the model to serve, renders the InferenceService, applies it only when what we
 render changed (a spec hash in an annotation), and mirrors its `Ready` condition and URL. A
-Deployment with target edge builds a package, which is a stage: `jobs.decide` handles it.
+Deployment with target edge builds a package, which is a stage: past the same gate,
+`jobs.decide` handles it.
 """
 
 from __future__ import annotations
@@ -66,8 +67,6 @@ def _ready(isvc: dict[str, Any]) -> tuple[bool, str]:
 
 def decide(obj: dict[str, Any], world: World, children: list[dict[str, Any]], settings: Settings) -> Decision:
     """The decision for one Deployment."""
-    if (obj.get("spec") or {}).get("target") == "edge":
-        return jobs.decide(obj, world, children, settings)
     meta = obj["metadata"]
     gen = int(meta["generation"])
     current = dict(obj.get("status") or {})
@@ -80,9 +79,9 @@ def decide(obj: dict[str, Any], world: World, children: list[dict[str, Any]], se
     except ValueError as e:
         msg = f"the spec is invalid: {e}; fix the spec and apply it again"
         return Decision(status("Failed", "InvalidSpec", msg), OWNED, requeue=False, permanent=True)
-    if spec.kserve is None:
+    if spec.target == "kserve" and spec.kserve is None:
         spec = spec.model_copy(update={"kserve": KServe()})
-    if spec.kserve.runtime != "huggingface":
+    if spec.target == "kserve" and spec.kserve.runtime != "huggingface":
         msg = (f"kserve.runtime {spec.kserve.runtime} is not served on a cluster yet; use runtime huggingface "
                "(KServe's Hugging Face runtime)")
         return Decision(status("Failed", "NotImplemented", msg), OWNED, requeue=False, permanent=True)
@@ -107,6 +106,9 @@ def decide(obj: dict[str, Any], world: World, children: list[dict[str, Any]], se
             msg = (f"waiting for an approved ModelCard of {ref.kind}/{ref.name} at digest {digest or '(none)'}: "
                    f"{why}")
             return Decision(status("Waiting", "WaitingForApprovedModelCard", msg), OWNED)
+    if spec.target == "edge":
+        # An edge package is built by the serving stage, in a RayJob, once the gate is passed.
+        return jobs.decide(obj, world, children, settings)
 
     desired = builders.inference_service(obj, spec, model["uri"], digest)
     desired["metadata"]["annotations"][SPEC_HASH] = spec_hash(desired)
