@@ -32,15 +32,19 @@ from tools import build
 
 def test_sigkill_in_the_middle_of_20_objects_leaves_exactly_one_child_each(cluster, crds, tmp_path):
     n = ns(cluster, "restart")
-    op = OperatorProcess(cluster, name="operator-restart", args=["--namespace", n]).start()
+    # two workers, so that the kill lands while most objects are still to do
+    config = tmp_path / "config.yaml"
+    config.write_text("workers: 2\n")
+    op = OperatorProcess(cluster, config=config, name="operator-restart", args=["--namespace", n]).start()
     try:
         piles = [manifest("DataPile", f"p{i:02d}") for i in range(20)]
         apply(cluster, n, *piles)
-        # kill it as soon as some (not all) RayJobs exist
-        wait_for("a first RayJob", lambda: len(json.loads(cluster.kubectl(
-            "get", "rayjobs", "-n", n, "-o", "json").stdout)["items"]) >= 1, every=0.02)
+        # kill it as soon as it says it created a first RayJob
+        wait_for("a first RayJob", lambda: "Created RayJob" in op.log.read_text(), every=0.005)
         op.kill()
-        made = len(json.loads(cluster.kubectl("get", "rayjobs", "-n", n, "-o", "json").stdout)["items"])
+        before = {j["metadata"]["name"]: j["metadata"]["uid"] for j in json.loads(cluster.kubectl(
+            "get", "rayjobs", "-n", n, "-o", "json").stdout)["items"]}
+        made = len(before)
         op.start()
 
         def all_pending():
@@ -50,6 +54,9 @@ def test_sigkill_in_the_middle_of_20_objects_leaves_exactly_one_child_each(clust
         jobs = json.loads(cluster.kubectl("get", "rayjobs", "-n", n, "-o", "json").stdout)["items"]
         names = sorted(j["metadata"]["name"] for j in jobs)
         assert names == sorted(f"p{i:02d}-g1-prepare" for i in range(20)), names
+        # the ones made before the kill were found, not made again
+        assert {j["metadata"]["name"]: j["metadata"]["uid"] for j in jobs if j["metadata"]["name"] in before} == before
+        assert made < 20, "the operator was killed too late to test anything"
         print(f"{made} of 20 RayJobs existed when the operator was killed")
         # every object reaches the right phase after the restart
         for i in range(20):
