@@ -15,13 +15,14 @@ EXTRAS        ?= dev,data
 STAMP         := $(VENV)/.installed-$(EXTRAS)
 PYTEST_ARGS   ?=
 
-.PHONY: help setup quickstart corpus test test-unit test-stages test-layers test-cluster crds helm controlplane bench controlplane-up clean
+.PHONY: help setup quickstart corpus test test-unit test-stages test-layers test-cluster crds helm controlplane bench bench-operator controlplane-up clean
 
 help:
 	@echo "make quickstart   run the whole pipeline locally (examples/quickstart)"
 	@echo "make test         run every test tier"
 	@echo "make crds         regenerate crds/ and the chart's CRDs from the API models"
 	@echo "make bench        DataPile benchmark beside datatrove (prints figures, never part of make test)"
+	@echo "make bench-operator  the operator with 200 and 1,000 TrainingRuns on the test control plane"
 	@echo "make controlplane build the test control plane binaries (etcd, kube-apiserver, kubectl)"
 
 $(STAMP): operator/pyproject.toml
@@ -70,6 +71,10 @@ $(BENCH_VENV)/.installed: operator/pyproject.toml
 
 bench: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python tests/bench/bench_datapile.py
+
+# The operator on the test control plane: 200 and 1,000 TrainingRuns applied at once.
+bench-operator: setup controlplane
+	$(BIN)/python tests/bench/bench_operator.py
 
 test-unit: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/unit

@@ -294,7 +294,8 @@ class ControlPlane:
                 os.killpg(p.pid, signal.SIGTERM)
         for name, p in self.procs.items():
             try:
-                p.wait(timeout=15)
+                # kube-apiserver drains its watches for up to a minute; nothing here needs that.
+                p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
