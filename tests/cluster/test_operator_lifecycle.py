@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 from controlplane import ROOT
 from operatorproc import (
+    MODEL_RESULTS,
     OperatorProcess,
     apply,
     events,
@@ -24,6 +25,7 @@ from operatorproc import (
     manifest,
     ns,
     rayjob_status,
+    succeed,
     wait_for,
     wait_phase,
 )
@@ -132,6 +134,17 @@ def test_helm_install_and_the_operator_run_with_the_charts_settings_and_identity
         rayjob_status(cluster, work, "docs-g1-prepare", "Complete", "SUCCEEDED")
         wait_phase(cluster, work, "DataPile", "docs", "Succeeded")
         assert {"JobCreated", "JobSucceeded"} <= {e["reason"] for e in events(cluster, work, "docs")}
+        # every other kind of request: a stale RayJob deleted, an InferenceService applied
+        apply(cluster, work, manifest("TrainingRun", "gpt", dataPileRef={"name": "docs"}))
+        wait_for("g1", lambda: get(cluster, work, "rayjobs", "gpt-g1-train"))
+        rayjob_status(cluster, work, "gpt-g1-train", "Running", "RUNNING")
+        wait_phase(cluster, work, "TrainingRun", "gpt", "Running")
+        apply(cluster, work, manifest("TrainingRun", "gpt", dataPileRef={"name": "docs"}, training={"maxSteps": 20}))
+        wait_for("g1 stopped", lambda: get(cluster, work, "rayjobs", "gpt-g1-train") is None)
+        succeed(cluster, work, "TrainingRun", "gpt", gen=2, results=MODEL_RESULTS)
+        apply(cluster, work, manifest("Deployment", "serve", modelRef={"kind": "TrainingRun", "name": "gpt"},
+                                      requireApprovedModelCard=False))
+        wait_for("the InferenceService", lambda: get(cluster, work, "inferenceservices", "serve"))
         log = op.log.read_text()
         assert "Forbidden" not in log and " 403" not in log, op.tail()
         # JSON logs, naming the object
