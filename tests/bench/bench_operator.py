@@ -20,6 +20,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import ssl
 import statistics
 import subprocess
@@ -69,20 +70,32 @@ class Api:
         return time.monotonic()
 
     def watch(self, path: str, seen: dict[str, float], stop: threading.Event) -> None:
-        conn = http.client.HTTPSConnection(self.host, self.port, context=self.ctx, timeout=600)
-        conn.request("GET", f"{path}?watch=1&allowWatchBookmarks=false")
-        resp = conn.getresponse()
+        """Record when each object is first seen; a watch that breaks is started again after a
+        list (whatever the list brings that was not seen yet counts from the list's time)."""
         while not stop.is_set():
-            line = resp.readline()
-            if not line:
-                break
-            ev = json.loads(line)
-            if ev["type"] == "ADDED":
-                seen.setdefault(ev["object"]["metadata"]["name"], time.monotonic())
-        conn.close()
+            try:
+                conn = http.client.HTTPSConnection(self.host, self.port, context=self.ctx, timeout=600)
+                conn.request("GET", path)
+                listed = json.loads(conn.getresponse().read())
+                for item in listed["items"]:
+                    seen.setdefault(item["metadata"]["name"], time.monotonic())
+                rv = listed["metadata"]["resourceVersion"]
+                conn.request("GET", f"{path}?watch=1&resourceVersion={rv}")
+                resp = conn.getresponse()
+                while not stop.is_set():
+                    line = resp.readline()
+                    if not line:
+                        break
+                    ev = json.loads(line)
+                    if ev["type"] == "ADDED":
+                        seen.setdefault(ev["object"]["metadata"]["name"], time.monotonic())
+                conn.close()
+            except (OSError, ValueError, http.client.HTTPException) as e:
+                print(f"RayJob watch broke ({e}); watching again", file=sys.stderr)
+                time.sleep(0.5)
 
 
-def run_size(cp: ControlPlane, api: Api, n: int, tmp: Path) -> dict:
+def run_size(cp: ControlPlane, api: Api, n: int, tmp: Path, keep_logs: Path | None) -> dict:
     ns = f"bench-{n}-{uuid.uuid4().hex[:4]}"
     cp.kubectl("create", "namespace", ns)
     op = OperatorProcess(cp, name=f"bench-operator-{n}", args=["--namespace", ns]).start()
@@ -143,11 +156,15 @@ def run_size(cp: ControlPlane, api: Api, n: int, tmp: Path) -> dict:
         op.stop()
         peer.terminate()
         peer.wait(timeout=20)
+        if keep_logs:
+            keep_logs.mkdir(parents=True, exist_ok=True)
+            shutil.copy(op.log, keep_logs / op.log.name)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[200, 1000])
+    ap.add_argument("--keep-logs", type=Path, help="copy each operator's log into this directory")
     args = ap.parse_args()
     cp = ControlPlane().start()
     try:
@@ -159,7 +176,7 @@ def main() -> int:
             "wait", "--for=condition=Established", "crd", "--all", "--timeout=10s", check=False).returncode == 0,
             timeout=120, every=1)
         api = Api(cp)
-        rows = [run_size(cp, api, n, cp.workdir) for n in args.sizes]
+        rows = [run_size(cp, api, n, cp.workdir, args.keep_logs) for n in args.sizes]
     finally:
         cp.stop()
     cols = ["objects", "apply_seconds", "all_rayjobs_seconds", "p50_s", "p99_s", "max_s", "requests_per_reconcile",

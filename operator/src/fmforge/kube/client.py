@@ -9,6 +9,7 @@ metrics endpoint and the benchmark read.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections import Counter
@@ -119,9 +120,10 @@ class Kube:
                     except ValueError:
                         raise ApiError(resp.status, "", text) from None
                 return json.loads(text) if text else None
-        except aiohttp.ClientError as e:
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             self.requests[(method, res.plural, 0)] += 1
-            # A dropped connection (an API server restart) is worth a retry, like a 503.
+            # A dropped connection (an API server restart) or no answer in time (an overloaded
+            # one) is worth a retry, like a 503.
             raise ApiError(503, "ConnectionError", f"{type(e).__name__}: {e}") from e
 
     # -- verbs ----------------------------------------------------------------------------------
