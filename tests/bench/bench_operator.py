@@ -7,7 +7,8 @@ For each size, in a fresh namespace with a fresh operator (`fmforge operator`, w
 namespace) and, beside it, a no-op kopf operator watching the same TrainingRuns (the peer: what
 kopf alone costs):
   - apply -> RayJob created: from the moment the API server answered the TrainingRun's create
-    to the moment a watch on RayJobs saw its RayJob, p50 / p99 / max;
+    to the moment a watch on RayJobs saw its RayJob, p50 / p99 / max (and the p50 of ten applied
+    one at a time before, when nothing else is going on);
   - API requests the operator made, per reconcile and per TrainingRun (its /metrics);
   - peak RSS (VmHWM) of the operator and of the peer.
 The TrainingRuns read one DataPile that is Ready before they are applied, so every one of them
@@ -122,6 +123,16 @@ def run_size(cp: ControlPlane, api: Api, n: int, tmp: Path, keep_logs: Path | No
         watcher.start()
         time.sleep(0.5)
         path = f"/apis/fmforge.io/v1alpha1/namespaces/{ns}/trainingruns"
+        # first one at a time: the latency when nothing else is going on
+        single = []
+        for i in range(10):
+            d = manifest("TrainingRun", f"one{i:02d}", dataPileRef={"name": "pile", "tag": "v1"})
+            d["metadata"]["namespace"] = ns
+            t = api.create(path, d)
+            wait_for("its RayJob", lambda: f"one{i:02d}-g1-train" in seen, every=0.002)
+            single.append(seen[f"one{i:02d}-g1-train"] - t)
+        base_requests = op.metric("fmforge_api_requests_total")
+        base_reconciles = op.metric("fmforge_reconciles_total")
         docs = []
         for i in range(n):
             d = manifest("TrainingRun", f"run{i:04d}", dataPileRef={"name": "pile", "tag": "v1"})
@@ -143,6 +154,7 @@ def run_size(cp: ControlPlane, api: Api, n: int, tmp: Path, keep_logs: Path | No
         reconciles = op.metric("fmforge_reconciles_total") - base_reconciles
         return {
             "objects": n,
+            "one_at_a_time_p50_s": round(statistics.median(single), 3),
             "apply_seconds": round(applied, 2),
             "all_rayjobs_seconds": round(all_done, 2),
             "p50_s": round(q[49], 3), "p99_s": round(q[98], 3), "max_s": round(lat[-1], 3),
@@ -179,7 +191,7 @@ def main() -> int:
         rows = [run_size(cp, api, n, cp.workdir, args.keep_logs) for n in args.sizes]
     finally:
         cp.stop()
-    cols = ["objects", "apply_seconds", "all_rayjobs_seconds", "p50_s", "p99_s", "max_s", "requests_per_reconcile",
+    cols = ["objects", "one_at_a_time_p50_s", "apply_seconds", "all_rayjobs_seconds", "p50_s", "p99_s", "max_s", "requests_per_reconcile",
             "requests_per_object", "operator_rss_peak_mb", "kopf_noop_rss_peak_mb"]
     print(" ".join(f"{c:>22}" for c in cols))
     for r in rows:

@@ -66,7 +66,7 @@ class Settings(_Model):
     """RayJob limits."""
     resync_seconds: Annotated[float, Field(gt=0)] = 300.0
     """Safety-net re-reconcile of every unfinished object; watches do the real work."""
-    workers: Annotated[int, Field(ge=1, le=256)] = 16
+    workers: Annotated[int, Field(ge=1, le=256)] = 32
     """Reconciles run at once."""
 
 

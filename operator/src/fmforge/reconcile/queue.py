@@ -24,7 +24,7 @@ Handler = Callable[[Hashable], Awaitable[float | None]]
 class WorkQueue:
     """Keys to reconcile and the workers that reconcile them."""
 
-    def __init__(self, handler: Handler, workers: int = 16, max_backoff: float = 60.0):
+    def __init__(self, handler: Handler, workers: int = 32, max_backoff: float = 60.0):
         self.handler = handler
         self.workers = workers
         self.max_backoff = max_backoff
