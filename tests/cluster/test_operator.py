@@ -242,6 +242,10 @@ def test_what_the_schema_cannot_catch_says_what_to_fix(cluster, operator):
     assert condition(st, "Stalled")["status"] == "True" and condition(st, "Ready")["reason"] == "ReferenceCycle"
     assert any(e["reason"] == "ReferenceCycle" and e["type"] == "Warning" for e in events(cluster, n, "a"))
     assert get(cluster, n, "rayjobs", "a-g1-tune") is None
+    # fixing b breaks the cycle, and a (unchanged) goes on to wait for b
+    apply(cluster, n, manifest("TunedModel", "b", baseModelRef={"kind": "TrainingRun", "name": "orphan"}))
+    st = wait_phase(cluster, n, "TunedModel", "a", "Waiting")
+    assert "TunedModel/b" in st["message"]
     # creating the missing pile lets the orphan proceed at once
     apply(cluster, n, manifest("DataPile", "nosuchpile"))
     succeed(cluster, n, "DataPile", "nosuchpile", results=PILE_RESULTS)

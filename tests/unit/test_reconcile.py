@@ -138,6 +138,12 @@ def test_a_missing_producer_and_a_cycle():
     assert find_cycle(a, world(a, b, c)) == "TunedModel/a -> TunedModel/b -> TunedModel/c -> TunedModel/a"
     d = jobs.decide(a, world(a, b, c), [], SETTINGS)
     assert d.status["phase"] == "Failed" and d.permanent and d.create == []
+    # fixing b breaks the cycle: a, Failed for its generation, goes on
+    a["status"] = d.status
+    b["spec"]["baseModelRef"] = {"kind": "TrainingRun", "name": "gpt"}
+    b["metadata"]["generation"] = 2
+    d = jobs.decide(a, world(a, b, c), [], SETTINGS)
+    assert d.status["phase"] == "Waiting" and "TunedModel/b (Pending)" in d.status["message"]
     selfish = obj("TunedModel", "s", baseModelRef={"kind": "TunedModel", "name": "s"})
     assert resolve(selfish, world(selfish)).cycle == "TunedModel/s -> TunedModel/s"
     assert find_cycle(b, world(b)) is None

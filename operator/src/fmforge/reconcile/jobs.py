@@ -17,11 +17,13 @@ from ..kube import builders
 from ..kube.client import RAYJOBS
 from ..kube.names import LABEL_GENERATION, child_name_for
 from ..kube.settings import Settings
-from .decision import COMMON_OWNED, Decision, phase_status
+from .decision import COMMON_OWNED, Decision, phase_status, reason_of
 from .refs import resolve
 from .store import World, spec_of
 
 FINISHED = ("Succeeded", "Failed")
+#: Failures decided before any RayJob ran: a change elsewhere (a reference fixed) can undo them.
+DECIDED_HERE = ("ReferenceCycle", "ChildRejected", "InvalidSpec")
 
 
 def owned(kind: str) -> tuple[str, ...]:
@@ -95,8 +97,9 @@ def decide(obj: dict[str, Any], world: World, children: list[dict[str, Any]], se
     if mine is not None:
         phase, reason, message = mirror(mine)
         return Decision(status(phase, reason, message), fields, delete=stale, requeue=phase not in FINISHED)
-    if current.get("observedGeneration") == gen and current.get("phase") in FINISHED and current.get("rayJob", name) == name:
-        # Finished for this generation, and its RayJob is gone (KubeRay's TTL, a restart): done.
+    if (current.get("observedGeneration") == gen and current.get("phase") in FINISHED
+            and current.get("rayJob", name) == name and reason_of(current) not in DECIDED_HERE):
+        # Its RayJob finished for this generation and is gone (KubeRay's TTL, a restart): done.
         return Decision(current, fields, delete=stale, requeue=False)
 
     res = resolve(obj, world)
