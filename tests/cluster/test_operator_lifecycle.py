@@ -1,4 +1,5 @@
-"""The operator's life: killed mid-work, the API server restarted under it, installed by helm.
+"""The operator's life: killed mid-work, the API server restarted under it, installed by helm,
+and the entrypoint of the RayJob it rendered run for real.
 
 Each test runs an operator of its own (watching only its namespace); the shared operator of
 test_operator.py is never running here (module-scoped fixtures end with their module), so
