@@ -297,3 +297,14 @@ def test_an_edge_package_passes_the_same_gate_then_runs_as_a_rayjob():
     d = deployment.decide(dep, w, [], SETTINGS)
     assert [c["kind"] for c in d.create] == ["ConfigMap", "RayJob"]
     assert d.create[1]["metadata"]["name"] == "serve-g2-serve"
+
+
+def test_operator_flags_default_to_the_environment(monkeypatch):
+    from fmforge.cli import build_parser
+
+    monkeypatch.setenv("FMFORGE_METRICS_PORT", "9999")
+    monkeypatch.setenv("FMFORGE_LOG_FORMAT", "json")
+    args = build_parser().parse_args(["operator"])
+    assert (args.metrics_port, args.health_port, args.log_format, args.namespace) == (9999, 8080, "json", None)
+    args = build_parser().parse_args(["operator", "--namespace", "a", "--namespace", "b", "--metrics-port", "0"])
+    assert args.namespace == ["a", "b"] and args.metrics_port == 0

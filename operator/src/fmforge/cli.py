@@ -247,7 +247,9 @@ def cmd_crds(args: argparse.Namespace) -> int:
 def cmd_operator(args: argparse.Namespace) -> int:
     from .handlers import Options, run
 
-    run(Options(config=args.config, metrics_port=args.metrics_port), namespaces=args.namespace,
+    # The flag replaces the variable (argparse would append to a default list instead).
+    namespaces = args.namespace or [n for n in os.environ.get("FMFORGE_NAMESPACES", "").split(",") if n]
+    run(Options(config=args.config, metrics_port=args.metrics_port), namespaces=namespaces,
         health_port=args.health_port, log_format=args.log_format, log_level=args.log_level)
     return EXIT_OK
 
@@ -322,7 +324,6 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--config", default=env("FMFORGE_CONFIG"),
                     help="settings file (charts/fmforge's config.yaml) [FMFORGE_CONFIG]; default: built-in defaults")
     op.add_argument("--namespace", action="append",
-                    default=[n for n in env("FMFORGE_NAMESPACES", "").split(",") if n],
                     help="watch this namespace (repeat for more) [FMFORGE_NAMESPACES, comma-separated]; "
                     "default: the config's watchNamespaces, else all")
     op.add_argument("--metrics-port", type=int, default=int(env("FMFORGE_METRICS_PORT", "9090")),
