@@ -15,7 +15,7 @@ EXTRAS        ?= dev,data,train,serve
 STAMP         := $(VENV)/.installed-$(EXTRAS)
 PYTEST_ARGS   ?=
 
-.PHONY: help setup quickstart corpus test test-unit test-stages test-layers test-cluster crds helm controlplane bench bench-train bench-serve controlplane-up clean
+.PHONY: help setup quickstart corpus test test-unit test-stages test-layers test-cluster crds helm controlplane bench bench-train bench-serve bench-operator controlplane-up clean
 
 help:
 	@echo "make quickstart   run the whole pipeline locally (examples/quickstart)"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench        DataPile benchmark beside datatrove (prints figures, never part of make test)"
 	@echo "make bench-train  TrainingRun benchmark beside a plain PyTorch DDP loop (never part of make test)"
 	@echo "make bench-serve  model server against the same model in-process (never part of make test)"
+	@echo "make bench-operator  the operator with 200 and 1,000 TrainingRuns on the test control plane"
 	@echo "make controlplane build the test control plane binaries (etcd, kube-apiserver, kubectl)"
 
 $(STAMP): operator/pyproject.toml
@@ -79,6 +80,10 @@ bench-train: setup
 
 bench-serve: setup
 	$(BIN)/python tests/bench/bench_serve.py $(ARGS)
+
+# The operator on the test control plane: 200 and 1,000 TrainingRuns applied at once.
+bench-operator: setup controlplane
+	$(BIN)/python tests/bench/bench_operator.py
 
 test-unit: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/unit

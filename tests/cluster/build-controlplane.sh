@@ -2,7 +2,8 @@
 # Builds the Go binaries the tests need from the Go module proxy and caches them outside the
 # checkout, keyed by version: the test control plane (etcd, kube-apiserver,
 # kube-controller-manager, kubectl, the way controller-runtime's envtest gets them), helm, and
-# versitygw (Versity's S3 gateway over a local directory: the S3 server of the stage tests).
+# versitygw (Versity's S3 gateway over a local directory: the S3 server of the stage tests), and
+# KubeRay's operator (the real controller that turns our RayJobs into RayClusters).
 # Called by the test fixtures, by `make controlplane` and by `make helm`; a warm call returns
 # at once.
 #
@@ -15,6 +16,7 @@ K8S_VERSION=${K8S_VERSION:-v1.36.3}
 ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
 HELM_VERSION=${HELM_VERSION:-v3.19.5}
 VERSITYGW_VERSION=${VERSITYGW_VERSION:-v1.8.0}
+KUBERAY_VERSION=${KUBERAY_VERSION:-v1.5.0}
 CACHE=${FMFORGE_CACHE:-$HOME/.cache/fmforge}
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 
@@ -106,11 +108,23 @@ build_versitygw() {
   echo "$out"
 }
 
+build_kuberay() {
+  local out="$CACHE/kuberay-$KUBERAY_VERSION"
+  if [[ -x $out/ray-operator ]]; then echo "$out"; return; fi
+  mkdir -p "$out"
+  echo "Building ray-operator $KUBERAY_VERSION" >&2
+  # The module root is the operator's main package and its go.mod has no local replaces.
+  GOBIN="$out" go install -trimpath -ldflags "-s -w" \
+    "github.com/ray-project/kuberay/ray-operator@$KUBERAY_VERSION" >&2
+  echo "$out"
+}
+
 case "$what" in
   k8s) build_k8s ;;
   etcd) build_etcd ;;
   helm) build_helm ;;
   versitygw) build_versitygw ;;
+  kuberay) build_kuberay ;;
   all) build_etcd; build_k8s; build_helm ;;
-  *) echo "usage: $0 [k8s|etcd|helm|versitygw|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [k8s|etcd|helm|versitygw|kuberay|all]" >&2; exit 2 ;;
 esac

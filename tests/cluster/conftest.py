@@ -120,3 +120,6 @@ def pytest_runtest_makereport(item, call):
     cp = item.funcargs.get("cluster") if hasattr(item, "funcargs") else None
     if report.failed and isinstance(cp, ControlPlane):
         report.sections.append(("control plane logs", cp.logs()))
+    op = item.funcargs.get("operator") if hasattr(item, "funcargs") else None
+    if report.failed and hasattr(op, "tail"):
+        report.sections.append(("operator log", op.tail(100)))

@@ -148,6 +148,7 @@ class ControlPlane:
 
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="fmforge-cp-")))
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    args: dict[str, list[str]] = field(default_factory=dict)
     port: int = 0
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -172,7 +173,7 @@ class ControlPlane:
         self.k8s = build("k8s")
         self.timings["build"] = time.monotonic() - t0
         t1 = time.monotonic()
-        pki = Pki(self.workdir / "pki").generate()
+        pki = self.pki = Pki(self.workdir / "pki").generate()
         etcd_port, etcd_peer = free_port(), free_port()
         self._spawn("etcd", [
             str(self.etcd_dir / "etcd"), "--data-dir", str(self.workdir / "etcd"),
@@ -220,8 +221,19 @@ class ControlPlane:
         self.timings["start"] = time.monotonic() - t1
         return self
 
+    def restart_apiserver(self, down: float = 2.0, timeout: float = 120.0) -> None:
+        """Kill kube-apiserver (SIGKILL: a crash, and no minute of graceful watch draining), leave it
+        down `down` seconds, start it again on the same port."""
+        p = self.procs["kube-apiserver"]
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+        time.sleep(down)
+        self._spawn("kube-apiserver", self.args["kube-apiserver"])
+        self._wait_ready(self.pki, timeout)
+
     def _spawn(self, name: str, args: list[str]) -> None:
-        out = self.log(name).open("wb")
+        self.args[name] = args
+        out = self.log(name).open("ab")
         # A process group of its own, so stop() ends exactly what was started here.
         self.procs[name] = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             start_new_session=True, cwd=self.workdir)
@@ -282,7 +294,8 @@ class ControlPlane:
                 os.killpg(p.pid, signal.SIGTERM)
         for name, p in self.procs.items():
             try:
-                p.wait(timeout=15)
+                # kube-apiserver drains its watches for up to a minute; nothing here needs that.
+                p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()

@@ -57,11 +57,32 @@ def test_operator_deployment_is_restricted(helm):
     assert c["resources"]["limits"]["memory"]
     assert all(p["containerPort"] >= 1024 for p in c["ports"])
     assert not any("hostPath" in v for v in pod["volumes"])
-    assert "--all-namespaces" in c["args"]
+    assert c["command"] == ["fmforge"] and c["args"] == ["operator"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["FMFORGE_CONFIG"] == "/etc/fmforge/config.yaml" and env["FMFORGE_HEALTH_PORT"] == "8080"
+    assert env["FMFORGE_METRICS_PORT"] == "9090" and env["FMFORGE_LOG_FORMAT"] == "json"
+
+
+def test_every_setting_the_chart_passes_is_read_by_the_operator(helm):
+    from fmforge.cli import build_parser
+    from fmforge.kube.settings import Settings
+
+    docs = _template(helm, "config.jobs.activeDeadlineSeconds=600")
+    [dep] = [d for d in docs if d["kind"] == "Deployment"]
+    [c] = dep["spec"]["template"]["spec"]["containers"]
+    cli = (ROOT / "operator" / "src" / "fmforge" / "cli.py").read_text()
+    for e in c["env"]:
+        if e["name"].startswith("FMFORGE_"):
+            assert f'"{e["name"]}"' in cli, f"{e['name']} is set by the chart and read by nothing"
+    args = build_parser().parse_args(c["command"][1:] + c["args"])
+    assert args.command == "operator"
+    [cm] = [d for d in docs if d["kind"] == "ConfigMap"]
+    cfg = Settings.model_validate(yaml.safe_load(cm["data"]["config.yaml"]))  # extra=forbid: no unread key
+    assert cfg.jobs.active_deadline_seconds == 600 and cfg.catalog.uri.startswith("sqlite:////mnt/pvc/")
 
 
 def test_rbac_is_least_privilege(helm):
-    for sets in ([], ["watchNamespaces={team-a,team-b}", "openshift.routes=true"]):
+    for sets in ([], ["watchNamespaces={team-a,team-b}"]):
         docs = _template(helm, *sets)
         roles = [d for d in docs if d["kind"] in ("Role", "ClusterRole")]
         assert roles
@@ -72,6 +93,9 @@ def test_rbac_is_least_privilege(helm):
                 assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
             groups = {g for r in role["rules"] for g in r["apiGroups"]}
             assert {"fmforge.io", "ray.io", "serving.kserve.io"} <= groups
+            # the operator only reads its own kinds and writes their status
+            [own] = [r for r in role["rules"] if r["resources"][0] == "datapiles"]
+            assert own["verbs"] == ["list", "watch"]
             secrets = [r for r in role["rules"] if "secrets" in r["resources"]]
             assert secrets == [], "the operator does not read secrets"
 
@@ -82,9 +106,7 @@ def test_watch_namespaces_give_roles_not_cluster_roles(helm):
     assert "ClusterRole" not in kinds and kinds.count("Role") == 2 and kinds.count("RoleBinding") == 2
     [dep] = [d for d in docs if d["kind"] == "Deployment"]
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--namespace=team-a" in args and "--namespace=team-b" in args
-    routes = [r for d in docs if d["kind"] == "Role" for r in d["rules"] if "route.openshift.io" in r["apiGroups"]]
-    assert routes == [], "routes only when openshift.routes is true"
+    assert args == ["operator", "--namespace=team-a", "--namespace=team-b"]
 
 
 def test_config_and_metrics(helm):

@@ -37,41 +37,34 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 {{- end -}}
 
-{{/* The rules of the operator's role: our kinds, their children, nothing more. */}}
+{{/* The rules of the operator's role: exactly the requests fmforge.kube.client and kopf make.
+kopf lists and watches the five kinds and the children; the reconcilers patch status, create
+children (a 409 is read back with get), update InferenceServices in place, stop RayJobs of an
+older generation, and create each namespace's stage ServiceAccount/Role/RoleBinding; the Role
+grants get and patch of the status subresources, which the operator must hold itself. */}}
 {{- define "fmforge.rules" -}}
 - apiGroups: ["fmforge.io"]
   resources: [datapiles, trainingruns, modelcards, tunedmodels, deployments]
-  verbs: [get, list, watch, patch, update]
+  verbs: [list, watch]
 - apiGroups: ["fmforge.io"]
   resources: [datapiles/status, trainingruns/status, modelcards/status, tunedmodels/status, deployments/status]
-  verbs: [get, patch, update]
+  verbs: [get, patch]
 - apiGroups: ["ray.io"]
   resources: [rayjobs]
-  verbs: [get, list, watch, create, patch, delete]
+  verbs: [get, list, watch, create, delete]
 - apiGroups: ["serving.kserve.io"]
   resources: [inferenceservices]
-  verbs: [get, list, watch, create, patch, delete]
+  verbs: [get, list, watch, create, patch]
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [get, list, watch, create, patch, delete]
+  verbs: [get, create]
 - apiGroups: [""]
   resources: [serviceaccounts]
-  verbs: [get, create, patch]
+  verbs: [create]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: [roles, rolebindings]
-  verbs: [get, create, patch]
+  verbs: [create]
 - apiGroups: [""]
   resources: [events]
-  verbs: [create, patch]
-- apiGroups: ["events.k8s.io"]
-  resources: [events]
-  verbs: [create, patch]
-{{- if .Values.openshift.routes }}
-- apiGroups: ["route.openshift.io"]
-  resources: [routes]
-  verbs: [get, list, watch, create, patch, delete]
-- apiGroups: ["route.openshift.io"]
-  resources: [routes/custom-host]
   verbs: [create]
-{{- end }}
 {{- end -}}

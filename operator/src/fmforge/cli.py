@@ -7,6 +7,7 @@
     fmforge approve ModelCard/NAME --by WHO   approve the model a ModelCard evaluated
     fmforge serve Deployment/NAME     serve a Deployment's model in the foreground
     fmforge crds [--out DIR]          write the CRDs generated from the models
+    fmforge operator                  run the operator (kopf) against the current cluster
     fmforge version
 
 Exit codes: 0 success; 1 invalid manifests, a failed or waiting object, or an object not found;
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -347,6 +349,16 @@ def cmd_crds(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    from .handlers import Options, run
+
+    # The flag replaces the variable (argparse would append to a default list instead).
+    namespaces = args.namespace or [n for n in os.environ.get("FMFORGE_NAMESPACES", "").split(",") if n]
+    run(Options(config=args.config, metrics_port=args.metrics_port), namespaces=namespaces,
+        health_port=args.health_port, log_format=args.log_format, log_level=args.log_level)
+    return EXIT_OK
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     from .api.v1alpha1 import API_VERSION
 
@@ -429,6 +441,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="crds", help="directory (default: %(default)s)")
     c.add_argument("--stdout", action="store_true", help="print them instead")
     c.set_defaults(func=cmd_crds)
+
+    env = os.environ.get
+    op = sub.add_parser("operator", help="run the operator against the current cluster",
+                        description="Run the fmforge operator (kopf): watch the five kinds and reconcile them "
+                        "into KubeRay RayJobs and KServe InferenceServices. Credentials: the pod's ServiceAccount, "
+                        "else $KUBECONFIG or ~/.kube/config. Each flag defaults to the environment variable named.")
+    op.add_argument("--config", default=env("FMFORGE_CONFIG"),
+                    help="settings file (charts/fmforge's config.yaml) [FMFORGE_CONFIG]; default: built-in defaults")
+    op.add_argument("--namespace", action="append",
+                    help="watch this namespace (repeat for more) [FMFORGE_NAMESPACES, comma-separated]; "
+                    "default: the config's watchNamespaces, else all")
+    op.add_argument("--metrics-port", type=int, default=int(env("FMFORGE_METRICS_PORT", "9090")),
+                    help="port of Prometheus /metrics, 0 for none [FMFORGE_METRICS_PORT] (default: %(default)s)")
+    op.add_argument("--health-port", type=int, default=int(env("FMFORGE_HEALTH_PORT", "8080")),
+                    help="port of the /healthz probe, 0 for none [FMFORGE_HEALTH_PORT] (default: %(default)s)")
+    op.add_argument("--log-format", choices=("plain", "full", "json"), default=env("FMFORGE_LOG_FORMAT", "full"),
+                    help="log lines [FMFORGE_LOG_FORMAT] (default: %(default)s)")
+    op.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                    default=env("FMFORGE_LOG_LEVEL", "info"), help="[FMFORGE_LOG_LEVEL] (default: %(default)s)")
+    op.set_defaults(func=cmd_operator)
 
     ver = sub.add_parser("version", help="print the version")
     ver.set_defaults(func=cmd_version)

@@ -1,5 +1,9 @@
 """The Kubernetes side of fmforge: the only package that talks to the API server.
 
-`names` holds the deterministic names, labels and owner references of child objects; the
-client, server-side apply and the RayJob/InferenceService builders join it with the operator.
+- `client`: the asyncio client the reconcilers send every request through (kopf's credentials,
+  aiohttp, counted requests).
+- `settings`: the operator's settings (the chart's config file).
+- `names`: deterministic names, labels and owner references of child objects.
+- `builders`: the manifests of the children (RayJob, InferenceService, the plan ConfigMap, the
+  stage's ServiceAccount and Role, Events), rendered for Pod Security `restricted`.
 """

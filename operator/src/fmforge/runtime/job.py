@@ -3,12 +3,13 @@
     python -m fmforge.runtime.job --plan /etc/fmforge/plan.json [--result /tmp/result.json]
 
 The plan is the resolved spec the operator (or `fmforge run --plan-only`, later) writes: kind,
-name, namespace, generation, the spec, the upstream statuses, and where artifacts and the state
-(catalogs) live, and whether `file://` URIs may leave the base directory
-(`allowOutsidePaths`, default false). It runs the very same stage function as the local runner, inside the Ray
-cluster KubeRay started (RAY_ADDRESS is set there), and writes the stage's result as JSON: the
-status fields the operator copies into the object's status. Exit codes: 0 success; 2 the stage
-refused the input (StageError: no retry helps); 1 anything else (worth a retry).
+name, namespace, generation, the spec, the upstream statuses, where artifacts and the state
+(catalogs) live, whether `file://` URIs may leave the base directory (`allowOutsidePaths`,
+default false), and (`status`) the object's status subresource. It runs the very same stage
+function as the local runner, inside the Ray cluster KubeRay started (RAY_ADDRESS is set there),
+and writes the stage's result as JSON. In a pod, progress and the result's status fields also go
+into the object's status (`fmforge.runtime.report`), so `kubectl get` shows them. Exit codes:
+0 success; 2 the stage refused the input (StageError: no retry helps); 1 anything else.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..api.v1alpha1 import kind_info
 from ..stages import stage_for
 from ..stages.base import StageContext, StageError
 from .progress import ConsoleReporter
+from .report import StatusReporter, StatusWriter
 
 
 def load_plan(path: Path) -> dict[str, Any]:
@@ -61,7 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--result", type=Path, help="where to write the result JSON (default: stdout)")
     args = ap.parse_args(argv)
     try:
-        out = {"ok": True, **run_plan(load_plan(args.plan))}
+        plan = load_plan(args.plan)
+        writer = StatusWriter.in_pod(plan["status"]) if plan.get("status") else None
+        key = f"{plan['kind']}/{plan['name']}"
+        out = {"ok": True, **run_plan(plan, StatusReporter(key, writer) if writer else None)}
+        if writer:
+            writer.apply(**out["status"])
         code = 0
     except StageError as e:
         out, code = {"ok": False, "reason": e.reason, "message": str(e)}, 2

@@ -1,0 +1,290 @@
+"""Manifests of the children fmforge creates: RayJob, InferenceService, the plan ConfigMap, the
+stage's ServiceAccount and Role, and Events.
+
+Pure functions from an fmforge object (wire form) and the operator settings to a manifest dict;
+the reconcilers call them and the unit tests compare their output field by field. Everything
+that runs a pod is rendered for OpenShift's restricted-v2 SCC and the Pod Security Standard
+`restricted`: non-root with no fixed UID, no privilege escalation, every capability dropped,
+the runtime's default seccomp profile, no hostPath, no port below 1024.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from typing import Any
+
+from ..api.status import now
+from ..api.v1alpha1 import KINDS, RayResources
+from .names import child_name_for, labels, owner_reference
+from .settings import Settings
+
+PLAN_DIR = "/etc/fmforge/plan"
+PLAN_FILE = f"{PLAN_DIR}/plan.json"
+PVC_ROOT = "/mnt/pvc"
+STAGE_SERVICE_ACCOUNT = "fmforge-stage"
+STAGE_FIELD_MANAGER = "fmforge-stage"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+ENTRYPOINT = f"python -m fmforge.runtime.job --plan {PLAN_FILE}"
+
+POD_SECURITY = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def _meta(obj: dict[str, Any], name: str, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    m = obj["metadata"]
+    return {
+        "name": name,
+        "namespace": m["namespace"],
+        "labels": {**labels(obj["kind"], m["name"], m["generation"]), **(extra_labels or {})},
+        "ownerReferences": [owner_reference(obj)],
+    }
+
+
+# -- storage ----------------------------------------------------------------------------------------
+
+_PVC = re.compile(r"pvc://([a-z0-9]([-a-z0-9]*[a-z0-9])?)(/|$)")
+
+
+def pvc_path(uri: str) -> str:
+    """The path a pvc://CLAIM/PATH URI has inside a Ray pod (each claim is mounted under /mnt/pvc)."""
+    return f"{PVC_ROOT}/{uri.removeprefix('pvc://')}".rstrip("/")
+
+
+def claims(*texts: str) -> list[str]:
+    """The PersistentVolumeClaims named by pvc:// URIs in `texts`, sorted, each once."""
+    return sorted({m.group(1) for t in texts for m in _PVC.finditer(t)})
+
+
+def catalog_properties(settings: Settings) -> dict[str, str]:
+    """$FMFORGE_CATALOG of the stage: the pyiceberg properties, with pvc:// made a local path."""
+    c = settings.catalog
+    warehouse = c.warehouse
+    if warehouse.startswith("pvc://"):
+        warehouse = "file://" + pvc_path(warehouse)
+    return {"type": c.type, "uri": c.uri, "warehouse": warehouse, **c.properties}
+
+
+def storage_root(settings: Settings) -> str:
+    """The storage URI as a directory of the Ray pods: a mounted claim (pvc://), a path every
+    pod shares (file://, such as an NFS mount in the image); s3:// has no directory yet, so
+    artifacts stay in the pod's scratch space."""
+    uri = settings.storage_uri
+    if uri.startswith("pvc://"):
+        return pvc_path(uri)
+    if uri.startswith("file://"):
+        return uri.removeprefix("file://").rstrip("/")
+    return "/tmp/fmforge"
+
+
+def artifacts_dir(settings: Settings, obj: dict[str, Any]) -> str:
+    """Where an attempt writes its artifacts inside the Ray pods."""
+    m = obj["metadata"]
+    return f"{storage_root(settings)}/{m['namespace']}/{obj['kind'].lower()}/{m['name']}/g{m['generation']}"
+
+
+# -- the plan ---------------------------------------------------------------------------------------
+
+
+def plan(obj: dict[str, Any], settings: Settings, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The resolved spec `python -m fmforge.runtime.job` runs: references replaced by the
+    producers' statuses (URIs, snapshot ids, digests) as they were when the attempt started."""
+    m = obj["metadata"]
+    info = KINDS[obj["kind"]]
+    root = storage_root(settings)
+    return {
+        "kind": obj["kind"],
+        "name": m["name"],
+        "namespace": m["namespace"],
+        "generation": m["generation"],
+        "uid": m["uid"],
+        "spec": obj["spec"],
+        "inputs": inputs,
+        "artifacts": artifacts_dir(settings, obj),
+        "stateDir": f"{root}/state",
+        "baseDir": root,
+        # Where the stage reports progress and results: its own object's status subresource,
+        # with a field manager of its own (server-side apply), through the pod's ServiceAccount.
+        "status": {
+            "path": f"/apis/fmforge.io/v1alpha1/namespaces/{m['namespace']}/{info.plural}/{m['name']}/status",
+            "apiVersion": obj["apiVersion"],
+            "kind": obj["kind"],
+            "fieldManager": STAGE_FIELD_MANAGER,
+        },
+    }
+
+
+def plan_configmap(obj: dict[str, Any], the_plan: dict[str, Any]) -> dict[str, Any]:
+    """The ConfigMap the Ray pods mount the plan from; named like the RayJob."""
+    name = child_name_for(obj["kind"], obj["metadata"]["name"], obj["metadata"]["generation"])
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(obj, name),
+            "data": {"plan.json": json.dumps(the_plan, indent=2, sort_keys=True)}}
+
+
+# -- RayJob -----------------------------------------------------------------------------------------
+
+
+def _container(name: str, image: str, resources: dict[str, Any], env: list[dict[str, Any]],
+               env_from: list[dict[str, Any]], mounts: list[dict[str, Any]],
+               ports: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    c: dict[str, Any] = {"name": name, "image": image, "resources": resources, "env": env,
+                         "volumeMounts": mounts, "securityContext": CONTAINER_SECURITY}
+    if env_from:
+        c["envFrom"] = env_from
+    if ports:
+        c["ports"] = ports
+    return c
+
+
+def rayjob(obj: dict[str, Any], settings: Settings, resources: RayResources, queue: str = "") -> dict[str, Any]:
+    """The KubeRay RayJob (ray.io/v1) that runs the stage of `obj` with its plan."""
+    m = obj["metadata"]
+    name = child_name_for(obj["kind"], m["name"], m["generation"])
+    queue = queue or settings.queue
+    pvcs = claims(settings.storage_uri, settings.catalog.warehouse, json.dumps(obj["spec"]))
+    volumes: list[dict[str, Any]] = [
+        {"name": "plan", "configMap": {"name": name}},
+        # Ray writes its session files under /tmp; the image's root filesystem stays read-only.
+        {"name": "tmp", "emptyDir": {}},
+    ] + [{"name": f"pvc-{c}", "persistentVolumeClaim": {"claimName": c}} for c in pvcs]
+    mounts = [{"name": "plan", "mountPath": PLAN_DIR, "readOnly": True}, {"name": "tmp", "mountPath": "/tmp"}] + [
+        {"name": f"pvc-{c}", "mountPath": f"{PVC_ROOT}/{c}"} for c in pvcs
+    ]
+    env = [
+        {"name": "FMFORGE_PVC_ROOT", "value": PVC_ROOT},
+        {"name": "FMFORGE_CATALOG", "value": json.dumps(catalog_properties(settings), sort_keys=True)},
+        {"name": "HOME", "value": "/tmp"},
+    ]
+    env_from = [{"secretRef": {"name": settings.storage_secret}}] if settings.storage_secret else []
+    worker_res: dict[str, Any] = {"cpu": str(resources.cpus_per_worker), "memory": resources.memory}
+    if resources.gpus_per_worker:
+        worker_res["nvidia.com/gpu"] = str(resources.gpus_per_worker)
+
+    def pod(container: dict[str, Any]) -> dict[str, Any]:
+        return {"spec": {"serviceAccountName": STAGE_SERVICE_ACCOUNT, "securityContext": POD_SECURITY,
+                         "volumes": volumes, "containers": [container]}}
+
+    head = _container(
+        "ray-head", settings.runtime_image,
+        # The head runs the driver (the entrypoint), which schedules and commits metadata only.
+        {"requests": {"cpu": "1", "memory": resources.memory}, "limits": {"cpu": "1", "memory": resources.memory}},
+        env, env_from, mounts,
+        ports=[{"name": "gcs", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
+               {"name": "client", "containerPort": 10001}],
+    )
+    worker = _container("ray-worker", settings.runtime_image, {"requests": worker_res, "limits": worker_res},
+                        env, env_from, mounts)
+    submitter = {
+        "spec": {
+            "restartPolicy": "Never",
+            # `ray job submit` needs no API access.
+            "automountServiceAccountToken": False,
+            "securityContext": POD_SECURITY,
+            "containers": [{"name": "ray-job-submitter", "image": settings.runtime_image,
+                            "resources": {"requests": {"cpu": "100m", "memory": "256Mi"},
+                                          "limits": {"cpu": "1", "memory": "512Mi"}},
+                            "env": [{"name": "HOME", "value": "/tmp"}],
+                            "securityContext": CONTAINER_SECURITY}],
+        }
+    }
+    spec: dict[str, Any] = {
+        "entrypoint": ENTRYPOINT,
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": settings.jobs.ttl_seconds_after_finished,
+        "backoffLimit": settings.jobs.backoff_limit,
+        "submitterPodTemplate": submitter,
+        "rayClusterSpec": {
+            "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": pod(head)},
+            "workerGroupSpecs": [{
+                "groupName": "workers",
+                "replicas": resources.workers,
+                "minReplicas": resources.workers,
+                "maxReplicas": resources.workers,
+                "rayStartParams": {},
+                "template": pod(worker),
+            }],
+        },
+    }
+    if settings.jobs.active_deadline_seconds:
+        spec["activeDeadlineSeconds"] = settings.jobs.active_deadline_seconds
+    return {"apiVersion": "ray.io/v1", "kind": "RayJob",
+            "metadata": _meta(obj, name, {QUEUE_LABEL: queue} if queue else None), "spec": spec}
+
+
+# -- the stage's own identity -----------------------------------------------------------------------
+
+
+def stage_rbac(namespace: str) -> list[dict[str, Any]]:
+    """ServiceAccount, Role and RoleBinding with which a stage patches its own object's status
+    (progress and results) in `namespace`: get and patch of the status subresources, nothing else."""
+    meta = {"name": STAGE_SERVICE_ACCOUNT, "namespace": namespace,
+            "labels": {"app.kubernetes.io/managed-by": "fmforge", "app.kubernetes.io/component": "stage"}}
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta,
+         "rules": [{"apiGroups": ["fmforge.io"], "resources": sorted(f"{k.plural}/status" for k in KINDS.values()),
+                    "verbs": ["get", "patch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta,
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": STAGE_SERVICE_ACCOUNT},
+         "subjects": [{"kind": "ServiceAccount", "name": STAGE_SERVICE_ACCOUNT, "namespace": namespace}]},
+    ]
+
+
+# -- InferenceService -------------------------------------------------------------------------------
+
+
+def inference_service(obj: dict[str, Any], spec: Any, model_uri: str, model_digest: str | None) -> dict[str, Any]:
+    """The KServe InferenceService (serving.kserve.io/v1beta1) of a Deployment with target kserve.
+
+    It is named like the Deployment, not per generation: a new generation updates it in place,
+    which is what lets KServe split traffic between the previous and the new model revision
+    (`canaryTrafficPercent`) and keeps the endpoint's URL stable."""
+    ks = spec.kserve
+    res: dict[str, Any] = {"cpu": ks.resources.cpu, "memory": ks.resources.memory}
+    if ks.resources.gpu:
+        res["nvidia.com/gpu"] = str(ks.resources.gpu)
+    name = obj["metadata"]["name"]
+    model: dict[str, Any] = {
+        "modelFormat": {"name": "huggingface"},
+        "protocolVersion": "v2" if ks.protocol == "v2" else "v1",
+        "storageUri": model_uri,
+        "args": [f"--model_name={name}"],
+        "resources": {"requests": res, "limits": res},
+        "securityContext": CONTAINER_SECURITY,
+    }
+    predictor: dict[str, Any] = {"minReplicas": ks.min_replicas, "maxReplicas": ks.max_replicas,
+                                 "securityContext": POD_SECURITY, "model": model}
+    if ks.canary_traffic_percent:
+        predictor["canaryTrafficPercent"] = ks.canary_traffic_percent
+    meta = _meta(obj, name)
+    meta["annotations"] = {"fmforge.io/model-digest": model_digest or ""}
+    return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": meta,
+            "spec": {"predictor": predictor}}
+
+
+# -- Events -----------------------------------------------------------------------------------------
+
+_INSTANCE = os.environ.get("HOSTNAME") or socket.gethostname()
+
+
+def event(obj: dict[str, Any], type_: str, reason: str, message: str) -> dict[str, Any]:
+    """A core/v1 Event about `obj` (`kubectl describe` and `kubectl get events` show it)."""
+    m = obj["metadata"]
+    ts = now()
+    return {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": f"{m['name']}.", "namespace": m["namespace"]},
+        "involvedObject": {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": m["name"],
+                           "namespace": m["namespace"], "uid": m["uid"]},
+        "type": type_, "reason": reason, "message": message[:1024],
+        "source": {"component": "fmforge-operator"},
+        "reportingComponent": "fmforge.io/operator", "reportingInstance": _INSTANCE[:128],
+        "firstTimestamp": ts, "lastTimestamp": ts, "count": 1,
+    }

@@ -1,0 +1,133 @@
+"""Deployment: a model served by a KServe InferenceService, gated on an approved ModelCard.
+
+`decide` is pure, like `jobs.decide`: it resolves the model reference, requires (unless
+`requireApprovedModelCard: false`) a ModelCard that is Ready, approved, and evaluated exactly
+the digest of the model to serve, renders the InferenceService, applies it only when what we
+render changed (a spec hash in an annotation), and mirrors its `Ready` condition and URL. A
+Deployment with target edge builds a package, which is a stage: past the same gate,
+`jobs.decide` handles it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from ..api.v1alpha1.deployment import KServe
+from ..kube import builders
+from ..kube.settings import Settings
+from . import jobs
+from .decision import COMMON_OWNED, Decision, phase_status
+from .refs import is_ready, resolve
+from .store import World, spec_of
+
+OWNED = COMMON_OWNED + ("url", "servedModel", "inferenceService")
+SPEC_HASH = "fmforge.io/spec-hash"
+
+
+def spec_hash(isvc: dict[str, Any]) -> str:
+    body = {"spec": isvc["spec"], "annotations": isvc["metadata"].get("annotations"),
+            "labels": isvc["metadata"].get("labels")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def approved_card(world: World, model_kind: str, model_name: str, digest: str | None) -> tuple[str | None, str]:
+    """(name of an approved card for exactly `digest`, or None; why not, for the message)."""
+    cards = world.cards_for(model_kind, model_name)
+    for c in cards:
+        st = c.get("status") or {}
+        if is_ready(c) and st.get("approved") is True and digest and st.get("modelDigest") == digest:
+            return c["metadata"]["name"], ""
+    if not cards:
+        return None, (f"no ModelCard evaluates {model_kind}/{model_name}; create one with modelRef "
+                      f"{{kind: {model_kind}, name: {model_name}}}, or set requireApprovedModelCard: false")
+    seen = []
+    for c in cards:
+        st = c.get("status") or {}
+        if not is_ready(c):
+            seen.append(f"ModelCard/{c['metadata']['name']} is {st.get('phase') or 'Pending'}")
+        elif st.get("approved") is not True:
+            seen.append(f"ModelCard/{c['metadata']['name']} did not approve it")
+        else:
+            seen.append(f"ModelCard/{c['metadata']['name']} approved digest {st.get('modelDigest')}, not {digest}")
+    return None, "; ".join(seen)
+
+
+def _ready(isvc: dict[str, Any]) -> tuple[bool, str]:
+    st = isvc.get("status") or {}
+    fresh = st.get("observedGeneration") in (None, isvc["metadata"].get("generation"))
+    for c in st.get("conditions") or []:
+        if c.get("type") == "Ready":
+            if c.get("status") == "True" and fresh:
+                return True, ""
+            return False, c.get("message") or c.get("reason") or "not ready"
+    return False, "KServe has not reported on it yet"
+
+
+def decide(obj: dict[str, Any], world: World, children: list[dict[str, Any]], settings: Settings) -> Decision:
+    """The decision for one Deployment."""
+    meta = obj["metadata"]
+    gen = int(meta["generation"])
+    current = dict(obj.get("status") or {})
+
+    def status(phase: str, reason: str, message: str, **fields: Any) -> dict[str, Any]:
+        return phase_status(current, phase, reason, message, gen, **fields)
+
+    try:
+        spec = spec_of(obj)
+    except ValueError as e:
+        msg = f"the spec is invalid: {e}; fix the spec and apply it again"
+        return Decision(status("Failed", "InvalidSpec", msg), OWNED, requeue=False, permanent=True)
+    if spec.target == "kserve" and spec.kserve is None:
+        spec = spec.model_copy(update={"kserve": KServe()})
+    if spec.target == "kserve" and spec.kserve.runtime != "huggingface":
+        msg = (f"kserve.runtime {spec.kserve.runtime} is not served on a cluster yet; use runtime huggingface "
+               "(KServe's Hugging Face runtime)")
+        return Decision(status("Failed", "NotImplemented", msg), OWNED, requeue=False, permanent=True)
+
+    res = resolve(obj, world)
+    if res.cycle:
+        msg = f"the references form a cycle: {res.cycle}; fix one of the references"
+        return Decision(status("Failed", "ReferenceCycle", msg), OWNED, requeue=False, permanent=True)
+    if res.waiting:
+        reason = "ProducerNotFound" if res.missing else "WaitingForProducer"
+        return Decision(status("Waiting", reason, "waiting for " + "; ".join(res.waiting)), OWNED)
+    ref = spec.model_ref
+    model = (res.inputs[f"{ref.kind}/{ref.name}"].get("model") or {})
+    if not model.get("uri"):
+        msg = f"waiting for {ref.kind}/{ref.name} to report its model's URI in status.model"
+        return Decision(status("Waiting", "WaitingForProducer", msg), OWNED)
+    digest = model.get("digest")
+    card = None
+    if spec.require_approved_model_card:
+        card, why = approved_card(world, ref.kind, ref.name, digest)
+        if card is None:
+            msg = (f"waiting for an approved ModelCard of {ref.kind}/{ref.name} at digest {digest or '(none)'}: "
+                   f"{why}")
+            return Decision(status("Waiting", "WaitingForApprovedModelCard", msg), OWNED)
+    if spec.target == "edge":
+        # An edge package is built by the serving stage, in a RayJob, once the gate is passed.
+        return jobs.decide(obj, world, children, settings)
+
+    desired = builders.inference_service(obj, spec, model["uri"], digest)
+    desired["metadata"]["annotations"][SPEC_HASH] = spec_hash(desired)
+    name = desired["metadata"]["name"]
+    served = {"uri": model["uri"], "digest": digest, **({"modelCard": card} if card else {})}
+    have = next((c for c in children if c["kind"] == "InferenceService" and c["metadata"]["name"] == name), None)
+    applied = have is not None and (have["metadata"].get("annotations") or {}).get(SPEC_HASH) == \
+        desired["metadata"]["annotations"][SPEC_HASH]
+    apply = [] if applied else [desired]
+    if not applied:
+        verb = "updated" if have is not None else "created"
+        msg = f"{verb} InferenceService {name} for digest {digest}; waiting for KServe to roll it out"
+        return Decision(status("Running", "Deploying", msg, servedModel=served, inferenceService=name), OWNED,
+                        apply=apply)
+    ok, why = _ready(have)
+    url = (have.get("status") or {}).get("url")
+    if ok:
+        return Decision(status("Ready", "Serving", f"InferenceService {name} is serving at {url}", url=url,
+                               servedModel=served, inferenceService=name), OWNED)
+    phase = "Degraded" if current.get("phase") in ("Ready", "Degraded") else "Running"
+    return Decision(status(phase, "InferenceServiceNotReady", f"InferenceService {name} is not ready: {why}",
+                           url=url, servedModel=served, inferenceService=name), OWNED)

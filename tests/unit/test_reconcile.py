@@ -1,0 +1,310 @@
+"""The reconcilers as pure functions over plain dicts, the work queue, and the operator's imports."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import subprocess
+import sys
+import uuid
+
+import kopf
+import pytest
+from badmanifests import BASE
+
+from fmforge.kube.settings import Settings
+from fmforge.reconcile import deployment, jobs
+from fmforge.reconcile.decision import status_patch
+from fmforge.reconcile.queue import WorkQueue
+from fmforge.reconcile.refs import find_cycle, resolve
+from fmforge.reconcile.store import Store, World
+
+SETTINGS = Settings()
+
+
+def obj(kind: str, name: str, gen: int = 1, status: dict | None = None, **spec) -> dict:
+    o = copy.deepcopy(BASE[kind])
+    o["metadata"] = {"name": name, "namespace": "ns", "uid": uuid.uuid4().hex, "generation": gen}
+    o["spec"].update(spec)
+    if status is not None:
+        o["status"] = status
+    return o
+
+
+def done(o: dict, **fields) -> dict:
+    o["status"] = {"phase": "Succeeded", "observedGeneration": o["metadata"]["generation"], **fields}
+    return o
+
+
+def world(*objs: dict) -> World:
+    return World({(o["kind"], o["metadata"]["name"]): o for o in objs})
+
+
+def rayjob(name: str, gen: int, deployment_status: str = "", job: str = "", **st) -> dict:
+    return {"kind": "RayJob", "metadata": {"name": name, "labels": {"fmforge.io/generation": str(gen)}},
+            "status": {"jobDeploymentStatus": deployment_status, "jobStatus": job, **st}}
+
+
+def cond(status: dict, type_: str) -> dict:
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+# -- jobs -----------------------------------------------------------------------------------------
+
+
+def test_a_pile_with_no_child_gets_its_plan_and_rayjob():
+    pile = obj("DataPile", "docs")
+    d = jobs.decide(pile, world(pile), [], SETTINGS)
+    assert [c["kind"] for c in d.create] == ["ConfigMap", "RayJob"]
+    assert {c["metadata"]["name"] for c in d.create} == {"docs-g1-prepare"}
+    assert d.status["phase"] == "Pending" and d.status["rayJob"] == "docs-g1-prepare"
+    assert cond(d.status, "Reconciling")["status"] == "True"
+
+
+@pytest.mark.parametrize("deployment_status,job,phase,reason", [
+    ("", "", "Pending", "JobCreated"),
+    ("Initializing", "", "Pending", "JobInitializing"),
+    ("Suspended", "", "Pending", "JobSuspended"),
+    ("Running", "RUNNING", "Running", "JobRunning"),
+    ("Retrying", "", "Running", "JobRetrying"),
+    ("Complete", "SUCCEEDED", "Succeeded", "JobSucceeded"),
+    ("Complete", "STOPPED", "Failed", "JobFailed"),
+    ("Failed", "FAILED", "Failed", "JobFailed"),
+    ("ValidationFailed", "", "Failed", "JobFailed"),
+])
+def test_status_mirrors_the_rayjob(deployment_status, job, phase, reason):
+    pile = obj("DataPile", "docs")
+    d = jobs.decide(pile, world(pile), [rayjob("docs-g1-prepare", 1, deployment_status, job)], SETTINGS)
+    assert (d.status["phase"], cond(d.status, "Ready")["reason"]) == (phase, reason)
+    assert d.create == [] and d.requeue == (phase not in ("Succeeded", "Failed"))
+
+
+def test_a_failed_job_says_why_and_where_the_output_is():
+    pile = obj("DataPile", "docs")
+    rj = rayjob("docs-g1-prepare", 1, "Failed", "FAILED", reason="DeadlineExceeded", message="took too long")
+    d = jobs.decide(pile, world(pile), [rj], SETTINGS)
+    assert cond(d.status, "Ready")["reason"] == "DeadlineExceeded"
+    assert "took too long" in d.status["message"] and "kubectl logs job/docs-g1-prepare" in d.status["message"]
+    assert cond(d.status, "Stalled")["status"] == "True"
+
+
+def test_a_finished_generation_is_not_started_again_when_its_rayjob_is_gone():
+    pile = done(obj("DataPile", "docs"), rayJob="docs-g1-prepare")
+    d = jobs.decide(pile, world(pile), [], SETTINGS)
+    assert d.create == [] and not d.requeue and status_patch(pile["status"], d.status, d.owned) == {}
+
+
+def test_a_new_generation_stops_the_running_attempt_and_keeps_finished_ones():
+    pile = obj("DataPile", "docs", gen=3)
+    old = [rayjob("docs-g1-prepare", 1, "Complete", "SUCCEEDED"), rayjob("docs-g2-prepare", 2, "Running", "RUNNING")]
+    d = jobs.decide(pile, world(pile), old, SETTINGS)
+    assert [name for _, name, _ in d.delete] == ["docs-g2-prepare"]
+    assert d.create[1]["metadata"]["name"] == "docs-g3-prepare"
+    assert d.status["observedGeneration"] == 3
+
+
+def test_consumers_wait_for_their_producer_and_name_it():
+    pile = obj("DataPile", "pydocs", status={"phase": "Running", "observedGeneration": 1, "message": "busy"})
+    run = obj("TrainingRun", "gpt", dataPileRef={"name": "pydocs", "tag": "v1"})
+    d = jobs.decide(run, world(pile, run), [], SETTINGS)
+    assert d.status["phase"] == "Waiting" and d.create == []
+    assert d.status["message"] == "waiting for DataPile/pydocs (Running)"
+    assert cond(d.status, "Ready")["reason"] == "WaitingForProducer"
+    # Succeeded for an older generation is not ready either
+    pile["metadata"]["generation"] = 2
+    pile["status"] = {"phase": "Succeeded", "observedGeneration": 1, "tags": ["v1"]}
+    assert jobs.decide(run, world(pile, run), [], SETTINGS).status["phase"] == "Waiting"
+    # nor is a pile without the tag asked for
+    done(pile, tags=["v2"])
+    d = jobs.decide(run, world(pile, run), [], SETTINGS)
+    assert d.status["message"] == "waiting for DataPile/pydocs to publish a version tagged 'v1' (its tags: ['v2'])"
+    done(pile, tags=["v1"], version={"snapshotId": "42"})
+    d = jobs.decide(run, world(pile, run), [], SETTINGS)
+    assert d.status["phase"] == "Pending"
+    import json
+    plan = json.loads(d.create[0]["data"]["plan.json"])
+    assert plan["inputs"] == {"DataPile/pydocs": pile["status"]}
+
+
+def test_a_missing_producer_and_a_cycle():
+    run = obj("TrainingRun", "gpt", dataPileRef={"name": "nope"})
+    d = jobs.decide(run, world(run), [], SETTINGS)
+    assert cond(d.status, "Ready")["reason"] == "ProducerNotFound"
+    assert d.status["message"] == ("waiting for DataPile/nope, which does not exist (create it, or fix "
+                                   "spec.dataPileRef)")
+    a = obj("TunedModel", "a", baseModelRef={"kind": "TunedModel", "name": "b"})
+    b = obj("TunedModel", "b", baseModelRef={"kind": "TunedModel", "name": "c"})
+    c = obj("TunedModel", "c", baseModelRef={"kind": "TunedModel", "name": "a"})
+    assert find_cycle(a, world(a, b, c)) == "TunedModel/a -> TunedModel/b -> TunedModel/c -> TunedModel/a"
+    d = jobs.decide(a, world(a, b, c), [], SETTINGS)
+    assert d.status["phase"] == "Failed" and d.permanent and d.create == []
+    # fixing b breaks the cycle: a, Failed for its generation, goes on
+    a["status"] = d.status
+    b["spec"]["baseModelRef"] = {"kind": "TrainingRun", "name": "gpt"}
+    b["metadata"]["generation"] = 2
+    d = jobs.decide(a, world(a, b, c), [], SETTINGS)
+    assert d.status["phase"] == "Waiting" and "TunedModel/b (Pending)" in d.status["message"]
+    selfish = obj("TunedModel", "s", baseModelRef={"kind": "TunedModel", "name": "s"})
+    assert resolve(selfish, world(selfish)).cycle == "TunedModel/s -> TunedModel/s"
+    assert find_cycle(b, world(b)) is None
+
+
+def test_status_is_written_only_when_it_changed():
+    pile = obj("DataPile", "docs")
+    d = jobs.decide(pile, world(pile), [rayjob("docs-g1-prepare", 1, "Running", "RUNNING")], SETTINGS)
+    patch = status_patch({}, d.status, d.owned)
+    assert set(patch) == {"phase", "message", "conditions", "observedGeneration", "rayJob"}
+    pile["status"] = {**d.status, "stats": {"tokens": 5}}  # a stage field, not ours
+    again = jobs.decide(pile, world(pile), [rayjob("docs-g1-prepare", 1, "Running", "RUNNING")], SETTINGS)
+    assert status_patch(pile["status"], again.status, again.owned) == {}
+    assert again.status["stats"] == {"tokens": 5}
+
+
+# -- Deployment -----------------------------------------------------------------------------------
+
+
+def _serving(card_status: dict | None):
+    model = done(obj("TrainingRun", "gpt"), model={"uri": "pvc://m/gpt", "digest": "sha256:a"})
+    dep = obj("Deployment", "serve", modelRef={"kind": "TrainingRun", "name": "gpt"})
+    objs = [model, dep]
+    if card_status is not None:
+        card = obj("ModelCard", "card", modelRef={"kind": "TrainingRun", "name": "gpt"})
+        card["status"] = {"phase": "Succeeded", "observedGeneration": 1, **card_status}
+        objs.append(card)
+    return dep, world(*objs)
+
+
+@pytest.mark.parametrize("card,why", [
+    (None, "no ModelCard evaluates TrainingRun/gpt"),
+    ({"approved": False, "modelDigest": "sha256:a"}, "ModelCard/card did not approve it"),
+    ({"approved": True, "modelDigest": "sha256:b"}, "ModelCard/card approved digest sha256:b, not sha256:a"),
+])
+def test_deployment_waits_for_an_approved_card_of_the_exact_digest(card, why):
+    dep, w = _serving(card)
+    d = deployment.decide(dep, w, [], SETTINGS)
+    assert d.status["phase"] == "Waiting" and why in d.status["message"] and d.apply == []
+    assert cond(d.status, "Ready")["reason"] == "WaitingForApprovedModelCard"
+
+
+def test_deployment_applies_its_inference_service_once_and_mirrors_ready():
+    dep, w = _serving({"approved": True, "modelDigest": "sha256:a"})
+    d = deployment.decide(dep, w, [], SETTINGS)
+    [isvc] = d.apply
+    assert isvc["metadata"]["name"] == "serve" and isvc["spec"]["predictor"]["model"]["storageUri"] == "pvc://m/gpt"
+    assert d.status["servedModel"] == {"uri": "pvc://m/gpt", "digest": "sha256:a", "modelCard": "card"}
+    isvc["metadata"]["generation"] = 1
+    isvc["status"] = {"observedGeneration": 1, "url": "http://serve.ns",
+                      "conditions": [{"type": "Ready", "status": "True"}]}
+    d = deployment.decide(dep, w, [isvc], SETTINGS)
+    assert d.apply == [] and d.status["phase"] == "Ready" and d.status["url"] == "http://serve.ns"
+    dep["status"] = d.status
+    isvc["status"]["conditions"][0] = {"type": "Ready", "status": "False", "message": "predictor crashed"}
+    d = deployment.decide(dep, w, [isvc], SETTINGS)
+    assert d.status["phase"] == "Degraded" and "predictor crashed" in d.status["message"]
+    # a canary change renders a different spec: applied again, in place (same name)
+    dep["spec"]["kserve"]["canaryTrafficPercent"] = 20
+    dep["metadata"]["generation"] = 2  # as the API server does on every spec change
+    [again] = deployment.decide(dep, w, [isvc], SETTINGS).apply
+    assert again["metadata"]["name"] == "serve" and again["spec"]["predictor"]["canaryTrafficPercent"] == 20
+
+
+# -- store and queue ------------------------------------------------------------------------------
+
+
+def test_a_producer_change_queues_its_readers():
+    store = Store()
+    pile, run = obj("DataPile", "pydocs"), obj("TrainingRun", "gpt", dataPileRef={"name": "pydocs"})
+    card = obj("ModelCard", "card", modelRef={"kind": "TrainingRun", "name": "gpt"})
+    dep = obj("Deployment", "serve", modelRef={"kind": "TrainingRun", "name": "gpt"})
+    for o in (pile, run, card, dep):
+        store.put(o)
+    assert store.put(pile) == [("ns", "DataPile", "pydocs"), ("ns", "ModelCard", "card"), ("ns", "TrainingRun", "gpt")]
+    assert ("ns", "Deployment", "serve") in store.put(card)  # the card's approval gates the Deployment
+    run["spec"]["dataPileRef"]["name"] = "other"
+    run["metadata"]["generation"] = 2
+    store.put(run)
+    assert ("ns", "TrainingRun", "gpt") not in store.put(pile)
+
+
+def test_queue_coalesces_reruns_after_a_change_and_retries_by_error_type():
+    async def main():
+        calls: list[str] = []
+        gate = asyncio.Event()
+        errors = {"temp": [kopf.TemporaryError("not yet", delay=0.01)], "perm": [kopf.PermanentError("no")]}
+
+        async def handler(key):
+            calls.append(key)
+            if key == "slow":
+                await gate.wait()
+            if errors.get(key):
+                raise errors[key].pop()
+            return None
+
+        q = WorkQueue(handler, workers=2)
+        q.start()
+        for _ in range(3):
+            q.add("slow")  # queued once
+        await asyncio.sleep(0.01)
+        q.add("slow")  # arrives while it runs: run once more afterwards
+        q.add("slow")
+        gate.set()
+        q.add("temp")
+        q.add("perm")
+        await asyncio.sleep(0.2)
+        await q.stop()
+        return calls
+
+    calls = asyncio.run(main())
+    assert calls.count("slow") == 2 and calls.count("temp") == 2 and calls.count("perm") == 1
+
+
+def test_the_operator_process_never_imports_torch_or_ray():
+    code = ("import sys, fmforge.handlers, fmforge.cli; "
+            "bad = [m for m in ('torch', 'ray', 'transformers', 'fmforge.stages', 'fmforge.runtime') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_rayjob_builder_mounts_claims_and_requests_gpus():
+    from fmforge.api.v1alpha1 import RayResources
+    from fmforge.kube.builders import rayjob
+
+    pile = obj("DataPile", "docs")
+    pile["spec"]["sources"][0]["uri"] = "pvc://corpora/prose/"
+    s = Settings(storage_uri="pvc://artifacts/fm", storage_secret="s3-creds", queue="default-q")
+    rj = rayjob(pile, s, RayResources(workers=3, gpus_per_worker=2, cpus_per_worker=4, memory="16Gi"))
+    assert rj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "default-q"
+    worker = rj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert worker["replicas"] == worker["minReplicas"] == worker["maxReplicas"] == 3
+    [c] = worker["template"]["spec"]["containers"]
+    assert c["resources"]["limits"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "2"}
+    assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/mnt/pvc/artifacts", "/mnt/pvc/corpora",
+                                                            "/mnt/pvc/fmforge-artifacts", "/etc/fmforge/plan"}
+    assert c["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert '"warehouse": "file:///mnt/pvc/fmforge-artifacts/warehouse"' in env["FMFORGE_CATALOG"]
+    assert "activeDeadlineSeconds" not in rj["spec"]
+
+
+def test_an_edge_package_passes_the_same_gate_then_runs_as_a_rayjob():
+    dep, w = _serving(None)
+    dep["spec"] = {"modelRef": {"kind": "TrainingRun", "name": "gpt"}, "target": "edge"}
+    d = deployment.decide(dep, w, [], SETTINGS)
+    assert d.status["phase"] == "Waiting" and d.create == []
+    dep["spec"]["requireApprovedModelCard"] = False
+    dep["metadata"]["generation"] = 2
+    d = deployment.decide(dep, w, [], SETTINGS)
+    assert [c["kind"] for c in d.create] == ["ConfigMap", "RayJob"]
+    assert d.create[1]["metadata"]["name"] == "serve-g2-serve"
+
+
+def test_operator_flags_default_to_the_environment(monkeypatch):
+    from fmforge.cli import build_parser
+
+    monkeypatch.setenv("FMFORGE_METRICS_PORT", "9999")
+    monkeypatch.setenv("FMFORGE_LOG_FORMAT", "json")
+    args = build_parser().parse_args(["operator"])
+    assert (args.metrics_port, args.health_port, args.log_format, args.namespace) == (9999, 8080, "json", None)
+    args = build_parser().parse_args(["operator", "--namespace", "a", "--namespace", "b", "--metrics-port", "0"])
+    assert args.namespace == ["a", "b"] and args.metrics_port == 0
