@@ -274,7 +274,7 @@ def test_each_job_kind_gets_its_rayjob(cluster, operator):
 
 
 def test_stage_reports_progress_with_its_own_service_account(cluster, operator):
-    from fmforge.runtime.report import StatusWriter
+    from fmforge.kube.stagestatus import StatusWriter
 
     n = ns(cluster, "progress")
     apply(cluster, n, manifest("DataPile", "pydocs"), manifest("TrainingRun", "gpt", dataPileRef={"name": "pydocs"}))

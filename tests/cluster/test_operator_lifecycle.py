@@ -163,7 +163,7 @@ def test_the_rendered_entrypoint_and_plan_produce_the_piles_artifacts(cluster, c
     environment (a local Ray instead of KubeRay's: no pod can start here), its result written
     into the status as the stage does in a pod, and the consumer's plan carrying the real
     snapshot id."""
-    from fmforge.runtime.report import StatusWriter
+    from fmforge.kube.stagestatus import StatusWriter
 
     store = tmp_path / "store"
     subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart" / "build-corpus.py"), "--out",

@@ -25,7 +25,8 @@ from ..api.v1alpha1 import kind_info
 from ..stages import stage_for
 from ..stages.base import StageContext, StageError
 from .progress import ConsoleReporter
-from .report import StatusReporter, StatusWriter
+from ..kube.stagestatus import StatusWriter
+from .report import StatusReporter
 
 
 def load_plan(path: Path) -> dict[str, Any]:
