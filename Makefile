@@ -11,7 +11,7 @@ VENV          ?= .venv
 export FMFORGE_CACHE ?= $(HOME)/.cache/fmforge
 export PIP_CACHE_DIR ?= $(FMFORGE_CACHE)/pip
 BIN           := $(VENV)/bin
-EXTRAS        ?= dev,data,train
+EXTRAS        ?= dev,data,train,serve
 STAMP         := $(VENV)/.installed-$(EXTRAS)
 PYTEST_ARGS   ?=
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,7 +90,7 @@ class Workspace:
 @pytest.fixture(scope="module")
 def ws(corpus: Path, tmp_path_factory) -> Workspace:
     root = tmp_path_factory.mktemp("train")
-    (root / "corpus").symlink_to(corpus)
+    shutil.copytree(corpus, root / "corpus")  # file:// URIs may not leave the manifest folder
     (root / "pile.yaml").write_text(yaml.safe_dump(PILE, sort_keys=False))
     w = Workspace(root)
     report = run_paths([root / "pile.yaml"], state_dir=w.state.root, console=RunConsole(rich=False))
@@ -255,10 +256,16 @@ def _kill_a_worker_after(root: Path, step: int, before: set[Path], found: list[P
         new = [p for p in root.rglob(f"checkpoint-{step:08d}") if p not in before]
         if new:
             found.append(new[0])
-            for p in psutil.process_iter(["pid", "cmdline"]):
-                if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
-                    os.kill(p.info["pid"], signal.SIGKILL)
-                    killed.append(p.info["pid"])
+            # Only this test's own Ray (started by this process): other Ray sessions on the
+            # machine are not ours to kill.
+            for p in psutil.Process().children(recursive=True):
+                try:
+                    cmdline = " ".join(p.cmdline())
+                except psutil.Error:
+                    continue
+                if "RayTrainWorker" in cmdline:
+                    os.kill(p.pid, signal.SIGKILL)
+                    killed.append(p.pid)
                     return
         time.sleep(0.05)
 

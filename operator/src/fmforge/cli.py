@@ -5,6 +5,7 @@
     fmforge get [KIND [NAME]]         the local status, shaped like the CR status
     fmforge lineage KIND/NAME         where an artifact came from
     fmforge approve ModelCard/NAME --by WHO   approve the model a ModelCard evaluated
+    fmforge serve Deployment/NAME     serve a Deployment's model in the foreground
     fmforge crds [--out DIR]          write the CRDs generated from the models
     fmforge version
 
@@ -86,6 +87,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     if args.dry_run:
         return EXIT_OK
+    if args.serve:
+        from .runtime.local import default_state_dir
+        from .runtime.state import StateDir
+
+        state = StateDir(args.state_dir or default_state_dir(args.paths))
+        served = [state.read("Deployment", o.key.split("/", 1)[1]) for o in report.outcomes
+                  if o.key.startswith("Deployment/") and o.word in ("Succeeded", "Skipped")]
+        if served and report.ok:
+            return _serve_records(state, served)
     counts: dict[str, int] = {}
     for o in report.outcomes:
         counts[o.word] = counts.get(o.word, 0) + 1
@@ -256,13 +266,70 @@ def cmd_approve(args: argparse.Namespace) -> int:
     if kind.lower() not in ("modelcard", "modelcards", "card", "mc") or not name:
         _err(f"expected ModelCard/NAME, such as ModelCard/pydocs-qa (got {args.object!r})")
         return EXIT_USAGE
+    from .runtime.state import StateBusy
+
+    state = _state(args)
     try:
-        record = approve(_state(args), name, args.by)
-    except ApprovalError as e:
+        with state.lock():  # a run writes records too: one writer at a time
+            record = approve(state, name, args.by)
+    except (ApprovalError, StateBusy) as e:
         _err(str(e))
         return EXIT_FAILED
     print(f"ModelCard/{name}: {record['status']['message']}")
     return EXIT_OK
+
+
+# -- serve ----------------------------------------------------------------------------------------
+
+
+def _serve_records(state, records: list[dict[str, Any]]) -> int:
+    """Serve the models of these Deployment records until Ctrl-C or SIGTERM."""
+    import signal
+    import time
+
+    from .stages.deploy import start_server, stop_server
+
+    procs = []
+    try:
+        for rec in records:
+            name, st = rec["metadata"]["name"], rec.get("status") or {}
+            model, port = (st.get("servedModel") or {}), ((rec["spec"].get("kserve") or {}).get("port") or 8080)
+            if not model.get("uri"):
+                _err(f"Deployment/{name} has served no model yet ({st.get('phase')}: {st.get('message')}); run it first")
+                return EXIT_FAILED
+            procs.append(start_server(name, Path(model["uri"].removeprefix("file://")), port, state.artifacts_dir("Deployment", name) / "logs" / "server.log"))
+            print(f"Deployment/{name}: serving model {model.get('digest')} at http://127.0.0.1:{port}\n"
+                  f"  curl -s http://127.0.0.1:{port}/openai/v1/completions -H 'content-type: application/json' "
+                  f"-d '{{\"model\": \"{name}\", \"prompt\": \"Python is\", \"max_tokens\": 16}}'\n"
+                  f"  (classifiers: POST /v1/models/{name}:predict with {{\"instances\": [\"some text\"]}})",
+                  flush=True)
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        print("Press Ctrl-C to stop.", file=sys.stderr, flush=True)
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        _err("a model server exited; see its log under the state directory's artifacts")
+        return EXIT_FAILED
+    except (KeyboardInterrupt, SystemExit):
+        return EXIT_OK
+    except Exception as e:  # noqa: BLE001 - StageError and OSError: said to the user, not a traceback
+        _err(str(e))
+        return EXIT_FAILED
+    finally:
+        for p in procs:
+            stop_server(p)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    state = _state(args)
+    kind, _, name = args.object.partition("/")
+    if kind.lower() not in ("deployment", "deployments", "deployments.fmforge.io", "fmdeploy") or not name:
+        _err(f"expected Deployment/NAME, such as Deployment/pydocs-qa (got {args.object!r})")
+        return EXIT_USAGE
+    rec = state.read("Deployment", name)
+    if rec is None:
+        _err(f"Deployment/{name} not found in {state.root}; run it first with `fmforge run`")
+        return EXIT_FAILED
+    return _serve_records(state, [rec])
 
 
 # -- crds, version --------------------------------------------------------------------------------
@@ -316,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the manifests)")
     r.add_argument("--force", action="store_true", help="run every object even if unchanged")
     r.add_argument("--dry-run", action="store_true", help="print the order and stop")
+    r.add_argument("--serve", action="store_true", help="after the run, keep serving the Deployments' models "
+                   "until Ctrl-C")
     r.add_argument("--allow-outside-paths", action="store_true",
                    help="let file:// URIs name paths outside the manifests' folder (off: a manifest from "
                    "elsewhere cannot read this machine's files)")
@@ -339,6 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
     ln.add_argument("object", metavar="KIND/NAME")
     ln.add_argument("--state-dir", type=Path, help="state directory (default: ./.fmforge)")
     ln.set_defaults(func=cmd_lineage)
+
+    sv = sub.add_parser("serve", help="serve a Deployment's model in the foreground",
+                        description="Start the model server of a Deployment that `fmforge run` verified, on its "
+                        "port, until Ctrl-C.")
+    sv.add_argument("object", metavar="Deployment/NAME")
+    sv.add_argument("--state-dir", type=Path, help="state directory (default: ./.fmforge)")
+    sv.set_defaults(func=cmd_serve)
 
     a = sub.add_parser("approve", help="approve the model a ModelCard evaluated (approval: manual)",
                        description="Record a person's approval of exactly the model a ModelCard evaluated "

@@ -30,7 +30,7 @@ from ..api.manifests import Manifest, load
 from ..api.status import now, with_phase
 from ..api.v1alpha1 import API_VERSION
 from ..stages import STAGES, raysession, stage_for
-from ..stages.base import StageContext, StageError
+from ..stages.base import StageContext, StageError, TemporaryError
 from .approval import WAITING_FOR_APPROVAL, approval_annotations
 from .progress import RunConsole
 from .state import StateBusy, StateDir
@@ -199,6 +199,13 @@ class LocalRunner:
         for ref in m.info.references(m.spec):  # references satisfied from earlier runs' state
             key = f"{ref.kind}/{ref.name}"
             upstream.setdefault(key, self.state.read(ref.kind, ref.name))
+        if m.kind == "Deployment" and m.spec.require_approved_model_card:
+            # The governance gate reads the ModelCards of the model, also those of earlier runs.
+            model = f"{m.spec.model_ref.kind}/{m.spec.model_ref.name}"
+            for rec in self.state.records("ModelCard"):
+                ref = rec["spec"]["modelRef"]
+                if f"{ref.get('kind', 'TrainingRun')}/{ref['name']}" == model:
+                    upstream.setdefault(f"ModelCard/{rec['metadata']['name']}", rec)
         sdigest = spec_digest(m)
         generation = 1
         if record:
@@ -263,6 +270,11 @@ class LocalRunner:
         )
         try:
             result = stage.run(ctx)
+        except TemporaryError as e:
+            reporter.close()
+            self._write(record, "Waiting", e.reason, str(e))
+            self.console.status(m.key, "Waiting", str(e))
+            return Outcome(m.key, "Waiting", str(e), time.monotonic() - started)
         except StageError as e:
             reporter.close()
             return self._fail(m, record, e.reason, str(e), started)
@@ -292,8 +304,8 @@ class LocalRunner:
             return Outcome(m.key, "Waiting", result.waiting, time.monotonic() - started)
         if result.rejected:
             return self._fail(m, record, "Rejected", result.rejected, started)
-        phase = "Ready" if m.kind == "Deployment" and m.spec.target == "kserve" else "Succeeded"
-        self._write(record, phase, "Succeeded", result.message or f"{m.info.stage} stage succeeded")
+        # A local Deployment is verified and stopped, not serving: Succeeded, not Ready-as-serving.
+        self._write(record, "Succeeded", "Succeeded", result.message or f"{m.info.stage} stage succeeded")
         took = time.monotonic() - started
         self.console.status(m.key, "Succeeded", f"{result.message} ({took:.1f}s)".strip())
         return Outcome(m.key, "Succeeded", result.message, took)

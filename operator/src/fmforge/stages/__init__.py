@@ -20,6 +20,7 @@ STAGES: dict[str, str] = {
     "DataPile": "fmforge.stages.datapile:run",
     "TrainingRun": "fmforge.stages.train:run",
     "ModelCard": "fmforge.stages.card:run",
+    "Deployment": "fmforge.stages.deploy:run",
 }
 
 

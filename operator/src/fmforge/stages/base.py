@@ -97,8 +97,10 @@ class InputError(StageError):
 
 
 class TemporaryError(Exception):
-    """A dependency is not ready yet; retry after `delay` seconds."""
+    """A dependency is not ready yet (an approval, a producer); retry after `delay` seconds.
+    The object waits (phase Waiting, Ready=False with `reason`)."""
 
-    def __init__(self, message: str, delay: float = 10.0):
+    def __init__(self, message: str, delay: float = 10.0, reason: str = "Waiting"):
         super().__init__(message)
         self.delay = delay
+        self.reason = reason

@@ -57,10 +57,17 @@ def _alive(pid: int) -> bool:
 
 
 def start(state_dir: Path, cpus: int) -> None:
-    """Start Ray in-process with `cpus` CPUs (locally) or attach to the cluster (in a RayJob)."""
+    """Start Ray in-process with at least `cpus` CPUs (locally) or attach to the cluster (in a
+    RayJob).
+
+    Locally, a Ray that an earlier stage started with fewer CPUs is started again: Ray Train's
+    workers hold their CPUs for the whole run, and the Ray Data tasks that feed them need more,
+    or they would wait for ever."""
     import ray
 
     global _started
+    if ray.is_initialized() and not in_cluster() and ray.cluster_resources().get("CPU", 0) < cpus:
+        shutdown()
     if not ray.is_initialized():
         # Ray 2.60 announces on every local start that it turned token authentication on (the
         # secure default, which stays on); in fmforge's output that line is noise.

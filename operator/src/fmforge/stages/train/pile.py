@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import raysession
 from ..base import InputError, InvalidSpec, StageContext
 from ..datapile import publish as pub
 
@@ -143,17 +144,10 @@ def sequences(pile: PileVersion, split: str):
 
 
 def ray_init(state_dir: Path, cpus: int) -> None:
-    """Start the local Ray (or attach to the RayJob's cluster) with at least `cpus` CPUs.
-
-    Locally, a Ray started by an earlier stage with fewer CPUs is restarted: Ray Train's workers
-    hold their CPUs for the whole run, and the Ray Data tasks that read the pile need one more,
-    or they would wait for ever."""
+    """Start the local Ray (or attach to the RayJob's cluster) with at least `cpus` CPUs, and
+    set Ray Data up to feed training in a fixed order."""
     import ray
 
-    from .. import raysession
-
-    if ray.is_initialized() and not raysession.in_cluster() and ray.cluster_resources().get("CPU", 0) < cpus:
-        raysession.shutdown()
     raysession.start(state_dir, cpus)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -168,3 +162,4 @@ def ray_init(state_dir: Path, cpus: int) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+

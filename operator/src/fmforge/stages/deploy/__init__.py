@@ -1,0 +1,186 @@
+"""The Deployment stage: check the governance gate, then serve the model locally and prove it
+answers (target kserve), or package it for the edge (target edge: ONNX, see `edge`).
+
+Locally (`fmforge run`) the stage starts the model server (`fmforge.stages.deploy.predictor`,
+kserve's ModelServer) in a process of its own, waits until the model is ready, sends one sample
+request, prints the URL and a curl to try, and stops the server: `fmforge serve Deployment/NAME`
+(or `fmforge run --serve`) serves it in the foreground. On a cluster the operator renders a KServe
+InferenceService instead (`fmforge.kube`); this stage is not run there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from ...api.v1alpha1.deployment import DeploymentSpec
+from ..base import InvalidSpec, StageContext, StageError, StageResult, TemporaryError
+
+#: How long the server may take to load the model before the stage gives up.
+READY_TIMEOUT = 180.0
+#: The sample request's prompt (generative models) or text (classifiers).
+SAMPLE_PROMPT = "Python is"
+SAMPLE_TEXT = "This module is easy to use and well documented."
+
+
+def served_model(ctx: StageContext, spec: DeploymentSpec) -> dict[str, Any]:
+    """The model the reference points at ({uri, digest, ...}) from its producer's status."""
+    key = f"{spec.model_ref.kind}/{spec.model_ref.name}"
+    model = ((ctx.inputs.get(key) or {}).get("status") or {}).get("model") or {}
+    if not model.get("uri") or not model.get("digest"):
+        raise InvalidSpec(f"spec.modelRef: {key} records no model (uri and digest); run it first")
+    path = Path(model["uri"].removeprefix("file://"))
+    if not (path / "config.json").is_file():
+        raise StageError(f"spec.modelRef: the model directory of {key} is gone ({path}); run {key} again")
+    return {**model, "path": path, "ref": key}
+
+
+def approved_card(ctx: StageContext, digest: str) -> str:
+    """The ModelCard that approved exactly `digest`; TemporaryError (Waiting) naming the card to
+    approve otherwise."""
+    cards = {k: (r.get("status") or {}) for k, r in ctx.inputs.items() if k.startswith("ModelCard/")}
+    for key, st in sorted(cards.items()):
+        if st.get("approved") and st.get("modelDigest") == digest:
+            return key.split("/", 1)[1]
+    if not cards:
+        raise TemporaryError(f"requireApprovedModelCard: no ModelCard evaluates model {digest}; add one, or set "
+                             f"requireApprovedModelCard: false")
+    why = "; ".join(f"{k} " + ("evaluated another model " + str(st.get("modelDigest")) if st.get("modelDigest") != digest
+                               else "did not approve it (" + (st.get("message") or "not approved") + ")")
+                    for k, st in sorted(cards.items()))
+    first = sorted(cards)[0]
+    raise TemporaryError(f"waiting for an approved ModelCard for model {digest}: {why}; approve it with "
+                         f"`fmforge approve {first} --by YOU` (on a cluster: the annotation fmforge.io/approved-by)",
+                         reason="WaitingForApproval")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _get(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, Any]:
+    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def server_command(name: str, model_dir: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "fmforge.stages.deploy.predictor", "--model-dir", str(model_dir), "--name", name,
+            "--port", str(port)]
+
+
+def start_server(name: str, model_dir: Path, port: int, log: Path) -> subprocess.Popen:
+    """The model server in a process of its own, once its model is ready."""
+    if not _port_free(port):
+        raise StageError(f"port {port} is in use on this machine; stop what uses it or set spec.kserve.port")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(server_command(name, model_dir, port), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-1500:]
+            raise StageError(f"the model server exited with code {proc.returncode} before it was ready; its log "
+                             f"({log}) ends:\n{tail}")
+        try:
+            status, body = _get(f"http://127.0.0.1:{port}/v1/models/{name}", timeout=2)
+            if status == 200 and (body or {}).get("ready"):
+                return proc
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            stop_server(proc)
+            raise StageError(f"the model server did not get ready in {READY_TIMEOUT:.0f}s; see {log}")
+        time.sleep(0.2)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def sample_request(name: str, port: int, classifier: bool) -> tuple[str, dict, Any]:
+    """One request a user would send: (path, body, answer)."""
+    if classifier:
+        path, body = f"/v1/models/{name}:predict", {"instances": [SAMPLE_TEXT]}
+    else:
+        path, body = "/openai/v1/completions", {"model": name, "prompt": SAMPLE_PROMPT, "max_tokens": 16}
+    status, answer = _get(f"http://127.0.0.1:{port}{path}", body)
+    if status != 200:
+        raise StageError(f"the model server answered the sample request to {path} with {status}: {answer}")
+    return path, body, answer
+
+
+def _edge(ctx: StageContext, spec: DeploymentSpec, model: dict[str, Any], card: str | None) -> StageResult:
+    from .edge import export
+
+    quantize = spec.edge.quantize if spec.edge else "int8"
+    ctx.reporter.step(f"export to ONNX ({quantize})")
+    package, manifest = export(model["path"], ctx.artifacts / "edge", quantize, model["digest"])
+    f = manifest["fidelity"]
+    ctx.reporter.log("Packaged the model for the edge", deployment=ctx.name, package=str(package),
+                     top1=f"{f['sampleTop1Agreement']:.0%}", mb=f"{manifest['bytes']['onnx'] / 1e6:.1f}")
+    return StageResult(
+        status={"package": package.resolve().as_uri(),
+                "servedModel": {"uri": model["uri"], "digest": model["digest"], **({"modelCard": card} if card else {})}},
+        digest=manifest["digest"],
+        message=(f"ONNX package ({quantize}, {manifest['bytes']['onnx'] / 1e6:.1f} MB, top-1 agreement with torch "
+                 f"{f['sampleTop1Agreement']:.0%}, {manifest['latencyMs']['onnx']:.1f} ms against torch's "
+                 f"{manifest['latencyMs']['torch']:.1f} ms) at {package}"),
+        lineage=[{"name": model["ref"], "uri": model["uri"], "digest": model["digest"]}],
+    )
+
+
+def run(ctx: StageContext) -> StageResult:
+    spec: DeploymentSpec = ctx.spec
+    rep = ctx.reporter
+    model = served_model(ctx, spec)
+    card = approved_card(ctx, model["digest"]) if spec.require_approved_model_card else None
+    if spec.target == "edge":
+        return _edge(ctx, spec, model, card)
+    from .predictor import is_classifier
+
+    port = (spec.kserve.port if spec.kserve else 8080)
+    rep.step("start the model server")
+    proc = start_server(ctx.name, model["path"], port, ctx.artifacts / "logs" / "server.log")
+    try:
+        rep.step("sample request")
+        path, body, answer = sample_request(ctx.name, port, is_classifier(model["path"]))
+    finally:
+        stop_server(proc)
+    url = f"http://127.0.0.1:{port}"
+    curl = f"curl -s {url}{path} -H 'content-type: application/json' -d '{json.dumps(body)}'"
+    rep.log("Answered a sample request", deployment=ctx.name, url=url + path)
+    rep.log(f"Try it: fmforge serve Deployment/{ctx.name}, then: {curl}")
+    return StageResult(
+        status={"url": url, "servedModel": {"uri": model["uri"], "digest": model["digest"],
+                                            **({"modelCard": card} if card else {})}},
+        digest=model["digest"],
+        message=(f"model {model['digest'][:19]}… answered a sample request at {url}{path}; not serving now: "
+                 f"`fmforge serve Deployment/{ctx.name}` serves it"),
+        lineage=[{"name": model["ref"], "uri": model["uri"], "digest": model["digest"]}],
+    )
