@@ -207,6 +207,10 @@ def test_manual_approval_is_bound_to_the_model_digest(ws: Workspace):
     rec = ws.record("ModelCard", "appr")
     assert rec["status"]["phase"] == "Succeeded" and rec["status"]["approved"] is True
     assert rec["status"]["approvedBy"] == "alice"
+    # the card a reviewer reads says so too
+    first_card = Path(rec["status"]["card"]["uri"].removeprefix("file://"))
+    assert "approved by alice" in first_card.read_text()
+    assert json.loads((first_card.parent / "card.json").read_text())["approval"]["by"] == "alice"
     assert outcome(ws.run(run, card), "ModelCard/appr").word == "Skipped"
 
     # a new model (the run's spec changed) needs a new approval
