@@ -183,9 +183,10 @@ def main() -> int:
         args.workers, args.cpus_per_worker, args.micro_batch, args.global_batch = 2, 1, 8, 32
         args.steps, args.warmup = args.steps or 40, args.warmup or 10
 
-    from fmforge.runtime.local import release_ray, run_paths
+    from fmforge.runtime.local import run_paths
     from fmforge.runtime.progress import RunConsole
     from fmforge.runtime.state import StateDir
+    from fmforge.stages import raysession
     from fmforge.stages.train import TRAINING_LOG
 
     work = Path(tempfile.mkdtemp(prefix="fmforge-bench-train-"))
@@ -197,7 +198,7 @@ def main() -> int:
                        console=RunConsole(rich=False))
     wall = time.monotonic() - t
     assert report.ok, report.outcomes
-    release_ray()
+    raysession.shutdown()  # the peer gets the machine to itself
     rec = StateDir(state).read("TrainingRun", "pydocs-gpt")
     model = Path(rec["status"]["model"]["uri"].removeprefix("file://"))
     log = json.loads((model / TRAINING_LOG).read_text())
