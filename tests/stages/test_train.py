@@ -307,11 +307,13 @@ def test_killed_run_keeps_the_previous_model_and_resumes(ws: Workspace, decoder:
     assert latest is not None and latest.name >= "checkpoint-00000004"
     resume_step = int(latest.name.rsplit("-", 1)[1])
 
-    # started again: the same attempt resumes from its last checkpoint, not from step 0
+    # started again, with more failures allowed (what a user would change): the same training
+    # resumes from its last checkpoint, not from step 0
+    run["spec"]["faultTolerance"] = {"maxFailures": 2}
     report = ws.run(run)
     assert outcome(report, "TrainingRun/dec").word == "Succeeded", report.outcomes
     rec = ws.record("TrainingRun", "dec")
-    assert rec["metadata"]["generation"] == 2
+    assert rec["metadata"]["generation"] == 3
     assert rec["status"]["progress"]["resumedFromStep"] == resume_step
     assert rec["status"]["model"]["digest"] != decoder["status"]["model"]["digest"]
     final = torch.load(checkpoints / "train" / "checkpoint-00000016" / "state.pt", weights_only=True)
