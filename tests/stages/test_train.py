@@ -207,6 +207,10 @@ def test_manual_approval_is_bound_to_the_model_digest(ws: Workspace):
     rec = ws.record("ModelCard", "appr")
     assert rec["status"]["phase"] == "Succeeded" and rec["status"]["approved"] is True
     assert rec["status"]["approvedBy"] == "alice"
+    # the card a reviewer reads says so too
+    first_card = Path(rec["status"]["card"]["uri"].removeprefix("file://"))
+    assert "approved by alice" in first_card.read_text()
+    assert json.loads((first_card.parent / "card.json").read_text())["approval"]["by"] == "alice"
     assert outcome(ws.run(run, card), "ModelCard/appr").word == "Skipped"
 
     # a new model (the run's spec changed) needs a new approval
@@ -303,11 +307,13 @@ def test_killed_run_keeps_the_previous_model_and_resumes(ws: Workspace, decoder:
     assert latest is not None and latest.name >= "checkpoint-00000004"
     resume_step = int(latest.name.rsplit("-", 1)[1])
 
-    # started again: the same attempt resumes from its last checkpoint, not from step 0
+    # started again, with more failures allowed (what a user would change): the same training
+    # resumes from its last checkpoint, not from step 0
+    run["spec"]["faultTolerance"] = {"maxFailures": 2}
     report = ws.run(run)
     assert outcome(report, "TrainingRun/dec").word == "Succeeded", report.outcomes
     rec = ws.record("TrainingRun", "dec")
-    assert rec["metadata"]["generation"] == 2
+    assert rec["metadata"]["generation"] == 3
     assert rec["status"]["progress"]["resumedFromStep"] == resume_step
     assert rec["status"]["model"]["digest"] != decoder["status"]["model"]["digest"]
     final = torch.load(checkpoints / "train" / "checkpoint-00000016" / "state.pt", weights_only=True)

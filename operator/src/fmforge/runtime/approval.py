@@ -4,11 +4,13 @@ The local counterpart of the annotations `fmforge.io/approved-by` and `fmforge.i
 on a cluster. An approval names the digest of the model the card evaluated (status.modelDigest)
 and is kept in the record's runner data, where the runner hands it to the ModelCard stage as
 those annotations: a re-evaluation of the same model stays approved, a new model waits for a new
-approval. Called by the CLI; the runner imports `approval_annotations`.
+approval. The evaluation's card (README.md, card.json) records the approval too. Called by the
+CLI; the runner imports `approval_annotations`.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ..api.status import now, with_phase
@@ -46,9 +48,16 @@ def approve(state: StateDir, name: str, by: str) -> dict[str, Any]:
     spec_approval = (record.get("spec") or {}).get("approval", "automatic")
     decision = decide_approval(f"ModelCard/{name}", spec_approval, True, digest,
                                {APPROVED_BY: by, APPROVED_DIGEST: digest})
-    record.setdefault("fmforge", {})["approval"] = {"by": by, "digest": digest, "at": now()}
+    at = now()
+    record.setdefault("fmforge", {})["approval"] = {"by": by, "digest": digest, "at": at}
     status = {**status, "approved": decision.approved, "approvedBy": decision.by}
     msg = f"model {digest} approved by {by}"
+    card_uri = (status.get("card") or {}).get("uri") or ""
+    if card_uri.startswith("file://"):
+        from ..stages.card.render import record_approval
+
+        # The card a reviewer reads says who approved it, not that it waits.
+        record_approval(Path(card_uri.removeprefix("file://")).parent, digest, by, at)
     record["status"] = with_phase(status, "Succeeded", "Approved", msg, record["metadata"].get("generation"))
     state.write(record)
     return record

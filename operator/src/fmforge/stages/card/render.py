@@ -65,7 +65,9 @@ def markdown(card: dict[str, Any]) -> str:
               f"{m.get('parameters') or '?'} parameters), from {m['ref']}",
               f"- Evaluated: {card['evaluatedAt']}",
               f"- Approval ({card['approval']['mode']}): " + (
-                  f"approved by {card['approval']['by']}" if card["approval"]["approved"]
+                  f"approved by {card['approval']['by']}" + (f" at {card['approval']['at']}"
+                                                             if card["approval"].get("at") else "")
+                  if card["approval"]["approved"]
                   else card["approval"].get("waiting") or "not approved: thresholds not met"),
               f"- Owners: {', '.join(t.get('owners') or []) or 'none given'}", ""]
     lines += ["## Intended use", "", t.get("intendedUse") or "_Not stated._", "",
@@ -120,3 +122,18 @@ def write(card: dict[str, Any], out: Path) -> Path:
     path = out / "README.md"
     path.write_text(markdown(card))
     return path
+
+
+def record_approval(out: Path, model_digest: str, by: str, at: str) -> bool:
+    """Write a manual approval into the card of one evaluation (card.json and README.md in
+    `out`), if that card evaluated `model_digest`; whether it did."""
+    path = out / "card.json"
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if card["model"]["digest"] != model_digest:
+        return False
+    card["approval"] = {**card["approval"], "approved": True, "by": by, "at": at, "waiting": None}
+    write(card, out)
+    return True

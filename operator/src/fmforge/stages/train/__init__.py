@@ -54,7 +54,10 @@ def spec_digest(spec: TrainingRunSpec) -> str:
 
 
 def _attempt_key(spec: TrainingRunSpec, version: pile.PileVersion) -> str:
-    body = f"{spec_digest(spec)}\0{version.snapshot_id}\0{version.sequences_snapshot_id}"
+    """What decides the model: the spec but its fault tolerance and RayJob options (raising
+    maxFailures after a failed run resumes it), and the pile snapshots."""
+    what = spec.model_dump(mode="json", by_alias=True, exclude={"fault_tolerance", "ray"})
+    body = f"{json.dumps(what, sort_keys=True)}\0{version.snapshot_id}\0{version.sequences_snapshot_id}"
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
@@ -110,8 +113,8 @@ def run(ctx: StageContext) -> StageResult:
     if n_val:
         datasets["validation"] = pile.sequences(version, "validation")
     progress = Queue(actor_options={"num_cpus": 0})
-    # The attempt's folder: the same spec on the same pile version is the same attempt, and a run
-    # started again resumes from its checkpoints; anything else starts afresh in a folder of its own.
+    # The attempt's folder: the same training on the same pile version is the same attempt, and a
+    # run started again resumes from its checkpoints; anything else starts afresh in its own folder.
     attempt = ctx.artifacts / "attempts" / _attempt_key(spec, version)
     storage = (attempt / "checkpoints").resolve()
     tok_dir = version.tokenizer
