@@ -194,6 +194,19 @@ def test_canary_change_updates_the_inference_service_in_place(cluster, operator)
     assert isvc["metadata"]["uid"] == uid and isvc["metadata"]["labels"]["fmforge.io/generation"] == "2"
 
 
+def test_the_fmforge_runtime_is_accepted_by_the_real_kserve_schema(cluster, operator):
+    n = ns(cluster, "fmruntime")
+    apply(cluster, n, manifest("DataPile", "pydocs"), manifest("TrainingRun", "gpt", dataPileRef={"name": "pydocs"}))
+    succeed(cluster, n, "DataPile", "pydocs", results=PILE_RESULTS)
+    succeed(cluster, n, "TrainingRun", "gpt", results=MODEL_RESULTS)
+    apply(cluster, n, manifest("Deployment", "serve", modelRef={"kind": "TrainingRun", "name": "gpt"},
+                               requireApprovedModelCard=False, kserve={"runtime": "fmforge", "port": 9000}))
+    isvc = wait_for("the InferenceService", lambda: get(cluster, n, "inferenceservices", "serve"))
+    [c] = isvc["spec"]["predictor"]["containers"]
+    assert c["name"] == "kserve-container" and c["ports"] == [{"containerPort": 9000, "protocol": "TCP"}]
+    assert c["args"][-2:] == ["--port", "9000"]
+
+
 def test_spec_change_starts_a_new_attempt_and_stops_the_old(cluster, operator):
     n = ns(cluster, "gen")
     apply(cluster, n, manifest("DataPile", "docs"))

@@ -208,6 +208,19 @@ def test_deployment_applies_its_inference_service_once_and_mirrors_ready():
     assert again["metadata"]["name"] == "serve" and again["spec"]["predictor"]["canaryTrafficPercent"] == 20
 
 
+def test_the_fmforge_runtime_serves_with_the_predictor_image():
+    dep, w = _serving({"approved": True, "modelDigest": "sha256:a"})
+    dep["spec"]["kserve"]["runtime"] = "fmforge"
+    [isvc] = deployment.decide(dep, w, [], SETTINGS).apply
+    pred = isvc["spec"]["predictor"]
+    [c] = pred["containers"]
+    assert "model" not in pred and c["name"] == "kserve-container" and c["image"] == SETTINGS.runtime_image
+    assert c["command"] == ["python", "-m", "fmforge.stages.deploy.predictor"]
+    assert c["args"] == ["--model-dir", "/mnt/models", "--name", "serve", "--port", "8080"]
+    assert {"name": "STORAGE_URI", "value": "pvc://m/gpt"} in c["env"]  # KServe's storage initializer
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False and c["readinessProbe"]["httpGet"]["port"] == 8080
+
+
 # -- store and queue ------------------------------------------------------------------------------
 
 

@@ -240,27 +240,46 @@ def stage_rbac(namespace: str) -> list[dict[str, Any]]:
 # -- InferenceService -------------------------------------------------------------------------------
 
 
-def inference_service(obj: dict[str, Any], spec: Any, model_uri: str, model_digest: str | None) -> dict[str, Any]:
+def inference_service(obj: dict[str, Any], spec: Any, model_uri: str, model_digest: str | None,
+                      settings: Settings) -> dict[str, Any]:
     """The KServe InferenceService (serving.kserve.io/v1beta1) of a Deployment with target kserve.
 
     It is named like the Deployment, not per generation: a new generation updates it in place,
     which is what lets KServe split traffic between the previous and the new model revision
-    (`canaryTrafficPercent`) and keeps the endpoint's URL stable."""
+    (`canaryTrafficPercent`) and keeps the endpoint's URL stable.
+
+    `runtime: huggingface` is KServe's Hugging Face runtime (`model` with its format);
+    `runtime: fmforge` is fmforge's predictor (`fmforge.stages.deploy.predictor`, in the runtime
+    image) as KServe's custom container `kserve-container`: with `STORAGE_URI` set, KServe's
+    storage initializer fetches the model to /mnt/models, as it does for its own runtimes."""
     ks = spec.kserve
     res: dict[str, Any] = {"cpu": ks.resources.cpu, "memory": ks.resources.memory}
     if ks.resources.gpu:
         res["nvidia.com/gpu"] = str(ks.resources.gpu)
     name = obj["metadata"]["name"]
-    model: dict[str, Any] = {
-        "modelFormat": {"name": "huggingface"},
-        "protocolVersion": "v2" if ks.protocol == "v2" else "v1",
-        "storageUri": model_uri,
-        "args": [f"--model_name={name}"],
-        "resources": {"requests": res, "limits": res},
-        "securityContext": CONTAINER_SECURITY,
-    }
     predictor: dict[str, Any] = {"minReplicas": ks.min_replicas, "maxReplicas": ks.max_replicas,
-                                 "securityContext": POD_SECURITY, "model": model}
+                                 "securityContext": POD_SECURITY}
+    if ks.runtime == "fmforge":
+        predictor["containers"] = [{
+            "name": "kserve-container",
+            "image": settings.runtime_image,
+            "command": ["python", "-m", "fmforge.stages.deploy.predictor"],
+            "args": ["--model-dir", "/mnt/models", "--name", name, "--port", str(ks.port)],
+            "env": [{"name": "STORAGE_URI", "value": model_uri}],
+            "ports": [{"containerPort": ks.port, "protocol": "TCP"}],
+            "readinessProbe": {"httpGet": {"path": f"/v1/models/{name}", "port": ks.port}},
+            "resources": {"requests": res, "limits": res},
+            "securityContext": CONTAINER_SECURITY,
+        }]
+    else:
+        predictor["model"] = {
+            "modelFormat": {"name": "huggingface"},
+            "protocolVersion": "v2" if ks.protocol == "v2" else "v1",
+            "storageUri": model_uri,
+            "args": [f"--model_name={name}"],
+            "resources": {"requests": res, "limits": res},
+            "securityContext": CONTAINER_SECURITY,
+        }
     if ks.canary_traffic_percent:
         predictor["canaryTrafficPercent"] = ks.canary_traffic_percent
     meta = _meta(obj, name)

@@ -81,10 +81,6 @@ def decide(obj: dict[str, Any], world: World, children: list[dict[str, Any]], se
         return Decision(status("Failed", "InvalidSpec", msg), OWNED, requeue=False, permanent=True)
     if spec.target == "kserve" and spec.kserve is None:
         spec = spec.model_copy(update={"kserve": KServe()})
-    if spec.target == "kserve" and spec.kserve.runtime != "huggingface":
-        msg = (f"kserve.runtime {spec.kserve.runtime} is not served on a cluster yet; use runtime huggingface "
-               "(KServe's Hugging Face runtime)")
-        return Decision(status("Failed", "NotImplemented", msg), OWNED, requeue=False, permanent=True)
 
     res = resolve(obj, world)
     if res.cycle:
@@ -110,7 +106,7 @@ def decide(obj: dict[str, Any], world: World, children: list[dict[str, Any]], se
         # An edge package is built by the serving stage, in a RayJob, once the gate is passed.
         return jobs.decide(obj, world, children, settings)
 
-    desired = builders.inference_service(obj, spec, model["uri"], digest)
+    desired = builders.inference_service(obj, spec, model["uri"], digest, settings)
     desired["metadata"]["annotations"][SPEC_HASH] = spec_hash(desired)
     name = desired["metadata"]["name"]
     served = {"uri": model["uri"], "digest": digest, **({"modelCard": card} if card else {})}
