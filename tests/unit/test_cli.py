@@ -33,9 +33,15 @@ def test_run_exit_code_and_summary(tmp_path: Path, capsys, monkeypatch):
     monkeypatch.setitem(STAGES, "DataPile", "test_runner:ok_stage")
     monkeypatch.delitem(STAGES, "TrainingRun")  # a kind whose stage has not landed
     assert main(["run", str(d), "--progress", "plain"]) == 1
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "TrainingRun/pydocs-gpt: Failed: the TrainingRun stage is not implemented yet" in err
     assert "fmforge run: 1 succeeded, 1 failed, 3 waiting" in err
+    # the summary table: one row per object, in run order, with its result and time
+    table = out.splitlines()
+    assert table[0].split() == ["OBJECT", "RESULT", "TIME", "DETAIL"]
+    assert [row.split()[:2] for row in table[1:3]] == [["DataPile/pydocs", "Succeeded"],
+                                                      ["TrainingRun/pydocs-gpt", "Failed"]]
+    assert table[1].split()[2].endswith("s") and len(table) == 6
 
 
 def test_get_table_has_the_printer_columns(ran: Path, capsys):

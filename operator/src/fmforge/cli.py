@@ -89,6 +89,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     if args.dry_run:
         return EXIT_OK
+    if report.outcomes:
+        # The run at a glance: each object, what happened, how long it took, what it made.
+        rows = [(o.key, o.word, f"{o.seconds:.1f}s" if o.seconds else "-", o.message) for o in report.outcomes]
+        widths = [max(len(r[i]) for r in rows + [("OBJECT", "RESULT", "TIME", "")]) for i in range(3)]
+        print("  ".join(h.ljust(w) for h, w in zip(("OBJECT", "RESULT", "TIME"), widths)) + "  DETAIL")
+        for r in rows:
+            detail = r[3] if len(r[3]) <= 100 else r[3][:99] + "…"
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + detail)
+    counts: dict[str, int] = {}
+    for o in report.outcomes:
+        counts[o.word] = counts.get(o.word, 0) + 1
+    summary = ", ".join(f"{n} {w.lower()}" for w, n in counts.items())
+    print(f"fmforge run: {summary}", file=sys.stderr)
     if args.serve:
         from .runtime.local import default_state_dir
         from .runtime.state import StateDir
@@ -98,11 +111,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                   if o.key.startswith("Deployment/") and o.word in ("Succeeded", "Skipped")]
         if served and report.ok:
             return _serve_records(state, served)
-    counts: dict[str, int] = {}
-    for o in report.outcomes:
-        counts[o.word] = counts.get(o.word, 0) + 1
-    summary = ", ".join(f"{n} {w.lower()}" for w, n in counts.items())
-    print(f"fmforge run: {summary}", file=sys.stderr)
     return EXIT_OK if report.ok else EXIT_FAILED
 
 

@@ -355,11 +355,6 @@ def _validate_document(path: Path, node: yaml.Node, data: Any, result: LoadResul
     return Manifest(info=info, name=name, namespace=namespace, spec=spec, raw=data, path=path, line=line)
 
 
-def validate_object(info: KindInfo, spec: Any) -> Spec:
-    """Validate a spec dict (as the operator reads it from the API) into its model."""
-    return info.spec.model_validate(spec)
-
-
 # -- error rendering --------------------------------------------------------------------------------
 
 

@@ -210,7 +210,7 @@ def run(ctx: StageContext) -> StageResult:
     order_keys = np.argsort(np.argsort(np.array(processed.column("id").to_pylist(), dtype=object)))
     with timed("deduplicate"):
         survivors = np.flatnonzero(alive)
-        n_exact = n_fuzzy = clusters = 0
+        n_exact = n_fuzzy = clusters = candidates = verified = 0
         if spec.dedup.exact and len(survivors):
             h = np.stack([processed.column("hash_hi").to_numpy()[survivors],
                           processed.column("hash_lo").to_numpy()[survivors]], axis=1)
@@ -223,7 +223,7 @@ def run(ctx: StageContext) -> StageResult:
             sig = processed.column("minhash").combine_chunks().flatten().to_numpy().reshape(-1, fz.num_perm)[survivors]
             res = dd.fuzzy_clusters(sig, order_keys[survivors], fz.bands, fz.threshold, fz.verify)
             n_fuzzy = int((~res.keep).sum())
-            clusters = res.clusters
+            clusters, candidates, verified = res.clusters, res.candidate_pairs, res.verified_pairs
             survivors = survivors[res.keep]
         reached_exact = int(alive.sum())
     counters["duplicateExact"] = n_exact
@@ -233,7 +233,8 @@ def run(ctx: StageContext) -> StageResult:
         raise InputError(
             f"no documents left after filtering and deduplication ({read} read; dropped "
             f"{', '.join(f'{k}: {v}' for k, v in counters.items() if v)}); loosen the filters or add sources")
-    assert read == kept.num_rows + sum(counters.values()), "counters must add up"
+    if read != kept.num_rows + sum(counters.values()):  # an invariant, checked even under python -O
+        raise RuntimeError(f"counters do not add up: read {read}, kept {kept.num_rows}, dropped {counters}")
 
     # 5. tokenizer, split, pack
     splits = tk.split_of(kept.column("id").to_pylist(), spec.split.validation_fraction)
@@ -303,6 +304,7 @@ def run(ctx: StageContext) -> StageResult:
         "qualityRules": dict(Counter(x for x in processed.column("quality_rule").to_pylist() if x).most_common()),
         "dedup": {"exact": n_exact, "exactRate": n_exact / max(reached_exact, 1), "fuzzy": n_fuzzy,
                   "fuzzyRate": n_fuzzy / max(reached_fuzzy, 1), "clusters": clusters,
+                  "candidatePairs": candidates, "verifiedPairs": verified,
                   "params": spec.dedup.fuzzy.model_dump(by_alias=True)},
         "licenses": dict(Counter(kept.column("license").to_pylist()).most_common()),
         "piiRedacted": int(pc.sum(kept.column("pii")).as_py() or 0),

@@ -14,7 +14,6 @@ from pathlib import PurePosixPath
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 #: Languages lingua tells apart. A bounded set keeps detection fast and memory small; a document
 #: in another language is recorded with a low confidence, i.e. `unknown`.
@@ -132,8 +131,3 @@ def annotate(batch: pa.Table, nl_enabled: bool, min_confidence: float, pl_enable
     batch = batch.append_column("lang", pa.array(lang, pa.string()))
     batch = batch.append_column("lang_confidence", pa.array(conf, pa.float32(), mask=np.isnan(conf)))
     return batch.append_column("prog_lang", pa.array(prog, pa.string()))
-
-
-def word_counts(batch: pa.Table) -> np.ndarray:
-    """Whitespace-separated words per document, vectorised in Arrow."""
-    return pc.list_value_length(pc.utf8_split_whitespace(batch.column("text"))).to_numpy(zero_copy_only=False)

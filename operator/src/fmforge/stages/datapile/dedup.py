@@ -21,7 +21,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _SEED = 1337
 
 
@@ -118,7 +117,10 @@ class FuzzyResult:
     clusters: int
     """Components with more than one document."""
     candidate_pairs: int
+    """Pairs that share a band bucket (LSH candidates)."""
     verified_pairs: int
+    """Candidates kept as edges: all of them, or with `verify` those whose estimated Jaccard
+    similarity reaches the threshold."""
 
 
 def fuzzy_clusters(sig: np.ndarray, order_keys: np.ndarray, bands: int, threshold: float,

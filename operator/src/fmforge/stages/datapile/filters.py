@@ -19,7 +19,7 @@ import functools
 import ipaddress
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -613,15 +613,3 @@ BUILDERS = {"language": language_step, "length": length_step, "hap": hap_step, "
 def build_steps(filters: list) -> list[Step]:
     """The manifest's filters as steps, in order."""
     return [BUILDERS[f.type](f) for f in filters]
-
-
-@dataclass
-class Counters:
-    """read = kept + Σ dropped, by construction."""
-
-    read: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def kept(self) -> int:
-        return self.read - sum(self.dropped.values())

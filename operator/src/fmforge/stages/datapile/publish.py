@@ -292,7 +292,8 @@ def data_card(card: dict[str, Any], out: Path) -> Path:
     lines += ["", "## Deduplication", "",
               f"- Exact: {card['dedup']['exact']} removed ({card['dedup']['exactRate']:.1%} of documents reaching it)",
               f"- Fuzzy: {card['dedup']['fuzzy']} removed ({card['dedup']['fuzzyRate']:.1%}) in "
-              f"{card['dedup']['clusters']} clusters; MinHash "
+              f"{card['dedup']['clusters']} clusters ({card['dedup']['candidatePairs']} candidate pairs from "
+              f"the LSH bands, {card['dedup']['verifiedPairs']} kept as edges); MinHash "
               + ", ".join(f"{k} {v}" for k, v in card["dedup"]["params"].items()),
               "", "## Languages", "", "| natural language | documents |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in st["languages"].items()]
