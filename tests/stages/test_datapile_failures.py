@@ -163,6 +163,34 @@ def test_tokenizer_loaded_from_a_uri(tmp_path: Path, corpus: Path):
     assert tok.get_vocab_size() == 2048
 
 
+def test_tokenizer_loaded_from_s3(tmp_path: Path, corpus: Path, s3_server, monkeypatch):
+    """tokenizer.uri on s3:// (a real S3 server): the tokenizer is read through the S3
+    filesystem, not as a local path."""
+    import pyarrow.fs as pafs
+
+    from fmforge.stages.datapile.sources import s3_filesystem
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    d = _dir(tmp_path, corpus)
+    assert _run(d, SMALL).ok
+    art = Path(StateDir(d / ".fmforge").read("DataPile", "pydocs")["status"]["dataCard"].removeprefix("file://")).parent
+    (s3_server.root / "models").mkdir()
+    pafs.copy_files(str(art / "tokenizer"), "models/tok", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=s3_filesystem())
+    m = copy.deepcopy(SMALL)
+    m["metadata"] = {"name": "reuse"}
+    m["spec"]["tokenizer"] = {"uri": "s3://models/tok"}
+    report = _run(d, m)
+    assert report.ok, report.outcomes
+    card = json.loads((Path(StateDir(d / ".fmforge").read("DataPile", "reuse")["status"]["dataCard"]
+                            .removeprefix("file://")).parent / "datacard.json").read_text())
+    assert card["tokenizer"] == "loaded from s3://models/tok"
+    m["spec"]["tokenizer"] = {"uri": "s3://models/nothing"}
+    report = _run(d, m)
+    assert not report.ok and "no readable tokenizer.json at models/nothing" in report.outcomes[0].message
+
+
 def test_formats_gz_parquet_text(tmp_path: Path, corpus: Path):
     d = _dir(tmp_path, corpus)
     rows = [json.loads(x) for x in (corpus / "prose" / "topics.jsonl").read_text().splitlines()][:40]

@@ -259,7 +259,7 @@ def run(ctx: StageContext) -> StageResult:
                           f"({sample_mb:.1f} MB) of the training split")
         else:
             fs, path = resolve(spec.tokenizer.uri, ctx.base_dir, confine=not ctx.allow_outside_paths)
-            tok = tk.load_tokenizer(Path(path))
+            tok = tk.load_tokenizer(path, fs)
             tok_source = f"loaded from {spec.tokenizer.uri}"
         tk.save_tokenizer(tok, tok_dir)
     eos, pad = tk.special_ids(tok)

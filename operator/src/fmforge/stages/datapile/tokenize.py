@@ -59,13 +59,22 @@ def train_tokenizer(texts: list[str], vocab_size: int, min_frequency: int):
     return tok._tokenizer  # the plain `tokenizers.Tokenizer`
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path | str, fs=None):
+    """The tokenizer at `path` (its tokenizer.json, or the directory holding it) on the pyarrow
+    filesystem `fs` (local when None): file://, pvc:// and s3:// URIs all resolve to one."""
+    import pyarrow.fs as pafs
     from tokenizers import Tokenizer
 
-    f = path / "tokenizer.json" if path.is_dir() else path
-    if not f.exists():
-        raise InvalidSpec(f"tokenizer.uri: no tokenizer.json at {path}")
-    return Tokenizer.from_file(str(f))
+    fs = fs or pafs.LocalFileSystem()
+    path = str(path).rstrip("/")
+    try:
+        is_dir = fs.get_file_info(path).type == pafs.FileType.Directory
+        with fs.open_input_file(f"{path}/tokenizer.json" if is_dir else path) as f:
+            text = f.read().decode()
+    except (FileNotFoundError, OSError) as e:
+        raise InvalidSpec(f"tokenizer.uri: no readable tokenizer.json at {path} ({e}); point it at a tokenizer "
+                          f"directory in Hugging Face layout") from e
+    return Tokenizer.from_str(text)
 
 
 def save_tokenizer(tok, out: Path) -> None:
