@@ -185,14 +185,11 @@ def replace(table, df: pa.Table, properties: dict[str, str]) -> int:
     files and adds the new ones in the same snapshot. Readers see the old contents or the new,
     never an empty table.
 
-    pyiceberg has no public call for this; `_dataframe_to_data_files` is what its own overwrite
-    writes with. Should a pyiceberg release drop it, the version is published with `overwrite`
-    (two snapshots, the same data and tags)."""
-    try:
-        from pyiceberg.io.pyarrow import _check_pyarrow_schema_compatible, _dataframe_to_data_files
-    except ImportError:
-        table.overwrite(df, snapshot_properties=properties, branch=None)
-        return _newest(table)
+    pyiceberg has no public call for this (a staged `overwrite` would stage a delete and an
+    append whose parent is `main`, not the delete): `_dataframe_to_data_files` is what its own
+    overwrite writes with, and `_check_pyarrow_schema_compatible` its own schema check. Both are
+    private, so pyiceberg is pinned to the minor version this is tested with (pyproject.toml)."""
+    from pyiceberg.io.pyarrow import _check_pyarrow_schema_compatible, _dataframe_to_data_files
 
     _check_pyarrow_schema_compatible(table.schema(), provided_schema=df.schema)
     if table.current_snapshot() is None:
