@@ -18,36 +18,8 @@ from fmforge.runtime.state import StateDir
 from fmforge.stages.datapile import dedup as dd
 from fmforge.stages.datapile import publish as pub
 from fmforge.stages.datapile import tokenize as tk
+from piles import PILE
 
-PILE = {
-    "apiVersion": "fmforge.io/v1alpha1",
-    "kind": "DataPile",
-    "metadata": {"name": "pydocs"},
-    "spec": {
-        "sources": [
-            {"name": "python-docs", "uri": "file://corpus/prose/", "format": "jsonl", "license": "PSF-2.0"},
-            {"name": "python-code", "uri": "file://corpus/code/", "format": "code", "include": ["*.py"],
-             "license": "PSF-2.0"},
-            {"name": "licenses", "uri": "file://corpus/licenses/", "format": "text"},
-            {"name": "extra", "uri": "file://corpus/extra/", "format": "jsonl", "idField": "id"},
-        ],
-        "filters": [
-            {"type": "language", "allow": ["en"]},
-            {"type": "hap", "threshold": 0.9},
-            {"type": "license", "allow": ["MIT", "Apache-2.0", "BSD-3-Clause", "PSF-2.0", "CC0-1.0"],
-             "unknown": "keep"},
-            {"type": "pii", "action": "redact"},
-            {"type": "quality", "preset": "gopher", "rules": {"minWords": 20}},
-            {"type": "length", "minWords": 20},
-        ],
-        "dedup": {"exact": True, "fuzzy": {"threshold": 0.8, "numPerm": 112, "bands": 14, "shingleSize": 5}},
-        # a budget below the kept text, so the sample is a strict subset
-        "tokenizer": {"train": {"vocabSize": 2048, "sampleBytes": "1Mi"}},
-        "tokenize": {"sequenceLength": 128},
-        "publish": {"tags": ["v1"]},
-        "resources": {"workers": 1, "cpusPerWorker": 2},
-    },
-}
 
 
 def write(d: Path, manifest: dict) -> Path:

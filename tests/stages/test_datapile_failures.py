@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from test_datapile import PILE
+from piles import SMALL
 
 from fmforge.runtime.local import run_paths
 from fmforge.runtime.progress import RunConsole
@@ -22,11 +22,6 @@ from fmforge.runtime.state import StateDir
 from fmforge.stages.datapile import publish as pub
 from fmforge.stages.datapile import tokenize as tk
 
-SMALL = copy.deepcopy(PILE)
-SMALL["spec"]["sources"] = [
-    {"name": "python-docs", "uri": "file://corpus/prose/", "format": "jsonl", "license": "PSF-2.0"},
-    {"name": "extra", "uri": "file://corpus/extra/", "format": "jsonl", "idField": "id"},
-]
 
 
 def _dir(tmp_path: Path, corpus: Path) -> Path:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from test_datapile_failures import SMALL
+from piles import SMALL
 
 from fmforge.cli import main
 from fmforge.runtime.local import run_paths
