@@ -16,7 +16,6 @@ model as it was. Called by the local runner and by `fmforge.runtime.job` through
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ...api.v1alpha1.trainingrun import TrainingRunSpec
+from .. import raytrain
 from ..base import InputError, InvalidSpec, StageContext, StageResult
 from . import models, pile
 from .loop import CURVE, MODEL_DIR, train_loop
@@ -45,6 +45,30 @@ def model_digest(path: Path) -> str:
                 h.update(chunk)
         h.update(b"\0")
     return "sha256:" + h.hexdigest()
+
+
+def producer_model(ctx: StageContext, ref, field: str) -> tuple[Path, dict[str, Any]]:
+    """The model directory a producer (`ref`: a ModelRef to a TrainingRun or TunedModel) recorded
+    in its status, and that record ({uri, digest, ...}), checked to be there and unchanged;
+    `field` is the reference's path in the spec, for the error messages."""
+    from ..datapile.sources import resolve as resolve_uri
+
+    key = f"{ref.kind}/{ref.name}"
+    model = ((ctx.inputs.get(key) or {}).get("status") or {}).get("model") or {}
+    if not model.get("uri") or not model.get("digest"):
+        raise InputError(f"{field}: {key} has no model in its status; run it first")
+    # A producer's artifact URI, written by fmforge: not confined to the manifest's folder.
+    _, path = resolve_uri(model["uri"], ctx.base_dir, confine=False)
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise InputError(f"{field}: the model of {key} is not at {model['uri']} (no config.json); run {key} again")
+    # What is recorded downstream (an approval, a tuned model's lineage) must be the digest of
+    # the bytes actually read.
+    actual = model_digest(path)
+    if actual != model["digest"]:
+        raise InputError(f"{field}: the model directory of {key} changed after it was made (digest {actual}, "
+                         f"recorded {model['digest']}); run {key} again")
+    return path, model
 
 
 def spec_digest(spec: TrainingRunSpec) -> str:
@@ -93,17 +117,15 @@ def run(ctx: StageContext) -> StageResult:
             sequences=n_train, validation=n_val)
 
     # 2. Train on Ray.
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
-    from ray.util.queue import Empty, Queue
 
     # One CPU beyond the workers' for the Ray Data tasks that read the pile.
     pile.ray_init(ctx.state_dir, res.workers * res.cpus_per_worker + 1)
     datasets = {"train": pile.sequences(version, "train")}
     if n_val:
         datasets["validation"] = pile.sequences(version, "validation")
-    progress = Queue(actor_options={"num_cpus": 0})
+    progress = raytrain.progress_queue()
     loop_config = {
         "architecture": spec.model.architecture, "model_config": config, "tokenizer": str(version.tokenizer),
         "seed": tr.seed, "max_steps": tr.max_steps, "micro_batch_size": tr.micro_batch_size,
@@ -123,10 +145,7 @@ def run(ctx: StageContext) -> StageResult:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
-                                     resources_per_worker={"CPU": res.cpus_per_worker,
-                                                           **({"GPU": res.gpus_per_worker}
-                                                              if res.gpus_per_worker else {})}),
+        scaling_config=raytrain.scaling(res),
         run_config=RunConfig(name="train", storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=spec.fault_tolerance.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
@@ -136,41 +155,33 @@ def run(ctx: StageContext) -> StageResult:
     info: dict[str, Any] = {"restarts": 0}
     last: dict[str, Any] = {}
     rep.step("train", total=tr.max_steps)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        fit = pool.submit(trainer.fit)
-        while True:
-            try:
-                ev = progress.get(timeout=0.5)
-            except Empty:
-                if fit.done():
-                    break
-                continue
-            if ev["event"] == "start":
-                if info.get("started"):
-                    info["restarts"] += 1
-                info.update(started=True, parameters=ev["parameters"], precision=ev["precision"],
-                            resumed_from=ev["resumed_from"])
-                if ev["resumed_from"]:
-                    rep.log(f"Resumed TrainingRun {ctx.name} from its checkpoint", step=ev["resumed_from"])
-                done = last.get("step", 0)
-                rep.advance(ev["step"] - done)
-                last["step"] = ev["step"]
-            elif ev["event"] == "step":
-                rep.advance(ev["step"] - last.get("step", 0), loss=f"{ev['loss']:.3f}", lr=f"{ev['lr']:.2e}",
-                            tokens_s=f"{ev['tokens'] / max(ev['time'] - last.get('time', started), 1e-9):.0f}",
-                            eta=_eta(ev["eta"]))
-                if ev["step"] > last.get("step", 0):
-                    last.update(tokens_s=ev["tokens"] / max(ev["time"] - last.get("time", started), 1e-9))
-                last.update(step=ev["step"], loss=ev["loss"], time=ev["time"])
-            elif ev["event"] == "end":
-                info["validation_loss"] = ev["validation_loss"]
-        try:
-            result = fit.result()
-        except Exception as e:
-            raise RuntimeError(f"training of TrainingRun {ctx.name} failed: {e}; a run started again resumes from "
-                               f"the last checkpoint in {storage}") from e
-        finally:
-            ray.kill(progress.actor)
+
+    def on_event(ev: dict[str, Any]) -> None:
+        if ev["event"] == "start":
+            if info.get("started"):
+                info["restarts"] += 1
+            info.update(started=True, parameters=ev["parameters"], precision=ev["precision"],
+                        resumed_from=ev["resumed_from"])
+            if ev["resumed_from"]:
+                rep.log(f"Resumed TrainingRun {ctx.name} from its checkpoint", step=ev["resumed_from"])
+            done = last.get("step", 0)
+            rep.advance(ev["step"] - done)
+            last["step"] = ev["step"]
+        elif ev["event"] == "step":
+            rep.advance(ev["step"] - last.get("step", 0), loss=f"{ev['loss']:.3f}", lr=f"{ev['lr']:.2e}",
+                        tokens_s=f"{ev['tokens'] / max(ev['time'] - last.get('time', started), 1e-9):.0f}",
+                        eta=_eta(ev["eta"]))
+            if ev["step"] > last.get("step", 0):
+                last.update(tokens_s=ev["tokens"] / max(ev["time"] - last.get("time", started), 1e-9))
+            last.update(step=ev["step"], loss=ev["loss"], time=ev["time"])
+        elif ev["event"] == "end":
+            info["validation_loss"] = ev["validation_loss"]
+
+    try:
+        result = raytrain.fit(trainer, progress, on_event)
+    except Exception as e:
+        raise RuntimeError(f"training of TrainingRun {ctx.name} failed: {e}; a run started again resumes from "
+                           f"the last checkpoint in {storage}") from e
     took = time.monotonic() - started
 
     # 3. The model directory: the final checkpoint's model, the tokenizer, the training log.
@@ -228,4 +239,4 @@ def _curve(checkpoint: Path) -> list[dict[str, float]]:
     return json.loads((checkpoint / CURVE).read_text())
 
 
-__all__ = ["run", "model_digest", "TRAINING_LOG"]
+__all__ = ["run", "model_digest", "producer_model", "TRAINING_LOG"]
