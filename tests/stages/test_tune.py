@@ -190,7 +190,7 @@ def test_minilm_classifier_from_a_package(ws: Workspace):
             "method": "lora", "lora": {"rank": 8, "alpha": 16},
             "data": {"uri": "file://tuning/kinds.jsonl", "promptTemplate": "{text}", "labelField": "kind",
                      "validationFraction": 0.25},
-            "training": {"epochs": 3, "learningRate": 2.0e-3, "microBatchSize": 8}}
+            "training": {"epochs": 5, "learningRate": 3.0e-3, "microBatchSize": 8}}
     outcome, rec = ws.run(tuned_model("kinds", spec))
     assert outcome.word == "Succeeded", outcome.message
     st = rec["status"]
