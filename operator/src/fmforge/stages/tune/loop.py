@@ -15,6 +15,7 @@ LoRA with `merge`. Progress goes to the driver through a Ray queue. Called throu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
@@ -53,8 +54,6 @@ def _batch(examples: list[dict], pad_id: int, classification: bool):
 
 
 def tune_loop(config: dict[str, Any]) -> None:
-    import contextlib
-
     import ray.train
     import ray.train.torch
     import torch
