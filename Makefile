@@ -15,7 +15,7 @@ EXTRAS        ?= dev,data,train,serve
 STAMP         := $(VENV)/.installed-$(EXTRAS)
 PYTEST_ARGS   ?=
 
-.PHONY: help setup quickstart corpus test test-unit test-stages test-layers test-cluster crds helm controlplane bench controlplane-up clean
+.PHONY: help setup quickstart corpus test test-unit test-stages test-e2e test-layers test-cluster crds helm controlplane bench controlplane-up clean
 
 help:
 	@echo "make quickstart   run the whole pipeline locally (examples/quickstart)"
@@ -54,7 +54,7 @@ controlplane-up: setup controlplane
 
 test: setup
 	$(BIN)/ruff check --config operator/pyproject.toml operator/src tests examples
-	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/unit tests/stages tests/cluster
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/unit tests/stages tests/cluster tests/e2e
 	cd operator && ../$(BIN)/lint-imports
 
 test-stages: setup
@@ -70,6 +70,10 @@ $(BENCH_VENV)/.installed: operator/pyproject.toml
 
 bench: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python tests/bench/bench_datapile.py
+
+# The quickstart through all five kinds, with smaller settings (a few minutes on two cores).
+test-e2e: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/e2e
 
 test-unit: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/unit
