@@ -44,10 +44,10 @@ class Workspace:
         self.root = root
         self.state = StateDir(root / ".fmforge")
 
-    def run(self, manifest: dict):
+    def run(self, manifest: dict, force: bool = False):
         p = self.root / f"{manifest['metadata']['name']}.yaml"
         p.write_text(yaml.safe_dump(manifest, sort_keys=False))
-        report = run_paths([p], state_dir=self.state.root, console=RunConsole(rich=False))
+        report = run_paths([p], state_dir=self.state.root, console=RunConsole(rich=False), force=force)
         assert not report.errors, report.errors
         return report.outcomes[0], self.state.read(manifest["kind"], manifest["metadata"]["name"])
 
@@ -155,9 +155,17 @@ def test_lora_causal_lm_learns_the_answers(ws: Workspace, base_run: dict):
     ids = tok("Question: What keyword defines a function in Python?\nAnswer:", return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(merged(**ids).logits, adapted(**ids).logits, atol=1e-4)
-    # a second run with nothing changed is skipped; an edited tuning set is tuned on again
+    # a second run with nothing changed is skipped
     outcome, _ = ws.run(tuned_model("qa", QA_SPEC))
     assert outcome.word == "Skipped", outcome.message
+    # the same attempt started again resumes from its last checkpoint: no step taken again, the
+    # weights restored (the same held-out loss, the same weights; the log, with its times, differs)
+    outcome, again = ws.run(tuned_model("qa", QA_SPEC), force=True)
+    assert outcome.word == "Succeeded", outcome.message
+    assert again["status"]["progress"]["resumedFromStep"] == 12
+    assert again["status"]["validation"]["after"]["loss"] == pytest.approx(after["loss"], rel=1e-6)
+    again_dir = path_of(again["status"]["model"]["uri"])
+    assert (again_dir / "model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()
 
 
 def labelled_sentences() -> list[dict]:
