@@ -163,6 +163,7 @@ def test_lora_causal_lm_learns_the_answers(ws: Workspace, base_run: dict):
     outcome, again = ws.run(tuned_model("qa", QA_SPEC), force=True)
     assert outcome.word == "Succeeded", outcome.message
     assert again["status"]["progress"]["resumedFromStep"] == 12
+    assert len(list((ws.state.artifacts_dir("TunedModel", "qa") / "attempts").glob("*/checkpoints"))) == 1
     assert again["status"]["validation"]["after"]["loss"] == pytest.approx(after["loss"], rel=1e-6)
     again_dir = path_of(again["status"]["model"]["uri"])
     assert (again_dir / "model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()
@@ -241,5 +242,5 @@ def test_bad_input_fails_before_training(ws: Workspace, base_run: dict, change: 
     for w in words:
         assert w in ready["message"], ready["message"]
     # refused before a worker started: no checkpoint, no model
-    assert not (ws.state.artifacts_dir("TunedModel", "bad") / "checkpoints").exists()
+    assert not (ws.state.artifacts_dir("TunedModel", "bad") / "attempts").exists()
     assert "model" not in rec["status"]

@@ -21,7 +21,8 @@ from typing import Any
 from ...api.v1alpha1.modelcard import ModelCardSpec, decide_approval
 from ..base import InvalidSpec, StageContext, StageResult
 from ..datapile.sources import resolve as resolve_uri
-from ..train import TRAINING_LOG, producer_model
+from ..producers import producer_model
+from ..train import TRAINING_LOG
 from ..train import pile as piles
 from . import evaluate, render
 

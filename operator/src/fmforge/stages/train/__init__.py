@@ -47,30 +47,6 @@ def model_digest(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def producer_model(ctx: StageContext, ref, field: str) -> tuple[Path, dict[str, Any]]:
-    """The model directory a producer (`ref`: a ModelRef to a TrainingRun or TunedModel) recorded
-    in its status, and that record ({uri, digest, ...}), checked to be there and unchanged;
-    `field` is the reference's path in the spec, for the error messages."""
-    from ..datapile.sources import resolve as resolve_uri
-
-    key = f"{ref.kind}/{ref.name}"
-    model = ((ctx.inputs.get(key) or {}).get("status") or {}).get("model") or {}
-    if not model.get("uri") or not model.get("digest"):
-        raise InputError(f"{field}: {key} has no model in its status; run it first")
-    # A producer's artifact URI, written by fmforge: not confined to the manifest's folder.
-    _, path = resolve_uri(model["uri"], ctx.base_dir, confine=False)
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise InputError(f"{field}: the model of {key} is not at {model['uri']} (no config.json); run {key} again")
-    # What is recorded downstream (an approval, a tuned model's lineage) must be the digest of
-    # the bytes actually read.
-    actual = model_digest(path)
-    if actual != model["digest"]:
-        raise InputError(f"{field}: the model directory of {key} changed after it was made (digest {actual}, "
-                         f"recorded {model['digest']}); run {key} again")
-    return path, model
-
-
 def spec_digest(spec: TrainingRunSpec) -> str:
     body = json.dumps(spec.model_dump(mode="json", by_alias=True), sort_keys=True)
     return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
@@ -239,4 +215,4 @@ def _curve(checkpoint: Path) -> list[dict[str, float]]:
     return json.loads((checkpoint / CURVE).read_text())
 
 
-__all__ = ["run", "model_digest", "producer_model", "TRAINING_LOG"]
+__all__ = ["run", "model_digest", "TRAINING_LOG"]

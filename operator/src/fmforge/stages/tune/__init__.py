@@ -8,10 +8,10 @@
 
 Everything the user can get wrong (a template, a record without a field, a base model that does
 not fit the task, target modules the model lacks) is refused before a worker starts. Checkpoints
-live in the attempt's artifacts (`checkpoints/`), one per epoch; a run started again for the same
-attempt resumes from the latest, and Ray Train restarts failed workers from it up to
-`faultTolerance.maxFailures` times. Called by the local runner and by `fmforge.runtime.job`
-through `STAGES`.
+live in the attempt's folder (`attempts/<digest of spec, base and data>/checkpoints/`), one per
+epoch; a run started again for the same attempt resumes from the latest, and Ray Train restarts
+failed workers from it up to `faultTolerance.maxFailures` times. Called by the local runner and
+by `fmforge.runtime.job` through `STAGES`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from ...api.v1alpha1.tunedmodel import Lora, TunedModelSpec
 from .. import raytrain
 from ..base import InputError, InvalidSpec, StageContext, StageResult
 from ..datapile.sources import resolve
-from ..train import TRAINING_LOG, model_digest, producer_model
+from ..producers import producer_model
+from ..train import TRAINING_LOG, model_digest
 from ..train import pile as piles
 from . import data as examples
 from .loop import ADAPTER_DIR, CURVE, MODEL_DIR, tune_loop
@@ -172,10 +173,13 @@ def run(ctx: StageContext) -> StageResult:
     piles.ray_init(ctx.state_dir, res.workers * res.cpus_per_worker)
     progress = raytrain.progress_queue()
     lora = spec.lora or Lora()
-    # Checkpoints belong to one attempt (this generation on this base model and data): a run
-    # started again after a crash resumes from them; other inputs start afresh.
-    storage = (ctx.artifacts / "checkpoints" /
-               f"g{ctx.generation}-{base['digest'][7:19]}-{data_digest[7:19]}").resolve()
+    # The attempt's folder: the same tuning of the same base model on the same examples is the
+    # same attempt, and a run started again resumes from its checkpoints; anything else starts
+    # afresh in its own folder. Fault tolerance is left out: raising maxFailures after a failed
+    # run resumes it.
+    what = spec.model_dump(mode="json", by_alias=True, exclude={"fault_tolerance"})
+    key = hashlib.sha256(f"{json.dumps(what, sort_keys=True)}\0{base['digest']}\0{data_digest}".encode())
+    storage = (ctx.artifacts / "attempts" / key.hexdigest()[:16] / "checkpoints").resolve()
     loop_config = {
         "task": spec.task, "base": str(base_path), "labels": labels, "method": spec.method,
         "lora": {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": targets,
