@@ -15,7 +15,7 @@ EXTRAS        ?= dev,data,train,serve
 STAMP         := $(VENV)/.installed-$(EXTRAS)
 PYTEST_ARGS   ?=
 
-.PHONY: help setup quickstart corpus test test-unit test-stages test-layers test-cluster crds helm controlplane bench bench-train bench-serve bench-operator controlplane-up clean
+.PHONY: help setup quickstart corpus test test-unit test-stages test-e2e test-layers test-cluster crds helm controlplane bench bench-train bench-serve bench-operator controlplane-up clean
 
 help:
 	@echo "make quickstart   run the whole pipeline locally (examples/quickstart)"
@@ -57,7 +57,7 @@ controlplane-up: setup controlplane
 
 test: setup
 	$(BIN)/ruff check --config operator/pyproject.toml operator/src tests examples
-	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/unit tests/stages tests/cluster
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/unit tests/stages tests/cluster tests/e2e
 	cd operator && ../$(BIN)/lint-imports
 
 test-stages: setup
@@ -84,6 +84,10 @@ bench-serve: setup
 # The operator on the test control plane: 200 and 1,000 TrainingRuns applied at once.
 bench-operator: setup controlplane
 	$(BIN)/python tests/bench/bench_operator.py
+
+# The quickstart through all five kinds, with smaller settings (a few minutes on two cores).
+test-e2e: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/e2e
 
 test-unit: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/unit

@@ -19,6 +19,7 @@ from typing import Any, Callable
 STAGES: dict[str, str] = {
     "DataPile": "fmforge.stages.datapile:run",
     "TrainingRun": "fmforge.stages.train:run",
+    "TunedModel": "fmforge.stages.tune:run",
     "ModelCard": "fmforge.stages.card:run",
     "Deployment": "fmforge.stages.deploy:run",
 }

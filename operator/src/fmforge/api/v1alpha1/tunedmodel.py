@@ -17,9 +17,10 @@ from .common import (
     RayResources,
     Rule,
     Spec,
+    Status,
     exactly_one,
 )
-from .trainingrun import ModelArtifact
+from .trainingrun import FaultTolerance, ModelArtifact, TrainingProgress
 
 Template = Annotated[str, StringConstraints(min_length=1, max_length=8192)]
 
@@ -102,18 +103,61 @@ class TunedModelSpec(Spec):
     """The loop."""
     resources: RayResources = RayResources()
     """Ray workers."""
+    fault_tolerance: FaultTolerance = FaultTolerance()
+    """Worker failures Ray Train recovers from (resuming from the last epoch's checkpoint)."""
+
+
+class Metrics(Status):
+    """Held-out measurements of a model."""
+
+    loss: float | None = None
+    """Mean loss per scored token (causal-lm: completion tokens) or per example (classification)."""
+    accuracy: float | None = None
+    """Share of held-out examples classified right (sequence-classification)."""
+
+
+class Validation(Status):
+    """The held-out examples measured before and after tuning: whether the tuning helped."""
+
+    examples: int = 0
+    """Held-out examples measured."""
+    before: Metrics | None = None
+    """The starting point (the base model; for classification with its new, untrained head)."""
+    after: Metrics | None = None
+    """The tuned model."""
+
+
+class TuningDataLineage(Status):
+    """The examples a model was tuned on."""
+
+    uri: str
+    """Where they were read."""
+    digest: str
+    """sha256 over the files' relative names and bytes."""
+    examples: int
+    """Examples in all (training and validation)."""
 
 
 class TunedModelStatus(CommonStatus):
     """What the TunedModel is."""
 
+    progress: TrainingProgress | None = None
+    """Tuning progress (optimizer steps over all epochs)."""
     model: ModelArtifact | None = None
-    """The tuned model."""
+    """The tuned model: a full Hugging Face model directory (for lora with merge: the merged
+    weights), what a ModelCard evaluates and a Deployment serves; for lora without merge, the
+    adapter directory."""
+    adapter: ModelArtifact | None = None
+    """The LoRA adapter directory (peft layout), method lora only."""
     base: ModelArtifact | None = None
-    """The base model it started from."""
+    """The base model it started from (uri, digest)."""
+    data: TuningDataLineage | None = None
+    """The examples it was tuned on."""
     examples: int | None = None
     """Training examples used."""
+    validation: Validation | None = None
+    """Held-out loss and accuracy before and after tuning."""
     validation_loss: float | None = None
-    """Loss on the held-out examples."""
+    """Loss on the held-out examples after tuning (validation.after.loss)."""
     ray_job: str | None = None
     """RayJob of the current attempt (cluster only)."""

@@ -19,29 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from ...api.v1alpha1.modelcard import ModelCardSpec, decide_approval
-from ..base import InputError, InvalidSpec, StageContext, StageResult
+from ..base import InvalidSpec, StageContext, StageResult
 from ..datapile.sources import resolve as resolve_uri
-from ..train import TRAINING_LOG, model_digest
+from ..producers import producer_model
+from ..train import TRAINING_LOG
 from ..train import pile as piles
 from . import evaluate, render
 
 
 def _model(ctx: StageContext, spec: ModelCardSpec) -> tuple[Path, str, dict[str, Any]]:
-    key = f"{spec.model_ref.kind}/{spec.model_ref.name}"
-    model = ((ctx.inputs.get(key) or {}).get("status") or {}).get("model") or {}
-    if not model.get("uri") or not model.get("digest"):
-        raise InputError(f"spec.modelRef: {key} has no model in its status; run it first")
-    # fmforge wrote this URI itself (the producer's status): not confined to the manifest's folder.
-    _, path = resolve_uri(model["uri"], ctx.base_dir, confine=False)
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise InputError(f"spec.modelRef: the model of {key} is not at {model['uri']} (no config.json); run {key} "
-                         f"again")
-    # The digest an approval is bound to must be the digest of the bytes evaluated.
-    actual = model_digest(path)
-    if actual != model["digest"]:
-        raise InputError(f"spec.modelRef: the model directory of {key} changed after it was made (digest {actual}, "
-                         f"recorded {model['digest']}); run {key} again")
+    path, model = producer_model(ctx, spec.model_ref, "spec.modelRef")
     return path, model["digest"], model
 
 
@@ -159,8 +146,7 @@ def _bounds(th: dict[str, float]) -> str:
 
 
 def _history(root: Path) -> list[dict[str, Any]]:
-    """Earlier evaluations of this ModelCard (the card.json of each under its artifact root),
-    oldest first."""
+    """Earlier evaluations of this ModelCard (every attempt's card.json), oldest first."""
     out = []
     for f in root.glob("*/card.json"):
         try:

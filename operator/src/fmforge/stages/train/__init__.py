@@ -17,7 +17,6 @@ model as it was. Called by the local runner and by `fmforge.runtime.job` through
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ...api.v1alpha1.trainingrun import TrainingRunSpec
+from .. import raytrain
 from ..base import InputError, InvalidSpec, StageContext, StageResult
 from . import models, pile
 from .loop import CURVE, MODEL_DIR, LoopConfig, train_loop
@@ -102,17 +102,15 @@ def run(ctx: StageContext) -> StageResult:
             sequences=n_train, validation=n_val)
 
     # 2. Train on Ray.
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
-    from ray.util.queue import Empty, Queue
 
     # One CPU beyond the workers' for the Ray Data tasks that read the pile.
     pile.ray_init(ctx.state_dir, res.workers * res.cpus_per_worker + 1)
     datasets = {"train": pile.sequences(version, "train")}
     if n_val:
         datasets["validation"] = pile.sequences(version, "validation")
-    progress = Queue(actor_options={"num_cpus": 0})
+    progress = raytrain.progress_queue()
     # The attempt's folder: the same training on the same pile version is the same attempt, and a
     # run started again resumes from its checkpoints; anything else starts afresh in its own folder.
     attempt = ctx.artifacts / "attempts" / _attempt_key(spec, version)
@@ -131,10 +129,7 @@ def run(ctx: StageContext) -> StageResult:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"loop": loop},
-        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
-                                     resources_per_worker={"CPU": res.cpus_per_worker,
-                                                           **({"GPU": res.gpus_per_worker}
-                                                              if res.gpus_per_worker else {})}),
+        scaling_config=raytrain.scaling(res),
         run_config=RunConfig(name="train", storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=spec.fault_tolerance.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
@@ -144,37 +139,29 @@ def run(ctx: StageContext) -> StageResult:
     info: dict[str, Any] = {"restarts": 0}
     last: dict[str, Any] = {}
     rep.step("train", total=tr.max_steps)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        fit = pool.submit(trainer.fit)
-        while True:
-            try:
-                ev = progress.get(timeout=0.5)
-            except Empty:
-                if fit.done():
-                    break
-                continue
-            if ev["event"] == "start":
-                if info.get("started"):
-                    info["restarts"] += 1
-                info.update(started=True, parameters=ev["parameters"], precision=ev["precision"],
-                            resumed_from=ev["resumed_from"])
-                if ev["resumed_from"]:
-                    rep.log(f"Resumed TrainingRun {ctx.name} from its checkpoint", step=ev["resumed_from"])
-                rep.advance(ev["step"] - last.get("step", 0))  # back to the checkpoint's step after a restart
-                last["step"] = ev["step"]
-            elif ev["event"] == "step":
-                rep.advance(ev["step"] - last.get("step", 0), loss=f"{ev['loss']:.3f}", lr=f"{ev['lr']:.2e}",
-                            tokens_s=f"{ev['tokens_per_second']:.0f}", eta=_eta(ev["eta"]))
-                last.update(step=ev["step"], tokens_s=ev["tokens_per_second"])
-            elif ev["event"] == "end":
-                info["validation_loss"] = ev["validation_loss"]
-        try:
-            result = fit.result()
-        except Exception as e:
-            raise RuntimeError(f"training of TrainingRun {ctx.name} failed: {e}; a run started again resumes from "
-                               f"the last checkpoint in {storage}") from e
-        finally:
-            ray.kill(progress.actor)
+
+    def on_event(ev: dict[str, Any]) -> None:
+        if ev["event"] == "start":
+            if info.get("started"):
+                info["restarts"] += 1
+            info.update(started=True, parameters=ev["parameters"], precision=ev["precision"],
+                        resumed_from=ev["resumed_from"])
+            if ev["resumed_from"]:
+                rep.log(f"Resumed TrainingRun {ctx.name} from its checkpoint", step=ev["resumed_from"])
+            rep.advance(ev["step"] - last.get("step", 0))  # back to the checkpoint's step after a restart
+            last["step"] = ev["step"]
+        elif ev["event"] == "step":
+            rep.advance(ev["step"] - last.get("step", 0), loss=f"{ev['loss']:.3f}", lr=f"{ev['lr']:.2e}",
+                        tokens_s=f"{ev['tokens_per_second']:.0f}", eta=_eta(ev["eta"]))
+            last.update(step=ev["step"], tokens_s=ev["tokens_per_second"])
+        elif ev["event"] == "end":
+            info["validation_loss"] = ev["validation_loss"]
+
+    try:
+        result = raytrain.fit(trainer, progress, on_event)
+    except Exception as e:
+        raise RuntimeError(f"training of TrainingRun {ctx.name} failed: {e}; a run started again resumes from "
+                           f"the last checkpoint in {storage}") from e
     took = time.monotonic() - started
 
     # 3. The model directory: the final checkpoint's model, the tokenizer, the training log.

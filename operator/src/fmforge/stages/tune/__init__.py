@@ -1,0 +1,305 @@
+"""The TunedModel stage: fine-tune a base model on local examples turned into prompts, with Ray Train.
+
+    templates checked → the base model (a TrainingRun's or TunedModel's recorded model, digest
+    checked; or baseModel.uri: file://, pvc://, pkg://) and its fit for the task → the JSONL
+    records read, split (stable) and tokenized → TorchTrainer running `loop.tune_loop` (LoRA
+    through peft, or every weight) → the adapter and the full model (merged, for LoRA with
+    merge), each in a new digest-named directory, with the tokenizer and the tuning log
+
+Everything the user can get wrong (a template, a record without a field, a base model that does
+not fit the task, target modules the model lacks) is refused before a worker starts. Checkpoints
+live in the attempt's folder (`attempts/<digest of spec, base and data>/checkpoints/`), one per
+epoch; a run started again for the same attempt resumes from the latest, and Ray Train restarts
+failed workers from it up to `faultTolerance.maxFailures` times. Called by the local runner and
+by `fmforge.runtime.job` through `STAGES`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ...api.v1alpha1.tunedmodel import Lora, TunedModelSpec
+from .. import raytrain
+from ..base import InputError, InvalidSpec, StageContext, StageResult
+from ..datapile.sources import resolve
+from ..producers import producer_model
+from ..train import TRAINING_LOG, model_digest
+from ..train import pile as piles
+from . import data as examples
+from .loop import ADAPTER_DIR, CURVE, MODEL_DIR, tune_loop
+
+#: LoRA's target modules when the spec names none: the attention projections of each family
+#: (query and value, as in the LoRA paper; GPT-2 fuses q, k and v into one `c_attn`).
+DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}
+
+
+def fingerprint(spec: TunedModelSpec, base_dir: Path) -> str:
+    """What the runner adds to the digest: the local files of the examples and of a base model
+    given by URI (names, sizes, times), so that an edited tuning set is tuned on again."""
+    parts = []
+    for uri in (spec.data.uri, spec.base_model.uri if spec.base_model else None):
+        if uri is None or uri.split("://")[0] not in ("file", "pvc", "pkg"):
+            continue
+        try:
+            _, p = resolve(uri, base_dir, confine=False)
+        except InvalidSpec:  # the stage says what is wrong with the URI
+            continue
+        root = Path(p)
+        files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+        parts += [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _base(ctx: StageContext, spec: TunedModelSpec) -> tuple[Path, dict[str, Any]]:
+    """The base model's directory and its record ({uri, digest, ...})."""
+    if spec.base_model_ref is not None:
+        path, model = producer_model(ctx, spec.base_model_ref, "spec.baseModelRef")
+        return path, {"uri": model["uri"], "digest": model["digest"], "parameters": model.get("parameters"),
+                      "ref": f"{spec.base_model_ref.kind}/{spec.base_model_ref.name}"}
+    uri = spec.base_model.uri
+    if uri.startswith("s3://"):
+        raise InvalidSpec(f"spec.baseModel.uri: {uri}: the tuning stage reads base models from a file system; copy "
+                          f"the model to a pvc:// or file:// location")
+    _, p = resolve(uri, ctx.base_dir, confine=not ctx.allow_outside_paths)
+    path = Path(p)
+    if not (path / "config.json").is_file():
+        raise InvalidSpec(f"spec.baseModel.uri: {uri} ({path}) is not a model directory in Hugging Face layout (no "
+                          f"config.json); point it at the directory that holds config.json and the weights")
+    return path, {"uri": uri, "digest": model_digest(path)}
+
+
+def _check_fit(spec: TunedModelSpec, config, base_uri: str) -> list[str] | None:
+    """Refuse a base model that cannot do the task; the LoRA target modules, checked to exist."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    classification = spec.task == "sequence-classification"
+    supported = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES if classification else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if config.model_type not in supported:
+        raise InvalidSpec(f"spec.task: {spec.task} needs a model family transformers has a "
+                          f"{'sequence-classification' if classification else 'causal-LM'} head for, and the base "
+                          f"model {base_uri} is {config.model_type!r}; choose another base model or task")
+    # transformers can put a causal-LM head on an encoder (BertLMHeadModel), but an encoder's
+    # weights were never trained to predict the next token: refuse what is not a causal LM.
+    if not classification and config.architectures and not any(
+            a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures):
+        raise InvalidSpec(f"spec.task: causal-lm tunes a generative model, and the base model {base_uri} is "
+                          f"{', '.join(config.architectures)} (not a causal LM); use task sequence-classification "
+                          f"or a decoder base model")
+    if spec.method != "lora":
+        return None
+    lora = spec.lora
+    targets = list(lora.target_modules) if lora and lora.target_modules else DEFAULT_TARGETS.get(config.model_type)
+    if not targets:
+        raise InvalidSpec(f"spec.lora.targetModules: there is no default for model family {config.model_type!r} "
+                          f"(defaults: {', '.join(f'{k}: {v}' for k, v in DEFAULT_TARGETS.items())}); name the "
+                          f"attention projections to adapt")
+    # The module names, from a weightless copy of the model (no memory, no file read).
+    auto = AutoModelForSequenceClassification if classification else AutoModelForCausalLM
+    with torch.device("meta"):
+        skeleton = auto.from_config(config)
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules()
+                     if type(m).__name__ in ("Linear", "Conv1D")})
+    missing = [t for t in targets if t not in linear]
+    if missing:
+        raise InvalidSpec(f"spec.lora.targetModules: the base model ({config.model_type}) has no module "
+                          f"{', '.join(missing)}; its linear layers are {', '.join(linear)}")
+    return targets
+
+
+def _context_length(config, tok) -> int:
+    for attr in ("max_position_embeddings", "n_positions"):
+        if getattr(config, attr, None):
+            return int(getattr(config, attr))
+    return int(tok.model_max_length)
+
+
+def run(ctx: StageContext) -> StageResult:
+    spec: TunedModelSpec = ctx.spec
+    rep = ctx.reporter
+    d, tr, res = spec.data, spec.training, spec.resources
+    classification = spec.task == "sequence-classification"
+
+    # 1. Everything that can be wrong in the input, before a worker starts.
+    examples.check_template(d.prompt_template, "spec.data.promptTemplate")
+    if not classification:
+        examples.check_template(d.completion_template, "spec.data.completionTemplate")
+    base_path, base = _base(ctx, spec)
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    config = AutoConfig.from_pretrained(str(base_path))
+    targets = _check_fit(spec, config, base["uri"])
+    records, data_digest = examples.read(d.uri, ctx.base_dir, confine=not ctx.allow_outside_paths)
+    train_records, val_records = examples.split(records, d.validation_fraction)
+    tok = AutoTokenizer.from_pretrained(str(base_path))
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise InvalidSpec(f"the base model's tokenizer ({base['uri']}) has neither a padding nor an end-of-text "
+                              f"token; give it one")
+        tok.pad_token = tok.eos_token
+    context = _context_length(config, tok)
+    labels: list[str] = []
+    if classification:
+        labels = examples.labels_of(records, d.label_field)
+        train = examples.encode_classification(train_records, tok, d.prompt_template, d.label_field, labels, context)
+        val = examples.encode_classification(val_records, tok, d.prompt_template, d.label_field, labels, context)
+    else:
+        train = examples.encode_causal(train_records, tok, d.prompt_template, d.completion_template, context)
+        val = examples.encode_causal(val_records, tok, d.prompt_template, d.completion_template, context)
+    if len(train) < res.workers:
+        raise InputError(f"spec.data: {len(train)} training examples cannot be shared by {res.workers} workers; add "
+                         f"examples or lower resources.workers")
+    per_rank = len(train) // res.workers
+    total_steps = tr.epochs * math.ceil(per_rank / tr.micro_batch_size)
+    rep.log("Read the tuning examples", uri=d.uri, train=len(train), validation=len(val), steps=total_steps)
+
+    # 2. Tune on Ray.
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    piles.ray_init(ctx.state_dir, res.workers * res.cpus_per_worker)
+    progress = raytrain.progress_queue()
+    lora = spec.lora or Lora()
+    # The attempt's folder: the same tuning of the same base model on the same examples is the
+    # same attempt, and a run started again resumes from its checkpoints; anything else starts
+    # afresh in its own folder. Fault tolerance is left out: raising maxFailures after a failed
+    # run resumes it.
+    what = spec.model_dump(mode="json", by_alias=True, exclude={"fault_tolerance"})
+    key = hashlib.sha256(f"{json.dumps(what, sort_keys=True)}\0{base['digest']}\0{data_digest}".encode())
+    storage = (ctx.artifacts / "attempts" / key.hexdigest()[:16] / "checkpoints").resolve()
+    loop_config = {
+        "task": spec.task, "base": str(base_path), "labels": labels, "method": spec.method,
+        "lora": {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": targets,
+                 "merge": lora.merge},
+        "train": train, "validation": val, "pad_id": tok.pad_token_id, "epochs": tr.epochs,
+        "learning_rate": tr.learning_rate, "micro_batch_size": tr.micro_batch_size, "seed": tr.seed,
+        "total_steps": total_steps, "checkpoints": str(storage / "tune"), "progress": progress,
+    }
+    trainer = TorchTrainer(
+        tune_loop, train_loop_config=loop_config, scaling_config=raytrain.scaling(res),
+        run_config=RunConfig(name="tune", storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=spec.fault_tolerance.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    started = time.monotonic()
+    info: dict[str, Any] = {"restarts": 0}
+    last: dict[str, Any] = {"step": 0}
+    rep.step("tune", total=total_steps)
+
+    def on_event(ev: dict[str, Any]) -> None:
+        if ev["event"] == "start":
+            if info.get("started"):
+                info["restarts"] += 1
+            info.update(started=True, parameters=ev["parameters"], trainable=ev["trainable"], before=ev["before"],
+                        resumed_from=ev["resumed_from"])
+            if ev["resumed_from"]:
+                rep.log(f"Resumed TunedModel {ctx.name} from its checkpoint", step=ev["resumed_from"])
+            rep.advance(ev["step"] - last["step"])
+            last["step"] = ev["step"]
+        elif ev["event"] == "step":
+            rep.advance(ev["step"] - last["step"], loss=f"{ev['loss']:.3f}", epoch=ev["epoch"],
+                        eta=f"{ev['eta']:.0f}s")
+            last.update(step=ev["step"], loss=ev["loss"])
+        elif ev["event"] == "end":
+            info["after"] = ev["after"]
+
+    try:
+        result = raytrain.fit(trainer, progress, on_event)
+    except Exception as e:
+        raise RuntimeError(f"tuning of TunedModel {ctx.name} failed: {e}; a run started again resumes from the last "
+                           f"checkpoint in {storage}") from e
+    took = time.monotonic() - started
+
+    # 3. The adapter and the model, each in a directory named by its digest.
+    with result.checkpoint.as_directory() as ckpt:
+        ckpt = Path(ckpt)
+        curve = json.loads((ckpt / CURVE).read_text())
+        adapter = _publish(ckpt / ADAPTER_DIR, ctx.artifacts / "adapters", tok) if spec.method == "lora" else None
+        before, after = info.get("before"), info.get("after")
+        log = {
+            "name": ctx.name, "namespace": ctx.namespace, "generation": ctx.generation, "kind": "TunedModel",
+            "task": spec.task, "method": spec.method, "family": config.model_type,
+            "lora": loop_config["lora"] if spec.method == "lora" else None,
+            "training": tr.model_dump(mode="json", by_alias=True),
+            "resources": res.model_dump(mode="json", by_alias=True),
+            "base": base, "dataPile": _base_pile(base_path),
+            "tuningData": {"uri": d.uri, "digest": data_digest, "examples": len(records), "train": len(train),
+                           "validation": len(val)},
+            "adapter": adapter, "labels": labels or None,
+            "parameters": info.get("parameters"), "trainableParameters": info.get("trainable"),
+            "validation": {"before": before, "after": after}, "validationLoss": (after or {}).get("loss"),
+            "seconds": round(took, 1), "restarts": info["restarts"], "resumedFromStep": info.get("resumed_from"),
+            "lossCurve": curve,
+        }
+        model = _publish(ckpt / MODEL_DIR, ctx.artifacts / "models", tok, log) if (ckpt / MODEL_DIR).is_dir() \
+            else adapter
+    rep.log(f"Saved the model of TunedModel {ctx.name}", uri=model["uri"], digest=model["digest"][:19])
+
+    artifact = {**model, "parameters": info.get("parameters"), "trainableParameters": info.get("trainable"),
+                "generation": ctx.generation}
+    status = {
+        "progress": {"step": total_steps, "maxSteps": total_steps, "loss": last.get("loss"), "eta": "0s",
+                     "resumedFromStep": info.get("resumed_from")},
+        "model": artifact,
+        "adapter": {**adapter, "trainableParameters": info.get("trainable")} if adapter else None,
+        "base": {"uri": base["uri"], "digest": base["digest"],
+                 **({"parameters": base["parameters"]} if base.get("parameters") else {})},
+        "data": {"uri": d.uri, "digest": data_digest, "examples": len(records)},
+        "examples": len(train),
+        "validation": {"examples": len(val), "before": before, "after": after} if val else None,
+        "validationLoss": (after or {}).get("loss"),
+    }
+    status["progress"] = {k: v for k, v in status["progress"].items() if v is not None}
+    status = {k: v for k, v in status.items() if v is not None}
+    share = info.get("trainable", 0) / max(info.get("parameters") or 1, 1)
+    message = f"{spec.method} on {len(train)} examples, {info.get('trainable', 0):,} trainable parameters ({share:.2%})"
+    if before and after:
+        message += f"; validation loss {before['loss']:.3f} → {after['loss']:.3f}"
+        if classification:
+            message += f", accuracy {before['accuracy']:.0%} → {after['accuracy']:.0%}"
+    if spec.method == "lora" and not lora.merge:
+        message += "; adapter only (lora.merge false): a ModelCard or Deployment needs the merged model"
+    return StageResult(status=status, digest=model["digest"], message=message,
+                       lineage=[{"name": base.get("ref") or "baseModel", "uri": base["uri"], "digest": base["digest"]},
+                                {"name": "tuningData", "uri": d.uri, "digest": data_digest}])
+
+
+def _base_pile(base_path: Path) -> dict[str, Any] | None:
+    """The pile the base model was trained on, from its training log, when fmforge made it."""
+    log = base_path / TRAINING_LOG
+    if not log.is_file():
+        return None
+    return json.loads(log.read_text()).get("dataPile")
+
+
+def _publish(src: Path, root: Path, tok, log: dict[str, Any] | None = None) -> dict[str, str]:
+    """Copy `src` with the tokenizer (and the tuning log) into `root/<digest>`; {uri, digest}.
+    A directory with the same bytes already there is kept as it is, never overwritten."""
+    tmp = root / f".tmp-{uuid.uuid4().hex}"
+    shutil.copytree(src, tmp)
+    tok.save_pretrained(str(tmp))
+    if log is not None:
+        (tmp / TRAINING_LOG).write_text(json.dumps(log, indent=2) + "\n")
+    digest = model_digest(tmp)
+    final = root / digest.split(":")[1][:16]
+    if final.exists():
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(final)
+    return {"uri": final.resolve().as_uri(), "digest": digest}
+
+
+__all__ = ["run", "fingerprint"]

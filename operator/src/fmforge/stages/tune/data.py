@@ -1,0 +1,181 @@
+"""The TunedModel's examples: JSONL records turned into token ids by the spec's templates.
+
+`check_template` refuses a template that cannot work (broken braces, positional or attribute
+placeholders) before any file is read; `read` reads the records of a JSONL file or a directory
+of them (file://, pvc://, s3://) and fails on the first broken one, naming the file, the line and
+the missing field; `split` holds out a stable share for validation; `encode` tokenizes them for
+the task (causal-lm: prompt then completion, loss on the completion only; classification: the
+prompt and its label's index). All of it runs on the driver before a worker starts: tuning sets
+are written by people and small, and every mistake in them must show before training does.
+Called by `fmforge.stages.tune`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from dataclasses import dataclass
+from typing import Any
+
+from ..base import InputError, InvalidSpec
+from ..datapile.sources import resolve
+
+#: A tuning set larger than this is a pile's job, not a JSONL file's.
+MAX_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class Record:
+    """One example as read: its fields, and where it came from (for the error messages)."""
+
+    fields: dict[str, Any]
+    where: str
+    """`FILE line N`."""
+    key: str
+    """sha256 of the record's canonical JSON: what the validation split is drawn by."""
+
+
+def check_template(template: str, field: str) -> list[str]:
+    """The record fields `template` reads; InvalidSpec for a template that cannot be filled."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise InvalidSpec(f"{field}: {template!r} is not a valid template ({e}); write placeholders as {{field}} "
+                          f"and double a literal brace ({{{{ or }}}})") from None
+    names = []
+    for _, name, spec, _ in parts:
+        if name is None:
+            continue
+        # Only plain names: `{}`/`{0}` have no record field to read, and `{a.b}`/`{a[0]}` would
+        # let a manifest reach into Python objects' attributes.
+        if not name.isidentifier():
+            raise InvalidSpec(f"{field}: the placeholder {{{name}}} in {template!r} is not a field name; "
+                              f"placeholders name a record's fields, like {{question}}")
+        if spec and "{" in spec:
+            raise InvalidSpec(f"{field}: nested placeholders ({{{name}:{spec}}}) are not supported; use plain "
+                              f"{{{name}}}")
+        names.append(name)
+    return names
+
+
+def read(uri: str, base_dir, confine: bool) -> tuple[list[Record], str]:
+    """Every record under `uri` (a .jsonl file, or a directory read file by file in name order)
+    and the data digest (sha256 over each file's relative name and bytes)."""
+    import pyarrow.fs as pafs
+
+    fs, root = resolve(uri, base_dir, confine=confine)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"spec.data.uri: {uri}: no such file or directory ({root}); fix the uri")
+    if info.type == pafs.FileType.Directory:
+        files = sorted((f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                        if f.type == pafs.FileType.File and f.path.endswith(".jsonl")), key=lambda f: f.path)
+        if not files:
+            raise InputError(f"spec.data.uri: {uri} holds no .jsonl file; put the examples in FILE.jsonl there")
+    else:
+        files = [info]
+    total = sum(f.size or 0 for f in files)
+    if total > MAX_BYTES:
+        raise InputError(f"spec.data.uri: {uri} holds {total / 2**20:.0f} MiB of examples, more than the "
+                         f"{MAX_BYTES // 2**20} MiB a tuning set may have; publish larger data as a DataPile")
+    h = hashlib.sha256()
+    records: list[Record] = []
+    for f in files:
+        name = f.path[len(root):].lstrip("/") or f.base_name
+        with fs.open_input_stream(f.path) as s:
+            body = s.read()
+        h.update(name.encode() + b"\0" + body + b"\0")
+        label = uri if len(files) == 1 else f"{uri.rstrip('/')}/{name}"
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{label}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{label} line {n}: not valid JSON ({e.msg} at column {e.colno}); each line must "
+                                 f"be one JSON object") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{label} line {n}: a {type(row).__name__}, not a JSON object; each line must be "
+                                 f"one object of fields")
+            key = hashlib.sha256(json.dumps(row, sort_keys=True).encode()).hexdigest()
+            records.append(Record(row, f"{label} line {n}", key))
+    if not records:
+        raise InputError(f"spec.data.uri: {uri} holds no examples; write one JSON object per line")
+    return records, "sha256:" + h.hexdigest()
+
+
+def fill(template: str, record: Record, field: str) -> str:
+    """`template` filled from the record; InputError naming the file, line and field it lacks."""
+    try:
+        return template.format_map(record.fields)
+    except KeyError as e:
+        raise InputError(f"{record.where}: no field {e.args[0]!r}, which {field} uses (the record has "
+                         f"{', '.join(sorted(record.fields)) or 'no fields'}); add it or change the template") from None
+
+
+def split(records: list[Record], fraction: float) -> tuple[list[Record], list[Record]]:
+    """(train, validation): the validation share is the records whose content hashes lowest, so
+    the split does not depend on the order of the lines and stays put when records are added
+    (mostly: a new record may take the place of one). At least one record is held out whenever
+    `fraction` is above zero, and at least one is left to train on."""
+    if fraction <= 0 or len(records) < 2:
+        return list(records), []
+    n_val = min(len(records) - 1, max(1, round(len(records) * fraction)))
+    held = {id(r) for r in sorted(records, key=lambda r: r.key)[:n_val]}
+    return [r for r in records if id(r) not in held], [r for r in records if id(r) in held]
+
+
+def labels_of(records: list[Record], label_field: str) -> list[str]:
+    """The class labels (as strings, sorted) of a classification set; InputError for a record
+    without one, or a set with fewer than two."""
+    seen = set()
+    for r in records:
+        v = r.fields.get(label_field)
+        if v is None or isinstance(v, (dict, list)):
+            raise InputError(f"{r.where}: no label in field {label_field!r} (spec.data.labelField); give every "
+                             f"record a string or number label")
+        seen.add(str(v))
+    if len(seen) < 2:
+        raise InputError(f"spec.data: every record has the label {next(iter(seen))!r}; a classifier needs at least "
+                         f"two labels in {label_field!r}")
+    return sorted(seen)
+
+
+def encode_causal(records: list[Record], tok, prompt_t: str, completion_t: str, context: int) -> list[dict]:
+    """Token ids of prompt + completion + end-of-text, and labels that score the completion
+    only (-100 under the prompt)."""
+    out = []
+    for r in records:
+        prompt = tok(fill(prompt_t, r, "spec.data.promptTemplate"))["input_ids"]
+        completion = tok(fill(completion_t, r, "spec.data.completionTemplate"), add_special_tokens=False)["input_ids"]
+        if not completion:
+            raise InputError(f"{r.where}: the completion is empty; a causal-lm example needs text to learn")
+        # End-of-text after the completion teaches the model to stop where the answer does.
+        completion = completion + [tok.eos_token_id]
+        ids = prompt + completion
+        if len(ids) > context:
+            raise InputError(f"{r.where}: the example is {len(ids)} tokens; the base model reads at most {context}; "
+                             f"shorten it or leave it out")
+        out.append({"input_ids": ids, "labels": [-100] * len(prompt) + completion})
+    return out
+
+
+def encode_classification(records: list[Record], tok, prompt_t: str, label_field: str, labels: list[str],
+                          context: int) -> list[dict]:
+    """Token ids of each prompt (truncated to the model's context) and its label's index."""
+    index = {name: i for i, name in enumerate(labels)}
+    out = []
+    for r in records:
+        text = fill(prompt_t, r, "spec.data.promptTemplate")
+        label = r.fields.get(label_field)
+        if label is None or str(label) not in index:
+            raise InputError(f"{r.where}: the label {label!r} in field {label_field!r} is not one of the training "
+                             f"labels {labels}")
+        ids = tok(text, truncation=True, max_length=context)["input_ids"]
+        out.append({"input_ids": ids, "label": index[str(label)]})
+    return out
