@@ -76,8 +76,10 @@ def test_kubectl_get_fmforge_lists_all_examples(cluster: ControlPlane, crds):
     assert "pydocs-qa" in cluster.kubectl("get", "deployments.fmforge.io", "-n", ns).stdout
     # the API server applied the CRD's defaults
     pile = json.loads(cluster.kubectl("get", "datapile", "pydocs", "-n", ns, "-o", "json").stdout)
-    assert pile["spec"]["tokenize"]["sequenceLength"] == 256
-    assert pile["spec"]["sources"][0]["textField"] == "text"
+    # (fields the quickstart leaves out)
+    assert pile["spec"]["tokenizer"]["train"]["minFrequency"] == 2
+    assert pile["spec"]["sources"][0]["invalidText"] == "skip"
+    assert pile["spec"]["sources"][2]["maxDocumentBytes"] == "2Mi"
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.api_server], ids=lambda c: c.id)
