@@ -86,8 +86,14 @@ def start(state_dir: Path, cpus: int) -> None:
             # puts Python's trampoline back for SIGTERM only (crash signals keep absl's dumps),
             # so SIGTERM ends a run as cleanly as Ctrl-C.
             signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
-    # Ray Data logs its plan and progress at INFO (set up by ray.init); the reporter says what matters.
+    # Ray Data logs its plan and progress at INFO (set up by ray.init) and draws its own bars; the
+    # stage's reporter says what matters. (A dataset copies the context when it is created.)
+    data_ctx = ray.data.DataContext.get_current()
+    data_ctx.enable_progress_bars = False
+    data_ctx.print_on_execution_start = False
+    data_ctx.enable_auto_log_stats = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
     # Right after start the node has not reported its CPUs yet, and Ray Data would warn that the
     # job "will hang"; wait the moment it takes.
     deadline = time.monotonic() + 10

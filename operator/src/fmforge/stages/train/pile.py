@@ -149,15 +149,10 @@ def ray_init(state_dir: Path, cpus: int) -> None:
     import ray
 
     raysession.start(state_dir, cpus)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    ctx.enable_auto_log_stats = False
     # A resumed attempt skips the batches its checkpoint had consumed: the order must not change.
-    ctx.execution_options.preserve_order = True
-    for name in ("ray.data", "ray.train", "ray.tune"):
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    for name in ("ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
     # transformers' per-file "Loading weights" bars: the reporter shows the stage's progress.
     from transformers.utils import logging as hf_logging
 
