@@ -350,6 +350,10 @@ class Publish(Spec):
 
     tags: Annotated[list[Tag], Field(max_length=16, json_schema_extra={"x-kubernetes-list-type": "set"})] = []
     """Tags for the new version; a tag moves to the new version if it was on an older one."""
+    keep_dropped: bool = False
+    """Also publish the dropped documents, each with the step that dropped it (and for a
+    duplicate, the document it duplicates), in a third table `<pile>_dropped` of the same
+    version, so a reviewer can see what each filter removed."""
 
 
 class DataPileSpec(Spec):
