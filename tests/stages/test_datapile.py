@@ -209,16 +209,32 @@ def test_pack_lays_documents_end_to_end_with_eos():
     assert short.to_pylist()[0]["input_ids"] == [1, 2, 0, 9] and short.to_pylist()[0]["length"] == 3
 
 
-def test_encode_on_ray_keeps_document_order(first_run, tmp_path: Path):
-    from fmforge.stages import raysession
-    from fmforge.stages.datapile import encode_on_ray
-
-    _, _, rec = first_run
+def test_sequences_hold_exactly_the_kept_documents(first_run):
+    """Each piece's sequences, cut at EOS, are the token ids of that piece's kept documents of
+    the split, each once: nothing lost, nothing duplicated, no document across two pieces."""
+    _, state, rec = first_run
     tok = tk.load_tokenizer(Path(rec["status"]["dataCard"].removeprefix("file://")).parent / "tokenizer")
-    texts = [f"document {i}: " + "the quick brown fox " * (1 + (i * 7) % 40) for i in range(64)]
-    raysession.start(tmp_path, 2)
-    got = encode_on_ray(pa.array(texts), tok.to_str()).to_pylist()
-    assert got == [tok.encode(t, add_special_tokens=False).ids for t in texts]
+    eos, pad = tk.special_ids(tok)
+    cat = pub.catalog(state.root)
+    docs = pub.read_version(cat, "default", "pydocs", "v1")
+    seqs = pub.read_version(cat, "default", "pydocs", "v1", which="sequences").sort_by("seq")
+    want = {split: sorted(tuple(tok.encode(t, add_special_tokens=False).ids)
+                          for t, sp in zip(docs.column("text").to_pylist(), docs.column("split").to_pylist())
+                          if sp == split) for split in ("train", "validation")}
+    got: dict[str, list] = {"train": [], "validation": []}
+    pieces = {}
+    for row in seqs.to_pylist():
+        pieces.setdefault((row["seq"] >> 32, row["split"]), []).append(row["input_ids"][:row["length"]])
+    for (_, split), rows in pieces.items():
+        flat = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows])
+        assert flat[-1] == eos, "a piece's last sequence ends at a document boundary"
+        cuts = np.flatnonzero(flat == eos)
+        got[split] += [tuple(x) for x in np.split(flat[:cuts[-1]], cuts[:-1] + 1)]
+        assert all(len(r) == 128 for r in rows[:-1]), "only the last sequence of a piece is short"
+    got = {k: sorted(tuple(t for t in doc if t != eos) for doc in v) for k, v in got.items()}
+    assert got == want
+    assert pad not in np.concatenate([np.asarray(r[:rec_len]) for r, rec_len in
+                                      zip(seqs.column("input_ids").to_pylist(), seqs.column("length").to_pylist())])
 
 
 def test_data_card(first_run):

@@ -98,6 +98,8 @@ class Work:
     """The attempt's folder name under each table's data folder."""
     written: list[wk.Written] = field(default_factory=list)
     """What each piece's write task wrote."""
+    committing: bool = False
+    """Whether commit_version has begun committing (the attempt's files are no longer ours to drop)."""
     published: pub.Published | None = None
     timings: dict[str, float] = field(default_factory=dict)
     """Wall seconds of each step done."""
@@ -294,6 +296,9 @@ def commit_version(w: Work) -> None:
         "fmforge.tokenizer": str(w.version_dir / "tokenizer"),
         "fmforge.generation": str(w.ctx.generation),
     }
+    # From the first commit on, snapshots may refer to the attempt's files: a failure now leaves
+    # them to the next run's repair, which knows which snapshots became visible.
+    w.committing = True
     w.published = pub.publish(w.tables, files, w.spec.publish.tags, props)
     w.ctx.reporter.log("Published version", snapshot=w.published.snapshot_id,
                        tags=",".join(w.spec.publish.tags) or None)
@@ -361,7 +366,7 @@ def run(ctx: StageContext) -> StageResult:
             if w.result is not None:
                 return w.result
     finally:
-        if w.attempt and w.published is None:
+        if w.attempt and not w.committing:
             pub.discard(w.tables.values(), w.attempt)
     raise RuntimeError("the DataPile steps ended without a result")
 def _total(w: Work, step: Callable[[Work], None]) -> int | None:

@@ -341,21 +341,35 @@ def remote(fn: Callable, num_returns: int = 1):
 
 
 def gather(refs: list, progress: Callable[[int], None] | None = None, weights: Sequence[int] | None = None) -> list:
-    """The values of `refs`, in order; `progress(weight)` as each one is done. A task's
-    StageError (bad input: what the user must fix) is raised as itself."""
+    """The values of `refs`, in order; `progress(weight)` as each one is done. If tasks fail,
+    the error of the first in order is raised (the same error on every run, whichever task
+    finished first); a StageError (bad input: what the user must fix) is raised as itself."""
     import ray
 
     pending = {ref: i for i, ref in enumerate(refs)}
-    try:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=None)
-            for ref in done:
-                i = pending.pop(ref)
-                ray.get(ref)  # raise a failed task's error now
-                if progress is not None:
-                    progress(weights[i] if weights is not None else 1)
-        return ray.get(refs)
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, StageError):
-            raise e.cause from None
-        raise
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=None)
+        for ref in done:
+            i = pending.pop(ref)
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                _raise_first(refs[:i], e)
+            if progress is not None:
+                progress(weights[i] if weights is not None else 1)
+    return ray.get(refs)
+
+
+def _raise_first(earlier: list, error: Exception) -> None:
+    """Raise the error of the first of `earlier` that fails, else `error`; a StageError as itself."""
+    import ray
+
+    for ref in earlier:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            error = e
+            break
+    if isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, StageError):
+        raise error.cause from None
+    raise error
