@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -278,3 +280,44 @@ def test_retag_publishes_no_new_snapshot(first_run):
     sid = int(rec["status"]["version"]["snapshotId"])
     assert t.snapshot_by_name("stable").snapshot_id == sid == t.snapshot_by_name("v1").snapshot_id
     assert state.read("DataPile", "pydocs")["status"]["tags"] == ["stable", "v1"]
+
+
+def test_keep_dropped_publishes_each_dropped_document_with_its_reason(corpus: Path, tmp_path: Path):
+    """publish.keepDropped: a third table of the same version holds every document a filter or
+    dedup dropped, with the reason (and for a duplicate, the document it duplicates); its counts
+    are the status's counters. A version made without it has no such table."""
+    import shutil
+
+    from piles import SMALL
+
+    d = tmp_path / "w"
+    shutil.copytree(corpus, d / "corpus")
+    m = copy.deepcopy(SMALL)
+    m["spec"]["publish"]["keepDropped"] = True
+    assert run_paths([write(d, m)], console=RunConsole(rich=False)).ok
+    state = StateDir(d / ".fmforge")
+    st = state.read("DataPile", "pydocs")["status"]
+    cat = pub.catalog(state.root)
+    dropped = pub.read_version(cat, "default", "pydocs", "v1", which="dropped")
+    docs = pub.read_version(cat, "default", "pydocs", "v1")
+    counts = Counter(dropped.column("reason").to_pylist())
+    assert counts == {k: v for k, v in st["stats"]["dropped"].items() if v}
+    assert counts["duplicateExact"] > 0 and counts["quality"] > 0
+    assert not set(dropped.column("id").to_pylist()) & set(docs.column("id").to_pylist())
+    text = dict(zip(docs.column("id").to_pylist() + dropped.column("id").to_pylist(),
+                    docs.column("text").to_pylist() + dropped.column("text").to_pylist()))
+    for row in dropped.to_pylist():
+        if row["reason"] == "duplicateExact":
+            a, b = dd.normalize(pa.array([row["text"], text[row["duplicate_of"]]])).to_pylist()
+            assert a == b and row["duplicate_of"] < row["id"], "the copy with the smallest id stays"
+        elif row["reason"] == "quality":
+            assert row["rule"] and row["duplicate_of"] is None
+    card = json.loads(Path(st["dataCard"].removeprefix("file://")).with_suffix(".json").read_text())
+    assert card["droppedTable"] == "default.pydocs_dropped"
+    assert card["stepSeconds"]["quality"] > 0 and card["stepSeconds"]["minhash"] > 0
+
+    # the same pile without it is another version, with no dropped table
+    m["spec"]["publish"]["keepDropped"] = False
+    assert run_paths([write(d, m)], console=RunConsole(rich=False)).ok
+    with pytest.raises(KeyError, match="keepDropped"):
+        pub.read_version(pub.catalog(state.root), "default", "pydocs", "v1", which="dropped")

@@ -305,10 +305,15 @@ def test_pile_published_to_an_s3_warehouse(tmp_path: Path, corpus: Path, s3_serv
         "s3.secret-access-key": s3_server.secret_key, "s3.region": "us-east-1"}))
     d = _dir(tmp_path, corpus)
     assert _run(d, SMALL).ok
+    # what a run killed before it committed leaves: an attempt folder no snapshot refers to
+    left = s3_server.root / "lake" / "piles" / "default" / "pydocs_documents" / "data" / "fmforge-0123-dead"
+    left.mkdir(parents=True)
+    (left / "000000.parquet").write_bytes(b"PAR1 not committed")
     v2 = copy.deepcopy(SMALL)
     v2["spec"]["publish"]["tags"] = ["v2"]
     v2["spec"]["filters"][-1]["minWords"] = 30
     assert _run(d, v2).ok
+    assert not left.exists(), "the next run removes it through the catalog's S3 settings"
     state = StateDir(d / ".fmforge")
     cat = pub.catalog(state.root)
     kept = state.read("DataPile", "pydocs")["status"]["stats"]["documents"]["kept"]

@@ -94,11 +94,12 @@ def output(table, attempt: str):
 def discard(table_list: Iterable, attempt: str) -> None:
     """Remove an attempt's folders (a run that failed before it committed)."""
     for table in table_list:
-        _remove_folder(f"{table.location().rstrip('/')}/data/{attempt}")
+        _remove_folder(table, f"{table.location().rstrip('/')}/data/{attempt}")
 
 
-def _filesystem(location: str):
-    """A pyarrow filesystem and path for `location` (file:// or s3://), or None."""
+def _filesystem(table, location: str):
+    """A pyarrow filesystem and path for `location` in `table`'s warehouse (file:// or s3://,
+    with the catalog's S3 settings where it has them), or None for another scheme."""
     import pyarrow.fs as pafs
 
     from .sources import s3_filesystem
@@ -106,13 +107,21 @@ def _filesystem(location: str):
     scheme, _, rest = location.partition("://")
     if scheme == "file":
         return pafs.LocalFileSystem(), rest
-    if scheme in ("s3", "s3a"):
+    if scheme not in ("s3", "s3a"):
+        return None
+    props = table.io.properties
+    if "s3.endpoint" not in props and "s3.access-key-id" not in props:
         return s3_filesystem(), rest
-    return None
+    endpoint = props.get("s3.endpoint", "")
+    scheme_, _, host = endpoint.rpartition("://")
+    return pafs.S3FileSystem(endpoint_override=host or None, scheme=scheme_ or "https",
+                             access_key=props.get("s3.access-key-id"), secret_key=props.get("s3.secret-access-key"),
+                             session_token=props.get("s3.session-token"),
+                             region=props.get("s3.region", "us-east-1")), rest
 
 
-def _remove_folder(location: str) -> None:
-    fs = _filesystem(location)
+def _remove_folder(table, location: str) -> None:
+    fs = _filesystem(table, location)
     if fs is not None:
         try:
             fs[0].delete_dir(fs[1])
@@ -125,7 +134,7 @@ def _orphan_attempts(table, keep_paths: set[str]) -> list[str]:
     import pyarrow.fs as pafs
 
     data = f"{table.location().rstrip('/')}/data"
-    fs = _filesystem(data)
+    fs = _filesystem(table, data)
     if fs is None:
         return []
     try:
@@ -233,7 +242,7 @@ def repair(cat, namespace: str, pile: str) -> dict[str, int]:
                  for e in m.fetch_manifest_entry(table.io, discard_deleted=False)}
         stale = _orphan_attempts(table, files)
         for folder in stale:
-            _remove_folder(folder)
+            _remove_folder(table, folder)
         if stale:
             done[f"{which}AttemptFoldersRemoved"] = len(stale)
     return done
