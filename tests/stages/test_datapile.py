@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import yaml
 from paths import STAGE_DATA as DATA
@@ -314,10 +315,39 @@ def test_keep_dropped_publishes_each_dropped_document_with_its_reason(corpus: Pa
             assert row["rule"] and row["duplicate_of"] is None
     card = json.loads(Path(st["dataCard"].removeprefix("file://")).with_suffix(".json").read_text())
     assert card["droppedTable"] == "default.pydocs_dropped"
-    assert card["stepSeconds"]["quality"] > 0 and card["stepSeconds"]["minhash"] > 0
+    assert card["stats"]["stepSeconds"]["quality"] > 0 and card["stats"]["stepSeconds"]["minhash"] > 0
+    assert st["stats"]["stepSeconds"] == card["stats"]["stepSeconds"]
 
     # the same pile without it is another version, with no dropped table
     m["spec"]["publish"]["keepDropped"] = False
     assert run_paths([write(d, m)], console=RunConsole(rich=False)).ok
     with pytest.raises(KeyError, match="keepDropped"):
         pub.read_version(pub.catalog(state.root), "default", "pydocs", "v1", which="dropped")
+
+
+def test_pieces_and_partitions_do_not_change_what_is_kept(first_run):
+    """The same steps in this process, over the whole corpus as one table and one shuffle
+    partition (the shape of the pipeline before it streamed), keep exactly the documents and
+    count exactly the drops of the Ray run, which cut the corpus into pieces and shuffled the
+    band keys over several partitions."""
+    from fmforge.api.v1alpha1.datapile import DataPileSpec
+    from fmforge.stages.datapile import workers as wk
+    from fmforge.stages.datapile.sources import read_source
+
+    d, state, rec = first_run
+    spec = DataPileSpec.model_validate(PILE["spec"])
+    whole = wk.process_batch(pa.concat_tables([read_source(s, d)[0] for s in spec.sources]), spec)
+    alive = whole.filter(pc.is_null(whole.column("dropped")))
+    ids = np.asarray(alive.column("id").to_pylist(), dtype=object)
+    h = np.stack([alive.column("hash_hi").to_numpy(), alive.column("hash_lo").to_numpy()], axis=1)
+    exact, _ = dd.exact_duplicates(ids, h)
+    fz = spec.dedup.fuzzy
+    bands = wk.band_piece(whole, pa.array(exact, pa.string()), fz.bands, 1, fz.verify)
+    pairs, _ = wk.pairs_of_bands(fz.threshold, fz.verify, bands)
+    fuzzy, _, _ = dd.components(np.asarray(pairs.column("a").to_pylist(), dtype=object),
+                                np.asarray(pairs.column("b").to_pylist(), dtype=object))
+    kept = sorted(set(ids) - set(exact) - set(fuzzy))
+    assert kept == sorted(docs_of(state, "v1").column("id").to_pylist())
+    dropped = rec["status"]["stats"]["dropped"]
+    assert (dropped["duplicateExact"], dropped["duplicateFuzzy"]) == (len(exact), len(fuzzy))
+    assert rec["status"]["stats"]["sequences"] > 0 and len(state.read("DataPile", "pydocs")) > 0

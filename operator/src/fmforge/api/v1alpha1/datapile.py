@@ -426,6 +426,9 @@ class PileStats(Status):
     """Tokens in the packed sequences."""
     sequences: int | None = None
     """Packed sequences, both splits."""
+    step_seconds: dict[str, float] = {}
+    """Seconds each per-document step took on the workers, summed over them: categorize, each
+    filter by type, exactHash, minhash."""
 
 
 class DataPileStatus(CommonStatus):

@@ -328,7 +328,6 @@ def card(w: Work) -> None:
                                       documents=int(pc.sum(pc.greater(removed, 0)).as_py() or 0)),
         tokenizer=w.tokenizer_source, tokens_by_split=_tokens(w), sequence_length=spec.tokenize.sequence_length,
         timings={k: round(v, 3) for k, v in w.timings.items()},
-        step_seconds={k: round(v, 3) for k, v in w.step_seconds.items()},
         filters=[f.model_dump(by_alias=True) | ({"effectiveRules": effective_rules(f).model_dump(
             by_alias=True, exclude_none=True)} if f.type == "quality" else {}) for f in spec.filters],
         dropped_table=pub.table_name(w.ctx.namespace, w.ctx.name, "dropped") if "dropped" in w.tables else None,
@@ -388,7 +387,8 @@ def _stats(w: Work) -> PileStats:
 
     return PileStats(documents=DocumentCounts(read=w.index.num_rows + sum(w.at_read.values()), kept=int(w.kept.sum())),
                      dropped=w.counters, languages=counts("lang"), programming_languages=counts("prog_lang"),
-                     tokens=sum(_tokens(w).values()), sequences=sum(x.sequence_count for x in w.written))
+                     tokens=sum(_tokens(w).values()), sequences=sum(x.sequence_count for x in w.written),
+                     step_seconds={k: round(v, 3) for k, v in w.step_seconds.items()})
 
 
 def _tokens(w: Work) -> dict[str, int]:

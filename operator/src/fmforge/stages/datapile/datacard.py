@@ -96,9 +96,6 @@ class DataCard(Status):
     """Tokens per packed sequence."""
     timings: dict[str, float]
     """Wall seconds of each step of the stage, on the driver."""
-    step_seconds: dict[str, float]
-    """Seconds each per-document step took on the workers, summed over all of them
-    (categorize, each filter by type, exactHash, minhash)."""
     filters: list[dict[str, Any]]
     """The spec's filters, with the quality filter's effective rules."""
     dropped_table: str | None = None
@@ -139,7 +136,7 @@ def markdown(card: DataCard) -> str:
               "|---|---|---|---|"]
     read = max(st.documents.read, 1)
     for reason, n in st.dropped.items():
-        secs = card.step_seconds.get(reason)
+        secs = st.step_seconds.get(reason)
         lines.append(f"| {reason} | {n} | {100 * n / read:.1f}% | {'' if secs is None else f'{secs:.2f}'} |")
     if card.quality_rules:
         lines += ["", "Quality rules broken (first rule per document): "
