@@ -10,8 +10,9 @@ cluster tier.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 API = "fmforge.io/v1alpha1"
 

@@ -20,9 +20,10 @@ import argparse
 import json
 import os
 import sys
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -138,7 +139,7 @@ def _age(ts: str | None) -> str:
     if not ts:
         return "<unknown>"
     then = datetime.fromisoformat(ts.replace("Z", "+00:00"))
-    s = int((datetime.now(timezone.utc) - then).total_seconds())
+    s = int((datetime.now(UTC) - then).total_seconds())
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if s >= size:
             return f"{s // size}{unit}"
