@@ -271,7 +271,12 @@ def _validation_loss(model: Any, c: LoopConfig, masker: Any, autocast: Any, devi
     with torch.no_grad():
         for batch in ray.train.get_dataset_shard("validation").iter_batches(
                 batch_size=c.micro_batch_size, batch_format="numpy", prefetch_batches=2):
-            inputs, labels, valid = _inputs_and_labels(*_batch_tensors(batch), masker)
+            ids, length = _batch_tensors(batch)
+            valid = torch.arange(ids.shape[1])[None, :] < length[:, None]
+            if masker is not None:
+                inputs, labels = masker.torch_mask_tokens(ids.clone(), special_tokens_mask=~valid)
+            else:
+                inputs, labels = ids, ids.masked_fill(~valid, -100)
             n = float((labels[:, 1:] != -100).sum() if masker is None else (labels != -100).sum())
             with autocast():
                 out = model(input_ids=inputs.to(device), attention_mask=valid.long().to(device),
