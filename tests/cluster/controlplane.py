@@ -292,7 +292,7 @@ class ControlPlane:
             p = self.procs[name]
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
-        for name, p in self.procs.items():
+        for p in self.procs.values():
             try:
                 # kube-apiserver drains its watches for up to a minute; nothing here needs that.
                 p.wait(timeout=5)

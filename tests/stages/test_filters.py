@@ -170,8 +170,9 @@ def test_licence_expressions_or_is_a_choice_and_is_not():
              "# SPDX-License-Identifier: MIT OR OR\nx = 1"]
     allow = license_step(LicenseFilter(type="license", allow=["MIT", "Apache-2.0"], unknown="drop"))(_batch(texts))
     assert allow.column("dropped").to_pylist() == [None, "license", None, "license", "license"]
-    assert allow.column("license").to_pylist() == ["MIT OR GPL-3.0", "MIT AND GPL-3.0", "(GPL-3.0 OR Apache-2.0) AND MIT",
-                                                   "GPL-2.0 WITH Classpath-exception-2.0", "unknown"]
+    assert allow.column("license").to_pylist() == [
+        "MIT OR GPL-3.0", "MIT AND GPL-3.0", "(GPL-3.0 OR Apache-2.0) AND MIT", "GPL-2.0 WITH Classpath-exception-2.0",
+        "unknown"]
     deny = license_step(LicenseFilter(type="license", deny=["GPL-3.0", "GPL-2.0"]))(_batch(texts))
     assert deny.column("dropped").to_pylist() == [None, "license", None, "license", None]
     # a licence header found beside an SPDX line naming another licence: both apply
