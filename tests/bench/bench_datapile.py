@@ -170,7 +170,7 @@ def datatrove_dedup(table: pa.Table, work: Path) -> tuple[float, int]:
     src = work / "dt-input"
     src.mkdir()
     with (src / "docs.jsonl").open("w") as f:
-        for i, text in zip(table.column("id").to_pylist(), table.column("text").to_pylist()):
+        for i, text in zip(table.column("id").to_pylist(), table.column("text").to_pylist(), strict=True):
             f.write(json.dumps({"id": i, "text": text}) + "\n")
     cfg = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8)
     out = work / "dt"

@@ -9,7 +9,6 @@ metrics endpoint and the benchmark read.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections import Counter
@@ -120,7 +119,7 @@ class Kube:
                     except ValueError:
                         raise ApiError(resp.status, "", text) from None
                 return json.loads(text) if text else None
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             self.requests[(method, res.plural, 0)] += 1
             # A dropped connection (an API server restart) or no answer in time (an overloaded
             # one) is worth a retry, like a 503.

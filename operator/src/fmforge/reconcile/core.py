@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import kopf
 
@@ -115,7 +116,7 @@ class Reconciler:
             self._stage_rbac.add(ns)
         # At once: the RayJob may exist before its plan ConfigMap; its pods wait for the mount.
         results = await asyncio.gather(*(self.kube.create_or_get(c) for c in decision.create))
-        for child, (got, created) in zip(decision.create, results):
+        for child, (got, created) in zip(decision.create, results, strict=True):
             if child["kind"] in ("RayJob", "InferenceService"):
                 self.store.put_child(got)
                 existed = existed or not created

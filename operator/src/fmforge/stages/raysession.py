@@ -13,6 +13,7 @@ after its run is over.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -133,10 +134,8 @@ def reap(state_dir: Path) -> int:
             continue
         pids = processes_using(tmp) if Path("/proc").is_dir() else []
         for p in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # it ended on its own meanwhile
                 os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         stopped += len(pids)
         shutil.rmtree(tmp, ignore_errors=True)
     return stopped

@@ -7,7 +7,7 @@ generator, `fmforge validate` and the local runner validate manifests with it.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints
 
@@ -263,7 +263,7 @@ class LengthFilter(Spec):
 
 
 Filter = Annotated[
-    Union[LanguageFilter, HapFilter, LicenseFilter, PiiFilter, QualityFilter, LengthFilter],
+    LanguageFilter | HapFilter | LicenseFilter | PiiFilter | QualityFilter | LengthFilter,
     Field(discriminator="type"),
 ]
 

@@ -6,8 +6,8 @@ read, so that a kind is described in one place.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .common import CommonStatus, Spec
 from .datapile import DataPileSpec, DataPileStatus
