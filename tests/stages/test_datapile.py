@@ -82,7 +82,7 @@ def test_known_near_duplicates_go(first_run, corpus: Path):
                     near.append(a.name)
     assert near, "the two trees must differ in some files"
     docs = docs_of(state, "v1")
-    paths = [p for p, s in zip(docs.column("path").to_pylist(), docs.column("source").to_pylist())
+    paths = [p for p, s in zip(docs.column("path").to_pylist(), docs.column("source").to_pylist(), strict=True)
              if s == "python-code"]
     for name in near:
         assert sum(p.endswith("/" + name) for p in paths) <= 1, f"both copies of {name} survived"
@@ -91,7 +91,6 @@ def test_known_near_duplicates_go(first_run, corpus: Path):
 def test_hap_pii_and_licenses(first_run):
     _, state, _ = first_run
     docs = docs_of(state, "v1")
-    ids_text = dict(zip(docs.column("path").to_pylist(), docs.column("text").to_pylist()))
     texts = "\n".join(docs.column("text").to_pylist())
     assert "fucking idiot" not in texts and "worthless crap" not in texts
     assert "reference counting handles most objects" in texts.lower()  # the clean line stays
@@ -99,10 +98,9 @@ def test_hap_pii_and_licenses(first_run):
     assert "4111 1111 1111 1111" not in texts and "<CREDIT_CARD>" in texts and "<IBAN>" in texts
     assert "<IP_ADDRESS>" in texts and "192.0.2.15" in texts, "documentation addresses are not personal"
     assert "1234 5678 9012 3456" in texts, "a number failing Luhn is not a card"
-    lic = {p: l for p, l in zip(docs.column("path").to_pylist(), docs.column("license").to_pylist())}
+    lic = dict(zip(docs.column("path").to_pylist(), docs.column("license").to_pylist(), strict=True))
     assert not any(p.startswith("GPL") for p in lic), "GPL texts are outside the allow-list"
     assert lic.get("Apache-2.0.txt") == "Apache-2.0"
-    assert ids_text
 
 
 def test_languages_on_labelled_samples():
@@ -221,9 +219,9 @@ def test_sequences_hold_exactly_the_kept_documents(first_run):
     cat = pub.catalog(state.root)
     docs = pub.read_version(cat, "default", "pydocs", "v1")
     seqs = pub.read_version(cat, "default", "pydocs", "v1", which="sequences").sort_by("seq")
-    want = {split: sorted(tuple(tok.encode(t, add_special_tokens=False).ids)
-                          for t, sp in zip(docs.column("text").to_pylist(), docs.column("split").to_pylist())
-                          if sp == split) for split in ("train", "validation")}
+    pairs = list(zip(docs.column("text").to_pylist(), docs.column("split").to_pylist(), strict=True))
+    want = {split: sorted(tuple(tok.encode(t, add_special_tokens=False).ids) for t, sp in pairs if sp == split)
+            for split in ("train", "validation")}
     got: dict[str, list] = {"train": [], "validation": []}
     pieces = {}
     for row in seqs.to_pylist():
@@ -237,7 +235,8 @@ def test_sequences_hold_exactly_the_kept_documents(first_run):
     got = {k: sorted(tuple(t for t in doc if t != eos) for doc in v) for k, v in got.items()}
     assert got == want
     assert pad not in np.concatenate([np.asarray(r[:rec_len]) for r, rec_len in
-                                      zip(seqs.column("input_ids").to_pylist(), seqs.column("length").to_pylist())])
+                                      zip(seqs.column("input_ids").to_pylist(), seqs.column("length").to_pylist(),
+                                          strict=True)])
 
 
 def test_data_card(first_run):
@@ -306,7 +305,7 @@ def test_keep_dropped_publishes_each_dropped_document_with_its_reason(corpus: Pa
     assert counts["duplicateExact"] > 0 and counts["quality"] > 0
     assert not set(dropped.column("id").to_pylist()) & set(docs.column("id").to_pylist())
     text = dict(zip(docs.column("id").to_pylist() + dropped.column("id").to_pylist(),
-                    docs.column("text").to_pylist() + dropped.column("text").to_pylist()))
+                    docs.column("text").to_pylist() + dropped.column("text").to_pylist(), strict=True))
     for row in dropped.to_pylist():
         if row["reason"] == "duplicateExact":
             a, b = dd.normalize(pa.array([row["text"], text[row["duplicate_of"]]])).to_pylist()

@@ -85,7 +85,8 @@ def test_failure_half_way_keeps_the_previous_version(tmp_path: Path, corpus: Pat
     for which, (on_disk, referenced) in _attempt_folders(state).items():
         assert on_disk == referenced and len(on_disk) == 2, which
     # the old version stays readable by snapshot id
-    assert pub.read_version(pub.catalog(state.root), "default", "pydocs", int(v1["version"]["snapshotId"])).num_rows == v1_rows
+    old = pub.read_version(pub.catalog(state.root), "default", "pydocs", int(v1["version"]["snapshotId"]))
+    assert old.num_rows == v1_rows
     # one snapshot per version and table: v1 an append, v2 an overwrite (no separate delete)
     for name in pub.table_names("default", "pydocs"):
         snaps = pub.catalog(state.root).load_table(name).snapshots()

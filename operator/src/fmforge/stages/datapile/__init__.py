@@ -127,9 +127,9 @@ def read(w: Work) -> None:
     w.docs = [r[0] for r in refs]
     parts = wk.gather([r[1] for r in refs], w.ctx.reporter.advance)
     bounds = wk.gather([r[2] for r in refs])
-    w.pieces = [(c, a, b) for c, bs in enumerate(bounds) for a, b in zip(bs, bs[1:])]
-    for i, sf in enumerate(w.listed):
-        r = summarize(sf, [p for c, p in zip(w.chunks, parts) if c.source.name == sf.source.name])
+    w.pieces = [(c, a, b) for c, bs in enumerate(bounds) for a, b in zip(bs, bs[1:], strict=False)]
+    for sf in w.listed:
+        r = summarize(sf, [p for c, p in zip(w.chunks, parts, strict=True) if c.source.name == sf.source.name])
         w.reads.append(r)
         w.at_read.update(r.dropped)
         w.ctx.reporter.log("Read source", source=r.name, documents=r.documents, mb=f"{r.bytes / 1e6:.1f}",
@@ -320,7 +320,7 @@ def card(w: Work) -> None:
     md = dc.write(dc.DataCard(
         name=w.ctx.name, version=version, tags=spec.publish.tags,
         sources=[dc.CardSource(name=r.name, uri=r.uri, license=s.license, files=r.files, documents=r.documents,
-                               bytes=r.bytes, digest=r.digest) for r, s in zip(w.reads, spec.sources)],
+                               bytes=r.bytes, digest=r.digest) for r, s in zip(w.reads, spec.sources, strict=True)],
         stats=stats,
         quality_rules={k: v for k, v in counts("quality_rule", keep_only=False).items() if k != "none"},
         dedup=w.dedup, licenses=counts("license"), pii_redacted=int(pc.sum(pii).as_py() or 0),

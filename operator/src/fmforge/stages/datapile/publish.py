@@ -28,12 +28,13 @@ the properties in $FMFORGE_CATALOG (JSON), as the operator's config ConfigMap se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
 import pyarrow as pa
@@ -123,10 +124,8 @@ def _filesystem(table, location: str):
 def _remove_folder(table, location: str) -> None:
     fs = _filesystem(table, location)
     if fs is not None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             fs[0].delete_dir(fs[1])
-        except FileNotFoundError:
-            pass
 
 
 def _orphan_attempts(table, keep_paths: set[str]) -> list[str]:
@@ -150,10 +149,8 @@ def _table(cat, name: str, schema: pa.Schema):
     from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchTableError
 
     ns = name.rsplit(".", 1)[0]
-    try:
+    with contextlib.suppress(NamespaceAlreadyExistsError):
         cat.create_namespace(ns)
-    except NamespaceAlreadyExistsError:
-        pass
     try:
         return cat.load_table(name)
     except NoSuchTableError:
@@ -184,7 +181,7 @@ def find_version(cat, namespace: str, pile: str, digest: str) -> Published | Non
         props = snap.summary.additional_properties if snap.summary else {}
         if snap.snapshot_id in visible and props.get(PROP_DIGEST) == digest:
             return Published(snap.snapshot_id, int(props.get(PROP_SNAPSHOT["sequences"], 0)),
-                             datetime.fromtimestamp(snap.timestamp_ms / 1000, timezone.utc).isoformat(),
+                             datetime.fromtimestamp(snap.timestamp_ms / 1000, UTC).isoformat(),
                              docs_name)
     return None
 
@@ -213,10 +210,8 @@ def repair(cat, namespace: str, pile: str) -> dict[str, int]:
         return {}
     others = {}
     for which in PROP_SNAPSHOT:
-        try:
+        with contextlib.suppress(NoSuchTableError):
             others[which] = cat.load_table(table_name(namespace, pile, which))
-        except NoSuchTableError:
-            pass
     done: dict[str, int] = {}
     head = dt.current_snapshot()
     props = head.summary.additional_properties if head is not None and head.summary else {}
@@ -262,10 +257,8 @@ def _expire(table, snapshots) -> None:
         paths.append(snap.manifest_list)
     table.maintenance.expire_snapshots().by_ids(ids).commit()
     for path in paths:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             table.io.delete(path)
-        except FileNotFoundError:
-            pass
 
 
 def publish(tabs: dict, files: dict[str, list[str]], tags: list[str], properties: dict[str, str]) -> Published:
@@ -280,7 +273,7 @@ def publish(tabs: dict, files: dict[str, list[str]], tags: list[str], properties
         promote(tabs[which], sid, tags)
     snap = tabs["documents"].snapshot_by_id(doc_snap)
     return Published(doc_snap, snaps["sequences"],
-                     datetime.fromtimestamp(snap.timestamp_ms / 1000, timezone.utc).isoformat(),
+                     datetime.fromtimestamp(snap.timestamp_ms / 1000, UTC).isoformat(),
                      ".".join(tabs["documents"].name()))
 
 

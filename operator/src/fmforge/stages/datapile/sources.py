@@ -211,7 +211,8 @@ def list_source(source: Source, base_dir: Path, confine: bool = True) -> SourceF
         infos = fs.get_file_info([path for path, _ in files])
     except OSError as e:
         raise InputError(f"source {source.name}: cannot read {source.uri}: {e}{_hint(e)}") from e
-    return SourceFiles(source, fs, [(path, rel, max(int(i.size or 0), 0)) for (path, rel), i in zip(files, infos)])
+    sized = [(path, rel, max(int(i.size or 0), 0)) for (path, rel), i in zip(files, infos, strict=True)]
+    return SourceFiles(source, fs, sized)
 
 
 @dataclass
@@ -350,7 +351,7 @@ def _parquet_documents(source: Source, rel: str, data: bytes, limit: int, droppe
     col = column.to_pylist()
     keys = t.column(source.id_field).to_pylist() if source.id_field and source.id_field in t.column_names \
         else range(len(col))
-    for row, (key, text) in enumerate(zip(keys, col)):
+    for row, (key, text) in enumerate(zip(keys, col, strict=True)):
         if text is None:
             if source.invalid_text == "fail":
                 raise InputError(_not_text(source, f"{rel} row {row}", text))

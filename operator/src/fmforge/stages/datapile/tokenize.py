@@ -125,8 +125,8 @@ def pack(ids: pa.ChunkedArray | pa.ListArray, splits: np.ndarray, eos: int, pad:
 
     `ids` holds each document's token ids, in document order. Per split, the documents are laid
     end to end with EOS after each (the document boundary), then cut into rows of `seq_len`; the
-    last row is padded and keeps its real length. Sequence ids count from `first_seq`. Vectorised over the Arrow offsets: no loop
-    over documents or tokens in Python."""
+    last row is padded and keeps its real length. Sequence ids count from `first_seq`.
+    Vectorised over the Arrow offsets: no loop over documents or tokens in Python."""
     if isinstance(ids, pa.ChunkedArray):
         ids = ids.combine_chunks() if ids.num_chunks else pa.array([], pa.list_(pa.int32()))
     tables, tokens = [], {}

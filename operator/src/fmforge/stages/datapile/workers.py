@@ -163,7 +163,7 @@ def process_batch(batch: pa.Table, spec: DataPileSpec, seconds: dict[str, float]
     nl, pl = spec.categorize.natural_language, spec.categorize.programming_language
     batch = timed("categorize", lambda: annotate(batch, nl.enabled, nl.min_confidence, pl.enabled))
     batch = batch.append_column("dropped", pa.nulls(batch.num_rows, pa.string()))
-    for f, step in zip(spec.filters, build_steps(spec.filters)):
+    for f, step in zip(spec.filters, build_steps(spec.filters), strict=True):
         batch = timed(f.type, lambda step=step, batch=batch: step(batch))
     for col, typ in (("hap_score", pa.float32()), ("pii", pa.int32()), ("license", pa.string()),
                      ("quality_rule", pa.string()), ("lines_removed", pa.int32())):
