@@ -201,7 +201,8 @@ def deduplicate(w: Work) -> None:
         bands = [[b] if parts == 1 else list(b) for b in bands]
         reduce = wk.remote(wk.pairs_of_bands, num_returns=2)
         out = [reduce.remote(fz.threshold, fz.verify, *[b[p] for b in bands]) for p in range(parts)]
-        pairs = pa.concat_tables(wk.gather([o[0] for o in out]))
+        # a pair found in bands that went to different partitions comes back once from each
+        pairs = pa.concat_tables(wk.gather([o[0] for o in out])).group_by(["a", "b"]).aggregate([])
         candidates = sum(wk.gather([o[1] for o in out]))
         edges = pairs.num_rows
         fuzzy_ids, of, clusters = dd.components(np.asarray(pairs.column("a").to_pylist(), dtype=object),
