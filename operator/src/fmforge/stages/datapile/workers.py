@@ -21,7 +21,8 @@ partitions by band key (a task with P returns), and each partition's task sorts 
 emits the pairs of each bucket. Every bucket lands whole in one partition, so the pairs do not
 depend on P or on the pieces. Ray Data's `groupby(...).map_groups` does the same grouping but
 calls the UDF once per bucket, and nearly every bucket holds one document: on 280,000 band rows
-(20,000 documents x 14 bands, 2 CPUs) it took 17.6 s where this shuffle took 2.7 s.
+(20,000 documents x 14 bands, 2 CPUs) it took 13.6 s where this shuffle took 2.0 s
+(`python tests/bench/bench_bands.py`).
 
 A piece is the unit of every task, numbered in the order of the listing, so file names and
 sequence ids are the same on every run and every retry. Tasks are pure or write files named by
