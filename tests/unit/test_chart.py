@@ -102,6 +102,10 @@ def test_rbac_is_least_privilege(helm):
             assert own["verbs"] == ["list", "watch"]
             secrets = [r for r in role["rules"] if "secrets" in r["resources"]]
             assert secrets == [], "the operator does not read secrets"
+            # the Route of expose: route: applied and deleted, never read or watched, and no
+            # custom hosts (routes/custom-host)
+            [routes] = [r for r in role["rules"] if "route.openshift.io" in r["apiGroups"]]
+            assert routes["resources"] == ["routes"] and routes["verbs"] == ["create", "patch", "delete"]
 
 
 def test_watch_namespaces_give_roles_not_cluster_roles(helm):

@@ -46,13 +46,15 @@ class Resource:
 
 RAYJOBS = Resource("ray.io", "v1", "rayjobs", "RayJob")
 INFERENCESERVICES = Resource("serving.kserve.io", "v1beta1", "inferenceservices", "InferenceService")
+ROUTES = Resource("route.openshift.io", "v1", "routes", "Route")
 CONFIGMAPS = Resource("", "v1", "configmaps", "ConfigMap")
 SERVICEACCOUNTS = Resource("", "v1", "serviceaccounts", "ServiceAccount")
 EVENTS = Resource("", "v1", "events", "Event")
 ROLES = Resource("rbac.authorization.k8s.io", "v1", "roles", "Role")
 ROLEBINDINGS = Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding")
 
-BY_KIND = {r.kind: r for r in (RAYJOBS, INFERENCESERVICES, CONFIGMAPS, SERVICEACCOUNTS, EVENTS, ROLES, ROLEBINDINGS)}
+BY_KIND = {r.kind: r for r in (RAYJOBS, INFERENCESERVICES, ROUTES, CONFIGMAPS, SERVICEACCOUNTS, EVENTS, ROLES,
+                                ROLEBINDINGS)}
 
 
 def fmforge_resource(plural: str, kind: str) -> Resource:

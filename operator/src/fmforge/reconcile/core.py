@@ -30,6 +30,9 @@ from .store import Key, Store
 
 log = logging.getLogger("fmforge.reconcile")
 
+#: Children whose watch events keep the store current (`fmforge.handlers.on_child`).
+WATCHED = ("RayJob", "InferenceService")
+
 DECIDE: dict[str, Callable[..., Decision]] = {
     "DataPile": jobs.decide,
     "TrainingRun": jobs.decide,
@@ -117,14 +120,23 @@ class Reconciler:
         # At once: the RayJob may exist before its plan ConfigMap; its pods wait for the mount.
         results = await asyncio.gather(*(self.kube.create_or_get(c) for c in decision.create))
         for child, (got, created) in zip(decision.create, results, strict=True):
-            if child["kind"] in ("RayJob", "InferenceService"):
+            if child["kind"] in WATCHED:
                 self.store.put_child(got)
                 existed = existed or not created
             if created:
                 log.info("Created %s %s", child["kind"], child["metadata"]["name"], extra=_object(obj))
         for child in decision.apply:
-            got = await self.kube.apply(child)
-            self.store.put_child(got)
+            try:
+                got = await self.kube.apply(child)
+            except ApiError as e:
+                if e.status == 404 and child["kind"] == "Route":
+                    # Not a passing state: this API server has no Route resource at all.
+                    raise ApiError(422, "RouteUnavailable", "this cluster does not serve OpenShift Routes "
+                                   "(route.openshift.io/v1) for kserve.expose: route; set expose: none and "
+                                   "expose the predictor's Service another way (an Ingress, a Gateway)") from e
+                raise
+            if child["kind"] in WATCHED:
+                self.store.put_child(got)
             log.info("Applied %s %s", child["kind"], child["metadata"]["name"], extra=_object(obj))
         return existed
 
