@@ -24,6 +24,7 @@ import math
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -204,72 +205,183 @@ def _context_length(config, tok) -> int:
     return int(tok.model_max_length)
 
 
-def run(ctx: StageContext) -> StageResult:
-    spec: TunedModelSpec = ctx.spec
-    rep = ctx.reporter
-    d, tr, res = spec.data, spec.training, spec.resources
-    classification = spec.task == "sequence-classification"
+@dataclass
+class _Inputs:
+    """The checked and tokenized inputs of a tuning, read by the driver before a worker starts."""
 
+    base_path: Path
+    """The base model's directory in Hugging Face layout."""
+    base: dict[str, Any]
+    """The base model's record: uri, digest (and parameters, ref for a producer's model)."""
+    config: Any
+    """The base model's transformers config."""
+    targets: list[str] | None
+    """LoRA's target modules, checked to exist in the model; None for full tuning."""
+    records: list
+    """Every example record read, before the split."""
+    data: dict[str, Any]
+    """What the status records of the examples: uri or dataPile, digest."""
+    tok: Any
+    """The base model's tokenizer, with a padding token."""
+    labels: list[str]
+    """The class names, in label-id order (sequence-classification); empty for causal-lm."""
+    train: list[dict]
+    """The tokenized training examples."""
+    val: list[dict]
+    """The tokenized held-out examples."""
+    total_steps: int
+    """Optimizer steps in all, over every epoch."""
+
+
+@dataclass
+class _Progress:
+    """What the workers reported through the progress queue, kept by the driver: the counts of
+    parameters, the held-out metrics, the restarts and the last step and loss."""
+
+    restarts: int = 0
+    """How often the workers started again (Ray Train restarting them after a failure)."""
+    started: bool = False
+    """Whether the workers have started once."""
+    parameters: int | None = None
+    """The base model's parameters."""
+    trainable: int | None = None
+    """The parameters trained (the adapters', for LoRA)."""
+    before: dict[str, float] | None = None
+    """The held-out metrics before the first step."""
+    after: dict[str, float] | None = None
+    """The held-out metrics after the last step (None when not finite)."""
+    resumed_from: int | None = None
+    """The step the workers last resumed from a checkpoint at."""
+    step: int = 0
+    """The last step reported."""
+    loss: float | None = None
+    """The training loss of the last step reported."""
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Tune the TunedModel's base model on its examples and publish the result: the stage's entry
+    point (`STAGES`)."""
+    spec: TunedModelSpec = ctx.spec
     # 1. Everything that can be wrong in the input, before a worker starts.
-    fields = examples.check_template(d.prompt_template, "spec.data.promptTemplate")
-    if classification:
-        fields.append(d.label_field)
-    else:
-        fields += examples.check_template(d.completion_template, "spec.data.completionTemplate")
+    inputs = _prepare(ctx, spec)
+    # 2. Tune on Ray.
+    result, progress, took = _tune(ctx, spec, inputs)
+    # 3. The adapter and the model, each in a directory named by its digest.
+    with result.checkpoint.as_directory() as ckpt:
+        model, adapter = _publish_checkpoint(ctx, spec, inputs, progress, Path(ckpt), took)
+    ctx.reporter.log(f"Saved the model of TunedModel {ctx.name}", uri=model["uri"], digest=model["digest"][:19])
+
+    base = inputs.base
+    return StageResult(status=_status(ctx, spec, inputs, progress, model, adapter), digest=model["digest"],
+                       message=_message(spec, inputs, progress),
+                       lineage=[{"name": base.get("ref") or "baseModel", "uri": base["uri"], "digest": base["digest"]},
+                                _data_lineage(ctx, inputs.data)])
+
+
+def _prepare(ctx: StageContext, spec: TunedModelSpec) -> _Inputs:
+    """Check the templates, the base model and its fit for the task, then read, split and tokenize
+    the examples: every input error is raised here, before Ray starts."""
+    d, tr, res = spec.data, spec.training, spec.resources
+    fields = _template_fields(spec)
     base_path, base = _base(ctx, spec)
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     config = AutoConfig.from_pretrained(str(base_path))
     targets = _check_fit(spec, config, base["uri"])
     records, data = _examples(ctx, spec, fields)
-    data_digest = data["digest"]
     train_records, val_records = examples.split(records, d.validation_fraction)
-    tok = AutoTokenizer.from_pretrained(str(base_path))
-    if tok.pad_token_id is None:
-        if tok.eos_token_id is None:
-            raise InvalidSpec(f"the base model's tokenizer ({base['uri']}) has neither a padding nor an end-of-text "
-                              f"token; give it one")
-        tok.pad_token = tok.eos_token
-    context = _context_length(config, tok)
-    labels: list[str] = []
-    if classification:
-        labels = examples.labels_of(records, d.label_field)
-        train = examples.encode_classification(train_records, tok, d.prompt_template, d.label_field, labels, context)
-        val = examples.encode_classification(val_records, tok, d.prompt_template, d.label_field, labels, context)
-    else:
-        train = examples.encode_causal(train_records, tok, d.prompt_template, d.completion_template, context)
-        val = examples.encode_causal(val_records, tok, d.prompt_template, d.completion_template, context)
+    tok = _tokenizer(base_path, base["uri"])
+    labels, train, val = _encode(spec, tok, records, train_records, val_records, _context_length(config, tok))
     if len(train) < res.workers:
         raise InputError(f"spec.data: {len(train)} training examples cannot be shared by {res.workers} workers; add "
                          f"examples or lower resources.workers")
+    # Every rank takes as many examples (the rest are left out), so the steps are those of one share.
     per_rank = len(train) // res.workers
     total_steps = tr.epochs * math.ceil(per_rank / tr.micro_batch_size)
-    rep.log("Read the tuning examples", source=data.get("uri") or f"DataPile/{d.data_pile_ref.name}",
-            train=len(train), validation=len(val), steps=total_steps)
+    ctx.reporter.log("Read the tuning examples", source=data.get("uri") or f"DataPile/{d.data_pile_ref.name}",
+                     train=len(train), validation=len(val), steps=total_steps)
+    return _Inputs(base_path=base_path, base=base, config=config, targets=targets, records=records, data=data,
+                   tok=tok, labels=labels, train=train, val=val, total_steps=total_steps)
 
-    # 2. Tune on Ray.
+
+def _template_fields(spec: TunedModelSpec) -> list[str]:
+    """The record fields the examples need: those the templates name (checked), and the label
+    field for sequence-classification."""
+    d = spec.data
+    fields = examples.check_template(d.prompt_template, "spec.data.promptTemplate")
+    if spec.task == "sequence-classification":
+        fields.append(d.label_field)
+    else:
+        fields += examples.check_template(d.completion_template, "spec.data.completionTemplate")
+    return fields
+
+
+def _tokenizer(base_path: Path, base_uri: str):
+    """The base model's tokenizer, padding with its end-of-text token when it has no padding token
+    (as decoders such as GPT-2 and Llama do not)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base_path))
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise InvalidSpec(f"the base model's tokenizer ({base_uri}) has neither a padding nor an end-of-text "
+                              f"token; give it one")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _encode(spec: TunedModelSpec, tok, records: list, train_records: list, val_records: list,
+            context: int) -> tuple[list[str], list[dict], list[dict]]:
+    """The class names (from every record, so that a label seen only in the held-out examples
+    still has an id; empty for causal-lm) and the tokenized training and held-out examples."""
+    d = spec.data
+    if spec.task == "sequence-classification":
+        labels = examples.labels_of(records, d.label_field)
+        train = examples.encode_classification(train_records, tok, d.prompt_template, d.label_field, labels, context)
+        val = examples.encode_classification(val_records, tok, d.prompt_template, d.label_field, labels, context)
+        return labels, train, val
+    train = examples.encode_causal(train_records, tok, d.prompt_template, d.completion_template, context)
+    val = examples.encode_causal(val_records, tok, d.prompt_template, d.completion_template, context)
+    return [], train, val
+
+
+def _lora_config(spec: TunedModelSpec, targets: list[str] | None) -> dict[str, Any]:
+    """LoRA's settings as the workers and the tuning log take them (the defaults when the spec has no `lora`)."""
+    lora = spec.lora or Lora()
+    return {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": targets,
+            "merge": lora.merge}
+
+
+def _attempt_storage(ctx: StageContext, spec: TunedModelSpec, inputs: _Inputs) -> Path:
+    """The checkpoint folder of this attempt (`attempts/<digest>/checkpoints`).
+
+    The same tuning of the same base model on the same examples is the same attempt, and a run
+    started again resumes from its checkpoints; anything else starts afresh in its own folder.
+    Fault tolerance is left out: raising maxFailures after a failed run resumes it."""
+    what = spec.model_dump(mode="json", by_alias=True, exclude={"fault_tolerance"})
+    key = hashlib.sha256(f"{json.dumps(what, sort_keys=True)}\0{inputs.base['digest']}\0{inputs.data['digest']}"
+                         .encode())
+    return (ctx.artifacts / "attempts" / key.hexdigest()[:16] / "checkpoints").resolve()
+
+
+def _tune(ctx: StageContext, spec: TunedModelSpec, inputs: _Inputs) -> tuple[Any, _Progress, float]:
+    """Run `loop.tune_loop` on Ray Train's workers, following their progress: the result (its
+    checkpoint is the final one), what the workers reported, and the seconds it took."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    tr, res = spec.training, spec.resources
     piles.ray_init(ctx.state_dir, res.workers * res.cpus_per_worker)
-    progress = raytrain.progress_queue()
-    lora = spec.lora or Lora()
-    # The attempt's folder: the same tuning of the same base model on the same examples is the
-    # same attempt, and a run started again resumes from its checkpoints; anything else starts
-    # afresh in its own folder. Fault tolerance is left out: raising maxFailures after a failed
-    # run resumes it.
-    what = spec.model_dump(mode="json", by_alias=True, exclude={"fault_tolerance"})
-    key = hashlib.sha256(f"{json.dumps(what, sort_keys=True)}\0{base['digest']}\0{data_digest}".encode())
-    storage = (ctx.artifacts / "attempts" / key.hexdigest()[:16] / "checkpoints").resolve()
+    queue = raytrain.progress_queue()
+    storage = _attempt_storage(ctx, spec, inputs)
     loop_config = {
-        "task": spec.task, "base": str(base_path), "labels": labels, "method": spec.method,
-        "lora": {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": targets,
-                 "merge": lora.merge},
-        "train": train, "validation": val, "pad_id": tok.pad_token_id, "epochs": tr.epochs,
+        "task": spec.task, "base": str(inputs.base_path), "labels": inputs.labels, "method": spec.method,
+        "lora": _lora_config(spec, inputs.targets),
+        "train": inputs.train, "validation": inputs.val, "pad_id": inputs.tok.pad_token_id, "epochs": tr.epochs,
         "learning_rate": tr.learning_rate, "micro_batch_size": tr.micro_batch_size, "seed": tr.seed,
-        "total_steps": total_steps, "checkpoints": str(storage / "tune"), "progress": progress,
+        "total_steps": inputs.total_steps, "checkpoints": str(storage / "tune"), "progress": queue,
     }
     trainer = TorchTrainer(
         tune_loop, train_loop_config=loop_config, scaling_config=raytrain.scaling(res),
@@ -278,85 +390,111 @@ def run(ctx: StageContext) -> StageResult:
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     started = time.monotonic()
-    info: dict[str, Any] = {"restarts": 0}
-    last: dict[str, Any] = {"step": 0}
-    rep.step("tune", total=total_steps)
-
-    def on_event(ev: dict[str, Any]) -> None:
-        if ev["event"] == "start":
-            if info.get("started"):
-                info["restarts"] += 1
-            info.update(started=True, parameters=ev["parameters"], trainable=ev["trainable"], before=ev["before"],
-                        resumed_from=ev["resumed_from"])
-            if ev["resumed_from"]:
-                rep.log(f"Resumed TunedModel {ctx.name} from its checkpoint", step=ev["resumed_from"])
-            rep.advance(ev["step"] - last["step"])
-            last["step"] = ev["step"]
-        elif ev["event"] == "step":
-            rep.advance(ev["step"] - last["step"], loss=f"{ev['loss']:.3f}", epoch=ev["epoch"],
-                        eta=f"{ev['eta']:.0f}s")
-            last.update(step=ev["step"], loss=ev["loss"])
-        elif ev["event"] == "end":
-            info["after"] = ev["after"]
-
+    progress = _Progress()
+    ctx.reporter.step("tune", total=inputs.total_steps)
     try:
-        result = raytrain.fit(trainer, progress, on_event)
+        result = raytrain.fit(trainer, queue, lambda ev: _on_event(ctx, progress, ev))
     except Exception as e:
         raise RuntimeError(f"tuning of TunedModel {ctx.name} failed: {e}; a run started again resumes from the last "
                            f"checkpoint in {storage}") from e
-    took = time.monotonic() - started
+    return result, progress, time.monotonic() - started
 
-    # 3. The adapter and the model, each in a directory named by its digest.
-    with result.checkpoint.as_directory() as ckpt:
-        ckpt = Path(ckpt)
-        curve = json.loads((ckpt / CURVE).read_text())
-        adapter = _publish(ckpt / ADAPTER_DIR, ctx.artifacts / "adapters", tok) if spec.method == "lora" else None
-        before, after = info.get("before"), info.get("after")
-        log = {
-            "name": ctx.name, "namespace": ctx.namespace, "generation": ctx.generation, "kind": "TunedModel",
-            "task": spec.task, "method": spec.method, "family": config.model_type,
-            "lora": loop_config["lora"] if spec.method == "lora" else None,
-            "training": tr.model_dump(mode="json", by_alias=True),
-            "resources": res.model_dump(mode="json", by_alias=True),
-            "base": base, "dataPile": _base_pile(base_path),
-            "tuningData": {**data, "examples": len(records), "train": len(train), "validation": len(val)},
-            "adapter": adapter, "labels": labels or None,
-            "parameters": info.get("parameters"), "trainableParameters": info.get("trainable"),
-            "validation": {"before": before, "after": after}, "validationLoss": (after or {}).get("loss"),
-            "seconds": round(took, 1), "restarts": info["restarts"], "resumedFromStep": info.get("resumed_from"),
-            "lossCurve": curve,
-        }
-        model = _publish(ckpt / MODEL_DIR, ctx.artifacts / "models", tok, log) if (ckpt / MODEL_DIR).is_dir() \
-            else adapter
-    rep.log(f"Saved the model of TunedModel {ctx.name}", uri=model["uri"], digest=model["digest"][:19])
 
-    artifact = {**model, "parameters": info.get("parameters"), "trainableParameters": info.get("trainable"),
+def _on_event(ctx: StageContext, progress: _Progress, ev: dict[str, Any]) -> None:
+    """Take in one event from the workers' progress queue: advance the console's step and keep
+    what the status and the tuning log need."""
+    rep = ctx.reporter
+    if ev["event"] == "start":
+        # Workers that start a second time were restarted by Ray Train after a failure.
+        if progress.started:
+            progress.restarts += 1
+        progress.started = True
+        progress.parameters, progress.trainable = ev["parameters"], ev["trainable"]
+        progress.before, progress.resumed_from = ev["before"], ev["resumed_from"]
+        if ev["resumed_from"]:
+            rep.log(f"Resumed TunedModel {ctx.name} from its checkpoint", step=ev["resumed_from"])
+        rep.advance(ev["step"] - progress.step)
+        progress.step = ev["step"]
+    elif ev["event"] == "step":
+        rep.advance(ev["step"] - progress.step, loss=f"{ev['loss']:.3f}", epoch=ev["epoch"],
+                    eta=f"{ev['eta']:.0f}s")
+        progress.step, progress.loss = ev["step"], ev["loss"]
+    elif ev["event"] == "end":
+        progress.after = ev["after"]
+
+
+def _publish_checkpoint(ctx: StageContext, spec: TunedModelSpec, inputs: _Inputs, progress: _Progress, ckpt: Path,
+                        took: float) -> tuple[dict[str, str], dict[str, str] | None]:
+    """Publish the final checkpoint's adapter (LoRA) and full model, each with the tokenizer, the
+    model with the tuning log: their {uri, digest}. With no full model (LoRA without merge) the
+    adapter is the model."""
+    curve = json.loads((ckpt / CURVE).read_text())
+    adapter = _publish(ckpt / ADAPTER_DIR, ctx.artifacts / "adapters", inputs.tok) if spec.method == "lora" else None
+    log = _tuning_log(ctx, spec, inputs, progress, adapter, curve, took)
+    model = _publish(ckpt / MODEL_DIR, ctx.artifacts / "models", inputs.tok, log) if (ckpt / MODEL_DIR).is_dir() \
+        else adapter
+    return model, adapter
+
+
+def _tuning_log(ctx: StageContext, spec: TunedModelSpec, inputs: _Inputs, progress: _Progress,
+                adapter: dict[str, str] | None, curve: list, took: float) -> dict[str, Any]:
+    """The tuning log saved beside the model (`TRAINING_LOG`): what was tuned, on what, how, and
+    the loss curve."""
+    tr, res = spec.training, spec.resources
+    return {
+        "name": ctx.name, "namespace": ctx.namespace, "generation": ctx.generation, "kind": "TunedModel",
+        "task": spec.task, "method": spec.method, "family": inputs.config.model_type,
+        "lora": _lora_config(spec, inputs.targets) if spec.method == "lora" else None,
+        "training": tr.model_dump(mode="json", by_alias=True),
+        "resources": res.model_dump(mode="json", by_alias=True),
+        "base": inputs.base, "dataPile": _base_pile(inputs.base_path),
+        "tuningData": {**inputs.data, "examples": len(inputs.records), "train": len(inputs.train),
+                       "validation": len(inputs.val)},
+        "adapter": adapter, "labels": inputs.labels or None,
+        "parameters": progress.parameters, "trainableParameters": progress.trainable,
+        "validation": {"before": progress.before, "after": progress.after},
+        "validationLoss": (progress.after or {}).get("loss"),
+        "seconds": round(took, 1), "restarts": progress.restarts, "resumedFromStep": progress.resumed_from,
+        "lossCurve": curve,
+    }
+
+
+def _status(ctx: StageContext, spec: TunedModelSpec, inputs: _Inputs, progress: _Progress, model: dict[str, str],
+            adapter: dict[str, str] | None) -> dict[str, Any]:
+    """The TunedModel's status after a tuning, with the fields that have no value left out."""
+    base, before, after = inputs.base, progress.before, progress.after
+    artifact = {**model, "parameters": progress.parameters, "trainableParameters": progress.trainable,
                 "generation": ctx.generation}
     status = {
-        "progress": {"step": total_steps, "maxSteps": total_steps, "loss": last.get("loss"), "eta": "0s",
-                     "resumedFromStep": info.get("resumed_from")},
+        "progress": {"step": inputs.total_steps, "maxSteps": inputs.total_steps, "loss": progress.loss, "eta": "0s",
+                     "resumedFromStep": progress.resumed_from},
         "model": artifact,
-        "adapter": {**adapter, "trainableParameters": info.get("trainable")} if adapter else None,
+        "adapter": {**adapter, "trainableParameters": progress.trainable} if adapter else None,
         "base": {"uri": base["uri"], "digest": base["digest"],
                  **({"parameters": base["parameters"]} if base.get("parameters") else {})},
-        "data": {**data, "examples": len(records)},
-        "examples": len(train),
-        "validation": {"examples": len(val), "before": before, "after": after} if val else None,
+        "data": {**inputs.data, "examples": len(inputs.records)},
+        "examples": len(inputs.train),
+        "validation": {"examples": len(inputs.val), "before": before, "after": after} if inputs.val else None,
         "validationLoss": (after or {}).get("loss"),
     }
     status["progress"] = {k: v for k, v in status["progress"].items() if v is not None}
-    status = {k: v for k, v in status.items() if v is not None}
-    share = info.get("trainable", 0) / max(info.get("parameters") or 1, 1)
-    message = f"{spec.method} on {len(train)} examples, {info.get('trainable', 0):,} trainable parameters ({share:.2%})"
+    return {k: v for k, v in status.items() if v is not None}
+
+
+def _message(spec: TunedModelSpec, inputs: _Inputs, progress: _Progress) -> str:
+    """The stage's one-line summary: method, examples, the share of the parameters trained, the
+    held-out metrics before and after, and a warning when only an adapter was made."""
+    trainable = progress.trainable or 0  # no start event: nothing was reported trained
+    share = trainable / max(progress.parameters or 1, 1)
+    message = f"{spec.method} on {len(inputs.train)} examples, {trainable:,} trainable parameters ({share:.2%})"
+    before, after = progress.before, progress.after
     if before and after:
         message += f"; validation loss {before['loss']:.3f} → {after['loss']:.3f}"
-        if classification:
+        if spec.task == "sequence-classification":
             message += f", accuracy {before['accuracy']:.0%} → {after['accuracy']:.0%}"
-    if spec.method == "lora" and not lora.merge:
+    if spec.method == "lora" and not (spec.lora or Lora()).merge:
         message += "; adapter only (lora.merge false): a ModelCard or Deployment needs the merged model"
-    return StageResult(status=status, digest=model["digest"], message=message,
-                       lineage=[{"name": base.get("ref") or "baseModel", "uri": base["uri"], "digest": base["digest"]},
-                                _data_lineage(ctx, data)])
+    return message
 
 
 def _base_pile(base_path: Path) -> dict[str, Any] | None:
