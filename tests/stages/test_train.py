@@ -11,17 +11,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 import yaml
+from faults import kill_a_ray_train_worker_after
 from paths import ROOT
 
 from fmforge.runtime.local import run_paths
@@ -252,28 +251,6 @@ def test_encoder_learns_and_predicts_masked_tokens(ws: Workspace):
     assert acc["metric"] == "accuracy" and 0.05 <= acc["value"] <= 1.0 and acc["passed"]
 
 
-def _kill_a_worker_after(root: Path, step: int, before: set[Path], found: list[Path], killed: list[int],
-                         stop: threading.Event) -> None:
-    """Once a new attempt under `root` has written the checkpoint of `step`, SIGKILL one Ray
-    Train worker process."""
-    while not stop.is_set():
-        new = [p for p in root.rglob(f"checkpoint-{step:08d}") if p not in before]
-        if new:
-            found.append(new[0])
-            # Only this test's own Ray (started by this process): other Ray sessions on the
-            # machine are not ours to kill.
-            for p in psutil.Process().children(recursive=True):
-                try:
-                    cmdline = " ".join(p.cmdline())
-                except psutil.Error:
-                    continue
-                if "RayTrainWorker" in cmdline:
-                    os.kill(p.pid, signal.SIGKILL)
-                    killed.append(p.pid)
-                    return
-        time.sleep(0.05)
-
-
 def _run_killing(ws: Workspace, manifest: dict, step: int):
     """Run `manifest`, killing a worker once its checkpoint of `step` is there; the report, the
     killed pids, and the run's checkpoint folder."""
@@ -282,7 +259,8 @@ def _run_killing(ws: Workspace, manifest: dict, step: int):
     found: list[Path] = []
     killed: list[int] = []
     stop = threading.Event()
-    t = threading.Thread(target=_kill_a_worker_after, args=(root, step, before, found, killed, stop), daemon=True)
+    t = threading.Thread(target=kill_a_ray_train_worker_after, args=(root, step, found, killed, stop, before),
+                         daemon=True)
     t.start()
     try:
         report = ws.run(manifest)

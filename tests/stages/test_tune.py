@@ -17,16 +17,14 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 import re
 import shutil
-import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from faults import kill_a_ray_train_worker_after
 from paths import ROOT
 
 from fmforge.runtime.local import run_paths
@@ -391,28 +389,6 @@ def test_base_model_from_s3_is_downloaded_once_then_cached(ws: Workspace, base_r
 # -- faults ---------------------------------------------------------------------------------------
 
 
-def _kill_a_worker_after(root: Path, step: int, found: list[Path], killed: list[int], stop: threading.Event) -> None:
-    """Once the run under `root` has written its checkpoint of `step`, SIGKILL one Ray Train
-    worker process: only a child of this test process (its own local Ray), never another Ray
-    session on the machine."""
-    import psutil
-
-    while not stop.is_set():
-        new = list(root.rglob(f"checkpoint-{step:08d}"))
-        if new:
-            found.append(new[0])
-            for p in psutil.Process().children(recursive=True):
-                try:
-                    cmdline = " ".join(p.cmdline())
-                except psutil.Error:
-                    continue
-                if "RayTrainWorker" in cmdline:
-                    os.kill(p.pid, signal.SIGKILL)
-                    killed.append(p.pid)
-                    return
-        time.sleep(0.02)
-
-
 def test_a_worker_killed_mid_tuning_resumes_from_its_checkpoint(ws: Workspace, base_run: dict):
     """A Ray Train worker SIGKILLed after the first epoch's checkpoint: Ray Train restarts the
     workers (faultTolerance.maxFailures 1), they resume from that checkpoint, and the tuning
@@ -424,7 +400,7 @@ def test_a_worker_killed_mid_tuning_resumes_from_its_checkpoint(ws: Workspace, b
     found: list[Path] = []
     killed: list[int] = []
     stop = threading.Event()
-    t = threading.Thread(target=_kill_a_worker_after, args=(root, 3, found, killed, stop), daemon=True)
+    t = threading.Thread(target=kill_a_ray_train_worker_after, args=(root, 3, found, killed, stop), daemon=True)
     t.start()
     try:
         outcome, rec = ws.run(tuned_model("killed", spec))
