@@ -6,18 +6,17 @@ distinct copies of it (about 42 MB; see tests/scale.py: dedup keeps about four t
 documents), each in a fresh state directory. The figure is the peak resident memory of the
 `fmforge run` process itself (its VmHWM; Ray's GCS, raylet and workers are other processes).
 
-The bound: from 1x to 4x the driver's peak may grow by at most half the extra input bytes
-(about 16 MB here). A driver that keeps only ids, lengths, hashes and candidate pairs grows by
-well under 1% of the text (a few hundred bytes per document, about 20 KB on average); a driver
-that gathers the text, or the token ids (4 bytes per ~3.6 bytes of text), grows by more than the
-text itself.
+The bound: from 1x to 4x the driver's peak may grow by at most the extra input bytes (about
+32 MB here): the driver grows by less than the text it processes. A driver that keeps only ids,
+lengths, hashes and candidate pairs grows by well under 1% of the text (a few hundred bytes per
+document of about 20 KB on average); a driver that gathers the text grows several times the text.
 
 Measured on 2 cores before the streaming rewrite (the driver reads the sources, gathers the
-processed table, the token ids and the sequences): 1x 10.3 MB, driver peak 490-505 MB over three
-runs; 4x 42.2 MB, 817 MB; growth 317 MB, 9.9 bytes per extra byte of input: this test fails
-there, as it should. Two runs of the same 1x pile differed by up to 15 MB, hence half the extra
-bytes (16 MB) rather than a tighter share, and a 4x corpus of 42 MB rather than less. Each run
-takes 10-30 s on 2 cores.
+processed table, the token ids and the sequences): 1x 10.3 MB, driver peak 482-505 MB over four
+runs; 4x 42.2 MB, 817 MB (twice); growth 336 MB, 10.5 bytes per extra byte of input, ten times
+the bound: this test fails there, as it should. The spread of the 1x peak between identical runs
+(23 MB, on a machine loaded by other test runs) is why the bound is the whole extra size rather
+than a smaller share of it, and why the corpus is not smaller. The two runs take 30-60 s in all.
 """
 
 from __future__ import annotations
@@ -31,8 +30,8 @@ import yaml
 from paths import ROOT
 from scale import corpus_bytes, distinct_copies, run_fmforge
 
-#: Most the driver's peak may grow from 1x to 4x, as a share of the extra input bytes.
-MAX_GROWTH_PER_EXTRA_BYTE = 0.5
+#: Most the driver's peak may grow from 1x to 4x, per extra byte of input.
+MAX_GROWTH_PER_EXTRA_BYTE = 1.0
 
 #: The pile: the quickstart's three sources and its dedup, the cheap parts of the rest
 #: (categorize off, one length filter, a small tokenizer trained on 1 MiB): the driver's memory
