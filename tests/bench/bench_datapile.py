@@ -54,6 +54,7 @@ N runs). About 4 minutes on 2 cores with the defaults (quickstart corpus, sizes 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import os
@@ -225,9 +226,6 @@ def fmforge_equivalent(d: Path, fuzzy: dict) -> dict:
 
 def datatrove(d: Path, tokenizer: Path, fuzzy: dict) -> dict:
     """datatrove's MinHash dedup and DocumentTokenizer over d/jsonl, with the DataPile's parameters."""
-    # datatrove logs each task and its stats at INFO (loguru's default sink, inherited by its
-    # worker processes); its logging_dir keeps them all.
-    os.environ.setdefault("LOGURU_LEVEL", "WARNING")
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup.minhash import (
         MinhashConfig,
@@ -249,8 +247,9 @@ def datatrove(d: Path, tokenizer: Path, fuzzy: dict) -> dict:
 
     def stage(name, pipeline, tasks, workers):
         t = time.perf_counter()
-        LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=workers,
-                              logging_dir=str(out / "logs" / name)).run()
+        with _stderr_to(out / "stderr.log"):
+            LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=workers,
+                                  logging_dir=str(out / "logs" / name)).run()
         stages[name] = round(time.perf_counter() - t, 2)
 
     stage("signatures", [JsonlReader(src), MinhashDedupSignature(output_folder=str(out / "sigs"), config=cfg)],
@@ -275,6 +274,28 @@ def datatrove(d: Path, tokenizer: Path, fuzzy: dict) -> dict:
             "dedup_only_s": round(base + stages["filter + write"], 2), "read": read, "kept": kept,
             "removed": read - kept, "tokens": _datatrove_tokens(out / "logs" / "filter + tokenize"),
             "load_before": load}
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path):
+    """File descriptor 2 into `path` (appended) for the block: datatrove's tasks log every step
+    and its stats to stderr at INFO, whatever the parent's loguru settings (its logging_dir keeps
+    them too); the tail is shown if the block fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with path.open("ab") as f:
+            os.dup2(f.fileno(), 2)
+        yield
+    except BaseException:
+        os.dup2(saved, 2)
+        print(path.read_text(errors="replace")[-3000:], file=sys.stderr)
+        raise
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _datatrove_tokens(logs: Path) -> int | None:
