@@ -12,7 +12,8 @@ of the word types are replaced by other words of the corpus, so neither exact no
 collapses the copies; the table shows the documents kept, which must grow about N times).
 
 1. Scale: the quickstart DataPile (examples/quickstart/datapile.yaml: categorize, six filters,
-   exact and fuzzy dedup, a trained tokenizer, packing, publish) at each size. Figures: the driver's
+   exact and fuzzy dedup, a trained tokenizer, packing, publish; its Ray given every core) at
+   each size. Figures: the driver's
    peak RSS (VmHWM of the `fmforge run` process itself, sampled from /proc while it runs; Ray's
    GCS, raylet and workers are other processes: their largest peak is shown apart), the whole
    run's wall time (process start to exit) and MB/s per core (input bytes on disk / seconds /
@@ -41,6 +42,10 @@ collapses the copies; the table shows the documents kept, which must grow about 
    No filters on either side: the only candidates that count the same thing are simple length
    rules, and datatrove's Gopher filters count spacy tokens as words, so on code they drop far
    more documents than whitespace words do; the comparison keeps to what both sides do alike.
+
+`--tokenizer-sample` instead times tokenizer training on samples of 4, 8, 16 MB and all of the
+xlarge corpus, with the held-out bytes per token of each (the figures behind
+tokenizer.train.sampleBytes' default).
 
 The tokenizer both sides use is a byte-level BPE of 2,048 tokens (<|endoftext|> and <|pad|>
 special) trained here with Hugging Face `tokenizers` on the first 8 MB of the 1x documents.
@@ -73,7 +78,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from scale import corpus_bytes, distinct_copies, run_fmforge  # noqa: E402
 
 QUICKSTART = ROOT / "examples" / "quickstart"
-CORES = os.cpu_count() or 1
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 CORPORA = {"quickstart": [], "large": ["--recursive"], "xlarge": ["--recursive", "--with-tests"]}
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 SEQUENCE_LENGTH = 128
@@ -131,9 +136,12 @@ def _run(manifest: Path, state: Path):
 
 
 def scale_run(d: Path, n: int) -> dict:
-    """The quickstart DataPile on `d`/corpus (n copies), in a fresh state directory."""
+    """The quickstart DataPile on `d`/corpus (n copies), in a fresh state directory, with Ray
+    given every core here (the quickstart asks for 2)."""
     manifest = d / "datapile.yaml"
-    shutil.copy(QUICKSTART / "datapile.yaml", manifest)
+    m = yaml.safe_load((QUICKSTART / "datapile.yaml").read_text())
+    m["spec"]["resources"] = m["spec"].get("resources", {}) | {"workers": 1, "cpusPerWorker": CORES}
+    manifest.write_text(yaml.safe_dump(m, sort_keys=False))
     mb = corpus_bytes(d / "corpus") / 1e6
     load = _load()
     shutil.rmtree(d / ".fmforge-scale", ignore_errors=True)
@@ -327,6 +335,47 @@ def side_by_side(corpus: Path, d: Path, n: int, tokenizer: Path | None, fuzzy: d
     return row, tokenizer
 
 
+# -- tokenizer sample ----------------------------------------------------------------------------
+
+
+def tokenizer_sample(work: Path) -> list[dict]:
+    """What training the tokenizer on a sample costs: training time and bytes per token on 300
+    held-out documents, for samples of 4, 8 and 16 MB and for all the rest of the xlarge corpus
+    (the figures behind tokenizer.train.sampleBytes' default). Documents are taken in the order of
+    a hash of their text, as the stage takes them in the order of their id (a content hash); the
+    tokenizer is the quickstart's (byte-level BPE, its vocabulary size), trained with Hugging Face
+    `tokenizers` directly."""
+    import hashlib
+
+    from tokenizers import ByteLevelBPETokenizer
+
+    write_jsonl(build_corpus(work / "base", "xlarge"), work / "jsonl")
+    texts = [json.loads(line)["text"] for p in sorted((work / "jsonl").glob("*.jsonl")) for line in p.open()]
+    texts.sort(key=lambda t: hashlib.sha256(t.encode()).digest())
+    held_out, rest = texts[-300:], texts[:-300]
+    held_bytes = sum(len(t.encode()) for t in held_out)
+    vocab = yaml.safe_load((QUICKSTART / "datapile.yaml").read_text())["spec"]["tokenizer"]["train"]["vocabSize"]
+    rows = []
+    for limit in (4_000_000, 8_000_000, 16_000_000, 0):
+        sample, size = [], 0
+        for t in rest:
+            if limit and size >= limit:
+                break
+            sample.append(t)
+            size += len(t.encode())
+        t0 = time.perf_counter()
+        tok = ByteLevelBPETokenizer(add_prefix_space=False)
+        tok.train_from_iterator(sample, vocab_size=vocab, min_frequency=2, special_tokens=[EOS, PAD],
+                                show_progress=False)
+        seconds = time.perf_counter() - t0
+        n = sum(len(e.ids) for e in tok.encode_batch(held_out))
+        rows.append({"sample_mb": round(size / 1e6, 1), "train_s": round(seconds, 2),
+                     "held_out_bytes_per_token": round(held_bytes / n, 3)})
+        print(f"tokenizer on {rows[-1]['sample_mb']:6.1f} MB: trained in {seconds:5.2f}s, "
+              f"{rows[-1]['held_out_bytes_per_token']:.3f} bytes/token on held-out text")
+    return rows
+
+
 # -- report --------------------------------------------------------------------------------------
 
 
@@ -404,6 +453,8 @@ def main() -> int:
     ap.add_argument("--skip-datatrove", action="store_true", help="in part 2, run fmforge's side only")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each measurement this many times and keep the fastest (default: %(default)s)")
+    ap.add_argument("--tokenizer-sample", action="store_true",
+                    help="instead: tokenizer training time and held-out compression by sample size (xlarge corpus)")
     ap.add_argument("--work", type=Path, help="work directory, kept afterwards (default: a temporary one, removed)")
     args = ap.parse_args()
     sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
@@ -416,6 +467,14 @@ def main() -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="fmforge-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    if args.tokenizer_sample:
+        try:
+            rows = tokenizer_sample(work)
+        finally:
+            if args.work is None:
+                shutil.rmtree(work, ignore_errors=True)
+        print(json.dumps({"benchmark": "tokenizer-sample", "results": rows}))
+        return 0
     result: dict = {"benchmark": "datapile", "corpus": args.corpus, "cores": CORES, "sizes": sizes,
                     "repeat": args.repeat}
     try:
