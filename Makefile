@@ -22,7 +22,7 @@ help:
 	@echo "make test         run every test tier"
 	@echo "make crds         regenerate crds/ and the chart's CRDs from the API models"
 	@echo "make bench        DataPile at 1x and 4x, and beside datatrove (prints figures, never part of make test;"
-	@echo "                  ARGS=\"--corpus xlarge\" for the 42 MB corpus, ARGS=--help for the options)"
+	@echo "                  ARGS=\"--corpus quickstart\" for a shorter run, ARGS=--help for the options)"
 	@echo "make bench-train  TrainingRun benchmark beside a plain PyTorch DDP loop (never part of make test)"
 	@echo "make bench-serve  model server against the same model in-process (never part of make test)"
 	@echo "make bench-operator  the operator with 200 and 1,000 TrainingRuns on the test control plane"
@@ -72,8 +72,8 @@ $(BENCH_VENV)/.installed: operator/pyproject.toml
 	$(BENCH_VENV)/bin/python -m pip install -q -e "operator[data]" "datatrove[processing]" orjson spacy
 	touch $@
 
-# DataPile at 1x and 4x distinct copies of the quickstart corpus (driver memory, MB/s per core), and
-# beside datatrove doing the same work (add ARGS="--corpus xlarge" for the 42 MB corpus, ARGS=--help).
+# DataPile at 1x and 4x distinct copies of the 42 MB stdlib corpus (driver memory, MB/s per core), and
+# beside datatrove doing the same work; about 11 minutes on 2 cores (ARGS="--corpus quickstart": 2-4).
 bench: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python tests/bench/bench_datapile.py $(ARGS)
 

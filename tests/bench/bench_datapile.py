@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark the DataPile stage at two sizes of the same work, beside datatrove doing that work.
 
-    make bench                       (creates .venv-bench with fmforge[data] and datatrove, runs this)
-    make bench ARGS="--corpus xlarge --sizes 1,4"      (the 42 MB stdlib corpus with its test suites)
+    make bench                           (creates .venv-bench with fmforge[data] and datatrove, runs this)
+    make bench ARGS="--corpus quickstart"    (the 10 MB quickstart corpus: a few minutes)
 
 The stage is exercised only through `fmforge run` in a subprocess and what it leaves behind
 (`fmforge get -o json`, the data card's JSON under the state directory), never through its
@@ -52,8 +52,10 @@ special) trained here with Hugging Face `tokenizers` on the first 8 MB of the 1x
 
 Prints a table per part and, last, one JSON line of every figure, with the 1-minute load average
 before each run: on a shared machine other work slows a run down (--repeat N keeps the fastest of
-N runs). About 4 minutes on 2 cores with the defaults (quickstart corpus, sizes 1 and 4), about
-13 with --corpus xlarge; --skip-datatrove, --skip-scale or --sizes 1 for less.
+N runs). The default corpus is the one issue 13's figures come from: the quickstart's builder with
+--recursive --with-tests (the stdlib with its packages and test suites, 42 MB; 4x is 174 MB).
+About 11 minutes on 2 cores with the defaults (sizes 1 and 4) on a machine loaded by other work,
+2-4 minutes with --corpus quickstart (10 MB); --skip-datatrove, --skip-scale or --sizes 1 for less.
 """
 
 from __future__ import annotations
@@ -343,8 +345,8 @@ def tokenizer_sample(work: Path) -> list[dict]:
     held-out documents, for samples of 4, 8 and 16 MB and for all the rest of the xlarge corpus
     (the figures behind tokenizer.train.sampleBytes' default). Documents are taken in the order of
     a hash of their text, as the stage takes them in the order of their id (a content hash); the
-    tokenizer is the quickstart's (byte-level BPE, its vocabulary size), trained with Hugging Face
-    `tokenizers` directly."""
+    tokenizer is the DataPile's default (byte-level BPE, `tokenizer.train`'s default vocabulary and
+    minimum frequency), trained with Hugging Face `tokenizers` directly."""
     import hashlib
 
     from tokenizers import ByteLevelBPETokenizer
@@ -354,7 +356,10 @@ def tokenizer_sample(work: Path) -> list[dict]:
     texts.sort(key=lambda t: hashlib.sha256(t.encode()).digest())
     held_out, rest = texts[-300:], texts[:-300]
     held_bytes = sum(len(t.encode()) for t in held_out)
-    vocab = yaml.safe_load((QUICKSTART / "datapile.yaml").read_text())["spec"]["tokenizer"]["train"]["vocabSize"]
+    sys.path.insert(0, str(ROOT / "operator" / "src"))
+    from fmforge.api.v1alpha1.datapile import TokenizerTraining  # the API's defaults, not the stage
+
+    defaults = TokenizerTraining()
     rows = []
     for limit in (4_000_000, 8_000_000, 16_000_000, 0):
         sample, size = [], 0
@@ -365,8 +370,8 @@ def tokenizer_sample(work: Path) -> list[dict]:
             size += len(t.encode())
         t0 = time.perf_counter()
         tok = ByteLevelBPETokenizer(add_prefix_space=False)
-        tok.train_from_iterator(sample, vocab_size=vocab, min_frequency=2, special_tokens=[EOS, PAD],
-                                show_progress=False)
+        tok.train_from_iterator(sample, vocab_size=defaults.vocab_size, min_frequency=defaults.min_frequency,
+                                special_tokens=[EOS, PAD], show_progress=False)
         seconds = time.perf_counter() - t0
         n = sum(len(e.ids) for e in tok.encode_batch(held_out))
         rows.append({"sample_mb": round(size / 1e6, 1), "train_s": round(seconds, 2),
@@ -444,7 +449,7 @@ def report_side(rows: list[dict]) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--corpus", choices=sorted(CORPORA), default="quickstart",
+    ap.add_argument("--corpus", choices=sorted(CORPORA), default="xlarge",
                     help="quickstart: the stdlib's top-level modules (~10 MB); large: its packages too (~23 MB); "
                     "xlarge: and its test suites (~42 MB) (default: %(default)s)")
     ap.add_argument("--sizes", default="1,4", help="copies of the corpus to run, comma-separated (default: %(default)s)")
