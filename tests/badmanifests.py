@@ -10,8 +10,9 @@ cluster tier.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 API = "fmforge.io/v1alpha1"
 
@@ -121,12 +122,14 @@ CASES: list[Case] = [
     Case("hap-threshold-negative", "DataPile", _set("spec.filters.1.threshold", -0.1),
          "spec.filters[1].threshold", "must be greater than or equal to 0", "should be greater than or equal to 0"),
     Case("canary-over-100", "Deployment", _set("spec.kserve.canaryTrafficPercent", 150),
-         "spec.kserve.canaryTrafficPercent", "must be less than or equal to 100", "should be less than or equal to 100"),
+         "spec.kserve.canaryTrafficPercent", "must be less than or equal to 100",
+         "should be less than or equal to 100"),
     Case("workers-zero", "TrainingRun", _set("spec.resources.workers", 0),
          "spec.resources.workers", "must be greater than or equal to 1", "should be greater than or equal to 1"),
     # unknown fields
     Case("unknown-training-field", "TrainingRun", _set("spec.training.epochs", 3),
-         "spec.training.epochs", "unknown field; allowed fields here: maxSteps", ".spec.training.epochs: field not declared in schema"),
+         "spec.training.epochs", "unknown field; allowed fields here: maxSteps",
+         ".spec.training.epochs: field not declared in schema"),
     Case("unknown-spec-field", "DataPile", _set("spec.owner", "me"),
          "spec.owner", "unknown field; allowed fields here: sources", ".spec.owner: field not declared in schema"),
     Case("field-of-other-filter-type", "DataPile", _set("spec.filters.1.allow", ["en"]),
@@ -150,6 +153,12 @@ CASES: list[Case] = [
     Case("neither-base-model", "TunedModel", _set("spec.baseModelRef", _DELETE),
          "spec", "exactly one of baseModelRef or baseModel must be set",
          "exactly one of baseModelRef or baseModel must be set"),
+    Case("tuning-data-uri-and-configmap", "TunedModel", _set("spec.data.configMap", {"name": "qa"}),
+         "spec.data", "data needs exactly one of uri, dataPileRef or configMap",
+         "data needs exactly one of uri, dataPileRef or configMap"),
+    Case("tuning-data-none", "TunedModel", _set("spec.data.uri", _DELETE),
+         "spec.data", "data needs exactly one of uri, dataPileRef or configMap",
+         "data needs exactly one of uri, dataPileRef or configMap"),
     Case("tokenizer-train-and-uri", "DataPile",
          _set("spec.tokenizer", {"train": {"vocabSize": 4096}, "uri": "file://tok"}),
          "spec.tokenizer", "exactly one of train or uri must be set", "exactly one of train or uri must be set"),

@@ -110,7 +110,8 @@ def main() -> int:
     ap.add_argument("--force", action="store_true", help="rebuild even if the stamp matches")
     args = ap.parse_args()
     stamp = args.out / ".stamp"
-    key = json.dumps({"max_files": args.max_files, "recursive": args.recursive, "tests": args.with_tests, "trees": [str(t) for t in stdlib_trees()], "v": 1})
+    key = json.dumps({"max_files": args.max_files, "recursive": args.recursive, "tests": args.with_tests,
+                      "trees": [str(t) for t in stdlib_trees()], "v": 1})
     if stamp.exists() and stamp.read_text() == key and not args.force:
         print(f"Corpus is up to date in {args.out}")
         return 0

@@ -129,7 +129,7 @@ def run_size(cp: ControlPlane, api: Api, n: int, tmp: Path, keep_logs: Path | No
             d = manifest("TrainingRun", f"one{i:02d}", dataPileRef={"name": "pile", "tag": "v1"})
             d["metadata"]["namespace"] = ns
             t = api.create(path, d)
-            wait_for("its RayJob", lambda: f"one{i:02d}-g1-train" in seen, every=0.002)
+            wait_for("its RayJob", lambda i=i: f"one{i:02d}-g1-train" in seen, every=0.002)
             single.append(seen[f"one{i:02d}-g1-train"] - t)
         base_requests = op.metric("fmforge_api_requests_total")
         base_reconciles = op.metric("fmforge_reconciles_total")
@@ -141,7 +141,7 @@ def run_size(cp: ControlPlane, api: Api, n: int, tmp: Path, keep_logs: Path | No
         created: dict[str, float] = {}
         t0 = time.monotonic()
         with ThreadPoolExecutor(16) as pool:
-            for d, t in zip(docs, pool.map(lambda d: api.create(path, d), docs)):
+            for d, t in zip(docs, pool.map(lambda d: api.create(path, d), docs), strict=True):
                 created[d["metadata"]["name"]] = t
         applied = time.monotonic() - t0
         wait_for(f"{n} RayJobs", lambda: sum(1 for k in seen if k.startswith("run")) >= n, timeout=600, every=0.5)
@@ -191,8 +191,8 @@ def main() -> int:
         rows = [run_size(cp, api, n, cp.workdir, args.keep_logs) for n in args.sizes]
     finally:
         cp.stop()
-    cols = ["objects", "one_at_a_time_p50_s", "apply_seconds", "all_rayjobs_seconds", "p50_s", "p99_s", "max_s", "requests_per_reconcile",
-            "requests_per_object", "operator_rss_peak_mb", "kopf_noop_rss_peak_mb"]
+    cols = ["objects", "one_at_a_time_p50_s", "apply_seconds", "all_rayjobs_seconds", "p50_s", "p99_s", "max_s",
+            "requests_per_reconcile", "requests_per_object", "operator_rss_peak_mb", "kopf_noop_rss_peak_mb"]
     print(" ".join(f"{c:>22}" for c in cols))
     for r in rows:
         print(" ".join(f"{r[c]!s:>22}" for c in cols))

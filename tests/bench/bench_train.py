@@ -15,7 +15,8 @@ other on this machine:
 Steady-state tokens/s is measured over the steps after the first `--warmup` (start-up, first
 batches and compilation excluded), from each step's wall-clock time: the mean, and from the
 median step (on a shared machine a neighbour's burst lands on one side only; the load average
-of each side is printed). Prints a table and one JSON line. Goal on 2 CPU workers: fmforge's overhead <= 5% of the peer's tokens/s. With --device cuda:
+of each side is printed). Prints a table and one JSON line. Goal on 2 CPU workers: fmforge's
+overhead <= 5% of the peer's tokens/s. With --device cuda:
 MFU >= 40% (model FLOPs: 6 x parameters + attention per token, over the GPU's bf16 peak).
 """
 
@@ -79,7 +80,10 @@ def steady(curve: list[dict], warmup: int) -> dict[str, float]:
     pts = [p for p in curve if p["step"] > warmup]
     t0 = next(p["unixTime"] for p in curve if p["step"] == warmup)
     secs = pts[-1]["unixTime"] - t0
-    times = sorted(b["unixTime"] - a["unixTime"] for a, b in zip([c for c in curve if c["step"] >= warmup], pts))
+    # Each step after warm-up paired with the one before it: the first list is one longer (it
+    # starts at the warm-up step), and its last element pairs with nothing.
+    times = sorted(b["unixTime"] - a["unixTime"]
+                   for a, b in zip([c for c in curve if c["step"] >= warmup], pts, strict=False))
     median = times[len(times) // 2]
     tokens = sum(p["tokens"] for p in pts)
     return {"mean": tokens / secs, "median": tokens / len(pts) / median, "step": secs / len(pts)}
@@ -212,7 +216,8 @@ def main() -> int:
     figures = {
         "device": args.device, "workers": args.workers, "parameters": rec["status"]["model"]["parameters"],
         "steps": args.steps, "warmup": args.warmup, "globalBatch": args.global_batch, "microBatch": args.micro_batch,
-        "sequenceLength": args.seq, "fmforgeTokensPerSecond": round(fm_tps, 1), "peerTokensPerSecond": round(peer_tps, 1),
+        "sequenceLength": args.seq, "fmforgeTokensPerSecond": round(fm_tps, 1),
+        "peerTokensPerSecond": round(peer_tps, 1),
         "fmforgeMedianTokensPerSecond": round(fm["median"], 1), "peerMedianTokensPerSecond": round(peer["median"], 1),
         "fmforgeSecondsPerStep": round(fm["step"], 4), "peerSecondsPerStep": round(peer["step"], 4),
         "overhead": round(1 - fm_tps / peer_tps, 4), "overheadMedian": round(1 - fm["median"] / peer["median"], 4),

@@ -15,8 +15,17 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from controlplane import ROOT, ControlPlane, kserve_crds, kuberay_crds  # noqa: E402
-from tools import unavailable  # noqa: E402
+from controlplane import (  # noqa: E402
+    KSERVE_MODULE,
+    KSERVE_VERSIONS,
+    KUBERAY_MODULE,
+    KUBERAY_VERSION,
+    ROOT,
+    ControlPlane,
+    kserve_crds,
+    kuberay_crds,
+)
+from tools import standin_note, unavailable  # noqa: E402
 
 STANDIN_NOTE: list[str] = []
 
@@ -38,7 +47,7 @@ def cluster():
 
 
 def _standin(group: str, kind: str, plural: str) -> str:
-    """A minimal stand-in CRD, used only when the real one's Go module is not served."""
+    """A minimal stand-in CRD, used only when the real one's Go module is not served (never in CI)."""
     return f"""apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
 metadata: {{name: {plural}.{group}, labels: {{fmforge.io/stand-in: "true"}}}}
@@ -67,7 +76,7 @@ def crds(cluster: ControlPlane) -> dict[str, str]:
             cluster.kubectl("apply", "--server-side", "-f", str(f))
         origin["ray.io"] = f"{files[0].parent} (real)"
     except RuntimeError as e:
-        STANDIN_NOTE.append(f"KubeRay CRDs: stand-in used, the module was not served: {e}")
+        STANDIN_NOTE.append(standin_note("KubeRay CRDs", KUBERAY_MODULE, KUBERAY_VERSION, e))
         for kind, plural in (("RayJob", "rayjobs"), ("RayCluster", "rayclusters")):
             cluster.kubectl("apply", "--server-side", "-f", "-", input=_standin("ray.io", kind, plural))
         origin["ray.io"] = "stand-in"
@@ -77,7 +86,7 @@ def crds(cluster: ControlPlane) -> dict[str, str]:
             cluster.kubectl("apply", "--server-side", "-f", str(f))
         origin["serving.kserve.io"] = f"kserve {version} (real)"
     except RuntimeError as e:
-        STANDIN_NOTE.append(f"KServe CRDs: stand-in used, the module was not served: {e}")
+        STANDIN_NOTE.append(standin_note("KServe CRDs", KSERVE_MODULE, " or ".join(KSERVE_VERSIONS), e))
         cluster.kubectl("apply", "--server-side", "-f", "-",
                         input=_standin("serving.kserve.io", "InferenceService", "inferenceservices"))
         origin["serving.kserve.io"] = "stand-in"

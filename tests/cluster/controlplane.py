@@ -75,7 +75,7 @@ def _pem_key(key) -> bytes:
 
 
 def _cert(subject, issuer, pub, signing_key, *, ca: bool, sans=(), usages=()) -> x509.Certificate:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     b = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -105,7 +105,7 @@ class Pki:
 
     dir: Path
 
-    def generate(self) -> "Pki":
+    def generate(self) -> Pki:
         self.dir.mkdir(parents=True, exist_ok=True)
         ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_name = _name("fmforge-test-ca")
@@ -167,7 +167,7 @@ class ControlPlane:
     def log(self, name: str) -> Path:
         return self.workdir / f"{name}.log"
 
-    def start(self, timeout: float = 120.0) -> "ControlPlane":
+    def start(self, timeout: float = 120.0) -> ControlPlane:
         t0 = time.monotonic()
         self.etcd_dir = build("etcd")
         self.k8s = build("k8s")
@@ -292,7 +292,7 @@ class ControlPlane:
             p = self.procs[name]
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
-        for name, p in self.procs.items():
+        for p in self.procs.values():
             try:
                 # kube-apiserver drains its watches for up to a minute; nothing here needs that.
                 p.wait(timeout=5)

@@ -18,8 +18,9 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from badmanifests import BASE
 from controlplane import ROOT, ControlPlane, free_port
@@ -49,7 +50,7 @@ class OperatorProcess:
     def log(self) -> Path:
         return self.cluster.workdir / f"{self.name}.log"
 
-    def start(self, timeout: float = 60.0) -> "OperatorProcess":
+    def start(self, timeout: float = 60.0) -> OperatorProcess:
         self.metrics_port, self.health_port = free_port(), free_port()
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
                "PYTHONPATH": str(ROOT / "operator" / "src"), "FMFORGE_METRICS_PORT": str(self.metrics_port),

@@ -12,7 +12,10 @@ import pytest
 import yaml
 from badmanifests import BASE, CASES, Case
 from controlplane import ROOT, ControlPlane
-from tools import build
+from tools import build, unavailable
+
+from fmforge.api.v1alpha1 import KINDS
+from fmforge.kube.builders import plan_configmap
 
 # examples/gitops holds a Kustomize base and Argo CD Applications, not plain manifests:
 # test_gitops.py renders and applies them.
@@ -37,7 +40,7 @@ def test_third_party_crds_are_installed(cluster: ControlPlane, crds: dict[str, s
 
 def test_real_kuberay_and_kserve_schemas_accept_their_objects(cluster: ControlPlane, crds):
     if "stand-in" in (crds["ray.io"], crds["serving.kserve.io"]):
-        pytest.skip("a stand-in CRD is installed; its schema proves nothing")
+        unavailable("a stand-in CRD is installed; its schema proves nothing")
     ns = _ns(cluster, "thirdparty")
     rayjob = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "probe"},
               "spec": {"entrypoint": "python -m fmforge.runtime.job",
@@ -95,7 +98,7 @@ def test_bad_manifest_is_rejected_by_the_api_server(cluster: ControlPlane, crds,
 
 def test_base_manifests_are_accepted(cluster: ControlPlane, crds):
     ns = _ns(cluster, "base")
-    for kind, doc in BASE.items():
+    for doc in BASE.values():
         cluster.kubectl("apply", "--server-side", "-n", ns, "-f", "-", input=json.dumps(doc))
 
 
@@ -121,8 +124,8 @@ def _pod_from_chart(rendered_chart: str) -> tuple[dict, dict]:
     [dep] = [d for d in docs if d["kind"] == "Deployment"]
     [sa] = [d for d in docs if d["kind"] == "ServiceAccount"]
     tpl = dep["spec"]["template"]
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "fmforge-operator", "labels": tpl["metadata"]["labels"]},
-           "spec": tpl["spec"]}
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "fmforge-operator", "labels": tpl["metadata"]["labels"]}, "spec": tpl["spec"]}
     return pod, sa
 
 
@@ -156,23 +159,26 @@ def _wait_gone(cluster: ControlPlane, *args: str, timeout: float = 90) -> float:
 
 
 def test_owner_reference_garbage_collection(cluster: ControlPlane, crds):
+    """A child built the way the operator builds it (kube.builders, with kube.names' name, labels
+    and owner reference) is collected when its DataPile is deleted."""
     ns = _ns(cluster, "gc")
     cluster.kubectl("apply", "--server-side", "-n", ns, "-f", "-", input=json.dumps(BASE["DataPile"]))
-    uid = cluster.kubectl("get", "datapile", "bad", "-n", ns, "-o", "jsonpath={.metadata.uid}").stdout
-    child = {"apiVersion": "v1", "kind": "ConfigMap",
-             "metadata": {"name": "bad-g1-card", "namespace": ns,
-                          "labels": {"fmforge.io/kind": "DataPile", "fmforge.io/name": "bad"},
-                          "ownerReferences": [{"apiVersion": "fmforge.io/v1alpha1", "kind": "DataPile", "name": "bad",
-                                               "uid": uid, "controller": True, "blockOwnerDeletion": True}]},
-             "data": {"card.md": "# bad"}}
+    pile = json.loads(cluster.kubectl("get", "datapile", "bad", "-n", ns, "-o", "json").stdout)
+    child = plan_configmap(pile, {"kind": "DataPile"})
+    assert child["metadata"]["name"] == "bad-g1-prepare"
     cluster.kubectl("apply", "-f", "-", input=json.dumps(child))
     cluster.kubectl("delete", "datapile", "bad", "-n", ns, "--wait=false")
-    took = _wait_gone(cluster, "configmap", "bad-g1-card", "-n", ns)
+    took = _wait_gone(cluster, "configmap", "bad-g1-prepare", "-n", ns)
     print(f"child ConfigMap collected {took:.1f}s after its DataPile was deleted")
 
 
 def test_namespace_deletion_removes_fmforge_objects(cluster: ControlPlane, crds):
     ns = _ns(cluster, "nsdel")
     cluster.kubectl("apply", "--server-side", "-n", ns, "-f", str(ROOT / "examples" / "quickstart"))
+    objects = json.loads(cluster.kubectl("get", "fmforge", "-n", ns, "-o", "json").stdout)["items"]
+    assert sorted(o["kind"] for o in objects) == sorted(KINDS)
+    # Each with a child as the operator builds it: owner references must not hold the namespace up.
+    for obj in objects:
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(plan_configmap(obj, {"kind": obj["kind"]})))
     cluster.kubectl("delete", "namespace", ns, "--wait=false")
     _wait_gone(cluster, "namespace", ns)

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from argocd import ARGOCD_MODULE, ARGOCD_VERSION, KINDS, script
 from controlplane import ROOT, ControlPlane, module_dir
-from tools import build
+from tools import build, standin_note, unavailable
 
 from fmforge.api.v1alpha1 import kind_info
 
@@ -63,7 +63,7 @@ def application_crd(cluster: ControlPlane, crds) -> str:
         cluster.kubectl("apply", "--server-side", "-f", str(path))
         origin = f"{ARGOCD_MODULE}@{ARGOCD_VERSION} manifests/crds/application-crd.yaml (real)"
     except RuntimeError as e:
-        warnings.warn(f"Argo CD Application CRD: stand-in used, the module was not served: {e}")
+        warnings.warn(standin_note("Argo CD Application CRD", ARGOCD_MODULE, ARGOCD_VERSION, e), stacklevel=1)
         cluster.kubectl("apply", "--server-side", "-f", "-", input=STANDIN)
         origin = "stand-in"
     # Served once established and discovered: a list succeeds only then.
@@ -128,7 +128,7 @@ def test_pipeline_is_accepted_by_the_api_server(cluster: ControlPlane, crds, pip
 
 def test_applications_are_accepted_with_every_field_kept(cluster: ControlPlane, application_crd: str):
     if application_crd == "stand-in":
-        pytest.skip("a stand-in Application CRD accepts anything; it proves nothing")
+        unavailable("a stand-in Application CRD accepts anything; it proves nothing")
     ns = _ns(cluster, "argocd")
     for path in sorted(APPS.glob("*.yaml")):
         app = yaml.safe_load(path.read_text())
@@ -187,6 +187,7 @@ def test_health_snippet_merges_into_argocd_cm(cluster: ControlPlane, operator_ap
     snippet["metadata"]["namespace"] = fmforge
     cluster.kubectl("apply", "-f", "-", input=json.dumps(snippet))
     data = cluster.kubectl("-n", fmforge, "get", "configmap", "fmforge-argocd-health", "-o", "jsonpath={.data}").stdout
-    cluster.kubectl("-n", argocd, "patch", "configmap", "argocd-cm", "--type", "merge", "--patch", f'{{"data": {data}}}')
+    cluster.kubectl("-n", argocd, "patch", "configmap", "argocd-cm", "--type", "merge",
+                    "--patch", f'{{"data": {data}}}')
     merged = json.loads(cluster.kubectl("-n", argocd, "get", "configmap", "argocd-cm", "-o", "json").stdout)["data"]
     assert merged == existing | {f"resource.customizations.health.fmforge.io_{k}": script(k) for k in KINDS}

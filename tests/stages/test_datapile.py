@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import yaml
 from paths import STAGE_DATA as DATA
@@ -79,7 +82,7 @@ def test_known_near_duplicates_go(first_run, corpus: Path):
                     near.append(a.name)
     assert near, "the two trees must differ in some files"
     docs = docs_of(state, "v1")
-    paths = [p for p, s in zip(docs.column("path").to_pylist(), docs.column("source").to_pylist())
+    paths = [p for p, s in zip(docs.column("path").to_pylist(), docs.column("source").to_pylist(), strict=True)
              if s == "python-code"]
     for name in near:
         assert sum(p.endswith("/" + name) for p in paths) <= 1, f"both copies of {name} survived"
@@ -88,7 +91,6 @@ def test_known_near_duplicates_go(first_run, corpus: Path):
 def test_hap_pii_and_licenses(first_run):
     _, state, _ = first_run
     docs = docs_of(state, "v1")
-    ids_text = dict(zip(docs.column("path").to_pylist(), docs.column("text").to_pylist()))
     texts = "\n".join(docs.column("text").to_pylist())
     assert "fucking idiot" not in texts and "worthless crap" not in texts
     assert "reference counting handles most objects" in texts.lower()  # the clean line stays
@@ -96,10 +98,9 @@ def test_hap_pii_and_licenses(first_run):
     assert "4111 1111 1111 1111" not in texts and "<CREDIT_CARD>" in texts and "<IBAN>" in texts
     assert "<IP_ADDRESS>" in texts and "192.0.2.15" in texts, "documentation addresses are not personal"
     assert "1234 5678 9012 3456" in texts, "a number failing Luhn is not a card"
-    lic = {p: l for p, l in zip(docs.column("path").to_pylist(), docs.column("license").to_pylist())}
+    lic = dict(zip(docs.column("path").to_pylist(), docs.column("license").to_pylist(), strict=True))
     assert not any(p.startswith("GPL") for p in lic), "GPL texts are outside the allow-list"
     assert lic.get("Apache-2.0.txt") == "Apache-2.0"
-    assert ids_text
 
 
 def test_languages_on_labelled_samples():
@@ -209,16 +210,33 @@ def test_pack_lays_documents_end_to_end_with_eos():
     assert short.to_pylist()[0]["input_ids"] == [1, 2, 0, 9] and short.to_pylist()[0]["length"] == 3
 
 
-def test_encode_on_ray_keeps_document_order(first_run, tmp_path: Path):
-    from fmforge.stages import raysession
-    from fmforge.stages.datapile import encode_on_ray
-
-    _, _, rec = first_run
+def test_sequences_hold_exactly_the_kept_documents(first_run):
+    """Each piece's sequences, cut at EOS, are the token ids of that piece's kept documents of
+    the split, each once: nothing lost, nothing duplicated, no document across two pieces."""
+    _, state, rec = first_run
     tok = tk.load_tokenizer(Path(rec["status"]["dataCard"].removeprefix("file://")).parent / "tokenizer")
-    texts = [f"document {i}: " + "the quick brown fox " * (1 + (i * 7) % 40) for i in range(64)]
-    raysession.start(tmp_path, 2)
-    got = encode_on_ray(pa.array(texts), tok.to_str()).to_pylist()
-    assert got == [tok.encode(t, add_special_tokens=False).ids for t in texts]
+    eos, pad = tk.special_ids(tok)
+    cat = pub.catalog(state.root)
+    docs = pub.read_version(cat, "default", "pydocs", "v1")
+    seqs = pub.read_version(cat, "default", "pydocs", "v1", which="sequences").sort_by("seq")
+    pairs = list(zip(docs.column("text").to_pylist(), docs.column("split").to_pylist(), strict=True))
+    want = {split: sorted(tuple(tok.encode(t, add_special_tokens=False).ids) for t, sp in pairs if sp == split)
+            for split in ("train", "validation")}
+    got: dict[str, list] = {"train": [], "validation": []}
+    pieces = {}
+    for row in seqs.to_pylist():
+        pieces.setdefault((row["seq"] >> 32, row["split"]), []).append(row["input_ids"][:row["length"]])
+    for (_, split), rows in pieces.items():
+        flat = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows])
+        assert flat[-1] == eos, "a piece's last sequence ends at a document boundary"
+        cuts = np.flatnonzero(flat == eos)
+        got[split] += [tuple(x) for x in np.split(flat[:cuts[-1]], cuts[:-1] + 1)]
+        assert all(len(r) == 128 for r in rows[:-1]), "only the last sequence of a piece is short"
+    got = {k: sorted(tuple(t for t in doc if t != eos) for doc in v) for k, v in got.items()}
+    assert got == want
+    assert pad not in np.concatenate([np.asarray(r[:rec_len]) for r, rec_len in
+                                      zip(seqs.column("input_ids").to_pylist(), seqs.column("length").to_pylist(),
+                                          strict=True)])
 
 
 def test_data_card(first_run):
@@ -262,3 +280,73 @@ def test_retag_publishes_no_new_snapshot(first_run):
     sid = int(rec["status"]["version"]["snapshotId"])
     assert t.snapshot_by_name("stable").snapshot_id == sid == t.snapshot_by_name("v1").snapshot_id
     assert state.read("DataPile", "pydocs")["status"]["tags"] == ["stable", "v1"]
+
+
+def test_keep_dropped_publishes_each_dropped_document_with_its_reason(corpus: Path, tmp_path: Path):
+    """publish.keepDropped: a third table of the same version holds every document a filter or
+    dedup dropped, with the reason (and for a duplicate, the document it duplicates); its counts
+    are the status's counters. A version made without it has no such table."""
+    import shutil
+
+    from piles import SMALL
+
+    d = tmp_path / "w"
+    shutil.copytree(corpus, d / "corpus")
+    m = copy.deepcopy(SMALL)
+    m["spec"]["publish"]["keepDropped"] = True
+    assert run_paths([write(d, m)], console=RunConsole(rich=False)).ok
+    state = StateDir(d / ".fmforge")
+    st = state.read("DataPile", "pydocs")["status"]
+    cat = pub.catalog(state.root)
+    dropped = pub.read_version(cat, "default", "pydocs", "v1", which="dropped")
+    docs = pub.read_version(cat, "default", "pydocs", "v1")
+    counts = Counter(dropped.column("reason").to_pylist())
+    assert counts == {k: v for k, v in st["stats"]["dropped"].items() if v}
+    assert counts["duplicateExact"] > 0 and counts["quality"] > 0
+    assert not set(dropped.column("id").to_pylist()) & set(docs.column("id").to_pylist())
+    text = dict(zip(docs.column("id").to_pylist() + dropped.column("id").to_pylist(),
+                    docs.column("text").to_pylist() + dropped.column("text").to_pylist(), strict=True))
+    for row in dropped.to_pylist():
+        if row["reason"] == "duplicateExact":
+            a, b = dd.normalize(pa.array([row["text"], text[row["duplicate_of"]]])).to_pylist()
+            assert a == b and row["duplicate_of"] < row["id"], "the copy with the smallest id stays"
+        elif row["reason"] == "quality":
+            assert row["rule"] and row["duplicate_of"] is None
+    card = json.loads(Path(st["dataCard"].removeprefix("file://")).with_suffix(".json").read_text())
+    assert card["droppedTable"] == "default.pydocs_dropped"
+    assert card["stats"]["stepSeconds"]["quality"] > 0 and card["stats"]["stepSeconds"]["minhash"] > 0
+    assert st["stats"]["stepSeconds"] == card["stats"]["stepSeconds"]
+
+    # the same pile without it is another version, with no dropped table
+    m["spec"]["publish"]["keepDropped"] = False
+    assert run_paths([write(d, m)], console=RunConsole(rich=False)).ok
+    with pytest.raises(KeyError, match="keepDropped"):
+        pub.read_version(pub.catalog(state.root), "default", "pydocs", "v1", which="dropped")
+
+
+def test_pieces_and_partitions_do_not_change_what_is_kept(first_run):
+    """The same steps in this process, over the whole corpus as one table and one shuffle
+    partition (the shape of the pipeline before it streamed), keep exactly the documents and
+    count exactly the drops of the Ray run, which cut the corpus into pieces and shuffled the
+    band keys over several partitions."""
+    from fmforge.api.v1alpha1.datapile import DataPileSpec
+    from fmforge.stages.datapile import workers as wk
+    from fmforge.stages.datapile.sources import read_source
+
+    d, state, rec = first_run
+    spec = DataPileSpec.model_validate(PILE["spec"])
+    whole = wk.process_batch(pa.concat_tables([read_source(s, d)[0] for s in spec.sources]), spec)
+    alive = whole.filter(pc.is_null(whole.column("dropped")))
+    ids = np.asarray(alive.column("id").to_pylist(), dtype=object)
+    h = np.stack([alive.column("hash_hi").to_numpy(), alive.column("hash_lo").to_numpy()], axis=1)
+    exact, _ = dd.exact_duplicates(ids, h)
+    fz = spec.dedup.fuzzy
+    bands = wk.band_piece(whole, pa.array(exact, pa.string()), fz.bands, 1, fz.verify)
+    pairs, _ = wk.pairs_of_bands(fz.threshold, fz.verify, bands)
+    fuzzy, _, _ = dd.components(np.asarray(pairs.column("a").to_pylist(), dtype=object),
+                                np.asarray(pairs.column("b").to_pylist(), dtype=object))
+    kept = sorted(set(ids) - set(exact) - set(fuzzy))
+    assert kept == sorted(docs_of(state, "v1").column("id").to_pylist())
+    dropped = rec["status"]["stats"]["dropped"]
+    assert (dropped["duplicateExact"], dropped["duplicateFuzzy"]) == (len(exact), len(fuzzy))
+    assert rec["status"]["stats"]["sequences"] > 0 and len(state.read("DataPile", "pydocs")) > 0

@@ -42,20 +42,26 @@ def _snapshots(state: StateDir) -> list[int]:
     return [s.snapshot_id for s in t.snapshots()]
 
 
-@pytest.mark.parametrize("where", ["pack", "promote"])
+@pytest.mark.parametrize("where", ["commit", "promote"])
 def test_failure_half_way_keeps_the_previous_version(tmp_path: Path, corpus: Path, monkeypatch, where: str):
     d = _dir(tmp_path, corpus)
     assert _run(d, SMALL).ok
     state = StateDir(d / ".fmforge")
     v1 = state.read("DataPile", "pydocs")["status"]
     v1_rows = pub.read_version(pub.catalog(state.root), "default", "pydocs", "v1").num_rows
+    real = getattr(pub, where)
+    calls = []
 
     def boom(*a, **k):
-        raise RuntimeError(f"injected failure in {where}")
+        calls.append(where)
+        if len(calls) == (2 if where == "commit" else 1):
+            raise RuntimeError(f"injected failure in {where}")
+        return real(*a, **k)
 
-    # A new spec (tag v2, another filter setting) whose run fails: before publishing (pack) or
-    # after the staged table commits but before the version is made visible (promote).
-    monkeypatch.setattr(tk if where == "pack" else pub, where, boom)
+    # A new spec (tag v2, another filter setting) whose run fails after the workers wrote its
+    # files: when the sequences table's snapshot is staged but not the documents' (commit), or
+    # after both are staged and the documents' refs moved, before the sequences' (promote).
+    monkeypatch.setattr(pub, where, boom)
     v2 = copy.deepcopy(SMALL)
     v2["spec"]["publish"]["tags"] = ["v1", "v2"]
     v2["spec"]["filters"][-1]["minWords"] = 30
@@ -75,12 +81,29 @@ def test_failure_half_way_keeps_the_previous_version(tmp_path: Path, corpus: Pat
     t = pub.catalog(state.root).load_table(pub.table_names("default", "pydocs")[0])
     new = state.read("DataPile", "pydocs")["status"]
     assert t.snapshot_by_name("v2").snapshot_id == int(new["version"]["snapshotId"]) != int(v1["version"]["snapshotId"])
+    # the failed attempt's files are gone: every attempt folder left holds files of a snapshot
+    for which, (on_disk, referenced) in _attempt_folders(state).items():
+        assert on_disk == referenced and len(on_disk) == 2, which
     # the old version stays readable by snapshot id
-    assert pub.read_version(pub.catalog(state.root), "default", "pydocs", int(v1["version"]["snapshotId"])).num_rows == v1_rows
+    old = pub.read_version(pub.catalog(state.root), "default", "pydocs", int(v1["version"]["snapshotId"]))
+    assert old.num_rows == v1_rows
     # one snapshot per version and table: v1 an append, v2 an overwrite (no separate delete)
     for name in pub.table_names("default", "pydocs"):
         snaps = pub.catalog(state.root).load_table(name).snapshots()
         assert [s.summary.operation.value for s in snaps] == ["append", "overwrite"], name
+
+
+def _attempt_folders(state: StateDir) -> dict[str, tuple[set[str], set[str]]]:
+    """Per table: the attempt folders in its data folder, and those its snapshots' files are in."""
+    out = {}
+    for which in ("documents", "sequences"):
+        t = pub.catalog(state.root).load_table(pub.table_name("default", "pydocs", which))
+        data = Path(t.location().removeprefix("file://")) / "data"
+        on_disk = {p.name for p in data.iterdir() if p.name.startswith(pub.ATTEMPT_PREFIX)}
+        referenced = {e.data_file.file_path.rsplit("/", 2)[-2] for snap in t.snapshots()
+                      for m in snap.manifests(t.io) for e in m.fetch_manifest_entry(t.io)}
+        out[which] = on_disk, referenced
+    return out
 
 
 def _fail_message(d: Path, manifest: dict) -> str:
@@ -283,10 +306,15 @@ def test_pile_published_to_an_s3_warehouse(tmp_path: Path, corpus: Path, s3_serv
         "s3.secret-access-key": s3_server.secret_key, "s3.region": "us-east-1"}))
     d = _dir(tmp_path, corpus)
     assert _run(d, SMALL).ok
+    # what a run killed before it committed leaves: an attempt folder no snapshot refers to
+    left = s3_server.root / "lake" / "piles" / "default" / "pydocs_documents" / "data" / "fmforge-0123-dead"
+    left.mkdir(parents=True)
+    (left / "000000.parquet").write_bytes(b"PAR1 not committed")
     v2 = copy.deepcopy(SMALL)
     v2["spec"]["publish"]["tags"] = ["v2"]
     v2["spec"]["filters"][-1]["minWords"] = 30
     assert _run(d, v2).ok
+    assert not left.exists(), "the next run removes it through the catalog's S3 settings"
     state = StateDir(d / ".fmforge")
     cat = pub.catalog(state.root)
     kept = state.read("DataPile", "pydocs")["status"]["stats"]["documents"]["kept"]
@@ -323,10 +351,14 @@ def test_s3_sources_read_like_files(tmp_path: Path, corpus: Path, s3_server, mon
     file:// reads, keeps and digests the same documents; a missing prefix fails clearly."""
     import pyarrow.fs as pafs
 
+    from fmforge.stages import raysession
     from fmforge.stages.datapile.sources import s3_filesystem
 
     for k, v in s3_server.env().items():
         monkeypatch.setenv(k, v)
+    # The Ray workers read the sources with the credentials of their environment, which they
+    # take from this process when Ray starts: start a Ray that has them.
+    raysession.shutdown()
     (s3_server.root / "piles").mkdir()  # the bucket
     s3 = s3_filesystem()
     for sub in ("prose", "extra"):
@@ -357,6 +389,7 @@ def test_s3_sources_read_like_files(tmp_path: Path, corpus: Path, s3_server, mon
     assert "python-docs" in report.outcomes[0].message and "s3://piles/nothing-here/" in report.outcomes[0].message
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    raysession.shutdown()
     m["spec"]["sources"][0]["uri"] = "s3://piles/raw/prose/"
     report = _run(remote, m)
     assert not report.ok and "check the credentials" in report.outcomes[0].message

@@ -174,7 +174,8 @@ def _producer_records(state: StateDir, model_dir: Path, card_approved: bool | No
     """Records of a TrainingRun that made `model_dir` and (unless None) a ModelCard of it, as an
     earlier `fmforge run` leaves them: the runner's contract with the Deployment stage."""
     digest = model_digest(model_dir)
-    state.write({"apiVersion": "fmforge.io/v1alpha1", "kind": "TrainingRun", "metadata": {"name": "gpt", "generation": 1},
+    state.write({"apiVersion": "fmforge.io/v1alpha1", "kind": "TrainingRun",
+                 "metadata": {"name": "gpt", "generation": 1},
                  "spec": {}, "status": {"phase": "Succeeded", "model": {"uri": model_dir.as_uri(), "digest": digest}},
                  "fmforge": {"artifactDigest": digest}})
     if card_approved is not None:

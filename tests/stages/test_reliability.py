@@ -207,7 +207,7 @@ def test_a_second_run_on_the_same_state_dir_is_refused(tmp_path: Path, corpus: P
 
 def test_a_killed_run_is_reported_dead_and_the_next_run_takes_over(tmp_path: Path, corpus: Path, capsys):
     d = _workdir(tmp_path, corpus)
-    run, marker, _ = _start(d, ("fmforge.stages.datapile.tokenize", "pack", 1, "wait"))  # Ray is up by then
+    run, marker, _ = _start(d, ("fmforge.stages.datapile.tokenize", "save_tokenizer", 1, "wait"))  # Ray is up by then
     _wait_for(marker, run)
     state = StateDir(d / ".fmforge")
     assert state.read("DataPile", "pydocs")["status"]["phase"] == "Running"
@@ -233,7 +233,7 @@ def test_a_killed_run_is_reported_dead_and_the_next_run_takes_over(tmp_path: Pat
 
 def test_sigterm_ends_a_run_as_interrupted(tmp_path: Path, corpus: Path):
     d = _workdir(tmp_path, corpus)
-    run, marker, _ = _start(d, ("fmforge.stages.datapile.tokenize", "pack", 1, "wait"))
+    run, marker, _ = _start(d, ("fmforge.stages.datapile.tokenize", "save_tokenizer", 1, "wait"))
     _wait_for(marker, run)
     run.send_signal(signal.SIGTERM)
     out, err = run.communicate(timeout=120)
@@ -294,3 +294,59 @@ def test_kill_inside_publish(tmp_path: Path, corpus: Path, call: int):
         # staged sequences snapshot belongs to the published version and is completed, not removed
         assert os.path.exists(f.removeprefix("file://")) == (call == 2)
     assert len(pub.read_version(cat, "default", "pydocs", "v2", which="sequences")) > 0
+
+
+# -- a Ray worker killed mid-run -------------------------------------------------------------------
+
+
+def _ray_workers_running(state_root: Path, pid: int, task: str) -> list[int]:
+    """Pids of the worker processes of run `pid`'s Ray that are running `task` now: children of
+    its raylet (whose command line names the run's Ray folder) titled `ray::<task>`."""
+    raylets = set(raysession.processes_using(raysession.temp_dir(state_root, pid)))
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int(Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            title = Path(f"/proc/{entry.name}/cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid in raylets and title.startswith(f"ray::{task}".encode()):
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_worker_killed_mid_run_is_retried_and_the_version_is_exact(tmp_path: Path, corpus: Path):
+    """SIGKILL of a Ray worker while it processes a piece: Ray runs the task again, and the
+    version is the same, document for document and sequence for sequence, as an undisturbed run."""
+    pile = copy.deepcopy(SMALL)
+    pile["spec"]["sources"].append({"name": "python-code", "uri": "file://corpus/code/", "format": "code",
+                                    "include": ["*.py"], "license": "PSF-2.0"})
+    (tmp_path / "calm").mkdir()
+    (tmp_path / "killed").mkdir()
+    calm = _workdir(tmp_path / "calm", corpus, pile)
+    shutil.copytree(corpus / "code", calm / "corpus" / "code")
+    assert _run(calm).ok
+    d = _workdir(tmp_path / "killed", corpus, pile)
+    shutil.copytree(corpus / "code", d / "corpus" / "code")
+    # the driver waits at its first gather of the processed pieces; the tasks run meanwhile
+    run, marker, go = _start(d, ("fmforge.stages.datapile.workers", "gather", 3, "wait"))
+    _wait_for(marker, run)
+    state_root = d / ".fmforge"
+    deadline = time.monotonic() + 60
+    killed = []
+    while not killed and time.monotonic() < deadline:
+        for pid in _ray_workers_running(state_root, run.pid, "process_piece"):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        time.sleep(0.01)
+    go.touch()
+    out, err = run.communicate(timeout=300)
+    assert killed, "no worker was seen processing a piece"
+    assert run.returncode == 0, out + err
+    assert StateDir(state_root).read("DataPile", "pydocs")["status"]["phase"] == "Succeeded"
+    for which in ("documents", "sequences"):
+        a, b = (pub.read_version(pub.catalog(x / ".fmforge"), "default", "pydocs", which=which) for x in (calm, d))
+        key = "id" if which == "documents" else "seq"
+        assert a.sort_by(key).equals(b.sort_by(key)), which

@@ -17,8 +17,12 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import re
 import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -244,3 +248,197 @@ def test_bad_input_fails_before_training(ws: Workspace, base_run: dict, change: 
     # refused before a worker started: no checkpoint, no model
     assert not (ws.state.artifacts_dir("TunedModel", "bad") / "attempts").exists()
     assert "model" not in rec["status"]
+
+
+# -- where the examples and the base model come from ---------------------------------------------
+
+PILE = {
+    "apiVersion": "fmforge.io/v1alpha1", "kind": "DataPile", "metadata": {"name": "mini"},
+    "spec": {
+        "sources": [{"name": "prose", "uri": "file://corpus/prose/", "format": "jsonl", "license": "PSF-2.0"},
+                    {"name": "code", "uri": "file://corpus/code/", "format": "code", "include": ["*.py"]}],
+        "categorize": {"naturalLanguage": {"enabled": False}, "programmingLanguage": {"enabled": False}},
+        "filters": [], "dedup": {"exact": True, "fuzzy": {"enabled": False}},
+        "tokenizer": {"train": {"vocabSize": 512}}, "tokenize": {"sequenceLength": 64},
+        "publish": {"tags": ["v1"]},
+    },
+}
+
+
+def test_examples_from_a_pile_version(ws: Workspace, base_run: dict, corpus: Path):
+    """data.dataPileRef: the pile's documents at the tagged snapshot are the records (their
+    columns the fields), read up to maxDocuments; the lineage names the version's digest."""
+    from fmforge.stages.datapile.publish import catalog, read_version
+
+    shutil.copytree(corpus, ws.root / "corpus", dirs_exist_ok=True)
+    outcome, pile = ws.run(PILE)
+    assert outcome.word == "Succeeded", outcome.message
+    docs = read_version(catalog(ws.state.root), "default", "mini", "v1")
+    assert docs.num_rows > 60 and set(docs.column("source").to_pylist()) == {"prose", "code"}
+
+    spec = json.loads(json.dumps(QA_SPEC))
+    # which source a document came from, told by its path: short examples, and learnable
+    spec["data"] = {"dataPileRef": {"name": "mini", "tag": "v1", "maxDocuments": 60},
+                    "promptTemplate": "File: {path}\nSource:", "completionTemplate": " {source}",
+                    "validationFraction": 0.2}
+    spec["training"] = {"epochs": 2, "learningRate": 1.0e-2, "microBatchSize": 8}
+    outcome, rec = ws.run(tuned_model("from-pile", spec))
+    assert outcome.word == "Succeeded", outcome.message
+    st = rec["status"]
+    version = pile["status"]["version"]
+    assert st["data"]["examples"] == 60  # bounded by maxDocuments, not the whole pile
+    assert st["data"]["dataPile"] == {"name": "mini", "tag": "v1", "snapshotId": version["snapshotId"],
+                                      "digest": version["digest"]}
+    assert st["data"]["digest"] == version["digest"] and "uri" not in st["data"]
+    [_, data] = rec["fmforge"]["lineage"]
+    assert data["name"] == "DataPile/mini" and data["digest"] == version["digest"]
+    assert data["snapshotId"] == version["snapshotId"]
+    assert data["uri"].endswith(f"mini_documents@{version['snapshotId']}")
+    assert st["validation"]["examples"] == 12 and st["validation"]["after"]["loss"] < st["validation"]["before"]["loss"]
+
+    # a placeholder that is not a column of the documents: refused before a worker starts
+    spec["data"]["completionTemplate"] = " {answer}"
+    outcome, rec = ws.run(tuned_model("from-pile-bad", spec))
+    assert outcome.word == "Failed", outcome.message
+    assert "templates read answer" in rec["status"]["message"] and "its columns are id, source, path, text" in \
+        rec["status"]["message"]
+    # a tag the pile does not have
+    spec["data"]["dataPileRef"]["tag"] = "v9"
+    p = ws.root / "from-pile-tag.yaml"
+    p.write_text(yaml.safe_dump(tuned_model("from-pile-tag", spec)))
+    report = run_paths([p], state_dir=ws.state.root, console=RunConsole(rich=False))
+    assert not report.ok
+
+
+def test_a_configmap_source_needs_a_cluster_and_is_read_where_the_pod_mounts_it(ws: Workspace, base_run: dict,
+                                                                                   tmp_path: Path):
+    from fmforge.runtime.job import run_plan
+
+    spec = json.loads(json.dumps(QA_SPEC))
+    spec["data"] = {"configMap": {"name": "qa-examples", "key": "qa.jsonl"},
+                    "promptTemplate": "Question: {question}\nAnswer:", "completionTemplate": " {answer} ({source})"}
+    outcome, rec = ws.run(tuned_model("from-cm", spec))
+    assert outcome.word == "Failed"
+    msg = rec["status"]["message"]
+    assert "ConfigMap qa-examples is read on a cluster only" in msg and "data.uri: file://qa.jsonl" in msg
+
+    # in a RayJob the operator mounts the ConfigMap (one file per key) and names the folder in
+    # the plan: the stage reads the records there (the first lacks `source`, so it stops there,
+    # naming the ConfigMap's key and the line)
+    mounted = tmp_path / "configmaps" / "qa-examples"
+    mounted.mkdir(parents=True)
+    shutil.copy(QA, mounted / "qa.jsonl")
+    plan = {"kind": "TunedModel", "name": "from-cm", "namespace": "default", "generation": 1, "spec": spec,
+            "inputs": {"TrainingRun/base": base_run["status"]}, "artifacts": str(tmp_path / "art"),
+            "stateDir": str(ws.state.root), "baseDir": str(ws.root), "configMaps": {"qa-examples": str(mounted)}}
+    with pytest.raises(Exception) as e:
+        run_plan(plan)
+    assert "configmap://qa-examples/qa.jsonl line 1: no field 'source'" in str(e.value)
+    plan["spec"]["data"]["configMap"]["key"] = "examples.jsonl"
+    with pytest.raises(Exception) as e:
+        run_plan(plan)
+    assert "ConfigMap qa-examples has no key 'examples.jsonl' (its keys: qa.jsonl)" in str(e.value)
+
+
+def test_base_model_from_s3_is_downloaded_once_then_cached(ws: Workspace, base_run: dict, s3_server, monkeypatch,
+                                                           tmp_path: Path):
+    """baseModel.uri on s3:// (a real S3 server): read through pyarrow's S3 filesystem into the
+    cache, tuned from there; the same objects are not fetched again, a rewritten one is. The
+    ConfigMap source runs here too, as in a pod: the plan names the mounted folder."""
+    import pyarrow.fs as pafs
+
+    from fmforge.runtime.job import run_plan
+    from fmforge.stages.datapile.sources import s3_filesystem
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    local = path_of(base_run["status"]["model"]["uri"])
+    (s3_server.root / "models").mkdir(exist_ok=True)
+    pafs.copy_files(str(local), "models/base", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=s3_filesystem())
+    mounted = tmp_path / "configmaps" / "qa-examples"
+    mounted.mkdir(parents=True)
+    shutil.copy(QA, mounted / "qa.jsonl")
+    spec = json.loads(json.dumps(QA_SPEC))
+    del spec["baseModelRef"]
+    spec["baseModel"] = {"uri": "s3://models/base"}
+    spec["data"] = {**spec["data"], "configMap": {"name": "qa-examples", "key": "qa.jsonl"}}
+    del spec["data"]["uri"]
+    spec["training"] = {"epochs": 1, "learningRate": 1.0e-2, "microBatchSize": 8}
+    plan = {"kind": "TunedModel", "name": "from-s3", "namespace": "default", "generation": 1, "spec": spec,
+            "inputs": {}, "artifacts": str(tmp_path / "art"), "stateDir": str(ws.state.root),
+            "baseDir": str(ws.root), "configMaps": {"qa-examples": str(mounted)}}
+    result = run_plan(plan)
+    st = result["status"]
+    assert st["base"] == {"uri": "s3://models/base", "digest": base_run["status"]["model"]["digest"]}
+    assert st["data"]["uri"] == "configmap://qa-examples/qa.jsonl"
+    assert st["data"]["digest"] == "sha256:" + hashlib.sha256(b"qa.jsonl\0" + QA.read_bytes() + b"\0").hexdigest()
+    cache = ws.state.root / "cache" / "models"
+    [copy] = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    assert model_digest(copy) == base_run["status"]["model"]["digest"]
+    stamp = (copy / "config.json").stat().st_mtime_ns
+    # run again: the cached copy, not a second download
+    run_plan(plan)
+    assert [p for p in cache.iterdir() if not p.name.startswith(".")] == [copy]
+    assert (copy / "config.json").stat().st_mtime_ns == stamp
+    # a prefix without config.json is refused, saying what to point at
+    plan["spec"]["baseModel"]["uri"] = "s3://models/nothing"
+    with pytest.raises(Exception) as e:
+        run_plan(plan)
+    assert "s3://models/nothing is not a model directory in Hugging Face layout (no config.json" in str(e.value)
+
+
+# -- faults ---------------------------------------------------------------------------------------
+
+
+def _kill_a_worker_after(root: Path, step: int, found: list[Path], killed: list[int], stop: threading.Event) -> None:
+    """Once the run under `root` has written its checkpoint of `step`, SIGKILL one Ray Train
+    worker process: only a child of this test process (its own local Ray), never another Ray
+    session on the machine."""
+    import psutil
+
+    while not stop.is_set():
+        new = list(root.rglob(f"checkpoint-{step:08d}"))
+        if new:
+            found.append(new[0])
+            for p in psutil.Process().children(recursive=True):
+                try:
+                    cmdline = " ".join(p.cmdline())
+                except psutil.Error:
+                    continue
+                if "RayTrainWorker" in cmdline:
+                    os.kill(p.pid, signal.SIGKILL)
+                    killed.append(p.pid)
+                    return
+        time.sleep(0.02)
+
+
+def test_a_worker_killed_mid_tuning_resumes_from_its_checkpoint(ws: Workspace, base_run: dict):
+    """A Ray Train worker SIGKILLed after the first epoch's checkpoint: Ray Train restarts the
+    workers (faultTolerance.maxFailures 1), they resume from that checkpoint, and the tuning
+    finishes with every step counted once."""
+    spec = json.loads(json.dumps(QA_SPEC))
+    spec["training"] = {"epochs": 8, "learningRate": 1.0e-2, "microBatchSize": 8}
+    spec["faultTolerance"] = {"maxFailures": 1}
+    root = ws.state.artifacts_dir("TunedModel", "killed")
+    found: list[Path] = []
+    killed: list[int] = []
+    stop = threading.Event()
+    t = threading.Thread(target=_kill_a_worker_after, args=(root, 3, found, killed, stop), daemon=True)
+    t.start()
+    try:
+        outcome, rec = ws.run(tuned_model("killed", spec))
+    finally:
+        stop.set()
+        t.join()
+    assert killed, "no Ray Train worker was found to kill"
+    assert outcome.word == "Succeeded", outcome.message
+    st = rec["status"]
+    # 45 examples, 2 workers, 8 a batch: 3 steps an epoch; killed after the checkpoint of step 3
+    assert st["progress"]["step"] == st["progress"]["maxSteps"] == 8 * 3
+    assert 3 <= st["progress"]["resumedFromStep"] < 24
+    log = json.loads((path_of(st["model"]["uri"]) / TRAINING_LOG).read_text())
+    assert log["restarts"] == 1 and log["resumedFromStep"] == st["progress"]["resumedFromStep"]
+    # the loss curve has each step once: the resumed workers did not start over
+    assert [p["step"] for p in log["lossCurve"]] == list(range(1, 25))
+    assert st["validation"]["after"]["loss"] < st["validation"]["before"]["loss"]

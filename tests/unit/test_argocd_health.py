@@ -38,7 +38,7 @@ def results(runner) -> dict[tuple[str, str], dict]:
     out = {}
     for mode, open_libs in MODES.items():
         got = evaluate(runner, [(script(c.kind), c.object()) for c in CASES], open_libs)
-        out.update({(mode, c.id): r for c, r in zip(CASES, got)})
+        out.update({(mode, c.id): r for c, r in zip(CASES, got, strict=True)})
     return out
 
 
@@ -82,7 +82,7 @@ def test_a_broken_script_fails_the_cases(runner):
               .replace("observed < meta.generation", "false") for k in KINDS}
     assert all(broken[k] != script(k) for k in KINDS)
     got = evaluate(runner, [(broken[c.kind], c.object()) for c in CASES], False)
-    wrong = {c.id for c, r in zip(CASES, got) if r != {"status": c.status, "message": c.message}}
+    wrong = {c.id for c, r in zip(CASES, got, strict=True) if r != {"status": c.status, "message": c.message}}
     for kind in KINDS:
         assert {f"{kind}/testdata/failed.yaml", f"{kind}/testdata/stale-generation.yaml"} <= wrong
 

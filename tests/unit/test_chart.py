@@ -54,7 +54,8 @@ def test_operator_deployment_is_restricted(helm):
     assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
     assert "runAsUser" not in sc
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and "readinessProbe" in c
-    assert c["resources"]["limits"]["memory"]
+    assert c["resources"] == {"requests": {"cpu": "100m", "memory": "256Mi"},
+                              "limits": {"cpu": "1", "memory": "512Mi"}}, "values.yaml's resources, as they are"
     assert all(p["containerPort"] >= 1024 for p in c["ports"])
     assert not any("hostPath" in v for v in pod["volumes"])
     assert c["command"] == ["fmforge"] and c["args"] == ["operator"]
@@ -82,10 +83,13 @@ def test_every_setting_the_chart_passes_is_read_by_the_operator(helm):
 
 
 def test_rbac_is_least_privilege(helm):
-    for sets in ([], ["watchNamespaces={team-a,team-b}"]):
+    # Cluster-wide: one ClusterRole; watching namespaces: one Role in each and no ClusterRole.
+    expected = {(): [("ClusterRole", None)], ("watchNamespaces={team-a,team-b}",): [("Role", "team-a"),
+                                                                                      ("Role", "team-b")]}
+    for sets, kinds in expected.items():
         docs = _template(helm, *sets)
         roles = [d for d in docs if d["kind"] in ("Role", "ClusterRole")]
-        assert roles
+        assert sorted((r["kind"], r["metadata"].get("namespace")) for r in roles) == kinds
         for role in roles:
             for rule in role["rules"]:
                 for key in ("apiGroups", "resources", "verbs"):
@@ -98,6 +102,10 @@ def test_rbac_is_least_privilege(helm):
             assert own["verbs"] == ["list", "watch"]
             secrets = [r for r in role["rules"] if "secrets" in r["resources"]]
             assert secrets == [], "the operator does not read secrets"
+            # the Route of expose: route: applied and deleted, never read or watched, and no
+            # custom hosts (routes/custom-host)
+            [routes] = [r for r in role["rules"] if "route.openshift.io" in r["apiGroups"]]
+            assert routes["resources"] == ["routes"] and routes["verbs"] == ["create", "patch", "delete"]
 
 
 def test_watch_namespaces_give_roles_not_cluster_roles(helm):

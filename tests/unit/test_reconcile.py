@@ -12,6 +12,7 @@ import kopf
 import pytest
 from badmanifests import BASE
 
+from fmforge.api.v1alpha1 import RayResources
 from fmforge.kube.settings import Settings
 from fmforge.reconcile import deployment, jobs
 from fmforge.reconcile.decision import status_patch
@@ -221,6 +222,68 @@ def test_the_fmforge_runtime_serves_with_the_predictor_image():
     assert c["securityContext"]["allowPrivilegeEscalation"] is False and c["readinessProbe"]["httpGet"]["port"] == 8080
 
 
+def test_expose_route_applies_a_route_before_the_inference_service_and_deletes_it_when_turned_off():
+    dep, w = _serving({"approved": True, "modelDigest": "sha256:a"})
+    dep["spec"]["kserve"]["expose"] = "route"
+    d = deployment.decide(dep, w, [], SETTINGS)
+    route, isvc = d.apply
+    assert route["kind"] == "Route" and route["apiVersion"] == "route.openshift.io/v1"
+    assert route["spec"]["to"] == {"kind": "Service", "name": "serve-predictor", "weight": 100}
+    assert route["spec"]["tls"] == {"termination": "edge", "insecureEdgeTerminationPolicy": "Redirect"}
+    assert route["metadata"]["ownerReferences"][0]["uid"] == dep["metadata"]["uid"]
+    assert isvc["metadata"]["annotations"]["fmforge.io/route"] == "serve" and d.delete == []
+    # applied: nothing again
+    assert deployment.decide(dep, w, [isvc], SETTINGS).apply == []
+    # the TLS setting is part of the hash: a change applies both again
+    dep["spec"]["kserve"]["routeTls"] = "none"
+    dep["metadata"]["generation"] = 2
+    route2, _ = deployment.decide(dep, w, [isvc], SETTINGS).apply
+    assert "tls" not in route2["spec"]
+    # expose none: the InferenceService alone, and the Route it recorded is deleted
+    dep["spec"]["kserve"]["expose"] = "none"
+    dep["metadata"]["generation"] = 3
+    d = deployment.decide(dep, w, [isvc], SETTINGS)
+    [plain] = d.apply
+    assert plain["kind"] == "InferenceService" and "fmforge.io/route" not in plain["metadata"]["annotations"]
+    [(res, name, why)] = d.delete
+    assert (res.kind, name) == ("Route", "serve") and "expose" in why
+    # and once that is applied, no Route is deleted again
+    assert deployment.decide(dep, w, [plain], SETTINGS).delete == []
+
+
+def test_a_tuning_configmap_is_mounted_into_the_ray_pods_and_named_in_the_plan():
+    from fmforge.kube import builders
+
+    tm = obj("TunedModel", "qa")
+    tm["spec"]["data"] = {"configMap": {"name": "qa-examples", "key": "qa.jsonl"}, "promptTemplate": "{q}"}
+    rj = builders.rayjob(tm, SETTINGS, RayResources(workers=2))
+    for group in (rj["spec"]["rayClusterSpec"]["headGroupSpec"], rj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]):
+        pod = group["template"]["spec"]
+        assert {"name": "configmap-0", "configMap": {"name": "qa-examples"}} in pod["volumes"]
+        [c] = pod["containers"]
+        assert {"name": "configmap-0", "mountPath": "/etc/fmforge/configmaps/qa-examples",
+                "readOnly": True} in c["volumeMounts"]
+    assert builders.plan(tm, SETTINGS, {})["configMaps"] == {"qa-examples": "/etc/fmforge/configmaps/qa-examples"}
+    # a file-based tuning set mounts nothing of the kind
+    plain = builders.rayjob(obj("TunedModel", "qa"), SETTINGS, RayResources())
+    assert not [v for v in plain["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"]
+                if "configMap" in v and v["name"] != "plan"]
+
+
+def test_a_tuning_pile_is_a_reference_the_tuned_model_waits_for():
+    pile = obj("DataPile", "docs")
+    tm = obj("TunedModel", "qa")
+    tm["spec"]["data"] = {"dataPileRef": {"name": "docs", "tag": "v2"}, "promptTemplate": "{text}"}
+    tm["spec"]["baseModelRef"] = {"kind": "TrainingRun", "name": "gpt"}
+    base = done(obj("TrainingRun", "gpt"), model={"uri": "pvc://m/gpt", "digest": "sha256:a"})
+    r = resolve(tm, world(pile, base, tm))
+    assert r.waiting == ["DataPile/docs (Pending)"]
+    done(pile, tags=["v1"])
+    assert "tagged 'v2'" in resolve(tm, world(pile, base, tm)).waiting[0]
+    pile["status"]["tags"] = ["v1", "v2"]
+    assert set(resolve(tm, world(pile, base, tm)).inputs) == {"DataPile/docs", "TrainingRun/gpt"}
+
+
 # -- store and queue ------------------------------------------------------------------------------
 
 
@@ -280,7 +343,6 @@ def test_the_operator_process_never_imports_torch_or_ray():
 
 
 def test_rayjob_builder_mounts_claims_and_requests_gpus():
-    from fmforge.api.v1alpha1 import RayResources
     from fmforge.kube.builders import rayjob
 
     pile = obj("DataPile", "docs")

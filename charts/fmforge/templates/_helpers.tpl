@@ -39,8 +39,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{/* The rules of the operator's role: exactly the requests fmforge.kube.client and kopf make.
 kopf lists and watches the five kinds and the children; the reconcilers patch status, create
-children (a 409 is read back with get), update InferenceServices in place, stop RayJobs of an
-older generation, and create each namespace's stage ServiceAccount/Role/RoleBinding; the Role
+children (a 409 is read back with get), update InferenceServices in place, apply the OpenShift
+Route of `expose: route` (server-side apply: create and patch) and delete it when expose turns
+off, stop RayJobs of an older generation, and create each namespace's stage
+ServiceAccount/Role/RoleBinding; the Role
 grants get and patch of the status subresources, which the operator must hold itself. */}}
 {{- define "fmforge.rules" -}}
 - apiGroups: ["fmforge.io"]
@@ -55,6 +57,9 @@ grants get and patch of the status subresources, which the operator must hold it
 - apiGroups: ["serving.kserve.io"]
   resources: [inferenceservices]
   verbs: [get, list, watch, create, patch]
+- apiGroups: ["route.openshift.io"]
+  resources: [routes]
+  verbs: [create, patch, delete]
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, create]

@@ -20,9 +20,10 @@ import argparse
 import json
 import os
 import sys
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -93,10 +94,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         # The run at a glance: each object, what happened, how long it took, what it made.
         rows = [(o.key, o.word, f"{o.seconds:.1f}s" if o.seconds else "-", o.message) for o in report.outcomes]
         widths = [max(len(r[i]) for r in rows + [("OBJECT", "RESULT", "TIME", "")]) for i in range(3)]
-        print("  ".join(h.ljust(w) for h, w in zip(("OBJECT", "RESULT", "TIME"), widths)) + "  DETAIL")
+        print("  ".join(h.ljust(w) for h, w in zip(("OBJECT", "RESULT", "TIME"), widths, strict=True)) + "  DETAIL")
         for r in rows:
             detail = r[3] if len(r[3]) <= 100 else r[3][:99] + "…"
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + detail)
+            # The first three columns padded; the detail (the fourth) follows as it is.
+            print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + detail)
     counts: dict[str, int] = {}
     for o in report.outcomes:
         counts[o.word] = counts.get(o.word, 0) + 1
@@ -138,7 +140,7 @@ def _age(ts: str | None) -> str:
     if not ts:
         return "<unknown>"
     then = datetime.fromisoformat(ts.replace("Z", "+00:00"))
-    s = int((datetime.now(timezone.utc) - then).total_seconds())
+    s = int((datetime.now(UTC) - then).total_seconds())
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if s >= size:
             return f"{s // size}{unit}"
@@ -202,13 +204,32 @@ def cmd_get(args: argparse.Namespace) -> int:
         ]
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         for row in table:
-            print("   ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+            print("   ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
         if len(kinds) > 1:
             print()
     return EXIT_OK
 
 
 # -- lineage --------------------------------------------------------------------------------------
+
+
+def _describe(rec: dict[str, Any]) -> str:
+    """One line of `fmforge lineage`: the phase, generation and what the object made or used."""
+    st, fm = rec.get("status", {}), rec.get("fmforge", {})
+    bits = [st.get("phase") or "Pending", f"generation {rec['metadata'].get('generation')}"]
+    if st.get("version"):
+        bits.append(f"snapshot {st['version'].get('snapshotId')}")
+    if st.get("tags"):
+        bits.append("tags " + ",".join(st["tags"]))
+    if (st.get("dataPile") or {}).get("snapshotId"):
+        bits.append(f"trained on {st['dataPile']['name']} snapshot {st['dataPile']['snapshotId']}")
+    if st.get("modelDigest"):
+        bits.append(f"evaluated {st['modelDigest'][:19]}" + (" (approved)" if st.get("approved") else ""))
+    if (st.get("model") or {}).get("uri"):
+        bits.append(f"model {st['model']['uri']}")
+    if fm.get("artifactDigest"):
+        bits.append(fm["artifactDigest"][:19])
+    return ", ".join(bits)
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
@@ -228,23 +249,6 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         _err(f"{kind}/{name} not found in {state.root}")
         return EXIT_FAILED
 
-    def describe(rec: dict[str, Any]) -> str:
-        st, fm = rec.get("status", {}), rec.get("fmforge", {})
-        bits = [st.get("phase") or "Pending", f"generation {rec['metadata'].get('generation')}"]
-        if st.get("version"):
-            bits.append(f"snapshot {st['version'].get('snapshotId')}")
-        if st.get("tags"):
-            bits.append("tags " + ",".join(st["tags"]))
-        if (st.get("dataPile") or {}).get("snapshotId"):
-            bits.append(f"trained on {st['dataPile']['name']} snapshot {st['dataPile']['snapshotId']}")
-        if st.get("modelDigest"):
-            bits.append(f"evaluated {st['modelDigest'][:19]}" + (" (approved)" if st.get("approved") else ""))
-        if (st.get("model") or {}).get("uri"):
-            bits.append(f"model {st['model']['uri']}")
-        if fm.get("artifactDigest"):
-            bits.append(fm["artifactDigest"][:19])
-        return ", ".join(bits)
-
     def walk(k: str, n: str, depth: int, seen: set[str]) -> None:
         key = f"{k}/{n}"
         rec = state.read(k, n)
@@ -252,7 +256,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         if rec is None:
             print(f"{pad}{key}: not in the state directory")
             return
-        print(f"{pad}{key}: {describe(rec)}")
+        print(f"{pad}{key}: {_describe(rec)}")
         if key in seen:
             return
         seen.add(key)
@@ -260,7 +264,8 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         for ref in KINDS[k].references(spec):
             walk(ref.kind, ref.name, depth + 1, seen)
         for src in (rec.get("fmforge") or {}).get("lineage") or []:
-            print("  " * (depth + 1) + f"└─ source {src.get('name')}: {src.get('uri')} {src.get('digest', '')}".rstrip())
+            line = f"└─ source {src.get('name')}: {src.get('uri')} {src.get('digest', '')}"
+            print("  " * (depth + 1) + line.rstrip())
 
     walk(kind, name, 0, set())
     return EXIT_OK
@@ -305,9 +310,11 @@ def _serve_records(state, records: list[dict[str, Any]]) -> int:
             name, st = rec["metadata"]["name"], rec.get("status") or {}
             model, port = (st.get("servedModel") or {}), ((rec["spec"].get("kserve") or {}).get("port") or 8080)
             if not model.get("uri"):
-                _err(f"Deployment/{name} has served no model yet ({st.get('phase')}: {st.get('message')}); run it first")
+                _err(f"Deployment/{name} has served no model yet ({st.get('phase')}: {st.get('message')}); "
+                     f"run it first")
                 return EXIT_FAILED
-            procs.append(start_server(name, Path(model["uri"].removeprefix("file://")), port, state.artifacts_dir("Deployment", name) / "logs" / "server.log"))
+            log = state.artifacts_dir("Deployment", name) / "logs" / "server.log"
+            procs.append(start_server(name, Path(model["uri"].removeprefix("file://")), port, log))
             print(f"Deployment/{name}: serving model {model.get('digest')} at http://127.0.0.1:{port}\n"
                   f"  curl -s http://127.0.0.1:{port}/openai/v1/completions -H 'content-type: application/json' "
                   f"-d '{{\"model\": \"{name}\", \"prompt\": \"Python is\", \"max_tokens\": 16}}'\n"
@@ -495,8 +502,9 @@ def entry() -> None:
     """The `fmforge` console script: main(), then a quick exit.
 
     Once the command is over and its records are written, Ray (if a stage started it) is shut
-    down explicitly, its temporary files removed, and the process leaves with os._exit: Python's own teardown after a run
-    (Ray's C++ core worker, Arrow memory pools, a few thousand modules) takes about 0.7 s and does
+    down explicitly, its temporary files removed, and the process leaves with os._exit: Python's
+    own teardown after a run (Ray's C++ core worker, Arrow memory pools, a few thousand modules)
+    takes about 0.7 s and does
     nothing a finished command needs. mypy exits the same way. Tests call main() and are not
     affected."""
     import logging

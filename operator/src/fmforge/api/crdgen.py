@@ -56,6 +56,18 @@ class SchemaError(ValueError):
 def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     """Turn one pydantic JSON Schema node into a structural OpenAPI v3 node."""
     s = dict(schema)
+    resolved = _resolve(s, defs)
+    if resolved is not None:
+        return resolved
+    out = _keywords(s)
+    _structural_children(out, s, defs)
+    _drop_unstructural(out)
+    return out
+
+
+def _resolve(s: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any] | None:
+    """The structural node of a reference, a one-element allOf, an optional value or a discriminated
+    union; None for a node that is none of these."""
     if "$ref" in s:
         target = defs[s.pop("$ref").rsplit("/", 1)[-1]]
         merged = {**target, **{k: v for k, v in s.items() if k in ("description", "default")}}
@@ -73,7 +85,11 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         return structural({**options[0], **rest}, defs)
     if "oneOf" in s and "discriminator" in s:
         return _flatten_union(s, defs)
+    return None
 
+
+def _keywords(s: dict[str, Any]) -> dict[str, Any]:
+    """The keywords of `s` a structural schema keeps, in OpenAPI v3's spelling."""
     out: dict[str, Any] = {}
     if "const" in s:
         out["enum"] = [s["const"]]
@@ -86,6 +102,12 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             out.setdefault("x-kubernetes-list-type", "set")
         elif key in _KEEP:
             out[key] = copy.deepcopy(value)
+    return out
+
+
+def _structural_children(out: dict[str, Any], s: dict[str, Any], defs: dict[str, Any]) -> None:
+    """Make the properties, map values and items of `out` structural too; an object with neither
+    properties nor a value schema keeps whatever it is given."""
     if "properties" in out:
         out["type"] = "object"
         out["properties"] = {k: structural(v, defs) for k, v in out["properties"].items()}
@@ -97,14 +119,17 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         out["x-kubernetes-preserve-unknown-fields"] = True
     if "items" in out:
         out["items"] = structural(out["items"], defs)
+
+
+def _drop_unstructural(out: dict[str, Any]) -> None:
+    """Drop what the API server refuses: unknown formats, non-scalar defaults, sets of objects."""
     if "format" in out and out["format"] not in ("date-time", "int32", "int64", "double", "float"):
         out.pop("format")
     if "default" in out and not _is_scalar_default(out):
         out.pop("default")
-    if out.get("type") == "array" and out.get("x-kubernetes-list-type") == "set":
-        if out.get("items", {}).get("type") not in _SCALARS:
-            out.pop("x-kubernetes-list-type")
-    return out
+    if (out.get("type") == "array" and out.get("x-kubernetes-list-type") == "set"
+            and out.get("items", {}).get("type") not in _SCALARS):
+        out.pop("x-kubernetes-list-type")
 
 
 def _is_scalar_default(node: dict[str, Any]) -> bool:
@@ -158,7 +183,35 @@ def _flatten_union(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, An
         v = structural(option, defs)
         tag = v["properties"][disc]["enum"][0]
         variants.append((tag, v))
+    props, owners, rules = _merge_variants(variants, disc)
+    rules += _pattern_rules(variants, props, disc)
+    for name, tags in owners.items():
+        if len(tags) < len(variants):
+            allowed = ", ".join(f"'{t}'" for t in tags)
+            rules.append(
+                {
+                    "rule": f"!has(self.{name}) || self.{disc} in [{allowed}]",
+                    "message": f"{name} applies to {disc} {' or '.join(tags)} only",
+                }
+            )
+    tags = [t for t, _ in variants]
+    out: dict[str, Any] = {
+        "type": "object",
+        "required": [disc],
+        "properties": {disc: {"type": "string", "enum": tags, "description": f"One of {', '.join(tags)}."}}
+        | props,
+        "x-kubernetes-validations": rules,
+    }
+    if "description" in schema:
+        out["description"] = schema["description"]
+    return out
 
+
+def _merge_variants(
+    variants: list[tuple[str, dict[str, Any]]], disc: str
+) -> tuple[dict[str, Any], dict[str, list[str]], list[dict[str, Any]]]:
+    """The union's merged properties, the variants each property belongs to, and each variant's
+    own rules and required fields as rules guarded by its type."""
     props: dict[str, Any] = {}
     owners: dict[str, list[str]] = {}
     rules: list[dict[str, Any]] = []
@@ -182,46 +235,34 @@ def _flatten_union(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, An
                         "message": f"a {tag} {disc} needs {name}",
                     }
                 )
-    # Where a field's schema was loosened, put each variant's item pattern back as a rule.
+    return props, owners, rules
+
+
+def _pattern_rules(variants: list[tuple[str, dict[str, Any]]], props: dict[str, Any],
+                   disc: str) -> list[dict[str, Any]]:
+    """Where a field's schema was loosened by the merge, each variant's pattern as a rule."""
+    rules: list[dict[str, Any]] = []
     for tag, v in variants:
         for name, prop in v["properties"].items():
             if name == disc or props[name] == _strip_defaults(prop):
                 continue
             pattern = prop.get("pattern") or prop.get("items", {}).get("pattern")
+            guard = f"self.{disc} != '{tag}' || !has(self.{name})"
             if pattern and prop.get("type") == "array":
                 rules.append(
                     {
-                        "rule": f"self.{disc} != '{tag}' || !has(self.{name}) || self.{name}.all(x, x.matches('{pattern}'))",
+                        "rule": f"{guard} || self.{name}.all(x, x.matches('{pattern}'))",
                         "message": f"{name} of a {tag} {disc} must match {pattern}",
                     }
                 )
             elif pattern:
                 rules.append(
                     {
-                        "rule": f"self.{disc} != '{tag}' || !has(self.{name}) || self.{name}.matches('{pattern}')",
+                        "rule": f"{guard} || self.{name}.matches('{pattern}')",
                         "message": f"{name} of a {tag} {disc} must match {pattern}",
                     }
                 )
-    for name, tags in owners.items():
-        if len(tags) < len(variants):
-            allowed = ", ".join(f"'{t}'" for t in tags)
-            rules.append(
-                {
-                    "rule": f"!has(self.{name}) || self.{disc} in [{allowed}]",
-                    "message": f"{name} applies to {disc} {' or '.join(tags)} only",
-                }
-            )
-    tags = [t for t, _ in variants]
-    out: dict[str, Any] = {
-        "type": "object",
-        "required": [disc],
-        "properties": {disc: {"type": "string", "enum": tags, "description": f"One of {', '.join(tags)}."}}
-        | props,
-        "x-kubernetes-validations": rules,
-    }
-    if "description" in schema:
-        out["description"] = schema["description"]
-    return out
+    return rules
 
 
 def _schema_of(model: type, mode: str) -> dict[str, Any]:

@@ -11,9 +11,10 @@ import json
 import re
 import types
 import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Union
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -182,37 +183,49 @@ def _metadata_problems(meta: dict[str, Any]) -> list[tuple[str, str]]:
     if ns is not None and (not isinstance(ns, str) or len(ns) > 63 or not _DNS1123_LABEL.match(ns)):
         out.append(("metadata.namespace", f"{ns!r} is not a valid namespace: a DNS-1123 label of at most 63 "
                     f"lower-case letters, digits and '-', starting and ending with a letter or digit"))
-    labels = meta.get("labels")
-    if labels is not None:
-        if not isinstance(labels, dict):
-            out.append(("metadata.labels", f"must be a mapping of strings (got {type(labels).__name__})"))
+    out += _label_problems(meta.get("labels"))
+    out += _annotation_problems(meta.get("annotations"))
+    return out
+
+
+def _label_problems(labels: Any) -> list[tuple[str, str]]:
+    """What Kubernetes would reject in `metadata.labels`: keys, non-string values, value syntax."""
+    if labels is None:
+        return []
+    if not isinstance(labels, dict):
+        return [("metadata.labels", f"must be a mapping of strings (got {type(labels).__name__})")]
+    out: list[tuple[str, str]] = []
+    for k, v in labels.items():
+        why = _qualified_key_problem(k)
+        if why is None and not isinstance(v, str):
+            why = f"value of {k!r} must be a string (got {type(v).__name__}); quote it"
+        elif why is None and v and (len(v) > 63 or not _QUALIFIED_NAME.match(v)):
+            why = (f"value of {k!r} must be at most 63 characters of letters, digits, '-', '_' or '.', "
+                   f"starting and ending with a letter or digit")
+        if why:
+            out.append(("metadata.labels", why))
+    return out
+
+
+def _annotation_problems(annotations: Any) -> list[tuple[str, str]]:
+    """What Kubernetes would reject in `metadata.annotations`: keys, non-string values, total size."""
+    if annotations is None:
+        return []
+    if not isinstance(annotations, dict):
+        return [("metadata.annotations", f"must be a mapping of strings (got {type(annotations).__name__})")]
+    out: list[tuple[str, str]] = []
+    total = 0
+    for k, v in annotations.items():
+        why = _qualified_key_problem(k)
+        if why is None and not isinstance(v, str):
+            why = f"value of {k!r} must be a string (got {type(v).__name__}); quote it"
+        if why:
+            out.append(("metadata.annotations", why))
         else:
-            for k, v in labels.items():
-                why = _qualified_key_problem(k)
-                if why is None and not isinstance(v, str):
-                    why = f"value of {k!r} must be a string (got {type(v).__name__}); quote it"
-                elif why is None and v and (len(v) > 63 or not _QUALIFIED_NAME.match(v)):
-                    why = (f"value of {k!r} must be at most 63 characters of letters, digits, '-', '_' or '.', "
-                           f"starting and ending with a letter or digit")
-                if why:
-                    out.append(("metadata.labels", why))
-    annotations = meta.get("annotations")
-    if annotations is not None:
-        if not isinstance(annotations, dict):
-            out.append(("metadata.annotations", f"must be a mapping of strings (got {type(annotations).__name__})"))
-        else:
-            total = 0
-            for k, v in annotations.items():
-                why = _qualified_key_problem(k)
-                if why is None and not isinstance(v, str):
-                    why = f"value of {k!r} must be a string (got {type(v).__name__}); quote it"
-                if why:
-                    out.append(("metadata.annotations", why))
-                else:
-                    total += len(k.encode()) + len(v.encode())
-            if total > MAX_ANNOTATIONS_BYTES:
-                out.append(("metadata.annotations", f"too long: {total} bytes; Kubernetes allows at most "
-                            f"{MAX_ANNOTATIONS_BYTES} bytes of annotations (keys and values) per object"))
+            total += len(k.encode()) + len(v.encode())
+    if total > MAX_ANNOTATIONS_BYTES:
+        out.append(("metadata.annotations", f"too long: {total} bytes; Kubernetes allows at most "
+                    f"{MAX_ANNOTATIONS_BYTES} bytes of annotations (keys and values) per object"))
     return out
 
 
@@ -251,7 +264,8 @@ def load(paths: Iterable[str | Path]) -> LoadResult:
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = mark.line + 1 if mark else None
-            result.errors.append(ManifestError(str(path), line, None, None, f"not valid YAML: {getattr(e, 'problem', e)}"))
+            why = f"not valid YAML: {getattr(e, 'problem', e)}"
+            result.errors.append(ManifestError(str(path), line, None, None, why))
             continue
         for node in nodes:
             if node is None:
@@ -281,8 +295,43 @@ def load(paths: Iterable[str | Path]) -> LoadResult:
 
 
 def _validate_document(path: Path, node: yaml.Node, data: Any, result: LoadResult) -> Manifest | None:
+    """One YAML document as a Manifest, or None with its errors added to `result` (or, for another
+    API group's object, its name added to `result.skipped`)."""
     line = node.start_mark.line + 1
     err = lambda obj, fld, msg, ln=line: result.errors.append(ManifestError(str(path), ln, obj, fld, msg))  # noqa: E731
+    info = _fmforge_kind(path, node, data, result, err)
+    if info is None:
+        return None
+    kind = data["kind"]
+    meta = data.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    obj = f"{kind}/{name}" if isinstance(name, str) else kind
+    ok = True
+    for key in data:
+        if key not in _TOP_LEVEL:
+            err(obj, str(key), f"unknown field; allowed: {', '.join(_TOP_LEVEL)}", _line(node, [key]))
+            ok = False
+    if not isinstance(meta, dict):
+        err(obj, "metadata", "required field is missing (it holds the object's name)")
+        return None
+    if not isinstance(name, str) or not name:
+        err(obj, "metadata.name", "required field is missing")
+        return None
+    for fld, msg, at in _object_problems(data, meta, name, info):
+        # `at` None: the problem is the whole object's, reported at the document's first line.
+        err(obj, fld, msg, *([] if at is None else [_line(node, at)]))
+        ok = False
+    namespace = meta.get("namespace") or "default"
+    spec = _validate_spec(path, node, data, info, obj, result)
+    if spec is None or not ok:
+        return None
+    return Manifest(info=info, name=name, namespace=namespace, spec=spec, raw=data, path=path, line=line)
+
+
+def _fmforge_kind(path: Path, node: yaml.Node, data: Any, result: LoadResult,
+                  err: Callable[..., None]) -> KindInfo | None:
+    """The kind of an fmforge object; None (with an error, or skipped if another API group's) otherwise."""
+    line = node.start_mark.line + 1
     if not isinstance(data, dict):
         err(None, None, "a manifest must be a mapping with apiVersion, kind, metadata and spec")
         return None
@@ -303,45 +352,40 @@ def _validate_document(path: Path, node: yaml.Node, data: Any, result: LoadResul
     if info is None or info.kind != kind:
         err(None, "kind", f"unknown kind {kind!r}; allowed: {', '.join(KIND_ORDER)}", _line(node, ["kind"]))
         return None
-    meta = data.get("metadata")
-    name = meta.get("name") if isinstance(meta, dict) else None
-    obj = f"{kind}/{name}" if isinstance(name, str) else kind
-    ok = True
-    for key in data:
-        if key not in _TOP_LEVEL:
-            err(obj, str(key), f"unknown field; allowed: {', '.join(_TOP_LEVEL)}", _line(node, [key]))
-            ok = False
-    if not isinstance(meta, dict):
-        err(obj, "metadata", "required field is missing (it holds the object's name)")
-        return None
-    if not isinstance(name, str) or not name:
-        err(obj, "metadata.name", "required field is missing")
-        return None
+    return info
+
+
+def _object_problems(data: dict[str, Any], meta: dict[str, Any], name: str,
+                     info: KindInfo) -> list[tuple[str | None, str, list[str] | None]]:
+    """The name, metadata and size problems of an object, as (field, message, path of the field's
+    line); a path of None for the object as a whole."""
+    out: list[tuple[str | None, str, list[str] | None]] = []
     if len(name) > MAX_NAME_LENGTH:
-        err(obj, "metadata.name",
-            f"must be at most {MAX_NAME_LENGTH} characters (it has {len(name)}): child objects are named "
-            f"<name>-g<generation>-{info.stage} and must fit a 63-character DNS label",
-            _line(node, ["metadata", "name"]))
-        ok = False
+        out.append(("metadata.name",
+                    f"must be at most {MAX_NAME_LENGTH} characters (it has {len(name)}): child objects are named "
+                    f"<name>-g<generation>-{info.stage} and must fit a 63-character DNS label",
+                    ["metadata", "name"]))
     elif not _NAME_RE.match(name):
-        err(obj, "metadata.name",
-            "must be a DNS-1035 label: lower-case letters, digits and '-', starting with a letter and "
-            "ending with a letter or digit", _line(node, ["metadata", "name"]))
-        ok = False
-    for fld, msg in _metadata_problems(meta):
-        err(obj, fld, msg, _line(node, fld.split(".")))
-        ok = False
+        out.append(("metadata.name",
+                    "must be a DNS-1035 label: lower-case letters, digits and '-', starting with a letter and "
+                    "ending with a letter or digit", ["metadata", "name"]))
+    out += [(fld, msg, fld.split(".")) for fld, msg in _metadata_problems(meta)]
     size = len(json.dumps(data, default=str).encode())
     if size > MAX_OBJECT_BYTES:
-        err(obj, None, f"the object is {size} bytes; Kubernetes stores at most {MAX_OBJECT_BYTES} bytes per "
-            f"object: keep large data in files the spec points to")
-        ok = False
-    namespace = meta.get("namespace") or "default"
+        out.append((None, f"the object is {size} bytes; Kubernetes stores at most {MAX_OBJECT_BYTES} bytes per "
+                    f"object: keep large data in files the spec points to", None))
+    return out
+
+
+def _validate_spec(path: Path, node: yaml.Node, data: dict[str, Any], info: KindInfo, obj: str,
+                   result: LoadResult) -> Any:
+    """The validated spec model, or None with an error per field that is wrong."""
+    line = node.start_mark.line + 1
     if "spec" not in data or data["spec"] is None:
-        err(obj, "spec", "required field is missing")
+        result.errors.append(ManifestError(str(path), line, obj, "spec", "required field is missing"))
         return None
     try:
-        spec = info.spec.model_validate(data["spec"])
+        return info.spec.model_validate(data["spec"])
     except ValidationError as e:
         for d in e.errors():
             fld, at = _field_path(info.spec, d["loc"], data["spec"])
@@ -350,9 +394,6 @@ def _validate_document(path: Path, node: yaml.Node, data: Any, result: LoadResul
                               "spec" + fld, _message(d, info.spec, at, data["spec"]))
             )
         return None
-    if not ok:
-        return None
-    return Manifest(info=info, name=name, namespace=namespace, spec=spec, raw=data, path=path, line=line)
 
 
 # -- error rendering --------------------------------------------------------------------------------

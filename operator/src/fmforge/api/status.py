@@ -7,7 +7,7 @@ over wire-form dicts, so they unit-test without anything running.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 #: phase → (Ready, Reconciling, Stalled)
@@ -24,7 +24,7 @@ _PHASE_CONDITIONS = {
 
 def now() -> str:
     """The current time as metav1.Time (RFC 3339, seconds, UTC)."""
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def set_condition(

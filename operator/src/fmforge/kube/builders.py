@@ -1,5 +1,5 @@
-"""Manifests of the children fmforge creates: RayJob, InferenceService, the plan ConfigMap, the
-stage's ServiceAccount and Role, and Events.
+"""Manifests of the children fmforge creates: RayJob, InferenceService, OpenShift Route, the plan
+ConfigMap, the stage's ServiceAccount and Role, and Events.
 
 Pure functions from an fmforge object (wire form) and the operator settings to a manifest dict;
 the reconcilers call them and the unit tests compare their output field by field. Everything
@@ -24,6 +24,8 @@ from .settings import Settings
 PLAN_DIR = "/etc/fmforge/plan"
 PLAN_FILE = f"{PLAN_DIR}/plan.json"
 PVC_ROOT = "/mnt/pvc"
+#: Where the ConfigMaps a spec names (a TunedModel's data.configMap) are mounted, one folder each.
+CONFIGMAP_ROOT = "/etc/fmforge/configmaps"
 STAGE_SERVICE_ACCOUNT = "fmforge-stage"
 STAGE_FIELD_MANAGER = "fmforge-stage"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -90,6 +92,20 @@ def artifacts_dir(settings: Settings, obj: dict[str, Any]) -> str:
     return f"{storage_root(settings)}/{m['namespace']}/{obj['kind'].lower()}/{m['name']}/g{m['generation']}"
 
 
+def spec_config_maps(obj: dict[str, Any]) -> list[str]:
+    """The ConfigMaps the stage of `obj` reads: a TunedModel's `data.configMap`. Stages never
+    talk to the API server, so these are mounted into the Ray pods and read as files."""
+    if obj["kind"] != "TunedModel":
+        return []
+    name = ((obj["spec"].get("data") or {}).get("configMap") or {}).get("name")
+    return [name] if name else []
+
+
+def config_map_dir(name: str) -> str:
+    """The folder a spec's ConfigMap is mounted at in the Ray pods (one file per key)."""
+    return f"{CONFIGMAP_ROOT}/{name}"
+
+
 # -- the plan ---------------------------------------------------------------------------------------
 
 
@@ -110,6 +126,7 @@ def plan(obj: dict[str, Any], settings: Settings, inputs: dict[str, dict[str, An
         "artifacts": artifacts_dir(settings, obj),
         "stateDir": f"{root}/state",
         "baseDir": root,
+        "configMaps": {n: config_map_dir(n) for n in spec_config_maps(obj)},
         # Where the stage reports progress and results: its own object's status subresource,
         # with a field manager of its own (server-side apply), through the pod's ServiceAccount.
         "status": {
@@ -157,6 +174,10 @@ def rayjob(obj: dict[str, Any], settings: Settings, resources: RayResources, que
     mounts = [{"name": "plan", "mountPath": PLAN_DIR, "readOnly": True}, {"name": "tmp", "mountPath": "/tmp"}] + [
         {"name": f"pvc-{c}", "mountPath": f"{PVC_ROOT}/{c}"} for c in pvcs
     ]
+    # Numbered volume names: a ConfigMap's name may be longer than a volume name may be.
+    for i, cm in enumerate(spec_config_maps(obj)):
+        volumes.append({"name": f"configmap-{i}", "configMap": {"name": cm}})
+        mounts.append({"name": f"configmap-{i}", "mountPath": config_map_dir(cm), "readOnly": True})
     env = [
         {"name": "FMFORGE_PVC_ROOT", "value": PVC_ROOT},
         {"name": "FMFORGE_CATALOG", "value": json.dumps(catalog_properties(settings), sort_keys=True)},
@@ -286,6 +307,21 @@ def inference_service(obj: dict[str, Any], spec: Any, model_uri: str, model_dige
     meta["annotations"] = {"fmforge.io/model-digest": model_digest or ""}
     return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": meta,
             "spec": {"predictor": predictor}}
+
+
+def route(obj: dict[str, Any], spec: Any) -> dict[str, Any]:
+    """The OpenShift Route (route.openshift.io/v1) of a Deployment with `expose: route`.
+
+    Named like the Deployment and its InferenceService; it sends traffic to the predictor's
+    Service, which KServe names `<name>-predictor` in RawDeployment mode. No host is set: the
+    router gives one from the cluster's domain (and choosing a host needs the `routes/custom-host`
+    permission the operator does not have). With `routeTls: edge` the router terminates TLS and
+    redirects plain HTTP, so the model is never served unencrypted outside the cluster."""
+    name = obj["metadata"]["name"]
+    route_spec: dict[str, Any] = {"to": {"kind": "Service", "name": f"{name}-predictor", "weight": 100}}
+    if spec.kserve.route_tls == "edge":
+        route_spec["tls"] = {"termination": "edge", "insecureEdgeTerminationPolicy": "Redirect"}
+    return {"apiVersion": "route.openshift.io/v1", "kind": "Route", "metadata": _meta(obj, name), "spec": route_spec}
 
 
 # -- Events -----------------------------------------------------------------------------------------

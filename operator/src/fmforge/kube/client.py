@@ -9,7 +9,6 @@ metrics endpoint and the benchmark read.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections import Counter
@@ -47,13 +46,15 @@ class Resource:
 
 RAYJOBS = Resource("ray.io", "v1", "rayjobs", "RayJob")
 INFERENCESERVICES = Resource("serving.kserve.io", "v1beta1", "inferenceservices", "InferenceService")
+ROUTES = Resource("route.openshift.io", "v1", "routes", "Route")
 CONFIGMAPS = Resource("", "v1", "configmaps", "ConfigMap")
 SERVICEACCOUNTS = Resource("", "v1", "serviceaccounts", "ServiceAccount")
 EVENTS = Resource("", "v1", "events", "Event")
 ROLES = Resource("rbac.authorization.k8s.io", "v1", "roles", "Role")
 ROLEBINDINGS = Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding")
 
-BY_KIND = {r.kind: r for r in (RAYJOBS, INFERENCESERVICES, CONFIGMAPS, SERVICEACCOUNTS, EVENTS, ROLES, ROLEBINDINGS)}
+BY_KIND = {r.kind: r for r in (RAYJOBS, INFERENCESERVICES, ROUTES, CONFIGMAPS, SERVICEACCOUNTS, EVENTS, ROLES,
+                                ROLEBINDINGS)}
 
 
 def fmforge_resource(plural: str, kind: str) -> Resource:
@@ -120,7 +121,7 @@ class Kube:
                     except ValueError:
                         raise ApiError(resp.status, "", text) from None
                 return json.loads(text) if text else None
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             self.requests[(method, res.plural, 0)] += 1
             # A dropped connection (an API server restart) or no answer in time (an overloaded
             # one) is worth a retry, like a 503.

@@ -34,7 +34,7 @@ class StatusWriter:
         self.fields: dict[str, Any] = {}
 
     @classmethod
-    def in_pod(cls, target: dict[str, Any]) -> "StatusWriter | None":
+    def in_pod(cls, target: dict[str, Any]) -> StatusWriter | None:
         """The writer of a pod with a ServiceAccount token; None outside a cluster."""
         host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
         if not host or not os.path.exists(SA_TOKEN):

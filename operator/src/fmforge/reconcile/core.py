@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import kopf
 
@@ -28,6 +29,9 @@ from .metrics import Metrics
 from .store import Key, Store
 
 log = logging.getLogger("fmforge.reconcile")
+
+#: Children whose watch events keep the store current (`fmforge.handlers.on_child`).
+WATCHED = ("RayJob", "InferenceService")
 
 DECIDE: dict[str, Callable[..., Decision]] = {
     "DataPile": jobs.decide,
@@ -115,15 +119,24 @@ class Reconciler:
             self._stage_rbac.add(ns)
         # At once: the RayJob may exist before its plan ConfigMap; its pods wait for the mount.
         results = await asyncio.gather(*(self.kube.create_or_get(c) for c in decision.create))
-        for child, (got, created) in zip(decision.create, results):
-            if child["kind"] in ("RayJob", "InferenceService"):
+        for child, (got, created) in zip(decision.create, results, strict=True):
+            if child["kind"] in WATCHED:
                 self.store.put_child(got)
                 existed = existed or not created
             if created:
                 log.info("Created %s %s", child["kind"], child["metadata"]["name"], extra=_object(obj))
         for child in decision.apply:
-            got = await self.kube.apply(child)
-            self.store.put_child(got)
+            try:
+                got = await self.kube.apply(child)
+            except ApiError as e:
+                if e.status == 404 and child["kind"] == "Route":
+                    # Not a passing state: this API server has no Route resource at all.
+                    raise ApiError(422, "RouteUnavailable", "this cluster does not serve OpenShift Routes "
+                                   "(route.openshift.io/v1) for kserve.expose: route; set expose: none and "
+                                   "expose the predictor's Service another way (an Ingress, a Gateway)") from e
+                raise
+            if child["kind"] in WATCHED:
+                self.store.put_child(got)
             log.info("Applied %s %s", child["kind"], child["metadata"]["name"], extra=_object(obj))
         return existed
 

@@ -2,8 +2,12 @@
 
 `decide` is pure, like `jobs.decide`: it resolves the model reference, requires (unless
 `requireApprovedModelCard: false`) a ModelCard that is Ready, approved, and evaluated exactly
-the digest of the model to serve, renders the InferenceService, applies it only when what we
-render changed (a spec hash in an annotation), and mirrors its `Ready` condition and URL. A
+the digest of the model to serve, renders the InferenceService (and, with `expose: route`, an
+OpenShift Route to its predictor), applies them only when what we render changed (one spec hash
+over both, in an annotation of the InferenceService), and mirrors its `Ready` condition and URL.
+The Route has the Deployment as owner, so the garbage collector deletes it with the Deployment;
+turning `expose` to none deletes it, which the InferenceService's annotation `fmforge.io/route`
+tells (the operator does not watch Routes: most clusters do not serve them). A
 Deployment with target edge builds a package, which is a stage: past the same gate,
 `jobs.decide` handles it.
 """
@@ -16,6 +20,7 @@ from typing import Any
 
 from ..api.v1alpha1.deployment import KServe
 from ..kube import builders
+from ..kube.client import ROUTES
 from ..kube.settings import Settings
 from . import jobs
 from .decision import COMMON_OWNED, Decision, phase_status
@@ -24,11 +29,14 @@ from .store import World, spec_of
 
 OWNED = COMMON_OWNED + ("url", "servedModel", "inferenceService")
 SPEC_HASH = "fmforge.io/spec-hash"
+#: On the InferenceService: the name of the Route applied with it, so that a later reconcile
+#: knows there is one to delete when `expose` turns to none.
+ROUTE = "fmforge.io/route"
 
 
-def spec_hash(isvc: dict[str, Any]) -> str:
+def spec_hash(isvc: dict[str, Any], route: dict[str, Any] | None = None) -> str:
     body = {"spec": isvc["spec"], "annotations": isvc["metadata"].get("annotations"),
-            "labels": isvc["metadata"].get("labels")}
+            "labels": isvc["metadata"].get("labels"), "route": route}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -107,18 +115,24 @@ def decide(obj: dict[str, Any], world: World, children: list[dict[str, Any]], se
         return jobs.decide(obj, world, children, settings)
 
     desired = builders.inference_service(obj, spec, model["uri"], digest, settings)
-    desired["metadata"]["annotations"][SPEC_HASH] = spec_hash(desired)
+    route = builders.route(obj, spec) if spec.kserve.expose == "route" else None
     name = desired["metadata"]["name"]
+    if route is not None:
+        desired["metadata"]["annotations"][ROUTE] = route["metadata"]["name"]
+    desired["metadata"]["annotations"][SPEC_HASH] = spec_hash(desired, route)
     served = {"uri": model["uri"], "digest": digest, **({"modelCard": card} if card else {})}
     have = next((c for c in children if c["kind"] == "InferenceService" and c["metadata"]["name"] == name), None)
-    applied = have is not None and (have["metadata"].get("annotations") or {}).get(SPEC_HASH) == \
-        desired["metadata"]["annotations"][SPEC_HASH]
-    apply = [] if applied else [desired]
+    have_notes = (have or {}).get("metadata", {}).get("annotations") or {}
+    applied = have is not None and have_notes.get(SPEC_HASH) == desired["metadata"]["annotations"][SPEC_HASH]
     if not applied:
+        gone = have_notes.get(ROUTE)
+        delete = [(ROUTES, gone, "expose is no longer route")] if gone and route is None else []
         verb = "updated" if have is not None else "created"
         msg = f"{verb} InferenceService {name} for digest {digest}; waiting for KServe to roll it out"
         return Decision(status("Running", "Deploying", msg, servedModel=served, inferenceService=name), OWNED,
-                        apply=apply)
+                        # The Route first: the InferenceService carries the hash of both, so
+                        # it is applied only once the Route was.
+                        apply=([route] if route else []) + [desired], delete=delete)
     ok, why = _ready(have)
     url = (have.get("status") or {}).get("url")
     if ok:

@@ -9,8 +9,9 @@ Reconcilers read it instead of the API server: a reconcile costs no GET.
 from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from ..api.v1alpha1 import KINDS
 from ..kube.names import LABEL_KIND, LABEL_NAME

@@ -5,7 +5,8 @@
 The plan is the resolved spec the operator (or `fmforge run --plan-only`, later) writes: kind,
 name, namespace, generation, the spec, the upstream statuses, where artifacts and the state
 (catalogs) live, whether `file://` URIs may leave the base directory (`allowOutsidePaths`,
-default false), and (`status`) the object's status subresource. It runs the very same stage
+default false), the ConfigMaps of the spec mounted into the pods (`configMaps`, name → directory),
+and (`status`) the object's status subresource. It runs the very same stage
 function as the local runner, inside the Ray cluster KubeRay started (RAY_ADDRESS is set there),
 and writes the stage's result as JSON. In a pod, progress and the result's status fields also go
 into the object's status (`fmforge.runtime.report`), so `kubectl get` shows them. Exit codes:
@@ -37,6 +38,13 @@ def load_plan(path: Path) -> dict[str, Any]:
     return plan
 
 
+def _records(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The plan's inputs as the stages read them, records with a `status` (what the local runner
+    hands them). The operator's plan holds each producer's status itself (`kube.builders.plan`);
+    a status never has a `status` field, so an input that has one is a record already."""
+    return {k: v if "status" in v else {"status": v} for k, v in inputs.items()}
+
+
 def run_plan(plan: dict[str, Any], reporter: ConsoleReporter | None = None) -> dict[str, Any]:
     """Run the plan's stage; the result document (status, digest, message, lineage)."""
     info = kind_info(plan["kind"])
@@ -49,10 +57,11 @@ def run_plan(plan: dict[str, Any], reporter: ConsoleReporter | None = None) -> d
     key = f"{info.kind}/{plan['name']}"
     ctx = StageContext(
         kind=info.kind, name=plan["name"], namespace=plan.get("namespace", "default"),
-        generation=int(plan.get("generation", 1)), spec=spec, inputs=plan.get("inputs", {}),
+        generation=int(plan.get("generation", 1)), spec=spec, inputs=_records(plan.get("inputs", {})),
         base_dir=Path(plan.get("baseDir", ".")).resolve(), artifacts=artifacts, state_dir=Path(plan["stateDir"]),
         reporter=reporter or ConsoleReporter(key, rich=False),
         allow_outside_paths=bool(plan.get("allowOutsidePaths", False)),
+        config_maps={name: Path(d) for name, d in (plan.get("configMaps") or {}).items()},
     )
     result = stage.run(ctx)
     return {"status": result.status, "digest": result.digest, "message": result.message, "lineage": result.lineage}

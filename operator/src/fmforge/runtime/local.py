@@ -29,8 +29,8 @@ from .. import __version__
 from ..api.manifests import Manifest, load
 from ..api.status import now, with_phase
 from ..api.v1alpha1 import API_VERSION
-from ..stages import STAGES, raysession, stage_for
-from ..stages.base import StageContext, StageError, TemporaryError
+from ..stages import STAGES, Stage, raysession, stage_for
+from ..stages.base import StageContext, StageError, StageResult, TemporaryError
 from .approval import WAITING_FOR_APPROVAL, approval_annotations
 from .progress import RunConsole
 from .state import StateBusy, StateDir
@@ -88,6 +88,22 @@ def _succeeded(record: dict[str, Any] | None) -> bool:
     return bool(record) and record.get("status", {}).get("phase") in DONE_PHASES
 
 
+def _evaluated_model(card: dict[str, Any]) -> str:
+    """`KIND/NAME` of the model a ModelCard record evaluates (its modelRef kind defaults to TrainingRun)."""
+    ref = card["spec"]["modelRef"]
+    return f"{ref.get('kind', 'TrainingRun')}/{ref['name']}"
+
+
+def _generation(old: dict[str, Any] | None, sdigest: str) -> int:
+    """The generation of a run: the last run's, plus one when the spec changed since."""
+    if not old:
+        return 1
+    generation = old["metadata"].get("generation", 1)
+    if (old.get("fmforge") or {}).get("specDigest") != sdigest:
+        generation += 1
+    return generation
+
+
 def build_graph(manifests: list[Manifest], state: StateDir) -> tuple[list[Manifest], dict[str, set[str]]]:
     """Order the manifests by their references; return the order and each object's producers.
 
@@ -115,8 +131,7 @@ def build_graph(manifests: list[Manifest], state: StateDir) -> tuple[list[Manife
             model = f"{m.spec.model_ref.kind}/{m.spec.model_ref.name}"
             cards = [c.key for c in manifests if c.kind == "ModelCard"
                      and f"{c.spec.model_ref.kind}/{c.spec.model_ref.name}" == model]
-            in_state = [r for r in state.records("ModelCard")
-                        if f"{r['spec']['modelRef'].get('kind', 'TrainingRun')}/{r['spec']['modelRef']['name']}" == model]
+            in_state = [r for r in state.records("ModelCard") if _evaluated_model(r) == model]
             if cards:
                 deps[m.key].update(cards)
             elif not in_state:
@@ -193,8 +208,37 @@ class LocalRunner:
 
     # -- one object ---------------------------------------------------------------------------
     def _run_one(self, m: Manifest, dep_keys: set[str]) -> Outcome:
+        """Run one object: wait for its producers, skip it when nothing changed, else run its stage."""
         started = time.monotonic()
-        record = self.state.read(m.kind, m.name)
+        old = self.state.read(m.kind, m.name)
+        upstream = self._upstream(m, dep_keys)
+        sdigest = spec_digest(m)
+        generation = _generation(old, sdigest)
+        record = self._base_record(m, old, generation, sdigest)
+        waiting = self._wait_for_upstream(m, record, upstream)
+        if waiting:
+            return waiting
+        try:
+            stage = None if m.kind not in STAGES else stage_for(m.kind)
+        except ImportError as e:
+            return self._missing_dependencies(m, record, e)
+        fingerprint = ""
+        if stage is not None and stage.fingerprint is not None:
+            fingerprint = stage.fingerprint(m.spec, m.path.parent.resolve())
+        digest = input_digest(m, upstream, fingerprint)
+        unchanged = self._unchanged(m, record, digest)
+        if unchanged:
+            return unchanged
+        if stage is None:
+            msg = (f"the {m.kind} stage is not implemented yet in fmforge {__version__}; nothing was run "
+                   f"for it")
+            self._write(record, "Failed", "NotImplemented", msg)
+            self.console.status(m.key, "Failed", msg)
+            return Outcome(m.key, "Failed", msg, time.monotonic() - started)
+        return self._run_stage(m, stage, record, generation, upstream, digest, started)
+
+    def _upstream(self, m: Manifest, dep_keys: set[str]) -> dict[str, dict[str, Any] | None]:
+        """The records `m` reads: its producers in this run, those of earlier runs, and its ModelCards."""
         upstream = {k: self.state.read(*k.split("/", 1)) for k in sorted(dep_keys)}
         for ref in m.info.references(m.spec):  # references satisfied from earlier runs' state
             key = f"{ref.kind}/{ref.name}"
@@ -203,58 +247,52 @@ class LocalRunner:
             # The governance gate reads the ModelCards of the model, also those of earlier runs.
             model = f"{m.spec.model_ref.kind}/{m.spec.model_ref.name}"
             for rec in self.state.records("ModelCard"):
-                ref = rec["spec"]["modelRef"]
-                if f"{ref.get('kind', 'TrainingRun')}/{ref['name']}" == model:
+                if _evaluated_model(rec) == model:
                     upstream.setdefault(f"ModelCard/{rec['metadata']['name']}", rec)
-        sdigest = spec_digest(m)
-        generation = 1
-        if record:
-            generation = record["metadata"].get("generation", 1)
-            if (record.get("fmforge") or {}).get("specDigest") != sdigest:
-                generation += 1
-        record = self._base_record(m, record, generation, sdigest)
+        return upstream
 
+    def _wait_for_upstream(self, m: Manifest, record: dict[str, Any],
+                           upstream: dict[str, dict[str, Any] | None]) -> Outcome | None:
+        """A Waiting outcome while a producer has not succeeded; None when all have."""
         blocked = {k: r for k, r in upstream.items() if not _succeeded(r)}
-        if blocked:
-            why = "; ".join(
-                f"{k} is {(r or {}).get('status', {}).get('phase', 'not run')}" for k, r in blocked.items()
-            )
-            msg = f"waiting for {', '.join(blocked)} to be ready ({why})"
-            self._write(record, "Waiting", "WaitingForUpstream", msg)
-            self.console.status(m.key, "Waiting", msg)
-            return Outcome(m.key, "Waiting", msg)
+        if not blocked:
+            return None
+        why = "; ".join(
+            f"{k} is {(r or {}).get('status', {}).get('phase', 'not run')}" for k, r in blocked.items()
+        )
+        msg = f"waiting for {', '.join(blocked)} to be ready ({why})"
+        self._write(record, "Waiting", "WaitingForUpstream", msg)
+        self.console.status(m.key, "Waiting", msg)
+        return Outcome(m.key, "Waiting", msg)
 
-        try:
-            stage = None if m.kind not in STAGES else stage_for(m.kind)
-        except ImportError as e:
-            extra = EXTRAS.get(m.kind, "stages")
-            msg = (f"the {m.kind} stage needs packages that are not installed ({e.name or e}); "
-                   f"install them with: pip install 'fmforge[{extra}]'")
-            self._write(record, "Failed", "MissingDependencies", msg)
-            self.console.status(m.key, "Failed", msg)
-            return Outcome(m.key, "Failed", msg)
-        fingerprint = ""
-        if stage is not None and stage.fingerprint is not None:
-            fingerprint = stage.fingerprint(m.spec, m.path.parent.resolve())
-        digest = input_digest(m, upstream, fingerprint)
+    def _missing_dependencies(self, m: Manifest, record: dict[str, Any], e: ImportError) -> Outcome:
+        """Failed, naming the extra to install: the stage's packages could not be imported."""
+        extra = EXTRAS.get(m.kind, "stages")
+        msg = (f"the {m.kind} stage needs packages that are not installed ({e.name or e}); "
+               f"install them with: pip install 'fmforge[{extra}]'")
+        self._write(record, "Failed", "MissingDependencies", msg)
+        self.console.status(m.key, "Failed", msg)
+        return Outcome(m.key, "Failed", msg)
+
+    def _unchanged(self, m: Manifest, record: dict[str, Any], digest: str) -> Outcome | None:
+        """Skipped (or still waiting for approval) when spec and inputs are those of the last run."""
         prior = record.get("fmforge") or {}
-        if not self.force and prior.get("digest") == digest and record["status"].get("phase") in DONE_PHASES:
+        if self.force or prior.get("digest") != digest:
+            return None
+        if record["status"].get("phase") in DONE_PHASES:
             msg = f"spec and inputs unchanged since {prior.get('finishedAt', 'the last run')}"
             self.console.status(m.key, "Skipped", msg)
             return Outcome(m.key, "Skipped", msg)
-        if not self.force and prior.get("digest") == digest and _waiting_for_approval(record):
+        if _waiting_for_approval(record):
             # Evaluated already; only a person can move it on (`fmforge approve`).
             msg = record["status"].get("message", "")
             self.console.status(m.key, "Waiting", msg)
             return Outcome(m.key, "Waiting", msg)
+        return None
 
-        if stage is None:
-            msg = (f"the {m.kind} stage is not implemented yet in fmforge {__version__}; nothing was run "
-                   f"for it")
-            self._write(record, "Failed", "NotImplemented", msg)
-            self.console.status(m.key, "Failed", msg)
-            return Outcome(m.key, "Failed", msg, time.monotonic() - started)
-
+    def _run_stage(self, m: Manifest, stage: Stage, record: dict[str, Any], generation: int,
+                   upstream: dict[str, dict[str, Any] | None], digest: str, started: float) -> Outcome:
+        """Run the stage in-process and record how it ended; an error ends this object, never the runner."""
         record["fmforge"]["owner"] = self.owner
         self._write(record, "Running", "Started", f"running the {m.info.stage} stage (generation {generation})")
         self.console.status(m.key, "Running", f"generation {generation}")
@@ -289,6 +327,11 @@ class LocalRunner:
             log = self._write_traceback(m)
             return self._fail(m, record, "StageFailed", f"{type(e).__name__}: {e} (traceback in {log})", started)
         reporter.close()
+        return self._finish(m, record, result, upstream, digest, started)
+
+    def _finish(self, m: Manifest, record: dict[str, Any], result: StageResult,
+                upstream: dict[str, dict[str, Any] | None], digest: str, started: float) -> Outcome:
+        """Record a stage's result: its status, digests and lineage, then how it ended."""
         record["status"] = {**record["status"], **result.status}
         record["fmforge"] = {
             **record.get("fmforge", {}),

@@ -21,9 +21,10 @@ import os
 import socket
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..api.status import now, with_phase
 from ..api.v1alpha1 import KIND_ORDER

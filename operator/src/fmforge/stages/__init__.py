@@ -11,9 +11,10 @@ kserve) themselves, so importing this package stays cheap.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 #: kind → "module:function" of the stages that have landed.
 STAGES: dict[str, str] = {

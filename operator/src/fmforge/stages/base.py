@@ -51,6 +51,9 @@ class StageContext:
     """Whether `file://` URIs may name paths outside `base_dir` (the user opted in)."""
     annotations: dict[str, str] = field(default_factory=dict)
     """The object's annotations (a ModelCard's manual approval lives there)."""
+    config_maps: dict[str, Path] = field(default_factory=dict)
+    """ConfigMaps of the spec mounted into the RayJob's pods: name → the directory (one file per
+    key). Empty when the stage runs locally, where there is no ConfigMap to read."""
 
 
 @dataclass

@@ -13,6 +13,7 @@ after its run is over.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -72,6 +73,10 @@ def start(state_dir: Path, cpus: int) -> None:
         # Ray 2.60 announces on every local start that it turned token authentication on (the
         # secure default, which stays on); in fmforge's output that line is noise.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        # A task with several returns stores its error in each; the stages get one of them and
+        # report the error themselves, and Ray would print the same traceback again for each
+        # return nobody got.
+        os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
         kwargs = {}
         if not in_cluster():
             tmp = temp_dir(state_dir)
@@ -129,10 +134,8 @@ def reap(state_dir: Path) -> int:
             continue
         pids = processes_using(tmp) if Path("/proc").is_dir() else []
         for p in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # it ended on its own meanwhile
                 os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         stopped += len(pids)
         shutil.rmtree(tmp, ignore_errors=True)
     return stopped

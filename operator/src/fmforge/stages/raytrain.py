@@ -10,7 +10,8 @@ queue's actor is removed whatever the outcome. Called by `fmforge.stages.train` 
 from __future__ import annotations
 
 import concurrent.futures
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def progress_queue():

@@ -7,7 +7,7 @@ generator, `fmforge validate` and the local runner validate manifests with it.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints
 
@@ -263,7 +263,7 @@ class LengthFilter(Spec):
 
 
 Filter = Annotated[
-    Union[LanguageFilter, HapFilter, LicenseFilter, PiiFilter, QualityFilter, LengthFilter],
+    LanguageFilter | HapFilter | LicenseFilter | PiiFilter | QualityFilter | LengthFilter,
     Field(discriminator="type"),
 ]
 
@@ -350,6 +350,10 @@ class Publish(Spec):
 
     tags: Annotated[list[Tag], Field(max_length=16, json_schema_extra={"x-kubernetes-list-type": "set"})] = []
     """Tags for the new version; a tag moves to the new version if it was on an older one."""
+    keep_dropped: bool = False
+    """Also publish the dropped documents, each with the step that dropped it (and for a
+    duplicate, the document it duplicates), in a third table `<pile>_dropped` of the same
+    version, so a reviewer can see what each filter removed."""
 
 
 class DataPileSpec(Spec):
@@ -422,6 +426,9 @@ class PileStats(Status):
     """Tokens in the packed sequences."""
     sequences: int | None = None
     """Packed sequences, both splits."""
+    step_seconds: dict[str, float] = {}
+    """Seconds each per-document step took on the workers, summed over them: categorize, each
+    filter by type, exactHash, minhash."""
 
 
 class DataPileStatus(CommonStatus):

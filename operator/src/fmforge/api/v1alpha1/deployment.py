@@ -51,7 +51,11 @@ class KServe(Spec):
     resources: ServingResources = ServingResources()
     """Per-replica resources."""
     expose: Literal["route", "none"] = "none"
-    """route: an OpenShift Route to the endpoint; none: cluster-internal only."""
+    """route: an OpenShift Route (route.openshift.io/v1) to the predictor's Service; none:
+    cluster-internal only."""
+    route_tls: Literal["edge", "none"] = "edge"
+    """TLS of the Route (expose: route): edge (the router terminates TLS with its certificate and
+    redirects plain HTTP to HTTPS) or none (plain HTTP)."""
     port: Annotated[int, Field(ge=1024, le=65535)] = 8080
     """Port of the model server locally and in the container (unprivileged)."""
 

@@ -6,8 +6,8 @@ read, so that a kind is described in one place.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .common import CommonStatus, Spec
 from .datapile import DataPileSpec, DataPileStatus
@@ -75,9 +75,13 @@ def _trainingrun_refs(spec: TrainingRunSpec) -> list[Reference]:
 
 
 def _tunedmodel_refs(spec: TunedModelSpec) -> list[Reference]:
-    if spec.base_model_ref is None:
-        return []
-    return [Reference(spec.base_model_ref.kind, spec.base_model_ref.name, "spec.baseModelRef")]
+    refs = []
+    if spec.base_model_ref is not None:
+        refs.append(Reference(spec.base_model_ref.kind, spec.base_model_ref.name, "spec.baseModelRef"))
+    p = spec.data.data_pile_ref
+    if p is not None:
+        refs.append(Reference("DataPile", p.name, "spec.data.dataPileRef", p.tag, p.snapshot_id))
+    return refs
 
 
 def _modelcard_refs(spec: ModelCardSpec) -> list[Reference]:

@@ -5,8 +5,9 @@ Spec and status models, read by the evaluation stage, the CRD generator and the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Literal, Mapping
+from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints
 

@@ -11,16 +11,18 @@ from pydantic import Field, StringConstraints
 
 from .common import (
     CommonStatus,
+    DataPileRef,
     DataUri,
     ModelRef,
     ModelUri,
     RayResources,
+    Name,
     Rule,
     Spec,
     Status,
     exactly_one,
 )
-from .trainingrun import FaultTolerance, ModelArtifact, TrainingProgress
+from .trainingrun import FaultTolerance, ModelArtifact, PileLineage, TrainingProgress
 
 Template = Annotated[str, StringConstraints(min_length=1, max_length=8192)]
 
@@ -47,11 +49,43 @@ class Lora(Spec):
     """Merge the adapters into the weights of the published model (so it serves as a plain model)."""
 
 
-class TuningData(Spec):
-    """Local examples and how they become prompts."""
+class TuningPileRef(DataPileRef):
+    """A DataPile version whose documents are the examples: each document is a record whose
+    fields are the documents table's columns (`text`, `path`, `lang`, `prog_lang`, `source`, `id`…)."""
 
-    uri: DataUri
+    max_documents: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    """Documents read at most (the first ones of the version, in its stored order): a tuning set
+    is read whole on the driver, so a large pile is sampled, not loaded."""
+
+
+class ConfigMapData(Spec):
+    """A ConfigMap in the same namespace holding JSONL examples (on a cluster only)."""
+
+    name: Name
+    """Name of the ConfigMap."""
+    key: Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")] = \
+        "examples.jsonl"
+    """Key whose value is the JSONL examples (one JSON object per line)."""
+
+
+class TuningData(Spec):
+    """Where the examples come from, and how they become prompts."""
+
+    __rules__ = (
+        Rule(
+            cel="[has(self.uri), has(self.dataPileRef), has(self.configMap)].filter(x, x).size() == 1",
+            message="data needs exactly one of uri, dataPileRef or configMap",
+            check=lambda m: sum(x is not None for x in (m.uri, m.data_pile_ref, m.config_map)) == 1,
+        ),
+    )
+
+    uri: DataUri | None = None
     """A JSONL file (or directory of them) with one example per line."""
+    data_pile_ref: TuningPileRef | None = None
+    """A DataPile version whose documents are the examples; placeholders name its columns."""
+    config_map: ConfigMapData | None = None
+    """A ConfigMap key holding JSONL examples; the operator mounts it into the tuning pods
+    (on a cluster only: `fmforge run` refuses it)."""
     prompt_template: Template = "{prompt}"
     """Python format string over an example's fields that makes the prompt."""
     completion_template: Template = " {completion}"
@@ -130,10 +164,12 @@ class Validation(Status):
 class TuningDataLineage(Status):
     """The examples a model was tuned on."""
 
-    uri: str
-    """Where they were read."""
+    uri: str | None = None
+    """Where they were read: the data.uri, or `configmap://NAME/KEY`; unset for a pile."""
+    data_pile: PileLineage | None = None
+    """The pile version they were read from (data.dataPileRef)."""
     digest: str
-    """sha256 over the files' relative names and bytes."""
+    """sha256 over the files' relative names and bytes; for a pile, the version's digest."""
     examples: int
     """Examples in all (training and validation)."""
 

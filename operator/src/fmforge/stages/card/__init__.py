@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,7 @@ def run(ctx: StageContext) -> StageResult:
     decision = decide_approval(f"ModelCard/{ctx.name}", spec.approval, all_passed, digest, ctx.annotations)
 
     # 4. The card, in a directory of its own; earlier cards stay as history.
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     out = ctx.artifacts / f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{digest.split(':')[1][:12]}"
     history = _history(ctx.artifacts)
     pile_info = training.get("dataPile")

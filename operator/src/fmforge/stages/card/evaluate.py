@@ -152,7 +152,7 @@ def on_prompts(rows: list[dict[str, str]], model_dir: Path, metric: str, max_new
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        for r, seq in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
+        for r, seq in zip(chunk, out[:, enc["input_ids"].shape[1]:], strict=True):
             text = tok.decode(seq, skip_special_tokens=True)
             s = score(metric, text, r["expected"], rouge)
             total += s

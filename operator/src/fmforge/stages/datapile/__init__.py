@@ -1,24 +1,29 @@
 """The DataPile stage: sources in, a versioned and tagged pile out.
 
-    read sources → [Ray Data map_batches: categorize → filters in order → exact hash → MinHash]
-    → exact dedup → fuzzy dedup (LSH, components) → tokenizer (trained on a sample)
-    → [Ray Data map_batches: encode] → pack → publish (Iceberg snapshots + tags) → data card
+    list sources → read (Ray tasks) → [repair; reuse the version if it exists]
+    → categorize, filter, exact hash, MinHash (Ray tasks)
+    → exact dedup (driver: ids and hashes) → fuzzy dedup (band keys shuffled on Ray, candidate
+      pairs and components on the driver)
+    → tokenizer (trained on a bounded sample on one worker, or loaded)
+    → keep, split, encode, pack, write Parquet (Ray tasks)
+    → publish (the driver commits the files' metadata: Iceberg snapshots and tags) → data card
 
-The per-document work runs on Ray Data (`map_batches` over Arrow batches: in-process locally,
-on the KubeRay cluster in a RayJob); the global steps (dedup decisions over hashes and
-signatures, tokenizer training, packing, publishing) run on the driver over compact arrays. Called by the
-local runner (`fmforge run`) and by the RayJob entrypoint with the same StageContext.
+`run()` runs STEPS in order; each is `step(work: Work) -> None` and reads what the steps before it
+left in `work`. The documents stay in Ray's object store and on the workers from the read to the
+written files: the driver holds ObjectRefs and compact columns (ids, lengths, hashes, candidate
+pairs, counters), never text or token ids (workers.py says what runs where). The same code runs
+in `fmforge run` (a local Ray) and as the entrypoint of a RayJob (the KubeRay cluster's Ray).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import shutil
 import time
-import warnings
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,25 +32,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ...api.v1alpha1.common import quantity_value
-from ...api.v1alpha1.datapile import DataPileSpec
+from ...api.v1alpha1.datapile import DataPileSpec, DocumentCounts, PileStats, PileVersion
 from .. import raysession
 from ..base import InputError, InvalidSpec, StageContext, StageResult
+from . import datacard as dc
 from . import dedup as dd
 from . import publish as pub
 from . import tokenize as tk
-from .annotate import annotate
-from .filters import build_steps, effective_rules
+from . import workers as wk
+from .filters import effective_rules
+from .sources import SourceFiles, SourceRead, list_source, resolve, summarize
 from .sources import fingerprint as _fingerprint
-from .sources import read_source, resolve
-
-#: Columns of the published documents table.
-DOC_COLUMNS = ("id", "source", "path", "text", "is_code", "lang", "lang_confidence", "prog_lang", "license",
-               "source_license", "hap_score", "pii", "split")
-
-
-#: Relative cost per byte of a prose document against a code file in process_batch (measured on
-#: the quickstart corpus: 0.9 s/MB against 0.18 s/MB on one core).
-PROSE_COST = 5.0
 
 
 def fingerprint(spec: DataPileSpec, base_dir: Path) -> str:
@@ -53,274 +50,354 @@ def fingerprint(spec: DataPileSpec, base_dir: Path) -> str:
     return _fingerprint(spec.sources, base_dir)
 
 
-def process_batch(batch: pa.Table, spec: DataPileSpec) -> pa.Table:
-    """The per-document part of the pipeline, on one Arrow batch (a Ray Data map_batches UDF)."""
-    nl, pl = spec.categorize.natural_language, spec.categorize.programming_language
-    batch = annotate(batch, nl.enabled, nl.min_confidence, pl.enabled)
-    batch = batch.append_column("dropped", pa.nulls(batch.num_rows, pa.string()))
-    for step in build_steps(spec.filters):
-        batch = step(batch)
-    for col, typ in (("hap_score", pa.float32()), ("pii", pa.int32()), ("license", pa.string()),
-                     ("quality_rule", pa.string()), ("lines_removed", pa.int32())):
-        if col not in batch.column_names:
-            batch = batch.append_column(col, pa.nulls(batch.num_rows, typ))
-    # Hashes and signatures only for what the filters kept: dropped rows never reach dedup.
-    alive = pc.is_null(batch.column("dropped")).to_numpy(zero_copy_only=False)
-    idx = pa.array(np.flatnonzero(alive), pa.int64())
-    texts = batch.column("text").take(idx)
-    word_lists = dd.words(texts)
-    h = np.zeros((batch.num_rows, 2), dtype=np.uint64)
-    h[alive] = dd.content_hashes(texts, word_lists)
-    batch = batch.append_column("hash_hi", pa.array(h[:, 0])).append_column("hash_lo", pa.array(h[:, 1]))
-    fz = spec.dedup.fuzzy
-    if spec.dedup.fuzzy.enabled:
-        sig = np.zeros((batch.num_rows, fz.num_perm), dtype=np.uint64)
-        if alive.any():
-            sig[alive] = dd.signatures(texts, fz.num_perm, fz.shingle_size, word_lists)
-        flat = pa.array(sig.reshape(-1))
-        batch = batch.append_column("minhash", pa.FixedSizeListArray.from_arrays(flat, fz.num_perm))
-    return batch
+@dataclass
+class Work:
+    """What the steps share: the context, and what each step found or made."""
+
+    ctx: StageContext
+    spec: DataPileSpec
+    listed: list[SourceFiles] = field(default_factory=list)
+    """Each source's files and sizes."""
+    chunks: list[wk.Chunk] = field(default_factory=list)
+    """Groups of files, one read task each."""
+    target: float = 0.0
+    """Work per piece (workers.piece_target)."""
+    docs: list = field(default_factory=list)
+    """ObjectRef of each chunk's documents (released once processed)."""
+    pieces: list[tuple[int, int, int]] = field(default_factory=list)
+    """(chunk, first row, end row) of each piece: the unit of every later task."""
+    reads: list[SourceRead] = field(default_factory=list)
+    """What was read of each source."""
+    at_read: Counter = field(default_factory=Counter)
+    """Records dropped at read, by reason."""
+    digest: str = ""
+    """The version's digest: spec and sources' content."""
+    cat: Any = None
+    """The Iceberg catalog."""
+    processed: list = field(default_factory=list)
+    """ObjectRef of each processed piece (text, annotations, hashes, signatures)."""
+    index: pa.Table | None = None
+    """The compact columns of every document (workers.INDEX_COLUMNS), in piece order."""
+    step_seconds: dict[str, float] = field(default_factory=dict)
+    """Seconds of each per-document step on the workers, summed."""
+    counters: dict[str, int] = field(default_factory=dict)
+    """Documents dropped, by reason."""
+    drops: pa.Table = field(default_factory=wk.DROPS_SCHEMA.empty_table)
+    """The duplicates dedup drops: id, reason, duplicate_of."""
+    kept: np.ndarray | None = None
+    """Which rows of the index are kept."""
+    dedup: dc.CardDedup | None = None
+    """What dedup found."""
+    version_dir: Path | None = None
+    """The version's artifact folder (tokenizer, data card)."""
+    tokenizer_json: str = ""
+    tokenizer_source: str = ""
+    tables: dict = field(default_factory=dict)
+    """The Iceberg tables this version writes (documents, sequences[, dropped])."""
+    attempt: str = ""
+    """The attempt's folder name under each table's data folder."""
+    written: list[wk.Written] = field(default_factory=list)
+    """What each piece's write task wrote."""
+    committing: bool = False
+    """Whether commit_version has begun committing (the attempt's files are no longer ours to drop)."""
+    published: pub.Published | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    """Wall seconds of each step done."""
+    result: StageResult | None = None
+    """Set by a step that ends the run (the version exists already, or the run is done)."""
 
 
-def map_on_ray(table: pa.Table, fn, fn_kwargs: dict[str, Any], progress=None, weights: np.ndarray | None = None,
-               per_cpu: int = 2) -> pa.Table:
-    """`fn` (an Arrow-batch UDF) over `table` with Ray Data, in `per_cpu` blocks per CPU,
-    balanced by bytes of text (times `weights`, a relative cost per document, if given);
-    `progress(rows)` is called as each block comes back (streaming, not at the end). Blocks may
-    come back in any order."""
+def list_sources(w: Work) -> None:
+    """List every source's files (names and sizes) and plan the read chunks."""
+    confine = not w.ctx.allow_outside_paths
+    w.listed = [list_source(s, w.ctx.base_dir, confine) for s in w.spec.sources]
+    total = sum(float(wk.cost_of(size, sf.source.format == "code")) for sf in w.listed for *_, size in sf.files)
+    w.target = wk.piece_target(total)
+    w.chunks = wk.plan_chunks(w.listed, w.target)
+    w.ctx.reporter.advance(len(w.chunks), files=sum(len(sf.files) for sf in w.listed),
+                           mb=f"{sum(s for sf in w.listed for *_, s in sf.files) / 1e6:.1f}")
+
+
+def read(w: Work) -> None:
+    """Read the chunks on the workers; sum what was read per source; the version's digest. If
+    that version is published already, end here."""
+    raysession.start(w.ctx.state_dir, w.spec.resources.workers * w.spec.resources.cpus_per_worker)
+    task = wk.remote(wk.read_chunk, num_returns=3)
+    refs = [task.remote(c, w.target) for c in w.chunks]
+    w.docs = [r[0] for r in refs]
+    parts = wk.gather([r[1] for r in refs], w.ctx.reporter.advance)
+    bounds = wk.gather([r[2] for r in refs])
+    w.pieces = [(c, a, b) for c, bs in enumerate(bounds) for a, b in zip(bs, bs[1:], strict=False)]
+    for sf in w.listed:
+        r = summarize(sf, [p for c, p in zip(w.chunks, parts, strict=True) if c.source.name == sf.source.name])
+        w.reads.append(r)
+        w.at_read.update(r.dropped)
+        w.ctx.reporter.log("Read source", source=r.name, documents=r.documents, mb=f"{r.bytes / 1e6:.1f}",
+                           **{f"dropped_{k}": v for k, v in r.dropped.items()})
+    read_total = sum(r.documents for r in w.reads) + sum(w.at_read.values())
+    if not w.pieces:
+        raise InputError(f"no documents to process: the sources' {read_total} records were all dropped at read "
+                         f"({', '.join(f'{k}: {v}' for k, v in w.at_read.items())}); fix the data or the sources' "
+                         f"invalidText and maxDocumentBytes")
+    w.digest = _digest(w.spec, w.reads)
+    w.cat = pub.catalog(w.ctx.state_dir)
+    repaired = pub.repair(w.cat, w.ctx.namespace, w.ctx.name)
+    if repaired:
+        w.ctx.reporter.log("Repaired the pile's tables after an interrupted publish", pile=w.ctx.name, **repaired)
+    existing = pub.find_version(w.cat, w.ctx.namespace, w.ctx.name, w.digest)
+    if existing is not None:
+        # Same spec, same sources: the version exists; make sure its tags are on it, publish nothing.
+        tags = w.spec.publish.tags
+        pub.move_tags(w.cat.load_table(existing.table), existing.snapshot_id, tags)
+        props = w.cat.load_table(existing.table).snapshot_by_id(existing.snapshot_id).summary.additional_properties
+        for which, prop in pub.PROP_SNAPSHOT.items():
+            if prop in props:
+                pub.move_tags(w.cat.load_table(pub.table_name(w.ctx.namespace, w.ctx.name, which)), int(props[prop]),
+                              tags)
+        w.ctx.reporter.log("Found the version already published", snapshot=existing.snapshot_id)
+        w.result = _reuse(w.ctx, w.cat, existing, w.digest, w.reads)
+
+
+def process(w: Work) -> None:
+    """Categorize, filter, hash and MinHash each piece on the workers; gather the index."""
+    task = wk.remote(wk.process_piece, num_returns=3)
+    refs = [task.remote(w.docs[c], a, b, w.spec) for c, a, b in w.pieces]
+    w.processed = [r[0] for r in refs]
+    indexes = wk.gather([r[1] for r in refs], w.ctx.reporter.advance, [b - a for _, a, b in w.pieces])
+    for seconds in wk.gather([r[2] for r in refs]):
+        for k, v in seconds.items():
+            w.step_seconds[k] = w.step_seconds.get(k, 0.0) + v
+    w.docs = []  # the processed pieces hold the text now; let Ray free the chunks
+    w.index = pa.concat_tables(indexes)
+    dropped = w.index.column("dropped").to_numpy(zero_copy_only=False)
+    w.counters = {f.type: 0 for f in w.spec.filters}
+    w.counters.update(w.at_read)
+    w.counters.update(Counter(d for d in dropped if d is not None))
+
+
+def deduplicate(w: Work) -> None:
+    """Exact dedup over the ids and hashes; fuzzy dedup over the candidate pairs of the LSH
+    bands, grouped on the workers; the duplicates and what they duplicate."""
+    ids = np.asarray(w.index.column("id").to_numpy(zero_copy_only=False), dtype=object)
+    alive = pc.is_null(w.index.column("dropped")).to_numpy(zero_copy_only=False)
+    reached_exact = int(alive.sum())
+    drops = []
+    exact_ids = np.array([], dtype=object)
+    if w.spec.dedup.exact:
+        h = np.stack([w.index.column("hash_hi").to_numpy(), w.index.column("hash_lo").to_numpy()], axis=1)
+        exact_ids, of = dd.exact_duplicates(ids[alive], h[alive])
+        drops.append(pa.table({"id": exact_ids, "reason": ["duplicateExact"] * len(exact_ids), "duplicate_of": of},
+                              schema=wk.DROPS_SCHEMA))
+    reached_fuzzy = reached_exact - len(exact_ids)
+    fz = w.spec.dedup.fuzzy
+    fuzzy_ids, clusters, candidates, edges = np.array([], dtype=object), 0, 0, 0
+    if fz.enabled and reached_fuzzy:
+        import ray
+
+        parts = max(1, min(len(w.processed), int(ray.cluster_resources().get("CPU", 1))))
+        exact_ref = ray.put(pa.array(exact_ids, pa.string()))
+        band = wk.remote(wk.band_piece, num_returns=parts)
+        bands = [band.remote(p, exact_ref, fz.bands, parts, fz.verify) for p in w.processed]
+        bands = [[b] if parts == 1 else list(b) for b in bands]
+        reduce = wk.remote(wk.pairs_of_bands, num_returns=2)
+        out = [reduce.remote(fz.threshold, fz.verify, *[b[p] for b in bands]) for p in range(parts)]
+        # a pair found in bands that went to different partitions comes back once from each
+        pairs = pa.concat_tables(wk.gather([o[0] for o in out])).group_by(["a", "b"]).aggregate([])
+        candidates = sum(wk.gather([o[1] for o in out]))
+        edges = pairs.num_rows
+        fuzzy_ids, of, clusters = dd.components(np.asarray(pairs.column("a").to_pylist(), dtype=object),
+                                                np.asarray(pairs.column("b").to_pylist(), dtype=object))
+        drops.append(pa.table({"id": fuzzy_ids, "reason": ["duplicateFuzzy"] * len(fuzzy_ids), "duplicate_of": of},
+                              schema=wk.DROPS_SCHEMA))
+    if drops:
+        w.drops = pa.concat_tables(drops)
+    w.counters["duplicateExact"] = len(exact_ids)
+    w.counters["duplicateFuzzy"] = len(fuzzy_ids)
+    w.kept = alive & ~pc.is_in(w.index.column("id"), value_set=w.drops.column("id")).to_numpy(zero_copy_only=False)
+    read_total = w.index.num_rows + sum(w.at_read.values())
+    kept = int(w.kept.sum())
+    if kept == 0:
+        raise InputError(
+            f"no documents left after filtering and deduplication ({read_total} read; dropped "
+            f"{', '.join(f'{k}: {v}' for k, v in w.counters.items() if v)}); loosen the filters or add sources")
+    if read_total != kept + sum(w.counters.values()):  # an invariant, checked even under python -O
+        raise RuntimeError(f"counters do not add up: read {read_total}, kept {kept}, dropped {w.counters}")
+    w.dedup = dc.CardDedup(exact=len(exact_ids), exact_rate=len(exact_ids) / max(reached_exact, 1),
+                           fuzzy=len(fuzzy_ids), fuzzy_rate=len(fuzzy_ids) / max(reached_fuzzy, 1), clusters=clusters,
+                           candidate_pairs=candidates, verified_pairs=edges,
+                           params=fz.model_dump(by_alias=True))
+
+
+def tokenizer(w: Work) -> None:
+    """Train the tokenizer on a bounded sample of the training split (on one worker), or load it."""
+    # The version's artifacts live in a directory named by its digest. One that exists now was
+    # left by an attempt that never published (a published digest is reused by `read`), so
+    # nothing refers to it.
+    w.version_dir = w.ctx.artifacts / w.digest.split(":", 1)[1][:16]
+    if w.version_dir.exists():
+        shutil.rmtree(w.version_dir)
+    spec = w.spec
+    if spec.tokenizer.train is not None:
+        import ray
+
+        tr = spec.tokenizer.train
+        ids = w.index.column("id").filter(pa.array(w.kept)).to_pylist()
+        sizes = w.index.column("nbytes").filter(pa.array(w.kept)).to_numpy()
+        splits = tk.split_of(ids, spec.split.validation_fraction)
+        sample = tk.training_sample(ids, sizes, splits, int(quantity_value(tr.sample_bytes)))
+        sample_ref = ray.put(pa.array([ids[i] for i in sample], pa.string()))
+        texts = [wk.remote(wk.sample_piece).remote(p, sample_ref) for p in w.processed]
+        w.tokenizer_json = wk.gather([wk.remote(wk.train_tokenizer).remote(tr.vocab_size, tr.min_frequency,
+                                                                             *texts)])[0]
+        tok = tk.from_json(w.tokenizer_json)
+        w.tokenizer_source = (f"trained: byte-level BPE, vocab {tok.get_vocab_size()}, on {len(sample)} documents "
+                              f"({int(sizes[sample].sum()) / 1e6:.1f} MB) of the training split")
+    else:
+        fs, path = resolve(spec.tokenizer.uri, w.ctx.base_dir, confine=not w.ctx.allow_outside_paths)
+        tok = tk.load_tokenizer(path, fs)
+        w.tokenizer_json = tok.to_str()
+        w.tokenizer_source = f"loaded from {spec.tokenizer.uri}"
+    tk.special_ids(tok)  # a tokenizer without an end-of-text token fails here, before any file is written
+    tk.save_tokenizer(tok, w.version_dir / "tokenizer")
+
+
+def write(w: Work) -> None:
+    """Keep, split, encode, pack and write each piece's Parquet files on the workers."""
     import ray
 
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    # Balanced by bytes (and cost), not rows: code files and doc topics differ a lot in size.
-    cost = pc.binary_length(table.column("text").cast(pa.large_binary())).to_numpy().astype(np.float64)
-    if weights is not None:
-        cost = cost * weights
-    sizes = np.cumsum(cost)
-    nblocks = max(1, min(table.num_rows, cpus * per_cpu))
-    cuts = np.searchsorted(sizes, np.linspace(0, sizes[-1], nblocks + 1)[1:-1]) if len(sizes) else []
-    bounds = [0, *sorted(set(int(c) for c in cuts)), table.num_rows]
-    blocks = [table.slice(a, b - a) for a, b in zip(bounds, bounds[1:]) if b > a]
-    # A dataset copies the context when it is created: configure it first (raysession.start has
-    # turned Ray Data's own output off).
-    ctx = ray.data.DataContext.get_current()
-    # Ray Data keeps half the CPUs in reserve per operator by default; with one map operator on
-    # a small node that runs the tasks one at a time (measured: 6 half-second tasks on 2 CPUs
-    # took 2.4 s with the reservation, 1.6 s without).
-    ctx.op_resource_reservation_enabled = False
-    # from_blocks builds the block metadata here; from_arrow runs a remote task for it.
-    out = ray.data.from_blocks(blocks).map_batches(fn, fn_kwargs=fn_kwargs, batch_format="pyarrow", batch_size=None,
-                                                  zero_copy_batch=True)
-    tables = []
-    for batch in out.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
-        tables.append(batch)
-        if progress is not None:
-            progress(batch.num_rows)
-    return pa.concat_tables(tables, promote_options="default")
+    schemas = {"documents": wk.DOC_SCHEMA, "sequences": tk.SEQ_SCHEMA}
+    if w.spec.publish.keep_dropped:
+        schemas["dropped"] = wk.DROPPED_SCHEMA
+    w.tables = pub.tables(w.cat, w.ctx.namespace, w.ctx.name, schemas)
+    w.attempt = pub.new_attempt(w.digest)
+    out = {which: pub.output(t, w.attempt) for which, t in w.tables.items()}
+    drops_ref, tok_ref = ray.put(w.drops), ray.put(w.tokenizer_json)
+    task = wk.remote(wk.write_piece)
+    refs = [task.remote(p, i, drops_ref, tok_ref, w.spec.split.validation_fraction, w.spec.tokenize.sequence_length,
+                        out["documents"], out["sequences"], out.get("dropped"))
+            for i, p in enumerate(w.processed)]
+    kept_per_piece = np.add.reduceat(w.kept.astype(np.int64), np.cumsum([0] + [b - a for _, a, b in w.pieces])[:-1])
+    w.written = wk.gather(refs, w.ctx.reporter.advance, kept_per_piece.tolist())
+    w.processed = []
+    if sum(x.kept for x in w.written) != int(w.kept.sum()):  # the workers must keep what the driver decided
+        raise RuntimeError(f"the workers wrote {sum(x.kept for x in w.written)} documents, the driver kept "
+                           f"{int(w.kept.sum())}")
 
 
-def start_ray(spec: DataPileSpec, state_dir: Path) -> None:
-    """Ray with the CPUs the spec's resources grant (locally), or the cluster's."""
-    raysession.start(state_dir, spec.resources.workers * spec.resources.cpus_per_worker)
+def commit_version(w: Work) -> None:
+    """Commit the written files as one staged snapshot per table, then make the version visible."""
+    files = {"documents": [x.documents for x in w.written if x.documents],
+             "sequences": [x.sequences for x in w.written if x.sequences],
+             "dropped": [x.dropped for x in w.written if x.dropped]}
+    props = {
+        pub.PROP_DIGEST: w.digest,
+        "fmforge.spec-digest": _spec_digest(w.spec),
+        "fmforge.sources": json.dumps({r.name: r.digest for r in w.reads}, sort_keys=True),
+        "fmforge.stats": _stats(w).model_dump_json(by_alias=True),
+        "fmforge.tokenizer": str(w.version_dir / "tokenizer"),
+        "fmforge.generation": str(w.ctx.generation),
+    }
+    # From the first commit on, snapshots may refer to the attempt's files: a failure now leaves
+    # them to the next run's repair, which knows which snapshots became visible.
+    w.committing = True
+    w.published = pub.publish(w.tables, files, w.spec.publish.tags, props)
+    w.ctx.reporter.log("Published version", snapshot=w.published.snapshot_id,
+                       tags=",".join(w.spec.publish.tags) or None)
 
 
-def run_on_ray(table: pa.Table, spec: DataPileSpec, progress=None) -> pa.Table:
-    """process_batch over the documents on Ray Data (categorize, filter, hash, MinHash)."""
-    # Prose costs about 5x more per byte than code (language detection and HAP run on prose
-    # only): blocks are balanced by that cost, four per CPU so that no block is a long tail.
-    weights = np.where(table.column("is_code").to_numpy(zero_copy_only=False), 1.0, PROSE_COST)
-    return map_on_ray(table, process_batch, {"spec": spec}, progress, weights=weights, per_cpu=4)
+def card(w: Work) -> None:
+    """Write the data card and the result."""
+    spec, idx, kept = w.spec, w.index, pa.array(w.kept)
+    stats = _stats(w)
+
+    def counts(column: str, keep_only: bool = True) -> dict[str, int]:
+        col = idx.column(column).filter(kept) if keep_only else idx.column(column)
+        return {("none" if k is None else k): v for k, v in Counter(col.to_pylist()).most_common()}
+
+    pii = idx.column("pii").filter(kept)
+    removed = pc.fill_null(idx.column("lines_removed").filter(kept), 0)
+    version = PileVersion(snapshot_id=str(w.published.snapshot_id), digest=w.digest,
+                          created_at=w.published.created_at)
+    md = dc.write(dc.DataCard(
+        name=w.ctx.name, version=version, tags=spec.publish.tags,
+        sources=[dc.CardSource(name=r.name, uri=r.uri, license=s.license, files=r.files, documents=r.documents,
+                               bytes=r.bytes, digest=r.digest) for r, s in zip(w.reads, spec.sources, strict=True)],
+        stats=stats,
+        quality_rules={k: v for k, v in counts("quality_rule", keep_only=False).items() if k != "none"},
+        dedup=w.dedup, licenses=counts("license"), pii_redacted=int(pc.sum(pii).as_py() or 0),
+        lines_removed=dc.LinesRemoved(lines=int(pc.sum(removed).as_py() or 0),
+                                      documents=int(pc.sum(pc.greater(removed, 0)).as_py() or 0)),
+        tokenizer=w.tokenizer_source, tokens_by_split=_tokens(w), sequence_length=spec.tokenize.sequence_length,
+        timings={k: round(v, 3) for k, v in w.timings.items()},
+        filters=[f.model_dump(by_alias=True) | ({"effectiveRules": effective_rules(f).model_dump(
+            by_alias=True, exclude_none=True)} if f.type == "quality" else {}) for f in spec.filters],
+        dropped_table=pub.table_name(w.ctx.namespace, w.ctx.name, "dropped") if "dropped" in w.tables else None,
+    ), w.version_dir)
+    w.result = StageResult(
+        status=_status(w.published, spec.publish.tags, stats.model_dump(by_alias=True, mode="json"), md, w.digest),
+        digest=w.digest,
+        message=f"published snapshot {w.published.snapshot_id} ({stats.documents.kept}/{stats.documents.read} "
+                f"documents, {stats.tokens} tokens)",
+        lineage=[{"name": r.name, "uri": r.uri, "digest": r.digest} for r in w.reads],
+    )
 
 
-def encode_on_ray(texts: pa.Array, tokenizer_json: str, progress=None) -> pa.ChunkedArray:
-    """Token ids of each text, in the order of `texts`, encoded on the Ray Data workers."""
-    table = pa.table({"row": pa.array(np.arange(len(texts), dtype=np.int64)), "text": texts})
-    out = map_on_ray(table, tk.encode, {"tokenizer_json": tokenizer_json}, progress)
-    # Each block is a contiguous range of rows: putting the blocks back in order is enough, and
-    # costs nothing; sort the rows only if Ray Data split or merged blocks on the way.
-    blocks = sorted((b for b in out.to_batches() if b.num_rows), key=lambda b: b["row"][0].as_py())
-    ordered = pa.Table.from_batches(blocks, schema=out.schema) if blocks else out
-    if not np.array_equal(ordered.column("row").to_numpy(), np.arange(len(texts))):
-        ordered = out.sort_by("row")
-    return ordered.column("ids")
+#: The stage, step by step: (name shown in the progress, step).
+STEPS: tuple[tuple[str, Callable[[Work], None]], ...] = (
+    ("list sources", list_sources),
+    ("read sources (Ray)", read),
+    ("categorize, filter, hash (Ray)", process),
+    ("deduplicate", deduplicate),
+    ("tokenizer", tokenizer),
+    ("tokenize, pack, write (Ray)", write),
+    ("publish", commit_version),
+    ("data card", card),
+)
 
 
 def run(ctx: StageContext) -> StageResult:
-    spec: DataPileSpec = ctx.spec
-    rep = ctx.reporter
-    timings: dict[str, float] = {}
+    w = Work(ctx, ctx.spec)
+    try:
+        for name, step in STEPS:
+            ctx.reporter.step(name, _total(w, step))
+            t = time.monotonic()
+            step(w)
+            w.timings[name] = time.monotonic() - t
+            if w.result is not None:
+                return w.result
+    finally:
+        if w.attempt and not w.committing:
+            pub.discard(w.tables.values(), w.attempt)
+    raise RuntimeError("the DataPile steps ended without a result")
+def _total(w: Work, step: Callable[[Work], None]) -> int | None:
+    """What a step's progress counts to: chunks read, documents processed, documents written."""
+    if step is read:
+        return len(w.chunks)
+    if step is process:
+        return sum(b - a for _, a, b in w.pieces)
+    if step is write:
+        return int(w.kept.sum())
+    return None
 
-    @contextlib.contextmanager
-    def timed(name: str, total: int | None = None):
-        rep.step(name, total)
-        t = time.monotonic()
-        yield
-        timings[name] = time.monotonic() - t
 
-    # 1. sources
-    with timed("read sources"):
-        tables, reads = [], []
-        for s in spec.sources:
-            t, r = read_source(s, ctx.base_dir, confine=not ctx.allow_outside_paths)
-            tables.append(t)
-            reads.append(r)
-            rep.advance(r.documents, source=s.name, mb=f"{r.bytes / 1e6:.1f}",
-                        **{f"dropped_{k}": v for k, v in r.dropped.items()})
-        docs = pa.concat_tables(tables)
-    # Records dropped at read (text that is not a string, documents over the size limit) count
-    # as read and dropped, so that read = kept + every dropped counter.
-    at_read = Counter()
-    for r in reads:
-        at_read.update(r.dropped)
-    read = docs.num_rows + sum(at_read.values())
-    digest = _digest(spec, reads)
-    if docs.num_rows == 0:
-        raise InputError(f"no documents to process: the sources' {read} records were all dropped at read "
-                         f"({', '.join(f'{k}: {v}' for k, v in at_read.items())}); fix the data or the sources' "
-                         f"invalidText and maxDocumentBytes")
+def _stats(w: Work) -> PileStats:
+    kept = pa.array(w.kept)
 
-    cat = pub.catalog(ctx.state_dir)
-    repaired = pub.repair(cat, ctx.namespace, ctx.name)
-    if repaired:
-        rep.log("Repaired the pile's tables after an interrupted publish", pile=ctx.name, **repaired)
-    existing = pub.find_version(cat, ctx.namespace, ctx.name, digest)
-    if existing is not None:
-        # Same spec, same sources: the version exists; make sure its tags are on it, publish nothing.
-        pub.move_tags(cat.load_table(existing.table), existing.snapshot_id, spec.publish.tags)
-        _, seq_name = pub.table_names(ctx.namespace, ctx.name)
-        pub.move_tags(cat.load_table(seq_name), existing.sequences_snapshot_id, spec.publish.tags)
-        rep.log("Found the version already published", snapshot=existing.snapshot_id)
-        return _reuse(ctx, cat, existing, digest, reads)
+    def counts(column: str) -> dict[str, int]:
+        return dict(Counter(x for x in w.index.column(column).filter(kept).to_pylist() if x).most_common())
 
-    # 2-3. categorize and filter on Ray Data, with exact hashes and MinHash signatures
-    start_ray(spec, ctx.state_dir)
-    with timed("categorize, filter, hash (Ray Data)", total=docs.num_rows):
-        processed = run_on_ray(docs, spec, progress=rep.advance)
-    dropped = processed.column("dropped").to_numpy(zero_copy_only=False)
-    counters: dict[str, int] = {f.type: 0 for f in spec.filters}
-    counters.update(at_read)
-    counters.update(Counter(d for d in dropped if d is not None))
-    alive = np.array([d is None for d in dropped])
+    return PileStats(documents=DocumentCounts(read=w.index.num_rows + sum(w.at_read.values()), kept=int(w.kept.sum())),
+                     dropped=w.counters, languages=counts("lang"), programming_languages=counts("prog_lang"),
+                     tokens=sum(_tokens(w).values()), sequences=sum(x.sequence_count for x in w.written),
+                     step_seconds={k: round(v, 3) for k, v in w.step_seconds.items()})
 
-    # 4. dedup on the driver, over hashes and signatures of the surviving rows
-    order_keys = np.argsort(np.argsort(np.array(processed.column("id").to_pylist(), dtype=object)))
-    with timed("deduplicate"):
-        survivors = np.flatnonzero(alive)
-        n_exact = n_fuzzy = clusters = candidates = verified = 0
-        if spec.dedup.exact and len(survivors):
-            h = np.stack([processed.column("hash_hi").to_numpy()[survivors],
-                          processed.column("hash_lo").to_numpy()[survivors]], axis=1)
-            keep = dd.first_of_each(h, order_keys[survivors])
-            n_exact = int((~keep).sum())
-            survivors = survivors[keep]
-        reached_fuzzy = len(survivors)
-        fz = spec.dedup.fuzzy
-        if fz.enabled and len(survivors):
-            sig = processed.column("minhash").combine_chunks().flatten().to_numpy().reshape(-1, fz.num_perm)[survivors]
-            res = dd.fuzzy_clusters(sig, order_keys[survivors], fz.bands, fz.threshold, fz.verify)
-            n_fuzzy = int((~res.keep).sum())
-            clusters, candidates, verified = res.clusters, res.candidate_pairs, res.verified_pairs
-            survivors = survivors[res.keep]
-        reached_exact = int(alive.sum())
-    counters["duplicateExact"] = n_exact
-    counters["duplicateFuzzy"] = n_fuzzy
-    kept = processed.take(pa.array(survivors, pa.int64()))
-    if kept.num_rows == 0:
-        raise InputError(
-            f"no documents left after filtering and deduplication ({read} read; dropped "
-            f"{', '.join(f'{k}: {v}' for k, v in counters.items() if v)}); loosen the filters or add sources")
-    if read != kept.num_rows + sum(counters.values()):  # an invariant, checked even under python -O
-        raise RuntimeError(f"counters do not add up: read {read}, kept {kept.num_rows}, dropped {counters}")
 
-    # 5. tokenizer, split, pack
-    splits = tk.split_of(kept.column("id").to_pylist(), spec.split.validation_fraction)
-    kept = kept.append_column("split", pa.array(splits.tolist(), pa.string()))
-    # The version's artifacts live in a directory named by its digest. One that exists now was
-    # left by an attempt that never published (a published digest is found above and reused),
-    # so nothing refers to it.
-    version_dir = ctx.artifacts / digest.split(":", 1)[1][:16]
-    if version_dir.exists():
-        shutil.rmtree(version_dir)
-    tok_dir = version_dir / "tokenizer"
-    with timed("tokenizer"):
-        if spec.tokenizer.train is not None:
-            tr = spec.tokenizer.train
-            sizes = pc.binary_length(kept.column("text").cast(pa.large_binary())).to_numpy()
-            sample = tk.training_sample(kept.column("id").to_pylist(), sizes, splits,
-                                        int(quantity_value(tr.sample_bytes)))
-            texts = kept.column("text").take(pa.array(sample, pa.int64())).to_pylist()
-            tok = tk.train_tokenizer(texts, tr.vocab_size, tr.min_frequency)
-            sample_mb = int(sizes[sample].sum()) / 1e6
-            tok_source = (f"trained: byte-level BPE, vocab {tok.get_vocab_size()}, on {len(sample)} documents "
-                          f"({sample_mb:.1f} MB) of the training split")
-        else:
-            fs, path = resolve(spec.tokenizer.uri, ctx.base_dir, confine=not ctx.allow_outside_paths)
-            tok = tk.load_tokenizer(path, fs)
-            tok_source = f"loaded from {spec.tokenizer.uri}"
-        tk.save_tokenizer(tok, tok_dir)
-    eos, pad = tk.special_ids(tok)
-    with timed("tokenize (Ray Data) and pack", total=kept.num_rows):
-        ids = encode_on_ray(kept.column("text").combine_chunks(), tok.to_str(), progress=rep.advance)
-        seqs, tokens_by_split = tk.pack(ids, splits, eos, pad, spec.tokenize.sequence_length)
-        rep.advance(0, tokens=sum(tokens_by_split.values()), sequences=seqs.num_rows)
-    tokens = int(sum(tokens_by_split.values()))
-
-    # 6. publish
-    languages = dict(Counter(x for x in kept.column("lang").to_pylist() if x).most_common())
-    prog = dict(Counter(x for x in kept.column("prog_lang").to_pylist() if x).most_common())
-    stats = {
-        "documents": {"read": read, "kept": kept.num_rows},
-        "dropped": counters,
-        "languages": languages,
-        "programmingLanguages": prog,
-        "tokens": tokens,
-        "sequences": seqs.num_rows,
-    }
-    props = {
-        pub.PROP_DIGEST: digest,
-        "fmforge.spec-digest": _spec_digest(spec),
-        "fmforge.sources": json.dumps({r.name: r.digest for r in reads}, sort_keys=True),
-        "fmforge.stats": json.dumps(stats, sort_keys=True),
-        "fmforge.tokenizer": str(tok_dir),
-        "fmforge.generation": str(ctx.generation),
-    }
-    with timed("publish"):
-        table = kept.select([c for c in DOC_COLUMNS if c in kept.column_names])
-        with warnings.catch_warnings():
-            # pyiceberg warns that the overwrite's delete matched nothing on a table's first version
-            warnings.filterwarnings("ignore", message="Delete operation did not match any records")
-            published = pub.publish(cat, ctx.namespace, ctx.name, table, seqs, spec.publish.tags, props)
-    card = {
-        "name": ctx.name,
-        "version": {"snapshotId": str(published.snapshot_id), "digest": digest, "createdAt": published.created_at},
-        "tags": spec.publish.tags,
-        "sources": [{"name": r.name, "uri": r.uri, "license": s.license, "files": r.files, "documents": r.documents,
-                     "bytes": r.bytes, "digest": r.digest} for r, s in zip(reads, spec.sources)],
-        "stats": stats,
-        "qualityRules": dict(Counter(x for x in processed.column("quality_rule").to_pylist() if x).most_common()),
-        "dedup": {"exact": n_exact, "exactRate": n_exact / max(reached_exact, 1), "fuzzy": n_fuzzy,
-                  "fuzzyRate": n_fuzzy / max(reached_fuzzy, 1), "clusters": clusters,
-                  "candidatePairs": candidates, "verifiedPairs": verified,
-                  "params": spec.dedup.fuzzy.model_dump(by_alias=True)},
-        "licenses": dict(Counter(kept.column("license").to_pylist()).most_common()),
-        "piiRedacted": int(pc.sum(kept.column("pii")).as_py() or 0),
-        "linesRemoved": {"lines": int(pc.sum(kept.column("lines_removed")).as_py() or 0),
-                         "documents": int(pc.sum(pc.greater(pc.fill_null(kept.column("lines_removed"), 0), 0))
-                                          .as_py() or 0)},
-        "tokenizer": tok_source,
-        "tokensBySplit": tokens_by_split,
-        "sequenceLength": spec.tokenize.sequence_length,
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "filters": [f.model_dump(by_alias=True) | ({"effectiveRules": effective_rules(f).model_dump(
-            by_alias=True, exclude_none=True)} if f.type == "quality" else {}) for f in spec.filters],
-    }
-    md = pub.data_card(card, version_dir)
-    rep.log("Published version", snapshot=published.snapshot_id, tags=",".join(spec.publish.tags) or None)
-    return StageResult(
-        status=_status(published, spec.publish.tags, stats, md, digest),
-        digest=digest,
-        message=f"published snapshot {published.snapshot_id} ({kept.num_rows}/{read} documents, {tokens} tokens)",
-        lineage=[{"name": r.name, "uri": r.uri, "digest": r.digest} for r in reads],
-    )
+def _tokens(w: Work) -> dict[str, int]:
+    out = {"train": 0, "validation": 0}
+    for x in w.written:
+        for k, v in x.tokens.items():
+            out[k] += v
+    return out
 
 
 def _status(published: pub.Published, tags: list[str], stats: dict[str, Any], md: Path, digest: str) -> dict:
@@ -359,14 +436,17 @@ def _spec_digest(spec: DataPileSpec) -> str:
 
 
 def _digest(spec: DataPileSpec, reads) -> str:
-    """The version's digest: the spec (tags aside: retagging is not a new version) and the sources' content."""
+    """The version's digest: the spec (tags and resources aside: retagging is not a new version,
+    nor is running on more workers) and the sources' content."""
     body = spec.model_dump(mode="json", by_alias=True)
     body.pop("publish", None)
     body.pop("resources", None)
+    if spec.publish.keep_dropped:  # a version with its dropped documents is another version (only then:
+        body["keepDropped"] = True  # the digests of versions made without the field stay the same)
     h = hashlib.sha256(json.dumps(body, sort_keys=True).encode())
     for r in reads:
         h.update(f"{r.name}\0{r.digest}\n".encode())
     return "sha256:" + h.hexdigest()
 
 
-__all__ = ["run", "fingerprint", "process_batch", "InvalidSpec"]
+__all__ = ["run", "fingerprint", "STEPS", "Work", "InvalidSpec"]

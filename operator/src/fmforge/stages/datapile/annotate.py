@@ -48,7 +48,7 @@ def natural_language(texts: list[str], min_confidence: float) -> tuple[list[str 
             continue
         values = _detector(low).compute_language_confidence_values_in_parallel(
             [texts[i][:SAMPLE_CHARS] for i in idx])
-        for i, vals in zip(idx, values):
+        for i, vals in zip(idx, values, strict=True):
             if vals:
                 conf[i] = vals[0].value
                 if vals[0].value >= min_confidence:

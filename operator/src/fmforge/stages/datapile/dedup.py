@@ -8,13 +8,12 @@ Fuzzy: MinHash over word shingles with rensa (Rust), LSH banding, optional verif
 candidate pairs by their estimated Jaccard similarity, connected components (scipy), and the
 smallest id of each component as its deterministic survivor. Shingles are hashed and rolled in
 numpy over the flattened words of a whole batch, and rensa builds the signature matrix from one
-flat buffer: no per-document Python loop anywhere on the hot path. `signatures` runs per batch
-(on Ray workers); `fuzzy_clusters` runs once over the collected signatures.
+flat buffer: no per-document Python loop anywhere on the hot path. Hashes, signatures and band
+keys are computed on the Ray workers (workers.py groups the bands); the driver runs
+`exact_duplicates` over the ids and hashes and `components` over the candidate pairs only.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -45,14 +44,19 @@ def content_hashes(texts: pa.ChunkedArray | pa.Array, word_lists: pa.ListArray |
     return np.stack([a, b], axis=1)
 
 
-def first_of_each(hashes: np.ndarray, order_keys: np.ndarray) -> np.ndarray:
-    """Boolean mask: True for the first row (by `order_keys`) of each distinct hash row."""
-    order = np.argsort(order_keys, kind="stable")
-    view = np.ascontiguousarray(hashes[order]).view(np.dtype((np.void, hashes.dtype.itemsize * hashes.shape[1])))
-    _, first = np.unique(view.ravel(), return_index=True)
-    keep = np.zeros(len(hashes), dtype=bool)
-    keep[order[first]] = True
-    return keep
+def exact_duplicates(ids: np.ndarray, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ids that duplicate an earlier document (by id) of the same hash, and that document's id.
+    `ids`: object array of str; `hashes`: (n, 2) uint64."""
+    if not len(ids):
+        return ids, ids
+    rank = np.argsort(np.argsort(ids, kind="stable"), kind="stable")
+    order = np.lexsort((rank, hashes[:, 1], hashes[:, 0]))  # by hash, then id
+    h = hashes[order]
+    new = np.ones(len(ids), dtype=bool)
+    new[1:] = (h[1:] != h[:-1]).any(axis=1)
+    first = order[np.maximum.accumulate(np.where(new, np.arange(len(ids)), 0))]
+    dup = order[~new]
+    return ids[dup], ids[first[~new]]
 
 
 def shingle_hashes(texts: pa.ChunkedArray | pa.Array, k: int,
@@ -109,63 +113,27 @@ def signatures(texts: pa.ChunkedArray | pa.Array, num_perm: int, shingle_size: i
     return np.asarray(m.to_rows(), dtype=np.uint64).reshape(len(offsets) - 1, num_perm)
 
 
-@dataclass
-class FuzzyResult:
-    """Which rows survive, and what the clustering found."""
-
-    keep: np.ndarray
-    clusters: int
-    """Components with more than one document."""
-    candidate_pairs: int
-    """Pairs that share a band bucket (LSH candidates)."""
-    verified_pairs: int
-    """Candidates kept as edges: all of them, or with `verify` those whose estimated Jaccard
-    similarity reaches the threshold."""
-
-
-def fuzzy_clusters(sig: np.ndarray, order_keys: np.ndarray, bands: int, threshold: float,
-                   verify: bool) -> FuzzyResult:
-    """LSH over `bands` bands of the signatures, components, one survivor per component."""
+def components(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Connected components of the edges (a[i], b[i]) between document ids (object arrays of
+    str): the ids that are duplicates, the id each duplicates (the smallest id of its
+    component, a deterministic survivor), and the number of components."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    n, num_perm = sig.shape
-    if n == 0:
-        return FuzzyResult(np.zeros(0, dtype=bool), 0, 0, 0)
-    rows = num_perm // bands
-    band_view = sig[:, : bands * rows].reshape(n, bands, rows)
-    src, dst = [], []
-    for b in range(bands):
-        h = _row_hash(band_view[:, b, :])
-        order = np.argsort(h, kind="stable")
-        hs = h[order]
-        new_bucket = np.concatenate([[True], hs[1:] != hs[:-1]])
-        bucket_first = order[np.maximum.accumulate(np.where(new_bucket, np.arange(n), 0))]
-        dup = ~new_bucket
-        src.append(order[dup])
-        dst.append(bucket_first[dup])
-    s = np.concatenate(src)
-    d = np.concatenate(dst)
-    candidates = len(s)
-    if verify and candidates:
-        est = (sig[s] == sig[d]).mean(axis=1)
-        ok = est >= threshold
-        s, d = s[ok], d[ok]
-    graph = coo_matrix((np.ones(len(s), dtype=np.int8), (s, d)), shape=(n, n))
+    if not len(a):
+        return a, a, 0
+    ids, inv = np.unique(np.concatenate([a, b]), return_inverse=True)  # sorted: index order is id order
+    m = len(a)
+    graph = coo_matrix((np.ones(m, dtype=np.int8), (inv[:m], inv[m:])), shape=(len(ids), len(ids)))
     ncomp, labels = connected_components(graph, directed=False)
-    order = np.argsort(order_keys, kind="stable")
-    first = np.full(ncomp, -1)
-    # the smallest order key of each component survives: walk rows in key order, first seen wins
-    seen_labels = labels[order]
-    _, idx = np.unique(seen_labels, return_index=True)
-    first[seen_labels[idx]] = order[idx]
-    keep = np.zeros(n, dtype=bool)
-    keep[first] = True
-    sizes = np.bincount(labels, minlength=ncomp)
-    return FuzzyResult(keep, int((sizes > 1).sum()), candidates, len(s))
+    first = np.full(ncomp, len(ids))
+    np.minimum.at(first, labels, np.arange(len(ids)))
+    survivor = first[labels]
+    dup = survivor != np.arange(len(ids))
+    return ids[dup], ids[survivor[dup]], int(ncomp)
 
 
-def _row_hash(block: np.ndarray) -> np.ndarray:
+def row_hash(block: np.ndarray) -> np.ndarray:
     """One uint64 per row of a (n, r) uint64 block: a multiply-xor mix (vectorised)."""
     with np.errstate(over="ignore"):
         h = np.full(block.shape[0], 0xCBF29CE484222325, dtype=np.uint64)

@@ -19,8 +19,8 @@ import functools
 import ipaddress
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -431,15 +431,38 @@ _BULLETS = ("•", "●", "○", "■", "□", "▪", "▫", "※", "·", "- ", 
 
 
 def quality_reasons(text: str, r: QualityRules) -> str | None:
-    """The first Gopher-style rule `text` breaks, or None."""
+    """The first Gopher-style rule `text` breaks, or None.
+
+    The rules run in a fixed order (the reason recorded is the first one broken), grouped by
+    what they look at; each group returns the name of the rule broken, or None.
+    """
     words = text.split()
-    n = len(words)
-    if r.min_words is not None and n < r.min_words:
+    if not words:  # an empty text breaks only a word-count floor; no ratio can be taken
+        return _word_count_rules(words, r)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return (_word_count_rules(words, r)
+            or _word_shape_rules(text, words, r)
+            or _line_rules(lines, r)
+            or _word_content_rules(words, r)
+            or _paragraph_rules(text, r)
+            or _duplicate_line_char_rule(text, lines, r)
+            or _ngram_rules(text, words, r)
+            or _line_shape_rules(lines, r)
+            or _c4_rules(text, r))
+
+
+def _word_count_rules(words: list[str], r: QualityRules) -> str | None:
+    """Gopher's document length in words."""
+    if r.min_words is not None and len(words) < r.min_words:
         return "min_words"
-    if r.max_words is not None and n > r.max_words:
+    if r.max_words is not None and len(words) > r.max_words:
         return "max_words"
-    if n == 0:
-        return None
+    return None
+
+
+def _word_shape_rules(text: str, words: list[str], r: QualityRules) -> str | None:
+    """Gopher's mean word length and symbol-to-word ratio (`words` is not empty)."""
+    n = len(words)
     mean = sum(map(len, words)) / n
     if r.min_mean_word_length is not None and mean < r.min_mean_word_length:
         return "min_mean_word_length"
@@ -449,53 +472,86 @@ def quality_reasons(text: str, r: QualityRules) -> str | None:
         symbols = text.count("#") + text.count("...") + text.count("…")
         if symbols / n > r.max_symbol_word_ratio:
             return "max_symbol_word_ratio"
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    if lines:
-        if r.max_bullet_lines_ratio is not None:
-            bullets = sum(ln.lstrip().startswith(_BULLETS) for ln in lines)
-            if bullets / len(lines) > r.max_bullet_lines_ratio:
-                return "max_bullet_lines_ratio"
-        if r.max_ellipsis_lines_ratio is not None:
-            ell = sum(ln.rstrip().endswith(("...", "…")) for ln in lines)
-            if ell / len(lines) > r.max_ellipsis_lines_ratio:
-                return "max_ellipsis_lines_ratio"
-        if r.max_duplicate_line_fraction is not None:
-            c = Counter(ln.strip() for ln in lines)
-            dup = sum(v for v in c.values() if v > 1) - sum(1 for v in c.values() if v > 1)
-            if dup / len(lines) > r.max_duplicate_line_fraction:
-                return "max_duplicate_line_fraction"
+    return None
+
+
+def _line_rules(lines: list[str], r: QualityRules) -> str | None:
+    """Gopher's bullet, ellipsis and duplicate-line ratios over the non-blank lines."""
+    if not lines:
+        return None
+    if r.max_bullet_lines_ratio is not None:
+        bullets = sum(ln.lstrip().startswith(_BULLETS) for ln in lines)
+        if bullets / len(lines) > r.max_bullet_lines_ratio:
+            return "max_bullet_lines_ratio"
+    if r.max_ellipsis_lines_ratio is not None:
+        ell = sum(ln.rstrip().endswith(("...", "…")) for ln in lines)
+        if ell / len(lines) > r.max_ellipsis_lines_ratio:
+            return "max_ellipsis_lines_ratio"
+    if r.max_duplicate_line_fraction is not None:
+        c = Counter(ln.strip() for ln in lines)
+        dup = sum(v for v in c.values() if v > 1) - sum(1 for v in c.values() if v > 1)
+        if dup / len(lines) > r.max_duplicate_line_fraction:
+            return "max_duplicate_line_fraction"
+    return None
+
+
+def _word_content_rules(words: list[str], r: QualityRules) -> str | None:
+    """Gopher's share of words with a letter and its stop-word floor (`words` is not empty)."""
     if r.min_alpha_words_ratio is not None:
         alpha = sum(any(ch.isalpha() for ch in w) for w in words)
-        if alpha / n < r.min_alpha_words_ratio:
+        if alpha / len(words) < r.min_alpha_words_ratio:
             return "min_alpha_words_ratio"
     if r.min_stop_words is not None:
-        if sum(w.lower().strip(".,;:!?\"'()") in STOP_WORDS for w in words) < r.min_stop_words:
+        stop_words = sum(w.lower().strip(".,;:!?\"'()") in STOP_WORDS for w in words)
+        if stop_words < r.min_stop_words:
             return "min_stop_words"
+    return None
+
+
+def _paragraph_rules(text: str, r: QualityRules) -> str | None:
+    """Gopher's duplicate paragraphs, by count and by characters (a single paragraph has none)."""
+    if r.max_duplicate_paragraph_fraction is None and r.max_duplicate_paragraph_char_fraction is None:
+        return None
     paras = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
-    if len(paras) > 1 and (r.max_duplicate_paragraph_fraction is not None
-                           or r.max_duplicate_paragraph_char_fraction is not None):
-        c = Counter(paras)
-        if r.max_duplicate_paragraph_fraction is not None:
-            if sum(v - 1 for v in c.values() if v > 1) / len(paras) > r.max_duplicate_paragraph_fraction:
-                return "max_duplicate_paragraph_fraction"
-        if r.max_duplicate_paragraph_char_fraction is not None:
-            dup_chars = sum(len(p) * (v - 1) for p, v in c.items() if v > 1)
-            if dup_chars / max(len(text), 1) > r.max_duplicate_paragraph_char_fraction:
-                return "max_duplicate_paragraph_char_fraction"
-    if lines and r.max_duplicate_line_char_fraction is not None:
-        c = Counter(ln.strip() for ln in lines)
-        dup_chars = sum(len(ln) * (v - 1) for ln, v in c.items() if v > 1)
-        if dup_chars / max(len(text), 1) > r.max_duplicate_line_char_fraction:
-            return "max_duplicate_line_char_fraction"
-    why = _ngram_rules(text, words, r)
-    if why:
-        return why
-    if lines and r.min_line_punct_ratio is not None:
-        if sum(ln.rstrip().endswith(_TERMINAL) for ln in lines) / len(lines) < r.min_line_punct_ratio:
-            return "min_line_punct_ratio"
-    if lines and r.max_short_line_ratio is not None:
-        if sum(len(ln.strip()) <= 30 for ln in lines) / len(lines) > r.max_short_line_ratio:
-            return "max_short_line_ratio"
+    if len(paras) <= 1:
+        return None
+    c = Counter(paras)
+    if (r.max_duplicate_paragraph_fraction is not None
+            and sum(v - 1 for v in c.values() if v > 1) / len(paras) > r.max_duplicate_paragraph_fraction):
+        return "max_duplicate_paragraph_fraction"
+    if r.max_duplicate_paragraph_char_fraction is not None:
+        dup_chars = sum(len(p) * (v - 1) for p, v in c.items() if v > 1)
+        if dup_chars / max(len(text), 1) > r.max_duplicate_paragraph_char_fraction:
+            return "max_duplicate_paragraph_char_fraction"
+    return None
+
+
+def _duplicate_line_char_rule(text: str, lines: list[str], r: QualityRules) -> str | None:
+    """Gopher's characters in duplicated lines over the characters of the text."""
+    if not lines or r.max_duplicate_line_char_fraction is None:
+        return None
+    c = Counter(ln.strip() for ln in lines)
+    dup_chars = sum(len(ln) * (v - 1) for ln, v in c.items() if v > 1)
+    if dup_chars / max(len(text), 1) > r.max_duplicate_line_char_fraction:
+        return "max_duplicate_line_char_fraction"
+    return None
+
+
+def _line_shape_rules(lines: list[str], r: QualityRules) -> str | None:
+    """FineWeb's line rules: lines ending in punctuation, and short lines."""
+    if not lines:
+        return None
+    if (r.min_line_punct_ratio is not None
+            and sum(ln.rstrip().endswith(_TERMINAL) for ln in lines) / len(lines) < r.min_line_punct_ratio):
+        return "min_line_punct_ratio"
+    if (r.max_short_line_ratio is not None
+            and sum(len(ln.strip()) <= 30 for ln in lines) / len(lines) > r.max_short_line_ratio):
+        return "max_short_line_ratio"
+    return None
+
+
+def _c4_rules(text: str, r: QualityRules) -> str | None:
+    """C4's document rules: enough sentences, no placeholder text, no code braces."""
     if r.min_sentences is not None and len(_SENTENCE_END.findall(text)) < r.min_sentences:
         return "min_sentences"
     if r.drop_lorem_ipsum and "lorem ipsum" in text.lower():

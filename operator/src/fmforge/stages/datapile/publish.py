@@ -1,19 +1,24 @@
-"""Publish a pile version: Iceberg snapshots, tags, and the data card.
+"""Publish a pile version: Iceberg snapshots and tags, committed from files the workers wrote.
 
-Two Iceberg tables per pile, `<namespace>.<pile>_documents` (the kept documents with their
-annotations) and `<namespace>.<pile>_sequences` (the packed token sequences). A version is one
-snapshot of each (the first an append, later ones an overwrite that swaps the data files); the
-documents snapshot is the version's id and its properties record the spec digest, source
-digests, counters and the sequences snapshot.
+Iceberg tables per pile: `<namespace>.<pile>_documents` (the kept documents with their
+annotations), `<namespace>.<pile>_sequences` (the packed token sequences) and, for versions made
+with `publish.keepDropped`, `<namespace>.<pile>_dropped` (each dropped document and why). The
+workers write the Parquet data files into a folder of the attempt under each table's location,
+with Iceberg's field ids (`output`); the driver only reads their footers (pyiceberg's
+`parquet_file_to_data_file`) and commits. A version is one snapshot of each table (the first an
+append, later ones an overwrite that swaps the data files); the documents snapshot is the
+version's id and its properties record the spec digest, source digests, counters and the other
+tables' snapshots.
 
-Both snapshots are first committed staged (on no branch: Iceberg's write-audit-publish), so a
+All snapshots are first committed staged (on no branch: Iceberg's write-audit-publish), so a
 reader of either table's current snapshot sees nothing of them. Then the version is made
 visible: the documents table's `main` and tags move to it in one metadata commit (the commit
-point), then the sequences table's. A run killed before the commit point leaves only staged
-snapshots that no reader sees; one killed between the two ref commits leaves the sequences
-table one version behind. The next run repairs either case before it does anything else
-(`repair`): it completes the sequences table's refs from the documents snapshot, and expires
-the snapshots no ref reaches, deleting the files only they added. Readers that go through
+point), then the other tables'. A run killed before the commit point leaves only staged
+snapshots that no reader sees; one killed between the ref commits leaves the other tables one
+version behind. The next run repairs either case before it does anything else (`repair`): it
+completes the other tables' refs from the documents snapshot, expires the snapshots no ref
+reaches, deleting the files only they added, and removes attempt folders no snapshot refers to
+(files of a run killed before it committed). Readers that go through
 `read_version` always get a matching pair: the sequences snapshot comes from the documents
 snapshot's properties, never from the other table's `main`.
 
@@ -23,16 +28,24 @@ the properties in $FMFORGE_CATALOG (JSON), as the operator's config ConfigMap se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 
 PROP_DIGEST = "fmforge.digest"
+
+#: The documents snapshot's property naming each other table's snapshot of the version.
+PROP_SNAPSHOT = {"sequences": "fmforge.sequences-snapshot-id", "dropped": "fmforge.dropped-snapshot-id"}
+
+#: Attempt folders under a table's data folder start with this.
+ATTEMPT_PREFIX = "fmforge-"
 
 
 def catalog(state_dir: Path):
@@ -53,14 +66,91 @@ def table_names(namespace: str, pile: str) -> tuple[str, str]:
     return f"{namespace}.{base}_documents", f"{namespace}.{base}_sequences"
 
 
+def table_name(namespace: str, pile: str, which: str) -> str:
+    """The table of `which` (documents, sequences, dropped) of a pile."""
+    return f"{namespace}.{pile.replace('-', '_')}_{which}"
+
+
+def tables(cat, namespace: str, pile: str, schemas: dict[str, pa.Schema]) -> dict:
+    """The pile's tables for `schemas` (which → Arrow schema), created on first use."""
+    return {which: _table(cat, table_name(namespace, pile, which), schema) for which, schema in schemas.items()}
+
+
+def new_attempt(digest: str) -> str:
+    """The name of an attempt's folder: the version's digest and a random part."""
+    return f"{ATTEMPT_PREFIX}{digest.split(':', 1)[1][:16]}-{uuid.uuid4().hex[:8]}"
+
+
+def output(table, attempt: str):
+    """Where workers write `table`'s files for `attempt`: the folder, its FileIO properties, and
+    the Arrow schema with Iceberg's field ids (so readers need no name mapping)."""
+    from pyiceberg.io.pyarrow import schema_to_pyarrow
+
+    from .workers import Output
+
+    return Output(f"{table.location().rstrip('/')}/data/{attempt}", dict(table.io.properties),
+                  schema_to_pyarrow(table.schema()))
+
+
+def discard(table_list: Iterable, attempt: str) -> None:
+    """Remove an attempt's folders (a run that failed before it committed)."""
+    for table in table_list:
+        _remove_folder(table, f"{table.location().rstrip('/')}/data/{attempt}")
+
+
+def _filesystem(table, location: str):
+    """A pyarrow filesystem and path for `location` in `table`'s warehouse (file:// or s3://,
+    with the catalog's S3 settings where it has them), or None for another scheme."""
+    import pyarrow.fs as pafs
+
+    from .sources import s3_filesystem
+
+    scheme, _, rest = location.partition("://")
+    if scheme == "file":
+        return pafs.LocalFileSystem(), rest
+    if scheme not in ("s3", "s3a"):
+        return None
+    props = table.io.properties
+    if "s3.endpoint" not in props and "s3.access-key-id" not in props:
+        return s3_filesystem(), rest
+    endpoint = props.get("s3.endpoint", "")
+    scheme_, _, host = endpoint.rpartition("://")
+    return pafs.S3FileSystem(endpoint_override=host or None, scheme=scheme_ or "https",
+                             access_key=props.get("s3.access-key-id"), secret_key=props.get("s3.secret-access-key"),
+                             session_token=props.get("s3.session-token"),
+                             region=props.get("s3.region", "us-east-1")), rest
+
+
+def _remove_folder(table, location: str) -> None:
+    fs = _filesystem(table, location)
+    if fs is not None:
+        with contextlib.suppress(FileNotFoundError):
+            fs[0].delete_dir(fs[1])
+
+
+def _orphan_attempts(table, keep_paths: set[str]) -> list[str]:
+    """Attempt folders under `table`'s data folder that hold no file of any snapshot."""
+    import pyarrow.fs as pafs
+
+    data = f"{table.location().rstrip('/')}/data"
+    fs = _filesystem(table, data)
+    if fs is None:
+        return []
+    try:
+        infos = fs[0].get_file_info(pafs.FileSelector(fs[1], allow_not_found=True))
+    except OSError:
+        return []
+    used = {p.rsplit("/", 2)[-2] for p in keep_paths}
+    return [f"{data}/{i.base_name}" for i in infos
+            if i.type == pafs.FileType.Directory and i.base_name.startswith(ATTEMPT_PREFIX) and i.base_name not in used]
+
+
 def _table(cat, name: str, schema: pa.Schema):
     from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchTableError
 
     ns = name.rsplit(".", 1)[0]
-    try:
+    with contextlib.suppress(NamespaceAlreadyExistsError):
         cat.create_namespace(ns)
-    except NamespaceAlreadyExistsError:
-        pass
     try:
         return cat.load_table(name)
     except NoSuchTableError:
@@ -90,8 +180,8 @@ def find_version(cat, namespace: str, pile: str, digest: str) -> Published | Non
     for snap in reversed(t.snapshots()):
         props = snap.summary.additional_properties if snap.summary else {}
         if snap.snapshot_id in visible and props.get(PROP_DIGEST) == digest:
-            return Published(snap.snapshot_id, int(props.get("fmforge.sequences-snapshot-id", 0)),
-                             datetime.fromtimestamp(snap.timestamp_ms / 1000, timezone.utc).isoformat(),
+            return Published(snap.snapshot_id, int(props.get(PROP_SNAPSHOT["sequences"], 0)),
+                             datetime.fromtimestamp(snap.timestamp_ms / 1000, UTC).isoformat(),
                              docs_name)
     return None
 
@@ -114,30 +204,42 @@ def repair(cat, namespace: str, pile: str) -> dict[str, int]:
     of the object (on a cluster), so no publish of this pile is in flight."""
     from pyiceberg.exceptions import NoSuchTableError
 
-    docs_name, seq_name = table_names(namespace, pile)
     try:
-        dt, st = cat.load_table(docs_name), cat.load_table(seq_name)
+        dt = cat.load_table(table_name(namespace, pile, "documents"))
     except NoSuchTableError:
         return {}
+    others = {}
+    for which in PROP_SNAPSHOT:
+        with contextlib.suppress(NoSuchTableError):
+            others[which] = cat.load_table(table_name(namespace, pile, which))
     done: dict[str, int] = {}
     head = dt.current_snapshot()
-    if head is not None:
-        props = head.summary.additional_properties if head.summary else {}
-        seq_id = int(props.get("fmforge.sequences-snapshot-id", 0))
-        cur = st.current_snapshot()
-        if seq_id and st.snapshot_by_id(seq_id) is not None and (cur is None or cur.snapshot_id != seq_id):
-            # Killed between the two ref commits: the documents side is published; finish the sequences side.
-            promote(st, seq_id, tags_of(cat, docs_name, head.snapshot_id))
-            st = cat.load_table(seq_name)
-            done["sequencesRefsCompleted"] = 1
+    props = head.summary.additional_properties if head is not None and head.summary else {}
+    for which, t in others.items():
+        sid = int(props.get(PROP_SNAPSHOT[which], 0))
+        cur = t.current_snapshot()
+        if sid and t.snapshot_by_id(sid) is not None and (cur is None or cur.snapshot_id != sid):
+            # Killed between the ref commits: the documents side is published; finish this side.
+            promote(t, sid, tags_of(cat, table_name(namespace, pile, "documents"), head.snapshot_id))
+            others[which] = cat.load_table(table_name(namespace, pile, which))
+            done[f"{which}RefsCompleted"] = 1
     visible = _reachable(dt)
-    referenced = {int((s.summary.additional_properties if s.summary else {}).get("fmforge.sequences-snapshot-id", 0))
-                  for s in dt.snapshots() if s.snapshot_id in visible}
-    for table, keep, key in ((dt, set(), "documentsSnapshotsExpired"), (st, referenced, "sequencesSnapshotsExpired")):
+    for table, which in ((dt, "documents"), *((t, w) for w, t in others.items())):
+        keep = set() if which == "documents" else {
+            int((s.summary.additional_properties if s.summary else {}).get(PROP_SNAPSHOT[which], 0))
+            for s in dt.snapshots() if s.snapshot_id in visible}
         orphans = [s for s in table.snapshots() if s.snapshot_id not in _reachable(table) | keep]
         if orphans:
             _expire(table, orphans)
-            done[key] = len(orphans)
+            done[f"{which}SnapshotsExpired"] = len(orphans)
+        table = cat.load_table(table_name(namespace, pile, which))
+        files = {e.data_file.file_path for snap in table.snapshots() for m in snap.manifests(table.io)
+                 for e in m.fetch_manifest_entry(table.io, discard_deleted=False)}
+        stale = _orphan_attempts(table, files)
+        for folder in stale:
+            _remove_folder(table, folder)
+        if stale:
+            done[f"{which}AttemptFoldersRemoved"] = len(stale)
     return done
 
 
@@ -155,53 +257,45 @@ def _expire(table, snapshots) -> None:
         paths.append(snap.manifest_list)
     table.maintenance.expire_snapshots().by_ids(ids).commit()
     for path in paths:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             table.io.delete(path)
-        except FileNotFoundError:
-            pass
 
 
-def publish(cat, namespace: str, pile: str, docs: pa.Table, seqs: pa.Table, tags: list[str],
-            properties: dict[str, str]) -> Published:
-    """Commit both tables staged, then make the version visible (documents first: the commit
-    point); returns the new version."""
-    docs_name, seq_name = table_names(namespace, pile)
-    dt = _table(cat, docs_name, docs.schema)
-    st = _table(cat, seq_name, seqs.schema)
-    seq_snap = replace(st, seqs, properties)
-    doc_snap = replace(dt, docs, {**properties, "fmforge.sequences-snapshot-id": str(seq_snap)})
-    promote(dt, doc_snap, tags)
-    promote(st, seq_snap, tags)
-    snap = dt.snapshot_by_id(doc_snap)
-    return Published(doc_snap, seq_snap,
-                     datetime.fromtimestamp(snap.timestamp_ms / 1000, timezone.utc).isoformat(), docs_name)
+def publish(tabs: dict, files: dict[str, list[str]], tags: list[str], properties: dict[str, str]) -> Published:
+    """Commit each table of `tabs` staged from the data files in `files` (which → paths), then
+    make the version visible: documents first (the commit point), then the others. Returns the
+    new version."""
+    snaps = {which: commit(tabs[which], files[which], properties) for which in tabs if which != "documents"}
+    doc_props = {**properties, **{PROP_SNAPSHOT[w]: str(sid) for w, sid in snaps.items()}}
+    doc_snap = commit(tabs["documents"], files["documents"], doc_props)
+    promote(tabs["documents"], doc_snap, tags)
+    for which, sid in snaps.items():
+        promote(tabs[which], sid, tags)
+    snap = tabs["documents"].snapshot_by_id(doc_snap)
+    return Published(doc_snap, snaps["sequences"],
+                     datetime.fromtimestamp(snap.timestamp_ms / 1000, UTC).isoformat(),
+                     ".".join(tabs["documents"].name()))
 
 
-def replace(table, df: pa.Table, properties: dict[str, str]) -> int:
-    """Stage a snapshot whose contents are `df` (no ref moves to it), and return its id.
+def commit(table, paths: list[str], properties: dict[str, str]) -> int:
+    """Stage a snapshot whose data files are exactly `paths` (Parquet files written with the
+    table's schema) and return its id; no ref moves to it.
 
-    pyiceberg's `overwrite` commits two snapshots (a delete, then an append); a pile version is
-    one: an `append` for the first version, then an `overwrite` that removes the previous data
-    files and adds the new ones in the same snapshot. Readers see the old contents or the new,
-    never an empty table.
+    The first version is an append; later ones one overwrite snapshot that removes the previous
+    data files and adds the new ones, so readers see the old contents or the new, never an empty
+    table (pyiceberg's `overwrite` would commit a delete and then an append). Only the files'
+    footers are read here (`parquet_file_to_data_file`, which also checks each file's schema
+    against the table's)."""
+    from pyiceberg.io.pyarrow import parquet_file_to_data_file
 
-    pyiceberg has no public call for this (a staged `overwrite` would stage a delete and an
-    append whose parent is `main`, not the delete): `_dataframe_to_data_files` is what its own
-    overwrite writes with, and `_check_pyarrow_schema_compatible` its own schema check. Both are
-    private, so pyiceberg is pinned to the minor version this is tested with (pyproject.toml)."""
-    from pyiceberg.io.pyarrow import _check_pyarrow_schema_compatible, _dataframe_to_data_files
-
-    _check_pyarrow_schema_compatible(table.schema(), provided_schema=df.schema)
-    if table.current_snapshot() is None:
-        table.append(df, snapshot_properties=properties, branch=None)
-        return _newest(table)
-    previous = [task.file for task in table.scan().plan_files()]
+    data_files = [parquet_file_to_data_file(table.io, table.metadata, p) for p in paths]
+    previous = [task.file for task in table.scan().plan_files()] if table.current_snapshot() else []
     with table.transaction() as tx:
-        with tx.update_snapshot(snapshot_properties=properties, branch=None).overwrite() as snap:
+        update = tx.update_snapshot(snapshot_properties=properties, branch=None)
+        with (update.overwrite() if previous else update.fast_append()) as snap:
             for data_file in previous:
                 snap.delete_data_file(data_file)
-            for data_file in _dataframe_to_data_files(table_metadata=tx.table_metadata, df=df, io=table.io,
-                                                      write_uuid=snap.commit_uuid):
+            for data_file in data_files:
                 snap.append_data_file(data_file)
     return _newest(table)
 
@@ -240,8 +334,9 @@ def tags_of(cat, name: str, snapshot_id: int) -> list[str]:
 
 
 def read_version(cat, namespace: str, pile: str, ref: str | int | None = None, which: str = "documents") -> pa.Table:
-    """Read a version of the pile by tag, snapshot id, or the latest (None)."""
-    docs_name, seq_name = table_names(namespace, pile)
+    """Read a version of the pile by tag, snapshot id, or the latest (None): its documents,
+    sequences or dropped documents (`which`)."""
+    docs_name = table_name(namespace, pile, "documents")
     t = cat.load_table(docs_name)
     snap = t.current_snapshot() if ref is None else (
         t.snapshot_by_name(ref) if isinstance(ref, str) else t.snapshot_by_id(int(ref)))
@@ -249,60 +344,8 @@ def read_version(cat, namespace: str, pile: str, ref: str | int | None = None, w
         raise KeyError(f"DataPile {pile}: no version {ref!r}")
     if which == "documents":
         return t.scan(snapshot_id=snap.snapshot_id).to_arrow()
-    seq_snap = int(snap.summary.additional_properties["fmforge.sequences-snapshot-id"])
-    return cat.load_table(seq_name).scan(snapshot_id=seq_snap).to_arrow()
-
-
-# -- data card -------------------------------------------------------------------------------------
-
-
-def data_card(card: dict[str, Any], out: Path) -> Path:
-    """Write datacard.json and datacard.md into `out`; the Markdown path."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "datacard.json").write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
-    st = card["stats"]
-    lines = [
-        f"# Data card: {card['name']} (snapshot {card['version']['snapshotId']})",
-        "",
-        f"- Published: {card['version']['createdAt']}; tags: {', '.join(card['tags']) or 'none'}",
-        f"- Digest: `{card['version']['digest']}`",
-        f"- Documents: {st['documents']['read']} read, {st['documents']['kept']} kept",
-        f"- Tokens: {st['tokens']} in {st['sequences']} sequences of {card['sequenceLength']} "
-        f"(train {card['tokensBySplit'].get('train', 0)}, validation {card['tokensBySplit'].get('validation', 0)})",
-        f"- Tokenizer: {card['tokenizer']}",
-        "",
-        "## Sources",
-        "",
-        "| source | uri | declared licence | files | documents | MB | content digest |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for s in card["sources"]:
-        lines.append(f"| {s['name']} | {s['uri']} | {s.get('license') or 'none'} | {s['files']} | {s['documents']} | "
-                     f"{s['bytes'] / 1e6:.2f} | `{s['digest'][:19]}…` |")
-    lines += ["", "## What each step dropped", "", "| step | dropped | share of read |", "|---|---|---|"]
-    read = max(st["documents"]["read"], 1)
-    for reason, n in st["dropped"].items():
-        lines.append(f"| {reason} | {n} | {100 * n / read:.1f}% |")
-    if card.get("qualityRules"):
-        lines += ["", "Quality rules broken (first rule per document): "
-                  + ", ".join(f"{k} {v}" for k, v in card["qualityRules"].items())]
-    lines += ["", "## Deduplication", "",
-              f"- Exact: {card['dedup']['exact']} removed ({card['dedup']['exactRate']:.1%} of documents reaching it)",
-              f"- Fuzzy: {card['dedup']['fuzzy']} removed ({card['dedup']['fuzzyRate']:.1%}) in "
-              f"{card['dedup']['clusters']} clusters ({card['dedup']['candidatePairs']} candidate pairs from "
-              f"the LSH bands, {card['dedup']['verifiedPairs']} kept as edges); MinHash "
-              + ", ".join(f"{k} {v}" for k, v in card["dedup"]["params"].items()),
-              "", "## Languages", "", "| natural language | documents |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in st["languages"].items()]
-    lines += ["", "| programming language | documents |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in st["programmingLanguages"].items()]
-    lines += ["", "## Licences of kept documents", "", "| licence | documents |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in card["licenses"].items()]
-    lines += ["", f"PII redacted: {card['piiRedacted']} matches."]
-    removed = card.get("linesRemoved") or {}
-    if removed.get("lines"):
-        lines += [f"C4 line cleaning removed {removed['lines']} lines from {removed['documents']} kept documents."]
-    lines += [""]
-    path = out / "datacard.md"
-    path.write_text("\n".join(lines))
-    return path
+    sid = (snap.summary.additional_properties if snap.summary else {}).get(PROP_SNAPSHOT[which])
+    if sid is None:
+        raise KeyError(f"DataPile {pile}: version {snap.snapshot_id} has no {which} table (a version keeps its "
+                       f"dropped documents only with publish.keepDropped)")
+    return cat.load_table(table_name(namespace, pile, which)).scan(snapshot_id=int(sid)).to_arrow()

@@ -1,4 +1,4 @@
-"""Read a DataPile's sources into one Arrow table of documents.
+"""List a DataPile's sources on the driver and read their files on the workers.
 
 URIs: `file://PATH` (relative to the manifest's directory locally), `pvc://CLAIM/PATH` (the
 claim mounted at $FMFORGE_PVC_ROOT/CLAIM in the pod, /mnt/pvc by default), `s3://BUCKET/PREFIX`
@@ -193,97 +193,59 @@ def _not_text(source: Source, where: str, value: object) -> str:
             f"invalidText: skip on the source to skip and count such records")
 
 
-def read_source(source: Source, base_dir: Path, confine: bool = True) -> tuple[pa.Table, SourceRead]:
-    """All documents of one source, and what was read."""
+@dataclass
+class SourceFiles:
+    """A source's files, as listed on the driver: what the workers read."""
+
+    source: Source
+    fs: pafs.FileSystem
+    files: list[tuple[str, str, int]]
+    """(path on `fs`, path relative to the source root, size in bytes), sorted by relative path."""
+
+
+def list_source(source: Source, base_dir: Path, confine: bool = True) -> SourceFiles:
+    """The files of one source with their sizes (names and sizes only: nothing is read)."""
     fs, root = resolve(source.uri, base_dir, confine)
     files = list_files(fs, root, source)
-    ids, paths, texts = [], [], []
-    digest = hashlib.sha256()
-    total = 0
-    limit = int(quantity_value(source.max_document_bytes))
+    try:
+        infos = fs.get_file_info([path for path, _ in files])
+    except OSError as e:
+        raise InputError(f"source {source.name}: cannot read {source.uri}: {e}{_hint(e)}") from e
+    sized = [(path, rel, max(int(i.size or 0), 0)) for (path, rel), i in zip(files, infos, strict=True)]
+    return SourceFiles(source, fs, sized)
+
+
+@dataclass
+class FilesRead:
+    """What reading some of a source's files found (on a worker; summed on the driver)."""
+
+    documents: int
+    dropped: dict[str, int]
+    """Records dropped at read, by reason: invalidText, tooLarge."""
+    files: list[tuple[str, str, int]]
+    """(relative path, sha256 hex of the file's bytes, bytes) of each file read."""
+
+
+def read_files(source: Source, fs: pafs.FileSystem, files: list[tuple[str, str, int]]) -> tuple[pa.Table, FilesRead]:
+    """The documents of some of a source's files (a worker's share), and what was read."""
+    ids: list[str] = []
+    paths: list[str] = []
+    texts: list[str] = []
     dropped = {"invalidText": 0, "tooLarge": 0}
-    for path, rel in files:
+    done = []
+    limit = int(quantity_value(source.max_document_bytes))
+    for path, rel, _ in files:
         try:
             with fs.open_input_file(path) as f:
                 data = f.read()
         except OSError as e:
             raise InputError(f"source {source.name}: cannot read {rel}: {e}{_hint(e)}") from e
-        total += len(data)
-        digest.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
-        if source.format in ("text", "code"):
-            if len(data) > limit:
-                dropped["tooLarge"] += 1
-                continue
-            text = data.decode("utf-8", errors="replace")
-            ids.append(_doc_id(source.name, rel, 0))
+        done.append((rel, hashlib.sha256(data).hexdigest(), len(data)))
+        for key, text in _documents(source, rel, data, limit, dropped):
+            ids.append(_doc_id(source.name, rel, key))
             paths.append(rel)
             texts.append(text)
-        elif source.format == "jsonl":
-            if rel.endswith(".gz"):
-                try:
-                    data = gzip.decompress(data)
-                except (OSError, EOFError) as e:
-                    raise InputError(f"source {source.name}: {rel} is not a readable gzip file ({e}); "
-                                     f"fix or remove it, or drop the .gz suffix if it is plain JSON lines") from e
-            for n, line in enumerate(io.BytesIO(data)):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"source {source.name}: {rel} line {n + 1} is not JSON ({e.msg})") from e
-                except UnicodeDecodeError as e:
-                    raise InputError(f"source {source.name}: {rel} line {n + 1} is not UTF-8 text ({e.reason} at "
-                                     f"byte {e.start}); re-encode the file as UTF-8") from e
-                if not isinstance(rec, dict) or source.text_field not in rec:
-                    have = sorted(rec)[:10] if isinstance(rec, dict) else type(rec).__name__
-                    raise InputError(f"source {source.name}: {rel} line {n + 1} has no field "
-                                     f"{source.text_field!r} (it has {have}); set textField")
-                text = rec[source.text_field]
-                if not isinstance(text, str):
-                    if source.invalid_text == "fail":
-                        raise InputError(_not_text(source, f"{rel} line {n + 1}", text))
-                    dropped["invalidText"] += 1
-                    continue
-                if len(line) > limit and len(text.encode()) > limit:
-                    dropped["tooLarge"] += 1
-                    continue
-                key = rec.get(source.id_field) if source.id_field else n
-                ids.append(_doc_id(source.name, rel, str(key)))
-                paths.append(rel)
-                texts.append(text)
-        else:  # parquet
-            try:
-                t = pq.read_table(io.BytesIO(data))
-            except (pa.ArrowInvalid, OSError) as e:
-                raise InputError(f"source {source.name}: {rel} is not a readable Parquet file ({e}); "
-                                 f"fix or remove it, or set the source's format") from e
-            if source.text_field not in t.column_names:
-                raise InputError(f"source {source.name}: {rel} has no column {source.text_field!r} "
-                                 f"(it has {t.column_names[:10]}); set textField")
-            column = t.column(source.text_field)
-            if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-                raise InputError(f"source {source.name}: {rel}: column {source.text_field!r} holds {column.type}, "
-                                 f"not text; set textField to the text column")
-            col = column.to_pylist()
-            keys = t.column(source.id_field).to_pylist() if source.id_field and source.id_field in t.column_names \
-                else range(len(col))
-            for row, (key, text) in enumerate(zip(keys, col)):
-                if text is None:
-                    if source.invalid_text == "fail":
-                        raise InputError(_not_text(source, f"{rel} row {row}", text))
-                    dropped["invalidText"] += 1
-                    continue
-                if len(text) > limit // 4 and len(text.encode()) > limit:
-                    dropped["tooLarge"] += 1
-                    continue
-                ids.append(_doc_id(source.name, rel, str(key)))
-                paths.append(rel)
-                texts.append(text)
     n = len(ids)
-    if n == 0 and not any(dropped.values()):
-        raise InputError(f"source {source.name}: its {len(files)} {source.format} file(s) under {source.uri} hold no "
-                         f"documents (empty files?); add data or remove the source")
     table = pa.table(
         {
             "id": ids,
@@ -295,8 +257,110 @@ def read_source(source: Source, base_dir: Path, confine: bool = True) -> tuple[p
         },
         schema=DOC_SCHEMA,
     )
-    return table, SourceRead(source.name, source.uri, len(files), n, total, "sha256:" + digest.hexdigest(),
-                             {k: v for k, v in dropped.items() if v})
+    return table, FilesRead(n, {k: v for k, v in dropped.items() if v}, done)
+
+
+def summarize(listed: SourceFiles, parts: list[FilesRead]) -> SourceRead:
+    """One source's SourceRead from what the workers read of it. The digest covers every file's
+    relative path and content hash in sorted order, whichever worker read it."""
+    dropped: dict[str, int] = {}
+    per_file = {}
+    for part in parts:
+        for k, v in part.dropped.items():
+            dropped[k] = dropped.get(k, 0) + v
+        per_file.update({rel: (sha, size) for rel, sha, size in part.files})
+    source = listed.source
+    documents = sum(p.documents for p in parts)
+    if documents == 0 and not dropped:
+        raise InputError(f"source {source.name}: its {len(listed.files)} {source.format} file(s) under {source.uri} "
+                         f"hold no documents (empty files?); add data or remove the source")
+    digest = hashlib.sha256()
+    for rel in sorted(per_file):
+        digest.update(rel.encode() + b"\0" + bytes.fromhex(per_file[rel][0]))
+    return SourceRead(source.name, source.uri, len(per_file), documents, sum(s for _, s in per_file.values()),
+                      "sha256:" + digest.hexdigest(), dropped)
+
+
+def read_source(source: Source, base_dir: Path, confine: bool = True) -> tuple[pa.Table, SourceRead]:
+    """All documents of one source in this process, and what was read (tests and tools; the
+    stage reads on the Ray workers)."""
+    listed = list_source(source, base_dir, confine)
+    table, part = read_files(source, listed.fs, listed.files)
+    return table, summarize(listed, [part])
+
+
+def _documents(source: Source, rel: str, data: bytes, limit: int, dropped: dict[str, int]):
+    """(id key, text) of each document in one file's bytes; counts what it drops into `dropped`."""
+    if source.format in ("text", "code"):
+        if len(data) > limit:
+            dropped["tooLarge"] += 1
+            return
+        yield 0, data.decode("utf-8", errors="replace")
+    elif source.format == "jsonl":
+        yield from _jsonl_documents(source, rel, data, limit, dropped)
+    else:
+        yield from _parquet_documents(source, rel, data, limit, dropped)
+
+
+def _jsonl_documents(source: Source, rel: str, data: bytes, limit: int, dropped: dict[str, int]):
+    if rel.endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise InputError(f"source {source.name}: {rel} is not a readable gzip file ({e}); "
+                             f"fix or remove it, or drop the .gz suffix if it is plain JSON lines") from e
+    for n, line in enumerate(io.BytesIO(data)):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"source {source.name}: {rel} line {n + 1} is not JSON ({e.msg})") from e
+        except UnicodeDecodeError as e:
+            raise InputError(f"source {source.name}: {rel} line {n + 1} is not UTF-8 text ({e.reason} at "
+                             f"byte {e.start}); re-encode the file as UTF-8") from e
+        if not isinstance(rec, dict) or source.text_field not in rec:
+            have = sorted(rec)[:10] if isinstance(rec, dict) else type(rec).__name__
+            raise InputError(f"source {source.name}: {rel} line {n + 1} has no field "
+                             f"{source.text_field!r} (it has {have}); set textField")
+        text = rec[source.text_field]
+        if not isinstance(text, str):
+            if source.invalid_text == "fail":
+                raise InputError(_not_text(source, f"{rel} line {n + 1}", text))
+            dropped["invalidText"] += 1
+            continue
+        if len(line) > limit and len(text.encode()) > limit:
+            dropped["tooLarge"] += 1
+            continue
+        yield str(rec.get(source.id_field) if source.id_field else n), text
+
+
+def _parquet_documents(source: Source, rel: str, data: bytes, limit: int, dropped: dict[str, int]):
+    try:
+        t = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"source {source.name}: {rel} is not a readable Parquet file ({e}); "
+                         f"fix or remove it, or set the source's format") from e
+    if source.text_field not in t.column_names:
+        raise InputError(f"source {source.name}: {rel} has no column {source.text_field!r} "
+                         f"(it has {t.column_names[:10]}); set textField")
+    column = t.column(source.text_field)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise InputError(f"source {source.name}: {rel}: column {source.text_field!r} holds {column.type}, "
+                         f"not text; set textField to the text column")
+    col = column.to_pylist()
+    keys = t.column(source.id_field).to_pylist() if source.id_field and source.id_field in t.column_names \
+        else range(len(col))
+    for row, (key, text) in enumerate(zip(keys, col, strict=True)):
+        if text is None:
+            if source.invalid_text == "fail":
+                raise InputError(_not_text(source, f"{rel} row {row}", text))
+            dropped["invalidText"] += 1
+            continue
+        if len(text) > limit // 4 and len(text.encode()) > limit:
+            dropped["tooLarge"] += 1
+            continue
+        yield str(key), text
 
 
 def fingerprint(sources: list[Source], base_dir: Path) -> str:

@@ -102,7 +102,7 @@ def special_ids(tok) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=2)
-def _from_json(tokenizer_json: str):
+def from_json(tokenizer_json: str):
     from tokenizers import Tokenizer
 
     return Tokenizer.from_str(tokenizer_json)
@@ -112,7 +112,7 @@ def encode(batch: pa.Table, tokenizer_json: str) -> pa.Table:
     """Token ids of each document of `batch` (a Ray Data map_batches UDF): the `text` column
     replaced by `ids` (list<int32>), the other columns kept. Rust encodes the batch on all
     threads; the tokenizer is parsed once per worker."""
-    tok = _from_json(tokenizer_json)
+    tok = from_json(tokenizer_json)
     encode_fn = getattr(tok, "encode_batch_fast", tok.encode_batch)  # no offsets where supported
     encs = encode_fn(batch.column("text").to_pylist(), add_special_tokens=False)
     ids = pa.array([e.ids for e in encs], pa.list_(pa.int32()))
@@ -120,17 +120,17 @@ def encode(batch: pa.Table, tokenizer_json: str) -> pa.Table:
 
 
 def pack(ids: pa.ChunkedArray | pa.ListArray, splits: np.ndarray, eos: int, pad: int,
-         seq_len: int) -> tuple[pa.Table, dict[str, int]]:
+         seq_len: int, first_seq: int = 0) -> tuple[pa.Table, dict[str, int]]:
     """Packed sequences of both splits, and the token counts per split.
 
     `ids` holds each document's token ids, in document order. Per split, the documents are laid
     end to end with EOS after each (the document boundary), then cut into rows of `seq_len`; the
-    last row is padded and keeps its real length. Vectorised over the Arrow offsets: no loop
-    over documents or tokens in Python."""
+    last row is padded and keeps its real length. Sequence ids count from `first_seq`.
+    Vectorised over the Arrow offsets: no loop over documents or tokens in Python."""
     if isinstance(ids, pa.ChunkedArray):
         ids = ids.combine_chunks() if ids.num_chunks else pa.array([], pa.list_(pa.int32()))
     tables, tokens = [], {}
-    seq0 = 0
+    seq0 = first_seq
     for split in ("train", "validation"):
         idx = np.flatnonzero(splits == split)
         if not len(idx):

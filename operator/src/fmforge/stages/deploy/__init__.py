@@ -54,7 +54,8 @@ def approved_card(ctx: StageContext, digest: str) -> str:
     if not cards:
         raise TemporaryError(f"requireApprovedModelCard: no ModelCard evaluates model {digest}; add one, or set "
                              f"requireApprovedModelCard: false")
-    why = "; ".join(f"{k} " + ("evaluated another model " + str(st.get("modelDigest")) if st.get("modelDigest") != digest
+    why = "; ".join(f"{k} " + ("evaluated another model " + str(st.get("modelDigest"))
+                               if st.get("modelDigest") != digest
                                else "did not approve it (" + (st.get("message") or "not approved") + ")")
                     for k, st in sorted(cards.items()))
     first = sorted(cards)[0]
@@ -146,7 +147,8 @@ def _edge(ctx: StageContext, spec: DeploymentSpec, model: dict[str, Any], card: 
                      top1=f"{f['sampleTop1Agreement']:.0%}", mb=f"{manifest['bytes']['onnx'] / 1e6:.1f}")
     return StageResult(
         status={"package": package.resolve().as_uri(),
-                "servedModel": {"uri": model["uri"], "digest": model["digest"], **({"modelCard": card} if card else {})}},
+                "servedModel": {"uri": model["uri"], "digest": model["digest"],
+                                **({"modelCard": card} if card else {})}},
         digest=manifest["digest"],
         message=(f"ONNX package ({quantize}, {manifest['bytes']['onnx'] / 1e6:.1f} MB, top-1 agreement with torch "
                  f"{f['sampleTop1Agreement']:.0%}, {manifest['latencyMs']['onnx']:.1f} ms against torch's "

@@ -69,7 +69,7 @@ def export(model_dir: Path, out_root: Path, quantize: str, model_digest: str) ->
             self.inner = inner
 
         def forward(self, *tensors):
-            kwargs = dict(zip(names, tensors))
+            kwargs = dict(zip(names, tensors, strict=True))
             return self.inner(**kwargs, **({} if classifier else {"use_cache": False})).logits
 
     tmp = out_root / f".tmp-{uuid.uuid4().hex}"
@@ -131,8 +131,8 @@ def export(model_dir: Path, out_root: Path, quantize: str, model_digest: str) ->
         "labels": model.config.id2label if classifier else None,
         "files": files,
         "fidelity": {"sampleTop1Agreement": agreement, "maxAbsLogitDifference": max_diff},
-        "latencyMs": {"torch": round(torch_ms, 3), "onnx": round(onnx_ms, 3), "batch": int(sample["input_ids"].shape[0]),
-                      "sequence": int(sample["input_ids"].shape[1])},
+        "latencyMs": {"torch": round(torch_ms, 3), "onnx": round(onnx_ms, 3),
+                      "batch": int(sample["input_ids"].shape[0]), "sequence": int(sample["input_ids"].shape[1])},
         "bytes": {"onnx": final.stat().st_size, "onnxFp32": fp32_bytes,
                   "torch": sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))},
     }

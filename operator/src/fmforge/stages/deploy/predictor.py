@@ -28,7 +28,8 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
+from collections.abc import Iterator
 
 import kserve
 from fastapi import APIRouter
@@ -171,7 +172,7 @@ class ClassifierPredictor(kserve.Model):
         probs = self.model(**batch).logits.softmax(-1)
         scores, labels = probs.max(-1)
         id2label = self.model.config.id2label
-        return [(id2label[int(i)], float(s)) for i, s in zip(labels, scores)]
+        return [(id2label[int(i)], float(s)) for i, s in zip(labels, scores, strict=True)]
 
     async def predict(self, payload: dict | InferRequest, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> dict | InferResponse:

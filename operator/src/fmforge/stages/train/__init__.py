@@ -22,6 +22,7 @@ import json
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -140,22 +141,7 @@ def run(ctx: StageContext) -> StageResult:
     last: dict[str, Any] = {}
     rep.step("train", total=tr.max_steps)
 
-    def on_event(ev: dict[str, Any]) -> None:
-        if ev["event"] == "start":
-            if info.get("started"):
-                info["restarts"] += 1
-            info.update(started=True, parameters=ev["parameters"], precision=ev["precision"],
-                        resumed_from=ev["resumed_from"])
-            if ev["resumed_from"]:
-                rep.log(f"Resumed TrainingRun {ctx.name} from its checkpoint", step=ev["resumed_from"])
-            rep.advance(ev["step"] - last.get("step", 0))  # back to the checkpoint's step after a restart
-            last["step"] = ev["step"]
-        elif ev["event"] == "step":
-            rep.advance(ev["step"] - last.get("step", 0), loss=f"{ev['loss']:.3f}", lr=f"{ev['lr']:.2e}",
-                        tokens_s=f"{ev['tokens_per_second']:.0f}", eta=_eta(ev["eta"]))
-            last.update(step=ev["step"], tokens_s=ev["tokens_per_second"])
-        elif ev["event"] == "end":
-            info["validation_loss"] = ev["validation_loss"]
+    on_event = _progress_handler(ctx, info, last)
 
     try:
         result = raytrain.fit(trainer, progress, on_event)
@@ -213,6 +199,33 @@ def run(ctx: StageContext) -> StageResult:
     if note:
         message += f" ({note})"
     return StageResult(status=status, digest=digest, message=message)
+
+
+def _progress_handler(ctx: StageContext, info: dict[str, Any],
+                      last: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    """What the driver does with each event the rank-0 worker sends: advance the progress, log a
+    resumption, and keep in `info` what the result reports (restarts, parameters, precision,
+    validation loss) and in `last` the latest step and throughput."""
+    rep = ctx.reporter
+
+    def on_event(ev: dict[str, Any]) -> None:
+        if ev["event"] == "start":
+            if info.get("started"):
+                info["restarts"] += 1
+            info.update(started=True, parameters=ev["parameters"], precision=ev["precision"],
+                        resumed_from=ev["resumed_from"])
+            if ev["resumed_from"]:
+                rep.log(f"Resumed TrainingRun {ctx.name} from its checkpoint", step=ev["resumed_from"])
+            rep.advance(ev["step"] - last.get("step", 0))  # back to the checkpoint's step after a restart
+            last["step"] = ev["step"]
+        elif ev["event"] == "step":
+            rep.advance(ev["step"] - last.get("step", 0), loss=f"{ev['loss']:.3f}", lr=f"{ev['lr']:.2e}",
+                        tokens_s=f"{ev['tokens_per_second']:.0f}", eta=_eta(ev["eta"]))
+            last.update(step=ev["step"], tokens_s=ev["tokens_per_second"])
+        elif ev["event"] == "end":
+            info["validation_loss"] = ev["validation_loss"]
+
+    return on_event
 
 
 def _curve(checkpoint: Path) -> list[dict[str, float]]:

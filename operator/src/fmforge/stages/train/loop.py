@@ -114,13 +114,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, get_scheduler
 
     c: LoopConfig = loop_config["loop"]
@@ -148,9 +141,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                               num_training_steps=c.max_steps)
 
     # The precision the driver chose (fp32 on CPUs); a GPU without bf16 falls back to fp32 too.
-    precision = c.precision
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        precision = "fp32"
+    precision = _usable_precision(c.precision, device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -164,56 +155,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                                                  seed=c.seed + rank)
         masker.create_rng("pt")
 
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    checkpointer = _Checkpointer(model, optimizer, scheduler, scaler, masker, auto, cfg, rank, world)
     step = epoch = consumed = 0
     resumed_from = None
     curve: list[dict[str, float]] = []
-    checkpoint = ray.train.get_checkpoint()
-    stored = latest_checkpoint(Path(c.checkpoints))
-    if stored is not None and (checkpoint is None or _step_of(stored) > _step_of(Path(checkpoint.path))):
-        checkpoint = ray.train.Checkpoint.from_directory(str(stored))
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=True)
-        set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True))
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, consumed = int(state["step"]), int(state["epoch"]), int(state["consumed"])
-        torch.set_rng_state(state["rng"][rank % len(state["rng"])])
-        if masker is not None:
-            masker.generator.set_state(state["mask_rng"][rank % len(state["mask_rng"])])
-        curve = list(state["curve"])
+    position = checkpointer.restore(Path(c.checkpoints))
+    if position is not None:
+        step, epoch, consumed, curve = position
         resumed_from = step
-
-    def save(final: bool) -> None:
-        """Report a checkpoint (rank 0 writes it, every rank joins: report is a barrier)."""
-        msd = get_model_state_dict(model, options=full)
-        osd = get_optimizer_state_dict(model, optimizer, options=full)
-        rngs = [torch.get_rng_state()]
-        mask_rngs = [masker.generator.get_state()] if masker is not None else []
-        if world > 1:  # every rank's random state, so each resumes its own stream
-            gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, (rngs[0], mask_rngs[0] if mask_rngs else None))
-            rngs = [g[0] for g in gathered]
-            mask_rngs = [g[1] for g in gathered] if masker is not None else []
-        metrics = {"step": step, "loss": curve[-1]["loss"] if curve else None, "final": final}
-        if rank != 0:
-            ray.train.report(metrics, checkpoint=None)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save({"model": msd, "optimizer": osd, "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "consumed": consumed,
-                        "rng": rngs, "mask_rng": mask_rngs, "curve": curve}, Path(tmp) / STATE)
-            (Path(tmp) / CURVE).write_text(json.dumps(curve))
-            if final:
-                hf = auto.from_config(cfg)
-                hf.load_state_dict(msd)
-                hf.save_pretrained(Path(tmp) / MODEL_DIR)
-            files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file()}
-            (Path(tmp) / MANIFEST).write_text(json.dumps(files))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"checkpoint-{step:08d}")
 
     queue = c.progress
     if rank == 0:
@@ -234,12 +183,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if seen <= consumed:  # a resumed epoch: skip what the checkpoint had consumed
                 continue
             consumed += 1
-            ids, length = _batch_tensors(batch)
-            valid = torch.arange(ids.shape[1])[None, :] < length[:, None]
-            if masker is not None:
-                inputs, labels = masker.torch_mask_tokens(ids.clone(), special_tokens_mask=~valid)
-            else:
-                inputs, labels = ids, ids.masked_fill(~valid, -100)
+            inputs, labels, valid = _inputs_and_labels(*_batch_tensors(batch), masker)
             micro += 1
             sync = micro == accum
             with (contextlib.nullcontext() if sync or not ddp else model.no_sync()), autocast():
@@ -277,7 +221,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if step >= c.max_steps:
                 break
             if c.checkpoint_every and step % c.checkpoint_every == 0:
-                save(final=False)
+                checkpointer.save(False, step, epoch, consumed, curve)
         else:
             if seen == 0:
                 raise RuntimeError(f"worker {rank} got no training batch of {c.micro_batch_size} sequences "
@@ -287,30 +231,154 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             continue
         break
 
-    validation = None
-    if c.has_validation:
-        model.eval()
-        totals = torch.zeros(2, dtype=torch.float64)
-        with torch.no_grad():
-            for batch in ray.train.get_dataset_shard("validation").iter_batches(
-                    batch_size=c.micro_batch_size, batch_format="numpy", prefetch_batches=2):
-                ids, length = _batch_tensors(batch)
-                valid = torch.arange(ids.shape[1])[None, :] < length[:, None]
-                if masker is not None:
-                    inputs, labels = masker.torch_mask_tokens(ids.clone(), special_tokens_mask=~valid)
-                else:
-                    inputs, labels = ids, ids.masked_fill(~valid, -100)
-                n = float((labels[:, 1:] != -100).sum() if masker is None else (labels != -100).sum())
-                with autocast():
-                    out = model(input_ids=inputs.to(device), attention_mask=valid.long().to(device),
-                                labels=labels.to(device))
-                if n:
-                    totals += torch.tensor([out.loss.item() * n, n], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(totals)
-        validation = float(totals[0] / totals[1]) if totals[1] else None
-        model.train()
+    validation = _validation_loss(model, c, masker, autocast, device, world) if c.has_validation else None
     if rank == 0:
         queue.put({"event": "end", "validation_loss": validation if validation is None or math.isfinite(validation)
                    else None})
-    save(final=True)
+    checkpointer.save(True, step, epoch, consumed, curve)
+
+
+def _usable_precision(precision: str, device: Any) -> str:
+    """The precision the driver chose (fp32 on CPUs); a GPU without bf16 falls back to fp32 too."""
+    import torch
+
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "fp32"
+    return precision
+
+
+def _inputs_and_labels(ids: Any, length: Any, masker: Any) -> tuple[Any, Any, Any]:
+    """The model's inputs, its labels (-100 where no loss is taken) and the mask of real tokens:
+    an encoder predicts the tokens the masker hid, a decoder every token but the padding."""
+    import torch
+
+    valid = torch.arange(ids.shape[1])[None, :] < length[:, None]
+    if masker is not None:
+        inputs, labels = masker.torch_mask_tokens(ids.clone(), special_tokens_mask=~valid)
+    else:
+        inputs, labels = ids, ids.masked_fill(~valid, -100)
+    return inputs, labels, valid
+
+
+def _validation_loss(model: Any, c: LoopConfig, masker: Any, autocast: Any, device: Any, world: int) -> float | None:
+    """The mean loss per predicted token over every worker's shard of the validation split."""
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in ray.train.get_dataset_shard("validation").iter_batches(
+                batch_size=c.micro_batch_size, batch_format="numpy", prefetch_batches=2):
+            ids, length = _batch_tensors(batch)
+            valid = torch.arange(ids.shape[1])[None, :] < length[:, None]
+            if masker is not None:
+                inputs, labels = masker.torch_mask_tokens(ids.clone(), special_tokens_mask=~valid)
+            else:
+                inputs, labels = ids, ids.masked_fill(~valid, -100)
+            n = float((labels[:, 1:] != -100).sum() if masker is None else (labels != -100).sum())
+            with autocast():
+                out = model(input_ids=inputs.to(device), attention_mask=valid.long().to(device),
+                            labels=labels.to(device))
+            if n:
+                totals += torch.tensor([out.loss.item() * n, n], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(totals)
+    validation = float(totals[0] / totals[1]) if totals[1] else None
+    model.train()
+    return validation
+
+
+@dataclass
+class _Checkpointer:
+    """Reports the loop's checkpoints to Ray Train: rank 0 writes them, every rank joins (a report
+    is a barrier, and every rank's random state goes into the checkpoint)."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    masker: Any
+    auto: Any
+    """The transformers auto class the final checkpoint's Hugging Face model is built with."""
+    cfg: Any
+    rank: int
+    world: int
+
+    def restore(self, checkpoints: Path) -> tuple[int, int, int, list[dict[str, float]]] | None:
+        """Load the newest checkpoint into the model, optimizer, scheduler, scaler and random
+        states: the one Ray Train hands this worker, or a newer complete one in `checkpoints`.
+        Returns the loop's position (step, epoch, micro-batches consumed, loss curve), or None
+        when there is no checkpoint to start from."""
+        import ray.train
+        import torch
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        checkpoint = ray.train.get_checkpoint()
+        stored = latest_checkpoint(checkpoints)
+        if stored is not None and (checkpoint is None or _step_of(stored) > _step_of(Path(checkpoint.path))):
+            checkpoint = ray.train.Checkpoint.from_directory(str(stored))
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=True)
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, state["model"], options=full)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=full)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"][self.rank % len(state["rng"])])
+        if self.masker is not None:
+            self.masker.generator.set_state(state["mask_rng"][self.rank % len(state["mask_rng"])])
+        return int(state["step"]), int(state["epoch"]), int(state["consumed"]), list(state["curve"])
+
+    def save(self, final: bool, step: int, epoch: int, consumed: int, curve: list[dict[str, float]]) -> None:
+        """Report a checkpoint of the loop at `step` (`final`: with the model in Hugging Face layout)."""
+        import ray.train
+        import torch
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        msd = get_model_state_dict(self.model, options=full)
+        osd = get_optimizer_state_dict(self.model, self.optimizer, options=full)
+        rngs, mask_rngs = self._random_states()
+        metrics = {"step": step, "loss": curve[-1]["loss"] if curve else None, "final": final}
+        if self.rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save({"model": msd, "optimizer": osd, "scheduler": self.scheduler.state_dict(),
+                        "scaler": self.scaler.state_dict(), "step": step, "epoch": epoch, "consumed": consumed,
+                        "rng": rngs, "mask_rng": mask_rngs, "curve": curve}, Path(tmp) / STATE)
+            (Path(tmp) / CURVE).write_text(json.dumps(curve))
+            if final:
+                hf = self.auto.from_config(self.cfg)
+                hf.load_state_dict(msd)
+                hf.save_pretrained(Path(tmp) / MODEL_DIR)
+            files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file()}
+            (Path(tmp) / MANIFEST).write_text(json.dumps(files))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"checkpoint-{step:08d}")
+
+    def _random_states(self) -> tuple[list[Any], list[Any]]:
+        """Every rank's torch and masking random states, so each resumes its own stream."""
+        import torch
+        import torch.distributed as dist
+
+        rngs = [torch.get_rng_state()]
+        mask_rngs = [self.masker.generator.get_state()] if self.masker is not None else []
+        if self.world > 1:
+            gathered: list[Any] = [None] * self.world
+            dist.all_gather_object(gathered, (rngs[0], mask_rngs[0] if mask_rngs else None))
+            rngs = [g[0] for g in gathered]
+            mask_rngs = [g[1] for g in gathered] if self.masker is not None else []
+        return rngs, mask_rngs

@@ -1,11 +1,12 @@
 """A pile version as the training and evaluation stages read it: resolved, then streamed.
 
-`resolve` turns a `dataPileRef` (tag, snapshot id, or the latest) into the exact Iceberg
-snapshots to read, with the version's tokenizer and lineage, and refuses a missing tag or a pile
-without a sequences table before any work starts. `sequences` is the Ray Data dataset of one
-split of that snapshot: read from Iceberg by Ray Data tasks and streamed on, so that no process
-holds the pile. Called by the TrainingRun stage (`fmforge.stages.train`) and the ModelCard stage
-(`fmforge.stages.card`).
+`pinned` finds the documents snapshot a `dataPileRef` (tag, snapshot id, or the latest) names;
+`resolve` turns it into the exact Iceberg snapshots to read, with the version's tokenizer and
+lineage, and refuses a missing tag or a pile without a sequences table before any work starts.
+`sequences` is the Ray Data dataset of one split of that snapshot: read from Iceberg by Ray Data
+tasks and streamed on, so that no process holds the pile. Called by the TrainingRun stage
+(`fmforge.stages.train`), the ModelCard stage (`fmforge.stages.card`) and, for a pile's
+documents as tuning examples, the TunedModel stage.
 """
 
 from __future__ import annotations
@@ -51,13 +52,13 @@ def catalog_kwargs(cat) -> dict[str, str]:
     return {"name": cat.name, **{k: str(v) for k, v in cat.properties.items()}}
 
 
-def resolve(ctx: StageContext, ref, field: str) -> PileVersion:
-    """The version `ref` (a DataPileRef) names, checked to be trainable; `field` is its path in
-    the spec, for the error messages."""
+def pinned(ctx: StageContext, ref, field: str):
+    """(catalog, documents table, snapshot) of the version `ref` (a DataPileRef: tag, snapshot id,
+    or the latest) names; `field` is its path in the spec, for the error messages."""
     from pyiceberg.exceptions import NoSuchTableError
 
     cat = pub.catalog(ctx.state_dir)
-    docs_name, seq_name = pub.table_names(ctx.namespace, ref.name)
+    docs_name = pub.table_name(ctx.namespace, ref.name, "documents")
     try:
         docs = cat.load_table(docs_name)
     except NoSuchTableError:
@@ -79,6 +80,16 @@ def resolve(ctx: StageContext, ref, field: str) -> PileVersion:
         snap = docs.current_snapshot()
         if snap is None:
             raise InputError(f"{field}: DataPile {ref.name} has no published version; run the DataPile first")
+    return cat, docs, snap
+
+
+def resolve(ctx: StageContext, ref, field: str) -> PileVersion:
+    """The version `ref` (a DataPileRef) names, checked to be trainable; `field` is its path in
+    the spec, for the error messages."""
+    from pyiceberg.exceptions import NoSuchTableError
+
+    cat, docs, snap = pinned(ctx, ref, field)
+    seq_name = pub.table_name(ctx.namespace, ref.name, "sequences")
     props = snap.summary.additional_properties if snap.summary else {}
     seq_snap = props.get("fmforge.sequences-snapshot-id")
     try:

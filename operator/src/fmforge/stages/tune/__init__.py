@@ -1,10 +1,12 @@
 """The TunedModel stage: fine-tune a base model on local examples turned into prompts, with Ray Train.
 
     templates checked → the base model (a TrainingRun's or TunedModel's recorded model, digest
-    checked; or baseModel.uri: file://, pvc://, pkg://) and its fit for the task → the JSONL
-    records read, split (stable) and tokenized → TorchTrainer running `loop.tune_loop` (LoRA
-    through peft, or every weight) → the adapter and the full model (merged, for LoRA with
-    merge), each in a new digest-named directory, with the tokenizer and the tuning log
+    checked; or baseModel.uri: file://, pvc://, pkg://, or s3:// downloaded into a cache keyed by
+    the objects' names, sizes and times) and its fit for the task → the examples read (a JSONL
+    file, a pile version's documents, or a ConfigMap mounted into the pod), split (stable) and
+    tokenized → TorchTrainer running `loop.tune_loop` (LoRA through peft, or every weight) → the
+    adapter and the full model (merged, for LoRA with merge), each in a new digest-named
+    directory, with the tokenizer and the tuning log
 
 Everything the user can get wrong (a template, a record without a field, a base model that does
 not fit the task, target modules the model lacks) is refused before a worker starts. Checkpoints
@@ -28,7 +30,8 @@ from typing import Any
 from ...api.v1alpha1.tunedmodel import Lora, TunedModelSpec
 from .. import raytrain
 from ..base import InputError, InvalidSpec, StageContext, StageResult
-from ..datapile.sources import resolve
+from ..datapile.publish import table_name
+from ..datapile.sources import resolve, s3_filesystem
 from ..producers import producer_model
 from ..train import TRAINING_LOG, model_digest
 from ..train import pile as piles
@@ -45,6 +48,7 @@ def fingerprint(spec: TunedModelSpec, base_dir: Path) -> str:
     given by URI (names, sizes, times), so that an edited tuning set is tuned on again."""
     parts = []
     for uri in (spec.data.uri, spec.base_model.uri if spec.base_model else None):
+        # A pile version is pinned by the runner's inputs; s3:// and ConfigMaps are not local files.
         if uri is None or uri.split("://")[0] not in ("file", "pvc", "pkg"):
             continue
         try:
@@ -65,14 +69,89 @@ def _base(ctx: StageContext, spec: TunedModelSpec) -> tuple[Path, dict[str, Any]
                       "ref": f"{spec.base_model_ref.kind}/{spec.base_model_ref.name}"}
     uri = spec.base_model.uri
     if uri.startswith("s3://"):
-        raise InvalidSpec(f"spec.baseModel.uri: {uri}: the tuning stage reads base models from a file system; copy "
-                          f"the model to a pvc:// or file:// location")
-    _, p = resolve(uri, ctx.base_dir, confine=not ctx.allow_outside_paths)
-    path = Path(p)
+        path = _from_s3(ctx, uri)
+    else:
+        _, p = resolve(uri, ctx.base_dir, confine=not ctx.allow_outside_paths)
+        path = Path(p)
     if not (path / "config.json").is_file():
         raise InvalidSpec(f"spec.baseModel.uri: {uri} ({path}) is not a model directory in Hugging Face layout (no "
                           f"config.json); point it at the directory that holds config.json and the weights")
     return path, {"uri": uri, "digest": model_digest(path)}
+
+
+def _from_s3(ctx: StageContext, uri: str) -> Path:
+    """A local copy of the model directory at `uri` (s3://BUCKET/PREFIX), read through pyarrow's
+    S3 filesystem into `<state>/cache/models/<key>`; transformers loads from there.
+
+    The key is the URI and each object's name, size and last-modified time (what an S3 listing
+    gives; pyarrow does not expose ETags): a model rewritten in place is fetched again, and an
+    unchanged one is read from the cache without a byte downloaded. The copy is made in a
+    temporary folder and renamed into place, so a run killed mid-download leaves no half model
+    to be taken for a whole one."""
+    import pyarrow.fs as pafs
+
+    fs, root = s3_filesystem(), uri.removeprefix("s3://").rstrip("/")
+    try:
+        listed = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except OSError as e:
+        raise InputError(f"spec.baseModel.uri: {uri}: cannot list it ({e}); check the bucket, the endpoint "
+                         f"(AWS_ENDPOINT_URL) and the credentials") from None
+    files = sorted((f for f in listed if f.type == pafs.FileType.File), key=lambda f: f.path)
+    rel = {f.path: f.path[len(root):].lstrip("/") for f in files}
+    if "config.json" not in rel.values():
+        raise InvalidSpec(f"spec.baseModel.uri: {uri} is not a model directory in Hugging Face layout (no "
+                          f"config.json under it); point it at the prefix that holds config.json and the weights")
+    key = hashlib.sha256("\n".join([uri, *(f"{rel[f.path]}:{f.size}:{f.mtime_ns}" for f in files)]).encode())
+    cache = (ctx.state_dir / "cache" / "models" / key.hexdigest()[:16]).resolve()
+    if (cache / "config.json").is_file():
+        ctx.reporter.log("Used the cached copy of the base model", uri=uri, path=str(cache))
+        return cache
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.parent / f".tmp-{uuid.uuid4().hex}"
+    total = 0
+    for f in files:
+        dest = tmp / rel[f.path]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(f.path) as src, dest.open("wb") as out:
+            shutil.copyfileobj(src, out, 8 * 2**20)
+        total += f.size or 0
+    try:
+        tmp.rename(cache)
+    except OSError:  # another run put the same copy there first: it holds the same bytes
+        shutil.rmtree(tmp)
+    ctx.reporter.log("Downloaded the base model", uri=uri, files=len(files), bytes=total, path=str(cache))
+    return cache
+
+
+def _examples(ctx: StageContext, spec: TunedModelSpec, fields: list[str]) -> tuple[list, dict[str, Any]]:
+    """The records of `spec.data` (a URI, a pile version or a mounted ConfigMap) and what the
+    status records of them ({uri or dataPile, digest})."""
+    d = spec.data
+    if d.data_pile_ref is not None:
+        records, pile = examples.read_pile(ctx, d.data_pile_ref, fields)
+        return records, {"dataPile": pile, "digest": pile.get("digest") or f"snapshot:{pile['snapshotId']}"}
+    if d.config_map is not None:
+        cm = d.config_map
+        mounted = ctx.config_maps.get(cm.name)
+        if mounted is None:
+            raise InvalidSpec(f"spec.data.configMap: ConfigMap {cm.name} is read on a cluster only, where the "
+                              f"operator mounts it into the tuning pods; to run locally, save the key {cm.key!r} "
+                              f"as a file beside the manifest and use data.uri: file://{cm.key}")
+        records, digest = examples.read_config_map(mounted, cm.name, cm.key)
+        return records, {"uri": f"configmap://{cm.name}/{cm.key}", "digest": digest}
+    records, digest = examples.read(d.uri, ctx.base_dir, confine=not ctx.allow_outside_paths)
+    return records, {"uri": d.uri, "digest": digest}
+
+
+def _data_lineage(ctx: StageContext, data: dict[str, Any]) -> dict[str, Any]:
+    """The lineage entry of the examples: the pile version (its documents table at the snapshot
+    read, and the version's digest), or the files."""
+    pile = data.get("dataPile")
+    if pile is not None:
+        table = table_name(ctx.namespace, pile["name"], "documents")
+        return {"name": f"DataPile/{pile['name']}", "uri": f"{table}@{pile['snapshotId']}", "digest": data["digest"],
+                "snapshotId": pile["snapshotId"], **({"tag": pile["tag"]} if pile.get("tag") else {})}
+    return {"name": "tuningData", "uri": data["uri"], "digest": data["digest"]}
 
 
 def _check_fit(spec: TunedModelSpec, config, base_uri: str) -> list[str] | None:
@@ -132,9 +211,11 @@ def run(ctx: StageContext) -> StageResult:
     classification = spec.task == "sequence-classification"
 
     # 1. Everything that can be wrong in the input, before a worker starts.
-    examples.check_template(d.prompt_template, "spec.data.promptTemplate")
-    if not classification:
-        examples.check_template(d.completion_template, "spec.data.completionTemplate")
+    fields = examples.check_template(d.prompt_template, "spec.data.promptTemplate")
+    if classification:
+        fields.append(d.label_field)
+    else:
+        fields += examples.check_template(d.completion_template, "spec.data.completionTemplate")
     base_path, base = _base(ctx, spec)
     from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -142,7 +223,8 @@ def run(ctx: StageContext) -> StageResult:
     hf_logging.disable_progress_bar()
     config = AutoConfig.from_pretrained(str(base_path))
     targets = _check_fit(spec, config, base["uri"])
-    records, data_digest = examples.read(d.uri, ctx.base_dir, confine=not ctx.allow_outside_paths)
+    records, data = _examples(ctx, spec, fields)
+    data_digest = data["digest"]
     train_records, val_records = examples.split(records, d.validation_fraction)
     tok = AutoTokenizer.from_pretrained(str(base_path))
     if tok.pad_token_id is None:
@@ -164,7 +246,8 @@ def run(ctx: StageContext) -> StageResult:
                          f"examples or lower resources.workers")
     per_rank = len(train) // res.workers
     total_steps = tr.epochs * math.ceil(per_rank / tr.micro_batch_size)
-    rep.log("Read the tuning examples", uri=d.uri, train=len(train), validation=len(val), steps=total_steps)
+    rep.log("Read the tuning examples", source=data.get("uri") or f"DataPile/{d.data_pile_ref.name}",
+            train=len(train), validation=len(val), steps=total_steps)
 
     # 2. Tune on Ray.
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -236,8 +319,7 @@ def run(ctx: StageContext) -> StageResult:
             "training": tr.model_dump(mode="json", by_alias=True),
             "resources": res.model_dump(mode="json", by_alias=True),
             "base": base, "dataPile": _base_pile(base_path),
-            "tuningData": {"uri": d.uri, "digest": data_digest, "examples": len(records), "train": len(train),
-                           "validation": len(val)},
+            "tuningData": {**data, "examples": len(records), "train": len(train), "validation": len(val)},
             "adapter": adapter, "labels": labels or None,
             "parameters": info.get("parameters"), "trainableParameters": info.get("trainable"),
             "validation": {"before": before, "after": after}, "validationLoss": (after or {}).get("loss"),
@@ -257,7 +339,7 @@ def run(ctx: StageContext) -> StageResult:
         "adapter": {**adapter, "trainableParameters": info.get("trainable")} if adapter else None,
         "base": {"uri": base["uri"], "digest": base["digest"],
                  **({"parameters": base["parameters"]} if base.get("parameters") else {})},
-        "data": {"uri": d.uri, "digest": data_digest, "examples": len(records)},
+        "data": {**data, "examples": len(records)},
         "examples": len(train),
         "validation": {"examples": len(val), "before": before, "after": after} if val else None,
         "validationLoss": (after or {}).get("loss"),
@@ -274,7 +356,7 @@ def run(ctx: StageContext) -> StageResult:
         message += "; adapter only (lora.merge false): a ModelCard or Deployment needs the merged model"
     return StageResult(status=status, digest=model["digest"], message=message,
                        lineage=[{"name": base.get("ref") or "baseModel", "uri": base["uri"], "digest": base["digest"]},
-                                {"name": "tuningData", "uri": d.uri, "digest": data_digest}])
+                                _data_lineage(ctx, data)])
 
 
 def _base_pile(base_path: Path) -> dict[str, Any] | None:

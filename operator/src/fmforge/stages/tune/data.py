@@ -2,10 +2,12 @@
 
 `check_template` refuses a template that cannot work (broken braces, positional or attribute
 placeholders) before any file is read; `read` reads the records of a JSONL file or a directory
-of them (file://, pvc://, s3://) and fails on the first broken one, naming the file, the line and
-the missing field; `split` holds out a stable share for validation; `encode` tokenizes them for
-the task (causal-lm: prompt then completion, loss on the completion only; classification: the
-prompt and its label's index). All of it runs on the driver before a worker starts: tuning sets
+of them (file://, pvc://, s3://, or a ConfigMap key mounted into the pod) and fails on the first
+broken one, naming the file, the line and the missing field; `read_pile` reads a pile version's
+documents as records (a bounded scan of its documents table at the pinned snapshot); `split`
+holds out a stable share for validation; `encode` tokenizes them for the task (causal-lm:
+prompt then completion, loss on the completion only; classification: the prompt and its
+label's index). All of it runs on the driver before a worker starts: tuning sets
 are written by people and small, and every mistake in them must show before training does.
 Called by `fmforge.stages.tune`.
 """
@@ -16,9 +18,11 @@ import hashlib
 import json
 import string
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..base import InputError, InvalidSpec
+from ..datapile.publish import PROP_DIGEST
 from ..datapile.sources import resolve
 
 #: A tuning set larger than this is a pile's job, not a JSONL file's.
@@ -62,22 +66,40 @@ def check_template(template: str, field: str) -> list[str]:
 def read(uri: str, base_dir, confine: bool) -> tuple[list[Record], str]:
     """Every record under `uri` (a .jsonl file, or a directory read file by file in name order)
     and the data digest (sha256 over each file's relative name and bytes)."""
+    fs, root = resolve(uri, base_dir, confine=confine)
+    return read_files(fs, root, uri, "spec.data.uri")
+
+
+def read_config_map(mounted: Path, name: str, key: str) -> tuple[list[Record], str]:
+    """The records of a ConfigMap key, read from where the RayJob's pods mount the ConfigMap
+    (`mounted`, its directory: one file per key)."""
     import pyarrow.fs as pafs
 
-    fs, root = resolve(uri, base_dir, confine=confine)
+    path = mounted / key
+    if not path.is_file():
+        keys = sorted(p.name for p in mounted.iterdir() if not p.name.startswith(".")) if mounted.is_dir() else []
+        raise InputError(f"spec.data.configMap: ConfigMap {name} has no key {key!r} (its keys: "
+                         f"{', '.join(keys) or 'none'}); put the examples under that key or fix configMap.key")
+    return read_files(pafs.LocalFileSystem(), str(path), f"configmap://{name}/{key}", "spec.data.configMap")
+
+
+def read_files(fs, root: str, uri: str, field: str) -> tuple[list[Record], str]:
+    """The records of the JSONL file or directory `root` on `fs`; `uri` names it in the messages."""
+    import pyarrow.fs as pafs
+
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
-        raise InputError(f"spec.data.uri: {uri}: no such file or directory ({root}); fix the uri")
+        raise InputError(f"{field}: {uri}: no such file or directory ({root}); fix the uri")
     if info.type == pafs.FileType.Directory:
         files = sorted((f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
                         if f.type == pafs.FileType.File and f.path.endswith(".jsonl")), key=lambda f: f.path)
         if not files:
-            raise InputError(f"spec.data.uri: {uri} holds no .jsonl file; put the examples in FILE.jsonl there")
+            raise InputError(f"{field}: {uri} holds no .jsonl file; put the examples in FILE.jsonl there")
     else:
         files = [info]
     total = sum(f.size or 0 for f in files)
     if total > MAX_BYTES:
-        raise InputError(f"spec.data.uri: {uri} holds {total / 2**20:.0f} MiB of examples, more than the "
+        raise InputError(f"{field}: {uri} holds {total / 2**20:.0f} MiB of examples, more than the "
                          f"{MAX_BYTES // 2**20} MiB a tuning set may have; publish larger data as a DataPile")
     h = hashlib.sha256()
     records: list[Record] = []
@@ -105,8 +127,45 @@ def read(uri: str, base_dir, confine: bool) -> tuple[list[Record], str]:
             key = hashlib.sha256(json.dumps(row, sort_keys=True).encode()).hexdigest()
             records.append(Record(row, f"{label} line {n}", key))
     if not records:
-        raise InputError(f"spec.data.uri: {uri} holds no examples; write one JSON object per line")
+        raise InputError(f"{field}: {uri} holds no examples; write one JSON object per line")
     return records, "sha256:" + h.hexdigest()
+
+
+def read_pile(ctx, ref, fields: list[str]) -> tuple[list[Record], dict[str, Any]]:
+    """The documents of the pile version `ref` (a TuningPileRef) names, as records of the columns
+    the templates read (`fields`), and the version's lineage ({name, snapshotId, tag, digest}).
+
+    A scan of the documents table at the pinned snapshot, reading those columns only and at most
+    `ref.maxDocuments` rows, so a large pile is never loaded whole. A document whose column is
+    null (`prog_lang` of prose, `lang` of code) lacks that field, as a JSONL record would."""
+    from ..train import pile as piles
+
+    where = "spec.data.dataPileRef"
+    _, docs, snap = piles.pinned(ctx, ref, where)
+    columns = [f.name for f in docs.schema().fields]
+    unknown = [f for f in fields if f not in columns]
+    if unknown:
+        raise InvalidSpec(f"spec.data: the templates read {', '.join(unknown)}, which the documents of DataPile "
+                          f"{ref.name} do not have; its columns are {', '.join(columns)}")
+    selected = tuple(dict.fromkeys(["id", *fields]))
+    table = docs.scan(snapshot_id=snap.snapshot_id, selected_fields=selected, limit=ref.max_documents).to_arrow()
+    if table.nbytes > MAX_BYTES:
+        raise InputError(f"{where}: {ref.max_documents} documents of DataPile {ref.name} are "
+                         f"{table.nbytes / 2**20:.0f} MiB, more than the {MAX_BYTES // 2**20} MiB a tuning set may "
+                         f"have; lower maxDocuments")
+    records = []
+    for row in table.to_pylist():
+        doc = row["id"]
+        fields_of = {k: v for k, v in row.items() if v is not None and (k != "id" or "id" in fields)}
+        # The document id is unique in a version: the split is drawn by it, stable across runs.
+        records.append(Record(fields_of, f"DataPile {ref.name} version {snap.snapshot_id} document {doc}",
+                              hashlib.sha256(doc.encode()).hexdigest()))
+    if not records:
+        raise InputError(f"{where}: DataPile {ref.name} version {snap.snapshot_id} has no documents")
+    props = snap.summary.additional_properties if snap.summary else {}
+    lineage = {"name": ref.name, "snapshotId": str(snap.snapshot_id), "tag": ref.tag,
+               "digest": props.get(PROP_DIGEST)}
+    return records, {k: v for k, v in lineage.items() if v is not None}
 
 
 def fill(template: str, record: Record, field: str) -> str:
