@@ -452,7 +452,8 @@ def main() -> int:
     ap.add_argument("--corpus", choices=sorted(CORPORA), default="xlarge",
                     help="quickstart: the stdlib's top-level modules (~10 MB); large: its packages too (~23 MB); "
                     "xlarge: and its test suites (~42 MB) (default: %(default)s)")
-    ap.add_argument("--sizes", default="1,4", help="copies of the corpus to run, comma-separated (default: %(default)s)")
+    ap.add_argument("--sizes", default="1,4",
+                    help="copies of the corpus to run, comma-separated (default: %(default)s)")
     ap.add_argument("--skip-scale", action="store_true", help="leave out part 1 (the quickstart DataPile)")
     ap.add_argument("--skip-side-by-side", action="store_true", help="leave out part 2 (fmforge beside datatrove)")
     ap.add_argument("--skip-datatrove", action="store_true", help="in part 2, run fmforge's side only")

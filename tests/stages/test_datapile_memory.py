@@ -14,9 +14,10 @@ document of about 20 KB on average); a driver that gathers the text grows severa
 Measured on 2 cores before the streaming rewrite (the driver reads the sources, gathers the
 processed table, the token ids and the sequences): 1x 10.3 MB, driver peak 482-505 MB over five
 runs; 4x 42.2 MB, 817-837 MB over three; in the test's two runs it grew 336 and 348 MB, 10.5 and
-10.9 bytes per extra byte of input, ten times the bound: this test fails there, as it should. The spread of the 1x peak between identical runs
-(23 MB, on a machine loaded by other test runs) is why the bound is the whole extra size rather
-than a smaller share of it, and why the corpus is not smaller. The two runs take 30-60 s in all.
+10.9 bytes per extra byte of input, ten times the bound: this test fails there, as it should.
+The spread of the 1x peak between identical runs (23 MB, on a machine loaded by other test runs)
+is why the bound is the whole extra size rather than a smaller share of it, and why the corpus is
+not smaller. The two runs take 30-80 s in all.
 """
 
 from __future__ import annotations
