@@ -21,7 +21,8 @@ help:
 	@echo "make quickstart   run the whole pipeline locally (examples/quickstart)"
 	@echo "make test         run every test tier"
 	@echo "make crds         regenerate crds/ and the chart's CRDs from the API models"
-	@echo "make bench        DataPile benchmark beside datatrove (prints figures, never part of make test)"
+	@echo "make bench        DataPile at 1x and 4x, and beside datatrove (prints figures, never part of make test;"
+	@echo "                  ARGS=\"--corpus quickstart\" for a shorter run, ARGS=--help for the options)"
 	@echo "make bench-train  TrainingRun benchmark beside a plain PyTorch DDP loop (never part of make test)"
 	@echo "make bench-serve  model server against the same model in-process (never part of make test)"
 	@echo "make bench-operator  the operator with 200 and 1,000 TrainingRuns on the test control plane"
@@ -71,8 +72,10 @@ $(BENCH_VENV)/.installed: operator/pyproject.toml
 	$(BENCH_VENV)/bin/python -m pip install -q -e "operator[data]" "datatrove[processing]" orjson spacy
 	touch $@
 
+# DataPile at 1x and 4x distinct copies of the 42 MB stdlib corpus (driver memory, MB/s per core), and
+# beside datatrove doing the same work; about 11 minutes on 2 cores (ARGS="--corpus quickstart": 2-4).
 bench: $(BENCH_VENV)/.installed
-	$(BENCH_VENV)/bin/python tests/bench/bench_datapile.py
+	$(BENCH_VENV)/bin/python tests/bench/bench_datapile.py $(ARGS)
 
 # Ray Train beside a plain torch.distributed loop, same model, data and batch (add ARGS=--device cuda on a GPU).
 bench-train: setup
