@@ -144,6 +144,28 @@ def test_unreadable_json_line(tmp_path: Path, corpus: Path):
     assert "source broken: x.jsonl line 2 is not UTF-8 text" in msg and "re-encode" in msg
 
 
+def test_missing_or_repeated_id_field_values(tmp_path: Path, corpus: Path):
+    """Two records with the same idField value (or none) would be one document id: the run fails
+    naming the file and what to fix, instead of dropping or publishing both."""
+    d = _dir(tmp_path, corpus)
+    (d / "ids").mkdir()
+    text = "a sentence of plain English words that is long enough to be kept by the length filter here"
+    m = copy.deepcopy(SMALL)
+    m["spec"]["sources"] = [{"name": "ids", "uri": "file://ids/", "format": "jsonl", "idField": "doc"}]
+    (d / "ids" / "x.jsonl").write_text(json.dumps({"doc": "a", "text": text}) + "\n"
+                                       + json.dumps({"text": text + " too"}) + "\n")
+    msg = _fail_message(d, m)
+    assert "source ids: x.jsonl line 2 has no value for idField 'doc'" in msg and "remove idField" in msg
+    (d / "ids" / "x.jsonl").write_text(json.dumps({"doc": "a", "text": text}) + "\n"
+                                       + json.dumps({"doc": "a", "text": text + " too"}) + "\n")
+    msg = _fail_message(d, m)
+    assert "source ids: document ids repeat (1 of them;" in msg and "2 times in x.jsonl" in msg and "not unique" in msg
+    pq.write_table(pa.table({"text": [text]}), d / "ids" / "y.parquet")
+    m["spec"]["sources"][0]["format"] = "parquet"
+    msg = _fail_message(d, m)
+    assert "y.parquet has no column 'doc' for idField" in msg
+
+
 @pytest.mark.parametrize("name,fmt,expect", [
     ("x.jsonl.gz", "jsonl", "x.jsonl.gz is not a readable gzip file"),
     ("x.parquet", "parquet", "x.parquet is not a readable Parquet file"),

@@ -9,6 +9,7 @@ published once for the module; the runs are tiny (2 layers, 64 hidden, tens of s
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ from paths import ROOT
 from fmforge.runtime.local import run_paths
 from fmforge.runtime.progress import RunConsole
 from fmforge.runtime.state import StateDir
+from fmforge.stages.datapile import publish as pub
 from fmforge.stages.train import TRAINING_LOG, model_digest
 from fmforge.stages.train.loop import latest_checkpoint
 
@@ -152,7 +154,10 @@ def test_card_passes_and_fails_thresholds(ws: Workspace, decoder: dict, tmp_path
         {"prompt": "def main(", "expected": ""}, {"prompt": "import os\n", "expected": ""}]) + "\n")
     prompts = {"name": "qa", "type": "prompts", "uri": "file://qa.jsonl", "metric": "contains", "maxNewTokens": 4,
                "threshold": {"min": 1.0}}
-    good = model_card("dec-good", "dec", [PERPLEXITY, prompts])
+    # the whole validation split (no maxSamples): the same sequences the training run's
+    # validation loss is measured on, so the two must agree closely
+    whole = {k: v for k, v in PERPLEXITY.items() if k != "maxSamples"}
+    good = model_card("dec-good", "dec", [whole, prompts])
     bad = model_card("dec-bad", "dec", [dict(PERPLEXITY, threshold={"max": 1.5})])
     report = ws.run(good, bad)
     assert outcome(report, "ModelCard/dec-good").word == "Succeeded", report.outcomes
@@ -162,9 +167,11 @@ def test_card_passes_and_fails_thresholds(ws: Workspace, decoder: dict, tmp_path
     assert st["approved"] is True and st["approvedBy"] == "automatic"
     assert st["modelDigest"] == decoder["status"]["model"]["digest"]
     ppl = next(r for r in st["results"] if r["name"] == "heldout")
-    assert ppl["passed"] and 1.0 < ppl["value"] < 400 and ppl["samples"] == 48
-    # the perplexity matches the training run's own validation loss on the same split, roughly
-    assert abs(ppl["value"] - 2.718281828 ** decoder["status"]["validationLoss"]) / ppl["value"] < 0.25
+    seqs = pub.read_version(pub.catalog(ws.state.root), "default", "mini", "v1", which="sequences")
+    validation = sum(1 for s in seqs.column("split").to_pylist() if s == "validation")
+    assert ppl["passed"] and 1.0 < ppl["value"] < 400 and ppl["samples"] == validation
+    # the same model on the same sequences: the training run's own validation loss
+    assert abs(ppl["value"] - math.exp(decoder["status"]["validationLoss"])) / ppl["value"] < 0.02
     assert next(r for r in st["results"] if r["name"] == "qa")["value"] == 1.0  # "" is in every answer
 
     rec = ws.record("ModelCard", "dec-bad")

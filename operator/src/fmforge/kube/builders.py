@@ -182,6 +182,9 @@ def rayjob(obj: dict[str, Any], settings: Settings, resources: RayResources, que
         {"name": "FMFORGE_PVC_ROOT", "value": PVC_ROOT},
         {"name": "FMFORGE_CATALOG", "value": json.dumps(catalog_properties(settings), sort_keys=True)},
         {"name": "HOME", "value": "/tmp"},
+        # Task results always in the object store, never in the driver's memory (raysession.start
+        # sets the same locally).
+        {"name": "RAY_max_direct_call_object_size", "value": "0"},
     ]
     env_from = [{"secretRef": {"name": settings.storage_secret}}] if settings.storage_secret else []
     worker_res: dict[str, Any] = {"cpu": str(resources.cpus_per_worker), "memory": resources.memory}

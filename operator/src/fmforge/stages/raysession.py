@@ -81,7 +81,12 @@ def start(state_dir: Path, cpus: int) -> None:
         if not in_cluster():
             tmp = temp_dir(state_dir)
             tmp.mkdir(parents=True, exist_ok=True)
-            kwargs = {"num_cpus": max(1, cpus), "_temp_dir": str(tmp)}
+            kwargs = {"num_cpus": max(1, cpus), "_temp_dir": str(tmp),
+                      # Every task result goes to the object store: Ray would otherwise keep
+                      # results under 100 KB in the memory of the process that submitted the
+                      # task (the driver), and many small pieces of a pile would add up there.
+                      # The RayJob's pods set the same through RAY_max_direct_call_object_size.
+                      "_system_config": {"max_direct_call_object_size": 0}}
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, ignore_reinit_error=True,
                  **kwargs)
         _started = Path(kwargs["_temp_dir"]) if "_temp_dir" in kwargs else None

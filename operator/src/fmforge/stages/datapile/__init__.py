@@ -55,7 +55,9 @@ class Work:
     """What the steps share: the context, and what each step found or made."""
 
     ctx: StageContext
+    """The run's context: spec, directories, progress reporter."""
     spec: DataPileSpec
+    """The DataPile's spec."""
     listed: list[SourceFiles] = field(default_factory=list)
     """Each source's files and sizes."""
     chunks: list[wk.Chunk] = field(default_factory=list)
@@ -82,8 +84,10 @@ class Work:
     """Seconds of each per-document step on the workers, summed."""
     counters: dict[str, int] = field(default_factory=dict)
     """Documents dropped, by reason."""
-    drops: pa.Table = field(default_factory=wk.DROPS_SCHEMA.empty_table)
-    """The duplicates dedup drops: id, reason, duplicate_of."""
+    reason: np.ndarray | None = None
+    """Per row of the index: why dedup drops it (duplicateExact, duplicateFuzzy), else None."""
+    duplicate_of: np.ndarray | None = None
+    """Per row of the index: the id of the document a duplicate copies, else None."""
     kept: np.ndarray | None = None
     """Which rows of the index are kept."""
     dedup: dc.CardDedup | None = None
@@ -91,7 +95,9 @@ class Work:
     version_dir: Path | None = None
     """The version's artifact folder (tokenizer, data card)."""
     tokenizer_json: str = ""
+    """The version's tokenizer, as tokenizer.json text (what the write tasks encode with)."""
     tokenizer_source: str = ""
+    """How the tokenizer was made, for the data card."""
     tables: dict = field(default_factory=dict)
     """The Iceberg tables this version writes (documents, sequences[, dropped])."""
     attempt: str = ""
@@ -101,6 +107,7 @@ class Work:
     committing: bool = False
     """Whether commit_version has begun committing (the attempt's files are no longer ours to drop)."""
     published: pub.Published | None = None
+    """The version, once published."""
     timings: dict[str, float] = field(default_factory=dict)
     """Wall seconds of each step done."""
     result: StageResult | None = None
@@ -163,12 +170,22 @@ def process(w: Work) -> None:
     task = wk.remote(wk.process_piece, num_returns=3)
     refs = [task.remote(w.docs[c], a, b, w.spec) for c, a, b in w.pieces]
     w.processed = [r[0] for r in refs]
+    # Ray keeps a chunk while a task that reads it is pending: dropping the driver's references
+    # now frees each chunk as soon as its last piece is processed.
+    w.docs = []
     indexes = wk.gather([r[1] for r in refs], w.ctx.reporter.advance, [b - a for _, a, b in w.pieces])
     for seconds in wk.gather([r[2] for r in refs]):
         for k, v in seconds.items():
             w.step_seconds[k] = w.step_seconds.get(k, 0.0) + v
-    w.docs = []  # the processed pieces hold the text now; let Ray free the chunks
     w.index = pa.concat_tables(indexes)
+    counts = pc.value_counts(w.index.column("id"))
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        first = repeated[0]["values"].as_py()
+        row = w.index.filter(pc.equal(w.index.column("id"), first)).slice(0, 1).to_pylist()[0]
+        raise InputError(f"source {row['source']}: document ids repeat ({len(repeated)} of them; the first, {first}, "
+                         f"{repeated[0]['counts'].as_py()} times in {row['path']}): the source's idField values are "
+                         f"not unique within a file; use a unique field, or remove idField to number the records")
     dropped = w.index.column("dropped").to_numpy(zero_copy_only=False)
     w.counters = {f.type: 0 for f in w.spec.filters}
     w.counters.update(w.at_read)
@@ -177,43 +194,46 @@ def process(w: Work) -> None:
 
 def deduplicate(w: Work) -> None:
     """Exact dedup over the ids and hashes; fuzzy dedup over the candidate pairs of the LSH
-    bands, grouped on the workers; the duplicates and what they duplicate."""
+    bands, grouped on the workers; per row, whether it is kept and, for a duplicate, why and of
+    which document."""
     ids = np.asarray(w.index.column("id").to_numpy(zero_copy_only=False), dtype=object)
     alive = pc.is_null(w.index.column("dropped")).to_numpy(zero_copy_only=False)
+    w.reason = np.full(len(ids), None, dtype=object)
+    w.duplicate_of = np.full(len(ids), None, dtype=object)
+    row_of = {doc: i for i, doc in enumerate(ids)}  # ids are unique (checked in process)
     reached_exact = int(alive.sum())
-    drops = []
-    exact_ids = np.array([], dtype=object)
+    n_exact = 0
     if w.spec.dedup.exact:
         h = np.stack([w.index.column("hash_hi").to_numpy(), w.index.column("hash_lo").to_numpy()], axis=1)
-        exact_ids, of = dd.exact_duplicates(ids[alive], h[alive])
-        drops.append(pa.table({"id": exact_ids, "reason": ["duplicateExact"] * len(exact_ids), "duplicate_of": of},
-                              schema=wk.DROPS_SCHEMA))
-    reached_fuzzy = reached_exact - len(exact_ids)
+        dup, of = dd.exact_duplicates(ids[alive], h[alive])
+        _mark(w, row_of, dup, of, "duplicateExact")
+        n_exact = len(dup)
+    reached_fuzzy = reached_exact - n_exact
     fz = w.spec.dedup.fuzzy
-    fuzzy_ids, clusters, candidates, edges = np.array([], dtype=object), 0, 0, 0
+    n_fuzzy, clusters, candidates, edges = 0, 0, 0, 0
     if fz.enabled and reached_fuzzy:
         import ray
 
+        reaches = alive & (w.reason == None)  # noqa: E711 (numpy elementwise comparison)
         parts = max(1, min(len(w.processed), int(ray.cluster_resources().get("CPU", 1))))
-        exact_ref = ray.put(pa.array(exact_ids, pa.string()))
         band = wk.remote(wk.band_piece, num_returns=parts)
-        bands = [band.remote(p, exact_ref, fz.bands, parts, fz.verify) for p in w.processed]
+        bands = [band.remote(p, reaches[a:b], fz.bands, parts, fz.verify)
+                 for p, (a, b) in zip(w.processed, _rows(w), strict=True)]
         bands = [[b] if parts == 1 else list(b) for b in bands]
         reduce = wk.remote(wk.pairs_of_bands, num_returns=2)
         out = [reduce.remote(fz.threshold, fz.verify, *[b[p] for b in bands]) for p in range(parts)]
+        del bands  # the reduce tasks hold what they need
         # a pair found in bands that went to different partitions comes back once from each
         pairs = pa.concat_tables(wk.gather([o[0] for o in out])).group_by(["a", "b"]).aggregate([])
         candidates = sum(wk.gather([o[1] for o in out]))
         edges = pairs.num_rows
-        fuzzy_ids, of, clusters = dd.components(np.asarray(pairs.column("a").to_pylist(), dtype=object),
-                                                np.asarray(pairs.column("b").to_pylist(), dtype=object))
-        drops.append(pa.table({"id": fuzzy_ids, "reason": ["duplicateFuzzy"] * len(fuzzy_ids), "duplicate_of": of},
-                              schema=wk.DROPS_SCHEMA))
-    if drops:
-        w.drops = pa.concat_tables(drops)
-    w.counters["duplicateExact"] = len(exact_ids)
-    w.counters["duplicateFuzzy"] = len(fuzzy_ids)
-    w.kept = alive & ~pc.is_in(w.index.column("id"), value_set=w.drops.column("id")).to_numpy(zero_copy_only=False)
+        dup, of, clusters = dd.components(np.asarray(pairs.column("a").to_pylist(), dtype=object),
+                                          np.asarray(pairs.column("b").to_pylist(), dtype=object))
+        _mark(w, row_of, dup, of, "duplicateFuzzy")
+        n_fuzzy = len(dup)
+    w.counters["duplicateExact"] = n_exact
+    w.counters["duplicateFuzzy"] = n_fuzzy
+    w.kept = alive & (w.reason == None)  # noqa: E711
     read_total = w.index.num_rows + sum(w.at_read.values())
     kept = int(w.kept.sum())
     if kept == 0:
@@ -222,10 +242,23 @@ def deduplicate(w: Work) -> None:
             f"{', '.join(f'{k}: {v}' for k, v in w.counters.items() if v)}); loosen the filters or add sources")
     if read_total != kept + sum(w.counters.values()):  # an invariant, checked even under python -O
         raise RuntimeError(f"counters do not add up: read {read_total}, kept {kept}, dropped {w.counters}")
-    w.dedup = dc.CardDedup(exact=len(exact_ids), exact_rate=len(exact_ids) / max(reached_exact, 1),
-                           fuzzy=len(fuzzy_ids), fuzzy_rate=len(fuzzy_ids) / max(reached_fuzzy, 1), clusters=clusters,
+    w.dedup = dc.CardDedup(exact=n_exact, exact_rate=n_exact / max(reached_exact, 1),
+                           fuzzy=n_fuzzy, fuzzy_rate=n_fuzzy / max(reached_fuzzy, 1), clusters=clusters,
                            candidate_pairs=candidates, verified_pairs=edges,
                            params=fz.model_dump(by_alias=True))
+
+
+def _mark(w: Work, row_of: dict[str, int], dup: np.ndarray, of: np.ndarray, reason: str) -> None:
+    """Record that the documents `dup` go as `reason`, each a copy of the one in `of`."""
+    rows = np.fromiter((row_of[d] for d in dup), dtype=np.int64, count=len(dup))
+    w.reason[rows] = reason
+    w.duplicate_of[rows] = of
+
+
+def _rows(w: Work) -> list[tuple[int, int]]:
+    """Each piece's rows in the index: [start, end)."""
+    ends = np.cumsum([b - a for _, a, b in w.pieces])
+    return [(int(e - (b - a)), int(e)) for e, (_, a, b) in zip(ends, w.pieces, strict=True)]
 
 
 def tokenizer(w: Work) -> None:
@@ -271,13 +304,19 @@ def write(w: Work) -> None:
     w.tables = pub.tables(w.cat, w.ctx.namespace, w.ctx.name, schemas)
     w.attempt = pub.new_attempt(w.digest)
     out = {which: pub.output(t, w.attempt) for which, t in w.tables.items()}
-    drops_ref, tok_ref = ray.put(w.drops), ray.put(w.tokenizer_json)
+    tok_ref = ray.put(w.tokenizer_json)
     task = wk.remote(wk.write_piece)
-    refs = [task.remote(p, i, drops_ref, tok_ref, w.spec.split.validation_fraction, w.spec.tokenize.sequence_length,
-                        out["documents"], out["sequences"], out.get("dropped"))
-            for i, p in enumerate(w.processed)]
-    kept_per_piece = np.add.reduceat(w.kept.astype(np.int64), np.cumsum([0] + [b - a for _, a, b in w.pieces])[:-1])
-    w.written = wk.gather(refs, w.ctx.reporter.advance, kept_per_piece.tolist())
+    refs, kept_per_piece = [], []
+    for i, (p, (a, b)) in enumerate(zip(w.processed, _rows(w), strict=True)):
+        # each task gets the driver's decisions for its own rows only
+        decisions = pa.table({"keep": w.kept[a:b], "reason": pa.array(w.reason[a:b], pa.string()),
+                              "duplicate_of": pa.array(w.duplicate_of[a:b], pa.string())},
+                             schema=wk.DECISIONS_SCHEMA)
+        refs.append(task.remote(p, i, decisions, tok_ref, w.spec.split.validation_fraction,
+                                w.spec.tokenize.sequence_length, out["documents"], out["sequences"],
+                                out.get("dropped")))
+        kept_per_piece.append(int(w.kept[a:b].sum()))
+    w.written = wk.gather(refs, w.ctx.reporter.advance, kept_per_piece)
     w.processed = []
     if sum(x.kept for x in w.written) != int(w.kept.sum()):  # the workers must keep what the driver decided
         raise RuntimeError(f"the workers wrote {sum(x.kept for x in w.written)} documents, the driver kept "
@@ -356,6 +395,7 @@ STEPS: tuple[tuple[str, Callable[[Work], None]], ...] = (
 
 
 def run(ctx: StageContext) -> StageResult:
+    """The DataPile stage: STEPS in order, until one sets the result."""
     w = Work(ctx, ctx.spec)
     try:
         for name, step in STEPS:
@@ -367,7 +407,10 @@ def run(ctx: StageContext) -> StageResult:
                 return w.result
     finally:
         if w.attempt and not w.committing:
-            pub.discard(w.tables.values(), w.attempt)
+            try:
+                pub.discard(w.tables.values(), w.attempt)
+            except OSError as e:  # the run's own error matters more; the next run's repair retries
+                ctx.reporter.log("Could not remove the failed attempt's files", attempt=w.attempt, error=str(e))
     raise RuntimeError("the DataPile steps ended without a result")
 def _total(w: Work, step: Callable[[Work], None]) -> int | None:
     """What a step's progress counts to: chunks read, documents processed, documents written."""

@@ -3,7 +3,7 @@
 Each step gets a batch with a `dropped` column (null while a document is kept) and returns it
 with `dropped` set to its reason for the documents it drops, never touching documents an earlier
 step dropped; so the counters add up by construction (read = kept + Σ dropped) and the steps
-compose in the manifest's order on any executor (in-process or Ray Data `map_batches`).
+compose in the manifest's order on any executor (in-process, or a Ray task per piece of the pile).
 
 Written here, and why: licence detection is a table of SPDX headers and licence-text phrases,
 because the one thorough library (scancode-toolkit) is a gigabyte of dependencies and seconds

@@ -62,8 +62,8 @@ def catalog(state_dir: Path):
 
 
 def table_names(namespace: str, pile: str) -> tuple[str, str]:
-    base = pile.replace("-", "_")
-    return f"{namespace}.{base}_documents", f"{namespace}.{base}_sequences"
+    """The documents and sequences tables of a pile."""
+    return table_name(namespace, pile, "documents"), table_name(namespace, pile, "sequences")
 
 
 def table_name(namespace: str, pile: str, which: str) -> str:
@@ -329,6 +329,7 @@ def _retag(table, ms, snapshot_id: int, tags: list[str]):
 
 
 def tags_of(cat, name: str, snapshot_id: int) -> list[str]:
+    """The tags (refs other than main) of table `name` on `snapshot_id`."""
     t = cat.load_table(name)
     return sorted(k for k, r in t.refs().items() if r.snapshot_id == snapshot_id and k != "main")
 

@@ -33,7 +33,7 @@ from ...api.v1alpha1.common import quantity_value
 from ...api.v1alpha1.datapile import Source
 from ..base import InputError, InvalidSpec
 
-DOC_SCHEMA = pa.schema(
+READ_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
         ("source", pa.string()),
@@ -255,7 +255,7 @@ def read_files(source: Source, fs: pafs.FileSystem, files: list[tuple[str, str, 
             "is_code": [source.format == "code"] * n,
             "source_license": [source.license] * n,
         },
-        schema=DOC_SCHEMA,
+        schema=READ_SCHEMA,
     )
     return table, FilesRead(n, {k: v for k, v in dropped.items() if v}, done)
 
@@ -332,7 +332,7 @@ def _jsonl_documents(source: Source, rel: str, data: bytes, limit: int, dropped:
         if len(line) > limit and len(text.encode()) > limit:
             dropped["tooLarge"] += 1
             continue
-        yield str(rec.get(source.id_field) if source.id_field else n), text
+        yield (_id_value(source, rec.get(source.id_field), f"{rel} line {n + 1}") if source.id_field else str(n)), text
 
 
 def _parquet_documents(source: Source, rel: str, data: bytes, limit: int, dropped: dict[str, int]):
@@ -349,8 +349,10 @@ def _parquet_documents(source: Source, rel: str, data: bytes, limit: int, droppe
         raise InputError(f"source {source.name}: {rel}: column {source.text_field!r} holds {column.type}, "
                          f"not text; set textField to the text column")
     col = column.to_pylist()
-    keys = t.column(source.id_field).to_pylist() if source.id_field and source.id_field in t.column_names \
-        else range(len(col))
+    if source.id_field and source.id_field not in t.column_names:
+        raise InputError(f"source {source.name}: {rel} has no column {source.id_field!r} for idField "
+                         f"(it has {t.column_names[:10]}); fix idField or remove it to number the rows")
+    keys = t.column(source.id_field).to_pylist() if source.id_field else range(len(col))
     for row, (key, text) in enumerate(zip(keys, col, strict=True)):
         if text is None:
             if source.invalid_text == "fail":
@@ -360,7 +362,16 @@ def _parquet_documents(source: Source, rel: str, data: bytes, limit: int, droppe
         if len(text) > limit // 4 and len(text.encode()) > limit:
             dropped["tooLarge"] += 1
             continue
-        yield str(key), text
+        yield (_id_value(source, key, f"{rel} row {row}") if source.id_field else str(key)), text
+
+
+def _id_value(source: Source, value: object, where: str) -> str:
+    """A record's idField value as the key of its document id; a missing one fails (two records
+    without one would get the same id)."""
+    if value is None or value == "":
+        raise InputError(f"source {source.name}: {where} has no value for idField {source.id_field!r}; give every "
+                         f"record one, or remove idField to number the records")
+    return str(value)
 
 
 def fingerprint(sources: list[Source], base_dir: Path) -> str:

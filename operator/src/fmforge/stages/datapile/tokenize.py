@@ -3,14 +3,15 @@
 A byte-level BPE trained with Hugging Face `tokenizers` on the kept documents (or a tokenizer
 loaded from a URI), saved in Hugging Face layout so transformers loads it as is. Documents are
 split into train/validation by a hash of their id (stable across runs and machines), encoded in
-Rust (`encode_batch`, all threads) on the Ray Data workers, then joined on the driver with an
-end-of-text token at every document boundary and cut into sequences of `sequenceLength` tokens
-(the last one padded, with its real length).
+Rust (`encode_batch`) and packed on the Ray workers, one piece of the pile at a time: laid end to
+end with an end-of-text token at every document boundary and cut into sequences of
+`sequenceLength` tokens (a piece's last one per split padded, with its real length).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 import json
 from pathlib import Path
 
@@ -50,7 +51,9 @@ def training_sample(ids: list[str], sizes: np.ndarray, splits: np.ndarray, max_b
     return sorted(int(i) for i in train)
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, min_frequency: int):
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int):
+    """A byte-level BPE of `vocab_size` trained on `texts`, with the end-of-text and padding
+    tokens; the plain `tokenizers.Tokenizer`."""
     from tokenizers import ByteLevelBPETokenizer
 
     tok = ByteLevelBPETokenizer(add_prefix_space=False)
@@ -103,15 +106,16 @@ def special_ids(tok) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=2)
 def from_json(tokenizer_json: str):
+    """The tokenizer of a tokenizer.json text, parsed once per process (cached)."""
     from tokenizers import Tokenizer
 
     return Tokenizer.from_str(tokenizer_json)
 
 
 def encode(batch: pa.Table, tokenizer_json: str) -> pa.Table:
-    """Token ids of each document of `batch` (a Ray Data map_batches UDF): the `text` column
-    replaced by `ids` (list<int32>), the other columns kept. Rust encodes the batch on all
-    threads; the tokenizer is parsed once per worker."""
+    """Token ids of each document of `batch`: the `text` column replaced by `ids` (list<int32>),
+    the other columns kept. Rust encodes the batch on all threads; the tokenizer is parsed once
+    per worker."""
     tok = from_json(tokenizer_json)
     encode_fn = getattr(tok, "encode_batch_fast", tok.encode_batch)  # no offsets where supported
     encs = encode_fn(batch.column("text").to_pylist(), add_special_tokens=False)

@@ -55,8 +55,8 @@ from .sources import FilesRead, SourceFiles, read_files
 PROSE_COST = 5.0
 
 #: Columns of the index of each processed piece: all the driver gathers about a document.
-INDEX_COLUMNS = ("id", "dropped", "quality_rule", "hash_hi", "hash_lo", "nbytes", "lang", "prog_lang", "license",
-                 "pii", "lines_removed")
+INDEX_COLUMNS = ("id", "source", "path", "dropped", "quality_rule", "hash_hi", "hash_lo", "nbytes", "lang",
+                 "prog_lang", "license", "pii", "lines_removed")
 
 #: Columns of the published documents table.
 DOC_COLUMNS = ("id", "source", "path", "text", "is_code", "lang", "lang_confidence", "prog_lang", "license",
@@ -76,8 +76,9 @@ DROPPED_SCHEMA = pa.schema([
     ("reason", pa.string()), ("rule", pa.string()), ("duplicate_of", pa.string()),
 ])
 
-#: What the driver's dedup decides: the documents that go as duplicates, and of which.
-DROPS_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("duplicate_of", pa.string())])
+#: What the driver decides for each row of a piece, in the piece's order: keep it or not, and for
+#: a duplicate why (duplicateExact, duplicateFuzzy) and of which document.
+DECISIONS_SCHEMA = pa.schema([("keep", pa.bool_()), ("reason", pa.string()), ("duplicate_of", pa.string())])
 
 #: Sequence ids: the piece's number in the high bits, the sequence's number in the piece below.
 SEQ_BITS = 32
@@ -188,12 +189,11 @@ def process_batch(batch: pa.Table, spec: DataPileSpec, seconds: dict[str, float]
     return batch
 
 
-def band_piece(processed: pa.Table, exact_drops: pa.Array, bands: int, partitions: int, verify: bool):
+def band_piece(processed: pa.Table, reaches: np.ndarray, bands: int, partitions: int, verify: bool):
     """The band rows (band, key, id[, minhash]) of the documents of a piece that reach fuzzy
-    dedup (kept by the filters, not exact duplicates), split into `partitions` parts by key."""
-    alive = pc.and_(pc.is_null(processed.column("dropped")),
-                    pc.invert(pc.is_in(processed.column("id"), value_set=exact_drops)))
-    rows = processed.filter(alive)
+    dedup (`reaches`, per row: kept by the filters, not an exact duplicate), split into
+    `partitions` parts by key."""
+    rows = processed.filter(pa.array(reaches))
     n = rows.num_rows
     num_perm = processed.schema.field("minhash").type.list_size
     sig = rows.column("minhash").combine_chunks().flatten().to_numpy().reshape(n, num_perm) if n else \
@@ -280,13 +280,12 @@ class Written:
     sequence_count: int
 
 
-def write_piece(processed: pa.Table, piece: int, drops: pa.Table, tokenizer_json: str, validation_fraction: float,
+def write_piece(processed: pa.Table, piece: int, decisions: pa.Table, tokenizer_json: str, validation_fraction: float,
                 seq_len: int, docs_out: Output, seq_out: Output, dropped_out: Output | None) -> Written:
-    """Keep what survived the filters and dedup, assign splits, write the documents; encode,
-    pack (per split, within this piece) and write the sequences; with `dropped_out`, write the
-    dropped documents with their reason."""
-    dup = pc.is_in(processed.column("id"), value_set=drops.column("id"))
-    keep = pc.and_(pc.is_null(processed.column("dropped")), pc.invert(dup))
+    """Keep the rows the driver decided to keep (`decisions`, row by row), assign splits, write
+    the documents; encode, pack (per split, within this piece) and write the sequences; with
+    `dropped_out`, write the dropped documents with their reason."""
+    keep = decisions.column("keep")
     kept = processed.filter(keep)
     name = f"{piece:06d}.parquet"
     docs_path = seq_path = dropped_path = None
@@ -305,13 +304,12 @@ def write_piece(processed: pa.Table, piece: int, drops: pa.Table, tokenizer_json
     if dropped_out is not None:
         gone = processed.filter(pc.invert(keep))
         if gone.num_rows:
+            why = decisions.filter(pc.invert(keep))
             # a filter's reason, else dedup's (a filtered document never reaches dedup)
-            d = drops.filter(pc.is_in(drops.column("id"), value_set=gone.column("id")))
-            at = pc.index_in(gone.column("id"), value_set=d.column("id"))
-            reason = pc.coalesce(gone.column("dropped"), d.column("reason").take(at))
+            reason = pc.coalesce(gone.column("dropped"), why.column("reason"))
             table = pa.table({"id": gone.column("id"), "source": gone.column("source"), "path": gone.column("path"),
                               "text": gone.column("text"), "reason": reason, "rule": gone.column("quality_rule"),
-                              "duplicate_of": d.column("duplicate_of").take(at)})
+                              "duplicate_of": why.column("duplicate_of")})
             dropped_path = _write(table, dropped_out, name)
     return Written(docs_path, seq_path, dropped_path, kept.num_rows, tokens, nseq)
 
@@ -343,19 +341,26 @@ def remote(fn: Callable, num_returns: int = 1):
 
 
 def gather(refs: list, progress: Callable[[int], None] | None = None, weights: Sequence[int] | None = None) -> list:
-    """The values of `refs`, in order; `progress(weight)` as each one is done. If tasks fail,
-    the error of the first in order is raised (the same error on every run, whichever task
-    finished first); a StageError (bad input: what the user must fix) is raised as itself."""
+    """The values of `refs`, in order; `progress(weight)` as they are done. If a task fails, the
+    later ones are cancelled and the error of the first failing task in order is raised (the
+    same error on every run, whichever task finished first); a StageError (bad input: what the
+    user must fix) is raised as itself."""
     import ray
 
     pending = {ref: i for i, ref in enumerate(refs)}
     while pending:
+        # every result ready by now at once: one wait per batch, not per task
         done, _ = ray.wait(list(pending), num_returns=1, timeout=None)
-        for ref in done:
+        more, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+        for ref in {*done, *more}:
             i = pending.pop(ref)
             try:
                 ray.get(ref)
             except ray.exceptions.RayTaskError as e:
+                # the later tasks are not needed; the earlier ones decide which error is reported
+                for other, j in pending.items():
+                    if j > i:
+                        ray.cancel(other)
                 _raise_first(refs[:i], e)
             if progress is not None:
                 progress(weights[i] if weights is not None else 1)
