@@ -110,7 +110,9 @@ def test_failed_job_shows_why_in_status_and_an_event(cluster, operator):
     assert ev["type"] == "Warning" and "exit code 2" in ev["message"]
 
 
-def test_the_quickstart_chain_waits_for_each_producer_and_proceeds(cluster, operator):
+def test_the_quickstart_chain_waits_for_each_producer_and_proceeds(cluster, operator, routes):
+    """The quickstart as applied to a cluster (OpenShift's Route CRD there: its Deployment has
+    expose: route)."""
     n = ns(cluster, "chain")
     cluster.kubectl("apply", "--server-side", "-n", n, "-f", str(ROOT / "examples" / "quickstart"))
     wait_for("the DataPile's RayJob", lambda: get(cluster, n, "rayjobs", "pydocs-g1-prepare"))
@@ -143,6 +145,8 @@ def test_the_quickstart_chain_waits_for_each_producer_and_proceeds(cluster, oper
     assert model["storageUri"] == "pvc://fmforge-artifacts/qa" and model["modelFormat"]["name"] == "huggingface"
     assert isvc["spec"]["predictor"]["maxReplicas"] == 2
     assert model["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    route = get(cluster, n, "routes", "pydocs-qa")
+    assert route["spec"]["to"]["name"] == "pydocs-qa-predictor" and route["spec"]["tls"]["termination"] == "edge"
     st = wait_phase(cluster, n, "Deployment", "pydocs-qa", "Running")
     assert st["servedModel"] == {"uri": "pvc://fmforge-artifacts/qa", "digest": "sha256:qa", "modelCard": "pydocs-qa"}
     patch_child_status(cluster, n, "inferenceservices", "pydocs-qa", {
