@@ -341,7 +341,9 @@ def test_pieces_and_partitions_do_not_change_what_is_kept(first_run):
     h = np.stack([alive.column("hash_hi").to_numpy(), alive.column("hash_lo").to_numpy()], axis=1)
     exact, _ = dd.exact_duplicates(ids, h)
     fz = spec.dedup.fuzzy
-    bands = wk.band_piece(whole, pa.array(exact, pa.string()), fz.bands, 1, fz.verify)
+    reaches = pc.and_(pc.is_null(whole.column("dropped")),
+                      pc.invert(pc.is_in(whole.column("id"), value_set=pa.array(exact, pa.string()))))
+    bands = wk.band_piece(whole, reaches.to_numpy(zero_copy_only=False), fz.bands, 1, fz.verify)
     pairs, _ = wk.pairs_of_bands(fz.threshold, fz.verify, bands)
     fuzzy, _, _ = dd.components(np.asarray(pairs.column("a").to_pylist(), dtype=object),
                                 np.asarray(pairs.column("b").to_pylist(), dtype=object))
