@@ -40,3 +40,17 @@ SMALL["spec"]["sources"] = [
     {"name": "python-docs", "uri": "file://corpus/prose/", "format": "jsonl", "license": "PSF-2.0"},
     {"name": "extra", "uri": "file://corpus/extra/", "format": "jsonl", "idField": "id"},
 ]
+
+#: A small pile for the training, evaluation and tuning tests: prose and code, no categorizer or
+#: filters, exact dedup only, a 512-token vocabulary, 64-token sequences.
+MINI = {
+    "apiVersion": "fmforge.io/v1alpha1", "kind": "DataPile", "metadata": {"name": "mini"},
+    "spec": {
+        "sources": [{"name": "prose", "uri": "file://corpus/prose/", "format": "jsonl", "license": "PSF-2.0"},
+                    {"name": "code", "uri": "file://corpus/code/", "format": "code", "include": ["*.py"]}],
+        "categorize": {"naturalLanguage": {"enabled": False}, "programmingLanguage": {"enabled": False}},
+        "filters": [], "dedup": {"exact": True, "fuzzy": {"enabled": False}},
+        "tokenizer": {"train": {"vocabSize": 512}}, "tokenize": {"sequenceLength": 64},
+        "split": {"validationFraction": 0.1}, "publish": {"tags": ["v1"]},
+    },
+}

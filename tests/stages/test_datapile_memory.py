@@ -22,6 +22,7 @@ not smaller. The two runs take 30-80 s in all.
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 from paths import ROOT
+from piles import PILE as FULL
 from scale import corpus_bytes, distinct_copies, run_fmforge
 
 #: Most the driver's peak may grow from 1x to 4x, per extra byte of input.
@@ -37,25 +39,15 @@ MAX_GROWTH_PER_EXTRA_BYTE = 1.0
 #: The pile: the quickstart's three sources and its dedup, the cheap parts of the rest
 #: (categorize off, one length filter, a small tokenizer trained on 1 MiB): the driver's memory
 #: is the subject, not the models'.
-PILE = {
-    "apiVersion": "fmforge.io/v1alpha1",
-    "kind": "DataPile",
-    "metadata": {"name": "memory"},
-    "spec": {
-        "sources": [
-            {"name": "python-docs", "uri": "file://corpus/prose/", "format": "jsonl", "license": "PSF-2.0"},
-            {"name": "python-code", "uri": "file://corpus/code/", "format": "code", "include": ["*.py"],
-             "license": "PSF-2.0"},
-            {"name": "licenses", "uri": "file://corpus/licenses/", "format": "text"},
-        ],
-        "categorize": {"naturalLanguage": {"enabled": False}, "programmingLanguage": {"enabled": False}},
-        "filters": [{"type": "length", "minWords": 20}],
-        "dedup": {"exact": True, "fuzzy": {"threshold": 0.8, "numPerm": 112, "bands": 14, "shingleSize": 5}},
-        "tokenizer": {"train": {"vocabSize": 512, "sampleBytes": "1Mi"}},
-        "tokenize": {"sequenceLength": 128},
-        "resources": {"workers": 1, "cpusPerWorker": 2},
-    },
-}
+PILE = copy.deepcopy(FULL)
+PILE["metadata"]["name"] = "memory"
+PILE["spec"]["sources"] = PILE["spec"]["sources"][:3]  # without the project-written samples
+PILE["spec"].pop("publish")
+PILE["spec"].update({
+    "categorize": {"naturalLanguage": {"enabled": False}, "programmingLanguage": {"enabled": False}},
+    "filters": [{"type": "length", "minWords": 20}],
+    "tokenizer": {"train": {"vocabSize": 512, "sampleBytes": "1Mi"}},
+})
 
 
 @pytest.fixture(scope="module")

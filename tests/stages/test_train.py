@@ -23,6 +23,7 @@ import torch
 import yaml
 from faults import kill_a_ray_train_worker_after
 from paths import ROOT
+from piles import MINI
 
 from fmforge.runtime.local import run_paths
 from fmforge.runtime.progress import RunConsole
@@ -31,17 +32,7 @@ from fmforge.stages.datapile import publish as pub
 from fmforge.stages.train import TRAINING_LOG, model_digest
 from fmforge.stages.train.loop import latest_checkpoint
 
-PILE = {
-    "apiVersion": "fmforge.io/v1alpha1", "kind": "DataPile", "metadata": {"name": "mini"},
-    "spec": {
-        "sources": [{"name": "prose", "uri": "file://corpus/prose/", "format": "jsonl", "license": "PSF-2.0"},
-                    {"name": "code", "uri": "file://corpus/code/", "format": "code", "include": ["*.py"]}],
-        "categorize": {"naturalLanguage": {"enabled": False}, "programmingLanguage": {"enabled": False}},
-        "filters": [], "dedup": {"exact": True, "fuzzy": {"enabled": False}},
-        "tokenizer": {"train": {"vocabSize": 512}}, "tokenize": {"sequenceLength": 64},
-        "split": {"validationFraction": 0.1}, "publish": {"tags": ["v1"]},
-    },
-}
+PILE = MINI
 TINY = {"layers": 2, "hidden": 64, "heads": 4}
 
 

@@ -14,6 +14,7 @@ local runner.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
@@ -26,6 +27,7 @@ import pytest
 import yaml
 from faults import kill_a_ray_train_worker_after
 from paths import ROOT
+from piles import MINI
 
 from fmforge.runtime.local import run_paths
 from fmforge.runtime.progress import RunConsole
@@ -250,17 +252,8 @@ def test_bad_input_fails_before_training(ws: Workspace, base_run: dict, change: 
 
 # -- where the examples and the base model come from ---------------------------------------------
 
-PILE = {
-    "apiVersion": "fmforge.io/v1alpha1", "kind": "DataPile", "metadata": {"name": "mini"},
-    "spec": {
-        "sources": [{"name": "prose", "uri": "file://corpus/prose/", "format": "jsonl", "license": "PSF-2.0"},
-                    {"name": "code", "uri": "file://corpus/code/", "format": "code", "include": ["*.py"]}],
-        "categorize": {"naturalLanguage": {"enabled": False}, "programmingLanguage": {"enabled": False}},
-        "filters": [], "dedup": {"exact": True, "fuzzy": {"enabled": False}},
-        "tokenizer": {"train": {"vocabSize": 512}}, "tokenize": {"sequenceLength": 64},
-        "publish": {"tags": ["v1"]},
-    },
-}
+PILE = copy.deepcopy(MINI)
+del PILE["spec"]["split"]  # the default validation share
 
 
 def test_examples_from_a_pile_version(ws: Workspace, base_run: dict, corpus: Path):
