@@ -19,6 +19,7 @@ from piles import SMALL
 from fmforge.runtime.local import run_paths
 from fmforge.runtime.progress import RunConsole
 from fmforge.runtime.state import StateDir
+from fmforge.stages.datapile import datacard as dc
 from fmforge.stages.datapile import publish as pub
 from fmforge.stages.datapile import tokenize as tk
 
@@ -42,14 +43,15 @@ def _snapshots(state: StateDir) -> list[int]:
     return [s.snapshot_id for s in t.snapshots()]
 
 
-@pytest.mark.parametrize("where", ["commit", "promote"])
+@pytest.mark.parametrize("where", ["commit", "write", "promote"])
 def test_failure_half_way_keeps_the_previous_version(tmp_path: Path, corpus: Path, monkeypatch, where: str):
     d = _dir(tmp_path, corpus)
     assert _run(d, SMALL).ok
     state = StateDir(d / ".fmforge")
     v1 = state.read("DataPile", "pydocs")["status"]
     v1_rows = pub.read_version(pub.catalog(state.root), "default", "pydocs", "v1").num_rows
-    real = getattr(pub, where)
+    module = dc if where == "write" else pub
+    real = getattr(module, where)
     calls = []
 
     def boom(*a, **k):
@@ -59,9 +61,10 @@ def test_failure_half_way_keeps_the_previous_version(tmp_path: Path, corpus: Pat
         return real(*a, **k)
 
     # A new spec (tag v2, another filter setting) whose run fails after the workers wrote its
-    # files: when the sequences table's snapshot is staged but not the documents' (commit), or
-    # after both are staged and the documents' refs moved, before the sequences' (promote).
-    monkeypatch.setattr(pub, where, boom)
+    # files: when the sequences table's snapshot is staged but not the documents' (commit), when
+    # both are staged and the data card is being written (write), or when the documents' refs
+    # are about to move (promote). A version nobody can read yet has no card to lack.
+    monkeypatch.setattr(module, where, boom)
     v2 = copy.deepcopy(SMALL)
     v2["spec"]["publish"]["tags"] = ["v1", "v2"]
     v2["spec"]["filters"][-1]["minWords"] = 30

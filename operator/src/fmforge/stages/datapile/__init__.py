@@ -107,7 +107,9 @@ class Work:
     committing: bool = False
     """Whether commit_version has begun committing (the attempt's files are no longer ours to drop)."""
     published: pub.Published | None = None
-    """The version, once published."""
+    """The version, once committed (staged, then made visible)."""
+    card_md: Path | None = None
+    """The version's data card (Markdown)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Wall seconds of each step done."""
     result: StageResult | None = None
@@ -324,7 +326,8 @@ def write(w: Work) -> None:
 
 
 def commit_version(w: Work) -> None:
-    """Commit the written files as one staged snapshot per table, then make the version visible."""
+    """Commit the written files as one staged snapshot per table, write the version's data card,
+    then make the version visible: a version anyone can read always has its card."""
     files = {"documents": [x.documents for x in w.written if x.documents],
              "sequences": [x.sequences for x in w.written if x.sequences],
              "dropped": [x.dropped for x in w.written if x.dropped]}
@@ -334,18 +337,24 @@ def commit_version(w: Work) -> None:
         "fmforge.sources": json.dumps({r.name: r.digest for r in w.reads}, sort_keys=True),
         "fmforge.stats": _stats(w).model_dump_json(by_alias=True),
         "fmforge.tokenizer": str(w.version_dir / "tokenizer"),
+        "fmforge.datacard": (w.version_dir / "datacard.md").resolve().as_uri(),
         "fmforge.generation": str(w.ctx.generation),
     }
     # From the first commit on, snapshots may refer to the attempt's files: a failure now leaves
     # them to the next run's repair, which knows which snapshots became visible.
     w.committing = True
-    w.published = pub.publish(w.tables, files, w.spec.publish.tags, props)
+
+    def card_first(staged: pub.Published) -> None:
+        w.published = staged
+        w.card_md = write_card(w)
+
+    pub.publish(w.tables, files, w.spec.publish.tags, props, before_visible=card_first)
     w.ctx.reporter.log("Published version", snapshot=w.published.snapshot_id,
                        tags=",".join(w.spec.publish.tags) or None)
 
 
-def card(w: Work) -> None:
-    """Write the data card and the result."""
+def write_card(w: Work) -> Path:
+    """Write the data card of the staged version; the Markdown file."""
     spec, idx, kept = w.spec, w.index, pa.array(w.kept)
     stats = _stats(w)
 
@@ -357,7 +366,7 @@ def card(w: Work) -> None:
     removed = pc.fill_null(idx.column("lines_removed").filter(kept), 0)
     version = PileVersion(snapshot_id=str(w.published.snapshot_id), digest=w.digest,
                           created_at=w.published.created_at)
-    md = dc.write(dc.DataCard(
+    return dc.write(dc.DataCard(
         name=w.ctx.name, version=version, tags=spec.publish.tags,
         sources=[dc.CardSource(name=r.name, uri=r.uri, license=s.license, files=r.files, documents=r.documents,
                                bytes=r.bytes, digest=r.digest) for r, s in zip(w.reads, spec.sources, strict=True)],
@@ -372,8 +381,14 @@ def card(w: Work) -> None:
             by_alias=True, exclude_none=True)} if f.type == "quality" else {}) for f in spec.filters],
         dropped_table=pub.table_name(w.ctx.namespace, w.ctx.name, "dropped") if "dropped" in w.tables else None,
     ), w.version_dir)
+
+
+def result(w: Work) -> None:
+    """The stage's result: the published version, its counters and card, and the lineage."""
+    stats = _stats(w)
     w.result = StageResult(
-        status=_status(w.published, spec.publish.tags, stats.model_dump(by_alias=True, mode="json"), md, w.digest),
+        status=_status(w.published, w.spec.publish.tags, stats.model_dump(by_alias=True, mode="json"), w.card_md,
+                       w.digest),
         digest=w.digest,
         message=f"published snapshot {w.published.snapshot_id} ({stats.documents.kept}/{stats.documents.read} "
                 f"documents, {stats.tokens} tokens)",
@@ -390,7 +405,7 @@ STEPS: tuple[tuple[str, Callable[[Work], None]], ...] = (
     ("tokenizer", tokenizer),
     ("tokenize, pack, write (Ray)", write),
     ("publish", commit_version),
-    ("data card", card),
+    ("result", result),
 )
 
 
@@ -460,7 +475,11 @@ def _reuse(ctx: StageContext, cat, existing: pub.Published, digest: str, reads) 
         props = snap.summary.additional_properties
     stats = json.loads(props.get("fmforge.stats", "{}"))
     tags = pub.tags_of(cat, existing.table, existing.snapshot_id)
-    card = ctx.artifacts / digest.split(":", 1)[1][:16] / "datacard.md"
+    # where the version's card was written (recorded since the card is written before the
+    # version becomes visible); older versions: the artifact folder of this run
+    recorded = props.get("fmforge.datacard")
+    card = Path(recorded.removeprefix("file://")) if recorded else ctx.artifacts / digest.split(":", 1)[1][:16] / \
+        "datacard.md"
     card = card.resolve() if card.is_file() else None
     return StageResult(
         status={"version": {"snapshotId": str(existing.snapshot_id), "digest": digest,

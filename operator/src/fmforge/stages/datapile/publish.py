@@ -32,7 +32,7 @@ import contextlib
 import json
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, UTC
 from pathlib import Path
@@ -261,20 +261,24 @@ def _expire(table, snapshots) -> None:
             table.io.delete(path)
 
 
-def publish(tabs: dict, files: dict[str, list[str]], tags: list[str], properties: dict[str, str]) -> Published:
-    """Commit each table of `tabs` staged from the data files in `files` (which → paths), then
-    make the version visible: documents first (the commit point), then the others. Returns the
-    new version."""
+def publish(tabs: dict, files: dict[str, list[str]], tags: list[str], properties: dict[str, str],
+            before_visible: Callable[[Published], None] | None = None) -> Published:
+    """Commit each table of `tabs` staged from the data files in `files` (which → paths); call
+    `before_visible` with the staged version (what must exist before anyone can read it, such as
+    its data card); then make the version visible: documents first (the commit point), then the
+    others. Returns the new version."""
     snaps = {which: commit(tabs[which], files[which], properties) for which in tabs if which != "documents"}
     doc_props = {**properties, **{PROP_SNAPSHOT[w]: str(sid) for w, sid in snaps.items()}}
     doc_snap = commit(tabs["documents"], files["documents"], doc_props)
+    snap = tabs["documents"].snapshot_by_id(doc_snap)
+    staged = Published(doc_snap, snaps["sequences"], datetime.fromtimestamp(snap.timestamp_ms / 1000, UTC).isoformat(),
+                       ".".join(tabs["documents"].name()))
+    if before_visible is not None:
+        before_visible(staged)
     promote(tabs["documents"], doc_snap, tags)
     for which, sid in snaps.items():
         promote(tabs[which], sid, tags)
-    snap = tabs["documents"].snapshot_by_id(doc_snap)
-    return Published(doc_snap, snaps["sequences"],
-                     datetime.fromtimestamp(snap.timestamp_ms / 1000, UTC).isoformat(),
-                     ".".join(tabs["documents"].name()))
+    return staged
 
 
 def commit(table, paths: list[str], properties: dict[str, str]) -> int:
