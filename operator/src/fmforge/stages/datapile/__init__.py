@@ -110,6 +110,8 @@ class Work:
     """The version, once committed (staged, then made visible)."""
     card_md: Path | None = None
     """The version's data card (Markdown)."""
+    stats: PileStats | None = None
+    """The version's counters, once everything is written."""
     timings: dict[str, float] = field(default_factory=dict)
     """Wall seconds of each step done."""
     result: StageResult | None = None
@@ -328,6 +330,7 @@ def write(w: Work) -> None:
 def commit_version(w: Work) -> None:
     """Commit the written files as one staged snapshot per table, write the version's data card,
     then make the version visible: a version anyone can read always has its card."""
+    w.stats = _stats(w)  # counted once: the snapshot, the card and the status show the same figures
     files = {"documents": [x.documents for x in w.written if x.documents],
              "sequences": [x.sequences for x in w.written if x.sequences],
              "dropped": [x.dropped for x in w.written if x.dropped]}
@@ -335,7 +338,7 @@ def commit_version(w: Work) -> None:
         pub.PROP_DIGEST: w.digest,
         "fmforge.spec-digest": _spec_digest(w.spec),
         "fmforge.sources": json.dumps({r.name: r.digest for r in w.reads}, sort_keys=True),
-        "fmforge.stats": _stats(w).model_dump_json(by_alias=True),
+        "fmforge.stats": w.stats.model_dump_json(by_alias=True),
         "fmforge.tokenizer": str(w.version_dir / "tokenizer"),
         "fmforge.datacard": (w.version_dir / "datacard.md").resolve().as_uri(),
         "fmforge.generation": str(w.ctx.generation),
@@ -356,7 +359,7 @@ def commit_version(w: Work) -> None:
 def write_card(w: Work) -> Path:
     """Write the data card of the staged version; the Markdown file."""
     spec, idx, kept = w.spec, w.index, pa.array(w.kept)
-    stats = _stats(w)
+    stats = w.stats
 
     def counts(column: str, keep_only: bool = True) -> dict[str, int]:
         col = idx.column(column).filter(kept) if keep_only else idx.column(column)
@@ -385,7 +388,7 @@ def write_card(w: Work) -> Path:
 
 def result(w: Work) -> None:
     """The stage's result: the published version, its counters and card, and the lineage."""
-    stats = _stats(w)
+    stats = w.stats
     w.result = StageResult(
         status=_status(w.published, w.spec.publish.tags, stats.model_dump(by_alias=True, mode="json"), w.card_md,
                        w.digest),
