@@ -191,7 +191,7 @@ def main() -> int:
     from fmforge.runtime.progress import RunConsole
     from fmforge.runtime.state import StateDir
     from fmforge.stages import raysession
-    from fmforge.stages.train import TRAINING_LOG
+    from fmforge.stages.artifacts import TRAINING_LOG
 
     work = Path(tempfile.mkdtemp(prefix="fmforge-bench-train-"))
     state = work / ".fmforge"

@@ -211,7 +211,7 @@ def test_tokenizer_loaded_from_s3(tmp_path: Path, corpus: Path, s3_server, monke
     filesystem, not as a local path."""
     import pyarrow.fs as pafs
 
-    from fmforge.stages.datapile.sources import s3_filesystem
+    from fmforge.stages.uris import s3_filesystem
 
     for k, v in s3_server.env().items():
         monkeypatch.setenv(k, v)
@@ -262,7 +262,7 @@ def test_uri_schemes_resolve(tmp_path: Path, monkeypatch):
     (read from a real S3 server in test_s3_sources_read_like_files)."""
     import pyarrow.fs as pafs
 
-    from fmforge.stages.datapile.sources import resolve
+    from fmforge.stages.uris import resolve
 
     fs, path = resolve("file://corpus/prose/", tmp_path)
     assert isinstance(fs, pafs.LocalFileSystem) and path == str((tmp_path / "corpus/prose").resolve())
@@ -377,7 +377,7 @@ def test_s3_sources_read_like_files(tmp_path: Path, corpus: Path, s3_server, mon
     import pyarrow.fs as pafs
 
     from fmforge.stages import raysession
-    from fmforge.stages.datapile.sources import s3_filesystem
+    from fmforge.stages.uris import s3_filesystem
 
     for k, v in s3_server.env().items():
         monkeypatch.setenv(k, v)

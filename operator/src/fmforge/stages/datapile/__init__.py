@@ -41,7 +41,8 @@ from . import publish as pub
 from . import tokenize as tk
 from . import workers as wk
 from .filters import effective_rules
-from .sources import SourceFiles, SourceRead, list_source, resolve, summarize
+from ..uris import resolve
+from .sources import SourceFiles, SourceRead, list_source, summarize
 from .sources import fingerprint as _fingerprint
 
 

@@ -29,46 +29,17 @@ the properties in $FMFORGE_CATALOG (JSON), as the operator's config ConfigMap se
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, UTC
-from pathlib import Path
 
 import pyarrow as pa
 
-PROP_DIGEST = "fmforge.digest"
-
-#: The documents snapshot's property naming each other table's snapshot of the version.
-PROP_SNAPSHOT = {"sequences": "fmforge.sequences-snapshot-id", "dropped": "fmforge.dropped-snapshot-id"}
+from ..piles import PROP_DIGEST, PROP_SNAPSHOT, catalog, read_version, table_name, table_names  # noqa: F401 - re-exported
 
 #: Attempt folders under a table's data folder start with this.
 ATTEMPT_PREFIX = "fmforge-"
-
-
-def catalog(state_dir: Path):
-    """The pile catalog: $FMFORGE_CATALOG's properties, or SQLite under the state directory."""
-    from pyiceberg.catalog import load_catalog
-    from pyiceberg.catalog.sql import SqlCatalog
-
-    props = os.environ.get("FMFORGE_CATALOG")
-    if props:
-        return load_catalog("fmforge", **json.loads(props))
-    root = (state_dir / "catalog").resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    return SqlCatalog("fmforge", uri=f"sqlite:///{root}/catalog.db", warehouse=f"file://{root}/warehouse")
-
-
-def table_names(namespace: str, pile: str) -> tuple[str, str]:
-    """The documents and sequences tables of a pile."""
-    return table_name(namespace, pile, "documents"), table_name(namespace, pile, "sequences")
-
-
-def table_name(namespace: str, pile: str, which: str) -> str:
-    """The table of `which` (documents, sequences, dropped) of a pile."""
-    return f"{namespace}.{pile.replace('-', '_')}_{which}"
 
 
 def tables(cat, namespace: str, pile: str, schemas: dict[str, pa.Schema]) -> dict:
@@ -103,7 +74,7 @@ def _filesystem(table, location: str):
     with the catalog's S3 settings where it has them), or None for another scheme."""
     import pyarrow.fs as pafs
 
-    from .sources import s3_filesystem
+    from ..uris import s3_filesystem
 
     scheme, _, rest = location.partition("://")
     if scheme == "file":
@@ -336,21 +307,3 @@ def tags_of(cat, name: str, snapshot_id: int) -> list[str]:
     """The tags (refs other than main) of table `name` on `snapshot_id`."""
     t = cat.load_table(name)
     return sorted(k for k, r in t.refs().items() if r.snapshot_id == snapshot_id and k != "main")
-
-
-def read_version(cat, namespace: str, pile: str, ref: str | int | None = None, which: str = "documents") -> pa.Table:
-    """Read a version of the pile by tag, snapshot id, or the latest (None): its documents,
-    sequences or dropped documents (`which`)."""
-    docs_name = table_name(namespace, pile, "documents")
-    t = cat.load_table(docs_name)
-    snap = t.current_snapshot() if ref is None else (
-        t.snapshot_by_name(ref) if isinstance(ref, str) else t.snapshot_by_id(int(ref)))
-    if snap is None:
-        raise KeyError(f"DataPile {pile}: no version {ref!r}")
-    if which == "documents":
-        return t.scan(snapshot_id=snap.snapshot_id).to_arrow()
-    sid = (snap.summary.additional_properties if snap.summary else {}).get(PROP_SNAPSHOT[which])
-    if sid is None:
-        raise KeyError(f"DataPile {pile}: version {snap.snapshot_id} has no {which} table (a version keeps its "
-                       f"dropped documents only with publish.keepDropped)")
-    return cat.load_table(table_name(namespace, pile, which)).scan(snapshot_id=int(sid)).to_arrow()

@@ -28,26 +28,11 @@ from typing import Any
 
 from ...api.v1alpha1.trainingrun import TrainingRunSpec
 from .. import raytrain
+from .. import piles as pile
+from ..artifacts import TRAINING_LOG, model_digest
 from ..base import InputError, InvalidSpec, StageContext, StageResult
-from . import models, pile
+from . import models
 from .loop import CURVE, MODEL_DIR, LoopConfig, train_loop
-
-#: Written into every model directory: how the model was made (hyperparameters, lineage, the
-#: loss curve). The ModelCard stage reads it for the card.
-TRAINING_LOG = "fmforge_training.json"
-
-
-def model_digest(path: Path) -> str:
-    """sha256 over a model directory: each file's relative path and content, in name order."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(f.relative_to(path).as_posix().encode() + b"\0")
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        h.update(b"\0")
-    return "sha256:" + h.hexdigest()
-
 
 def spec_digest(spec: TrainingRunSpec) -> str:
     body = json.dumps(spec.model_dump(mode="json", by_alias=True), sort_keys=True)
@@ -232,4 +217,4 @@ def _curve(checkpoint: Path) -> list[dict[str, float]]:
     return json.loads((checkpoint / CURVE).read_text())
 
 
-__all__ = ["run", "model_digest", "TRAINING_LOG"]
+__all__ = ["run"]

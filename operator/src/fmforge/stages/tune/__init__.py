@@ -31,11 +31,11 @@ from typing import Any
 from ...api.v1alpha1.tunedmodel import Lora, TunedModelSpec
 from .. import raytrain
 from ..base import InputError, InvalidSpec, StageContext, StageResult
-from ..datapile.publish import table_name
-from ..datapile.sources import resolve, s3_filesystem
-from ..producers import producer_model
-from ..train import TRAINING_LOG, model_digest
-from ..train import pile as piles
+from ..piles import table_name
+from ..uris import resolve, s3_filesystem
+from ..artifacts import producer_model
+from ..artifacts import TRAINING_LOG, model_digest
+from .. import piles
 from . import data as examples
 from .loop import ADAPTER_DIR, CURVE, MODEL_DIR, tune_loop
 

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ..base import InputError, InvalidSpec
-from ..datapile.publish import PROP_DIGEST
-from ..datapile.sources import resolve
+from ..piles import PROP_DIGEST
+from ..uris import resolve
 
 #: A tuning set larger than this is a pile's job, not a JSONL file's.
 MAX_BYTES = 256 * 2**20
@@ -138,7 +138,7 @@ def read_pile(ctx, ref, fields: list[str]) -> tuple[list[Record], dict[str, Any]
     A scan of the documents table at the pinned snapshot, reading those columns only and at most
     `ref.maxDocuments` rows, so a large pile is never loaded whole. A document whose column is
     null (`prog_lang` of prose, `lang` of code) lacks that field, as a JSONL record would."""
-    from ..train import pile as piles
+    from .. import piles
 
     where = "spec.data.dataPileRef"
     _, docs, snap = piles.pinned(ctx, ref, where)

@@ -1,18 +1,37 @@
-"""The model a producer (a TrainingRun or TunedModel) recorded, as its consumers read it.
+"""Model artifacts as every stage reads and records them.
 
-`producer_model` turns a `ModelRef` into the model directory its producer's status names,
-checked to be there and to hold the bytes the recorded digest says. Called by the ModelCard
-stage (`spec.modelRef`) and the TunedModel stage (`spec.baseModelRef`).
+`model_digest` is the content digest of a model directory (what a ModelCard approves and a
+Deployment serves), `TRAINING_LOG` the file in every model directory that says how it was made,
+and `producer_model` the model a producer (a TrainingRun or TunedModel) recorded, as its
+consumers (the ModelCard, TunedModel and Deployment stages) read it: checked to be there and to
+hold the bytes the recorded digest says.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
 from .base import InputError, StageContext
-from .datapile.sources import resolve as resolve_uri
-from .train import model_digest
+from .uris import resolve as resolve_uri
+
+#: Written into every model directory: how the model was made (hyperparameters, lineage, the
+#: loss curve). The ModelCard stage reads it for the card.
+TRAINING_LOG = "fmforge_training.json"
+
+
+def model_digest(path: Path) -> str:
+    """sha256 over a model directory: each file's relative path and content, in name order."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return "sha256:" + h.hexdigest()
+
 
 
 def producer_model(ctx: StageContext, ref, field: str) -> tuple[Path, dict[str, Any]]:

@@ -1,4 +1,7 @@
-"""A pile version as the training and evaluation stages read it: resolved, then streamed.
+"""Pile versions as the stages read them: the catalog, the tables, a version resolved, then streamed.
+
+Shared by every stage that reads a pile (the DataPile publishes through `catalog` and
+`table_name`; the TrainingRun, ModelCard and TunedModel read).
 
 `pinned` finds the documents snapshot a `dataPileRef` (tag, snapshot id, or the latest) names;
 `resolve` turns it into the exact Iceberg snapshots to read, with the version's tokenizer and
@@ -11,14 +14,49 @@ documents as tuning examples, the TunedModel stage.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import raysession
-from ..base import InputError, InvalidSpec, StageContext
-from ..datapile import publish as pub
+import pyarrow as pa
+
+from . import raysession
+from .base import InputError, InvalidSpec, StageContext
+
+#: The documents snapshot's property holding the version's digest.
+PROP_DIGEST = "fmforge.digest"
+
+#: The documents snapshot's property naming each other table's snapshot of the version.
+PROP_SNAPSHOT = {"sequences": "fmforge.sequences-snapshot-id", "dropped": "fmforge.dropped-snapshot-id"}
+
+#: The documents snapshot's property naming the version's tokenizer (a URI).
+PROP_TOKENIZER = "fmforge.tokenizer"
+
+
+def catalog(state_dir: Path):
+    """The pile catalog: $FMFORGE_CATALOG's properties, or SQLite under the state directory."""
+    from pyiceberg.catalog import load_catalog
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    props = os.environ.get("FMFORGE_CATALOG")
+    if props:
+        return load_catalog("fmforge", **json.loads(props))
+    root = (state_dir / "catalog").resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return SqlCatalog("fmforge", uri=f"sqlite:///{root}/catalog.db", warehouse=f"file://{root}/warehouse")
+
+
+def table_names(namespace: str, pile: str) -> tuple[str, str]:
+    """The documents and sequences tables of a pile."""
+    return table_name(namespace, pile, "documents"), table_name(namespace, pile, "sequences")
+
+
+def table_name(namespace: str, pile: str, which: str) -> str:
+    """The table of `which` (documents, sequences, dropped) of a pile."""
+    return f"{namespace}.{pile.replace('-', '_')}_{which}"
 
 
 @dataclass(frozen=True)
@@ -57,8 +95,8 @@ def pinned(ctx: StageContext, ref, field: str):
     or the latest) names; `field` is its path in the spec, for the error messages."""
     from pyiceberg.exceptions import NoSuchTableError
 
-    cat = pub.catalog(ctx.state_dir)
-    docs_name = pub.table_name(ctx.namespace, ref.name, "documents")
+    cat = catalog(ctx.state_dir)
+    docs_name = table_name(ctx.namespace, ref.name, "documents")
     try:
         docs = cat.load_table(docs_name)
     except NoSuchTableError:
@@ -89,7 +127,7 @@ def resolve(ctx: StageContext, ref, field: str) -> PileVersion:
     from pyiceberg.exceptions import NoSuchTableError
 
     cat, docs, snap = pinned(ctx, ref, field)
-    seq_name = pub.table_name(ctx.namespace, ref.name, "sequences")
+    seq_name = table_name(ctx.namespace, ref.name, "sequences")
     props = snap.summary.additional_properties if snap.summary else {}
     seq_snap = props.get("fmforge.sequences-snapshot-id")
     try:
@@ -110,7 +148,7 @@ def resolve(ctx: StageContext, ref, field: str) -> PileVersion:
     card = status.get("dataCard") if (status.get("version") or {}).get("snapshotId") == str(snap.snapshot_id) else None
     return PileVersion(
         name=ref.name, tag=ref.tag, snapshot_id=snap.snapshot_id, sequences_table=seq_name,
-        sequences_snapshot_id=int(seq_snap), digest=props.get(pub.PROP_DIGEST), tokenizer=Path(tok),
+        sequences_snapshot_id=int(seq_snap), digest=props.get(PROP_DIGEST), tokenizer=Path(tok),
         sequence_length=len(first.column("input_ids")[0]), catalog_kwargs=catalog_kwargs(cat), data_card=card,
     )
 
@@ -169,3 +207,20 @@ def ray_init(state_dir: Path, cpus: int) -> None:
 
     hf_logging.disable_progress_bar()
 
+
+def read_version(cat, namespace: str, pile: str, ref: str | int | None = None, which: str = "documents") -> pa.Table:
+    """Read a version of the pile by tag, snapshot id, or the latest (None): its documents,
+    sequences or dropped documents (`which`)."""
+    docs_name = table_name(namespace, pile, "documents")
+    t = cat.load_table(docs_name)
+    snap = t.current_snapshot() if ref is None else (
+        t.snapshot_by_name(ref) if isinstance(ref, str) else t.snapshot_by_id(int(ref)))
+    if snap is None:
+        raise KeyError(f"DataPile {pile}: no version {ref!r}")
+    if which == "documents":
+        return t.scan(snapshot_id=snap.snapshot_id).to_arrow()
+    sid = (snap.summary.additional_properties if snap.summary else {}).get(PROP_SNAPSHOT[which])
+    if sid is None:
+        raise KeyError(f"DataPile {pile}: version {snap.snapshot_id} has no {which} table (a version keeps its "
+                       f"dropped documents only with publish.keepDropped)")
+    return cat.load_table(table_name(namespace, pile, which)).scan(snapshot_id=int(sid)).to_arrow()
