@@ -28,7 +28,7 @@ from fmforge.runtime.local import run_paths
 from fmforge.runtime.progress import RunConsole
 from fmforge.runtime.state import StateDir
 from fmforge.stages import raysession
-from fmforge.stages.datapile import fingerprint
+from fmforge.runtime.fingerprint import DigestCache, fingerprint, spec_uris
 from fmforge.stages.datapile import publish as pub
 from fmforge.api.v1alpha1.datapile import DataPileSpec
 
@@ -143,12 +143,14 @@ def test_replaced_source_contents_change_the_fingerprint(tmp_path: Path, scheme:
         root, uri = s3.root / bucket / "data", f"s3://{bucket}/data/"
     base.mkdir()
     spec = DataPileSpec.model_validate({"sources": [{"name": "s", "uri": uri, "format": fmt.split(".")[0]}]})
+    uris = list(spec_uris(spec.model_dump(mode="json", by_alias=True, exclude_none=True)))
+    cache = DigestCache(tmp_path / "fingerprints.json")
     _write_source(root, fmt, "the first text of this document")
-    before = fingerprint(spec, base)
+    before = fingerprint(uris, base, cache)
     if scheme == "s3":
         time.sleep(1.1)  # S3 reports modification times in whole seconds
     _write_source(root, fmt, "the other text of this document")
-    assert fingerprint(spec, base) != before
+    assert fingerprint(uris, base, cache) != before
 
 
 def test_changed_data_makes_a_new_version_with_its_own_artifacts(tmp_path: Path, corpus: Path):

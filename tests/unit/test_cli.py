@@ -23,7 +23,8 @@ def ran(tmp_path: Path, monkeypatch) -> Path:
     shutil.copytree(ROOT / "examples" / "quickstart", d, ignore=shutil.ignore_patterns("corpus", ".fmforge"))
     monkeypatch.setitem(STAGES, "DataPile", "test_runner:ok_stage")
     monkeypatch.setitem(STAGES, "TrainingRun", "test_runner:ok_stage")
-    assert main(["run", str(d), "--progress", "plain"]) == 1  # the later stages are not built yet
+    monkeypatch.setitem(STAGES, "TunedModel", "test_runner:failing_stage")
+    assert main(["run", str(d), "--progress", "plain"]) == 1  # the TunedModel fails, its readers wait
     return d / ".fmforge"
 
 
@@ -31,10 +32,10 @@ def test_run_exit_code_and_summary(tmp_path: Path, capsys, monkeypatch):
     d = tmp_path / "qs"
     shutil.copytree(ROOT / "examples" / "quickstart", d, ignore=shutil.ignore_patterns("corpus", ".fmforge"))
     monkeypatch.setitem(STAGES, "DataPile", "test_runner:ok_stage")
-    monkeypatch.delitem(STAGES, "TrainingRun")  # a kind whose stage has not landed
+    monkeypatch.setitem(STAGES, "TrainingRun", "test_runner:failing_stage")
     assert main(["run", str(d), "--progress", "plain"]) == 1
     out, err = capsys.readouterr()
-    assert "TrainingRun/pydocs-gpt: Failed: the TrainingRun stage is not implemented yet" in err
+    assert "TrainingRun/pydocs-gpt: Failed: InvalidInput: source python-docs" in err
     assert "fmforge run: 1 succeeded, 1 failed, 3 waiting" in err
     # the summary table: one row per object, in run order, with its result and time
     table = out.splitlines()

@@ -74,10 +74,68 @@ def test_a_pile_with_no_child_gets_its_plan_and_rayjob():
     ("ValidationFailed", "", "Failed", "JobFailed"),
 ])
 def test_status_mirrors_the_rayjob(deployment_status, job, phase, reason):
-    pile = obj("DataPile", "docs")
+    # The stage wrote its outcome for this generation (it does so before its process exits).
+    pile = obj("DataPile", "docs", status={"outcome": {"generation": 1, "verdict": "Succeeded", "message": "made"}})
     d = jobs.decide(pile, world(pile), [rayjob("docs-g1-prepare", 1, deployment_status, job)], SETTINGS)
     assert (d.status["phase"], cond(d.status, "Ready")["reason"]) == (phase, reason)
     assert d.create == [] and d.requeue == (phase not in ("Succeeded", "Failed"))
+
+
+def test_a_succeeded_job_waits_for_the_stage_outcome_of_its_generation():
+    old = {"outcome": {"generation": 1, "verdict": "Succeeded", "message": "an older attempt"}}
+    pile = obj("DataPile", "docs", gen=2, status=old)
+    d = jobs.decide(pile, world(pile), [rayjob("docs-g2-prepare", 2, "Complete", "SUCCEEDED")], SETTINGS)
+    assert (d.status["phase"], cond(d.status, "Ready")["reason"]) == ("Running", jobs.AWAITING_OUTCOME)
+    assert d.requeue
+
+
+def test_a_stage_that_refused_its_input_fails_with_its_own_message():
+    said = {"generation": 1, "verdict": "Failed", "reason": "InvalidInput", "message": "source x: no field text"}
+    pile = obj("DataPile", "docs", status={"outcome": said})
+    d = jobs.decide(pile, world(pile), [rayjob("docs-g1-prepare", 1, "Failed", "FAILED")], SETTINGS)
+    assert (d.status["phase"], cond(d.status, "Ready")["reason"]) == ("Failed", "InvalidInput")
+    assert d.status["message"].startswith("source x: no field text") and "kubectl logs job/docs-g1-prepare" in \
+        d.status["message"]
+
+
+RESULTS_PASS = [{"name": "ppl", "metric": "perplexity", "value": 12.0, "threshold": {"max": 50}, "passed": True}]
+RESULTS_FAIL = [{"name": "ppl", "metric": "perplexity", "value": 80.0, "threshold": {"max": 50}, "passed": False}]
+
+
+def _evaluated(results, approval="automatic", annotations=None, job=("Complete", "SUCCEEDED")):
+    st = {"results": results, "modelDigest": "sha256:m", "approved": False, "rayJob": "card-g1-eval",
+          "observedGeneration": 1,
+          "outcome": {"generation": 1, "verdict": "Succeeded", "message": "measured"}}
+    card = obj("ModelCard", "card", status=st, approval=approval)
+    if annotations:
+        card["metadata"]["annotations"] = annotations
+    children = [rayjob("card-g1-eval", 1, *job)] if job else []
+    return card, jobs.decide(card, world(card), children, SETTINGS)
+
+
+def test_a_card_that_misses_a_threshold_is_rejected_on_the_cluster():
+    _, d = _evaluated(RESULTS_FAIL)
+    assert (d.status["phase"], cond(d.status, "Ready")["reason"]) == ("Failed", "Rejected")
+    assert "ppl perplexity 80 (needs <= 50)" in d.status["message"] and d.status["approved"] is False
+
+
+def test_a_manual_card_waits_until_annotated_with_its_digest():
+    _, d = _evaluated(RESULTS_PASS, "manual")
+    assert (d.status["phase"], cond(d.status, "Ready")["reason"]) == ("Waiting", "WaitingForApproval")
+    assert "kubectl annotate modelcard card" in d.status["message"] and not d.requeue
+    wrong = {"fmforge.io/approved-by": "ana", "fmforge.io/approved-digest": "sha256:other"}
+    _, d = _evaluated(RESULTS_PASS, "manual", wrong)
+    assert d.status["phase"] == "Waiting" and "the approval by ana was for sha256:other" in d.status["message"]
+    right = {"fmforge.io/approved-by": "ana", "fmforge.io/approved-digest": "sha256:m"}
+    for job in (("Complete", "SUCCEEDED"), None):  # also after KubeRay deleted the finished job
+        _, d = _evaluated(RESULTS_PASS, "manual", right, job)
+        assert (d.status["phase"], cond(d.status, "Ready")["reason"]) == ("Succeeded", "Approved")
+        assert d.status["approved"] is True and d.status["approvedBy"] == "ana" and d.create == []
+
+
+def test_an_automatic_card_that_passes_is_approved():
+    _, d = _evaluated(RESULTS_PASS)
+    assert d.status["phase"] == "Succeeded" and d.status["approvedBy"] == "automatic"
 
 
 def test_a_failed_job_says_why_and_where_the_output_is():
@@ -178,7 +236,7 @@ def _serving(card_status: dict | None):
 @pytest.mark.parametrize("card,why", [
     (None, "no ModelCard evaluates TrainingRun/gpt"),
     ({"approved": False, "modelDigest": "sha256:a"}, "ModelCard/card did not approve it"),
-    ({"approved": True, "modelDigest": "sha256:b"}, "ModelCard/card approved digest sha256:b, not sha256:a"),
+    ({"approved": True, "modelDigest": "sha256:b"}, "ModelCard/card evaluated model sha256:b, not sha256:a"),
 ])
 def test_deployment_waits_for_an_approved_card_of_the_exact_digest(card, why):
     dep, w = _serving(card)

@@ -1,4 +1,4 @@
-"""The local runner: graph order, graph errors, skipping, waiting, not-implemented, failures.
+"""The local runner: graph order, graph errors, skipping, waiting, failures.
 
 The stages here are test stages registered for the runner's contract (they write a real file
 and return a digest); the real stages are tested in tests/stages.
@@ -16,6 +16,7 @@ from badmanifests import BASE
 from paths import ROOT
 
 from fmforge.api.manifests import load
+from fmforge.api.v1alpha1 import KINDS
 from fmforge.runtime import local
 from fmforge.runtime.local import build_graph, run_paths
 from fmforge.runtime.progress import RunConsole
@@ -80,9 +81,12 @@ def test_order_follows_references(quickstart: Path):
     assert deps["ModelCard/pydocs-qa"] == {"TunedModel/pydocs-qa", "DataPile/pydocs"}
 
 
-def test_stages_not_built_end_as_not_implemented(quickstart: Path, stages, monkeypatch):
-    stages(DataPile="ok_stage")
-    monkeypatch.delitem(STAGES, "TrainingRun")  # as if its stage had not landed
+def test_every_kind_has_a_stage():
+    assert set(STAGES) == set(KINDS)
+
+
+def test_a_failed_producer_makes_its_readers_wait(quickstart: Path, stages):
+    stages(DataPile="ok_stage", TrainingRun="failing_stage")
     report = _run(quickstart)
     assert not report.ok
     words = {o.key: o.word for o in report.outcomes}
@@ -92,8 +96,7 @@ def test_stages_not_built_end_as_not_implemented(quickstart: Path, stages, monke
     rec = StateDir(quickstart / ".fmforge").read("TrainingRun", "pydocs-gpt")
     assert rec["status"]["phase"] == "Failed"
     ready = next(c for c in rec["status"]["conditions"] if c["type"] == "Ready")
-    assert ready["status"] == "False" and ready["reason"] == "NotImplemented"
-    assert "not implemented yet" in ready["message"]
+    assert ready["status"] == "False" and ready["reason"] == "InvalidInput"
     waiting = StateDir(quickstart / ".fmforge").read("TunedModel", "pydocs-qa")["status"]
     assert waiting["phase"] == "Waiting" and "TrainingRun/pydocs-gpt" in waiting["message"]
 
@@ -187,12 +190,11 @@ def test_default_state_dir_is_next_to_the_manifests(quickstart: Path):
     assert local.default_state_dir([quickstart / "datapile.yaml"]) == quickstart / ".fmforge"
 
 
-def test_dry_run_prints_the_order(quickstart: Path, capsys, monkeypatch):
-    monkeypatch.delitem(STAGES, "TunedModel")  # as if its stage had not landed
+def test_dry_run_prints_the_order(quickstart: Path, capsys):
     report = _run(quickstart, dry_run=True)
     assert report.order[0] == "DataPile/pydocs" and report.outcomes == []
     err = capsys.readouterr().err
-    assert "stage not implemented yet" in err and err.count("stage ready") == 4
+    assert err.count("Planned") == 5 and "DataPile/pydocs: Planned: after nothing" in err
     assert not (quickstart / ".fmforge").exists()
 
 

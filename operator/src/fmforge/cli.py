@@ -286,7 +286,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
     state = _state(args)
     try:
         with state.lock():  # a run writes records too: one writer at a time
-            record = approve(state, name, args.by)
+            record = approve(state, name, args.by, args.digest)
     except (ApprovalError, StateBusy) as e:
         _err(str(e))
         return EXIT_FAILED
@@ -449,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "on a cluster. A new model needs a new approval.")
     a.add_argument("object", metavar="ModelCard/NAME")
     a.add_argument("--by", required=True, metavar="WHO", help="who approves (a name or an e-mail address)")
+    a.add_argument("--digest", metavar="SHA256", help="the model digest you reviewed (status.modelDigest, in the "
+                   "card); refused when the card has evaluated another model since")
     a.add_argument("--state-dir", type=Path, help="state directory (default: ./.fmforge)")
     a.set_defaults(func=cmd_approve)
 

@@ -122,6 +122,9 @@ def plan(obj: dict[str, Any], settings: Settings, inputs: dict[str, dict[str, An
         "generation": m["generation"],
         "uid": m["uid"],
         "spec": obj["spec"],
+        # A ModelCard's approval annotations, as they were when the attempt started: the card the
+        # stage renders says who approved. The operator decides the approval again afterwards.
+        "annotations": {k: v for k, v in (m.get("annotations") or {}).items() if k.startswith("fmforge.io/")},
         "inputs": inputs,
         "artifacts": artifacts_dir(settings, obj),
         "stateDir": f"{root}/state",

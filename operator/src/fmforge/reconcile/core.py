@@ -19,6 +19,7 @@ from typing import Any
 
 import kopf
 
+from ..api.status import Phase
 from ..api.v1alpha1 import KINDS
 from ..kube import builders
 from ..kube.client import ApiError, Kube, fmforge_resource
@@ -94,7 +95,7 @@ class Reconciler:
             if e.retryable or e.status in (401, 403, 404):
                 # 403: RBAC may be fixed; 404: a CRD (KubeRay, KServe) may be installed later.
                 raise kopf.TemporaryError(f"{e}", delay=2.0 if e.retryable else 30.0) from e
-            failed = phase_status(obj.get("status") or {}, "Failed", "ChildRejected",
+            failed = phase_status(obj.get("status") or {}, Phase.FAILED, "ChildRejected",
                                   f"the API server refused a child object: {e.message}", obj["metadata"]["generation"])
             await self._write_status(obj, Decision(failed, decision.owned))
             raise kopf.PermanentError(f"a child of {obj['kind']}/{obj['metadata']['name']} was refused: {e}") from e
@@ -159,7 +160,7 @@ class Reconciler:
         if before != after:
             phase, reason = after
             message = decision.status.get("message") or ""
-            type_ = "Warning" if phase in ("Failed", "Degraded") or reason in WARNING_REASONS else "Normal"
+            type_ = "Warning" if phase in (Phase.FAILED, Phase.DEGRADED) or reason in WARNING_REASONS else "Normal"
             log.info("Moved %s/%s to %s (%s): %s", obj["kind"], m["name"], phase, reason, message, extra=_object(obj))
             # Off the reconcile's path: an Event is a courtesy, and the worker is free sooner.
             task = asyncio.create_task(self._post_event(obj, type_, reason or phase or "", message))

@@ -18,7 +18,7 @@ from ..kube.client import Resource
 COMMON_OWNED = ("phase", "message", "conditions", "observedGeneration")
 
 #: Reasons whose Event is a Warning: something a person should look at.
-WARNING_REASONS = {"InvalidSpec", "ReferenceCycle", "ProducerNotFound", "NotImplemented"}
+WARNING_REASONS = {"InvalidSpec", "ReferenceCycle", "ProducerNotFound", "Rejected"}
 
 
 @dataclass

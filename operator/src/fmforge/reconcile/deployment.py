@@ -18,13 +18,15 @@ import hashlib
 import json
 from typing import Any
 
+from ..api.status import Phase
 from ..api.v1alpha1.deployment import KServe
+from ..api.v1alpha1.modelcard import Gate, approval_gate
 from ..kube import builders
 from ..kube.client import ROUTES
 from ..kube.settings import Settings
 from . import jobs
 from .decision import COMMON_OWNED, Decision, phase_status
-from .refs import is_ready, resolve
+from .refs import resolve
 from .store import World, spec_of
 
 OWNED = COMMON_OWNED + ("url", "servedModel", "inferenceService")
@@ -40,26 +42,11 @@ def spec_hash(isvc: dict[str, Any], route: dict[str, Any] | None = None) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def approved_card(world: World, model_kind: str, model_name: str, digest: str | None) -> tuple[str | None, str]:
-    """(name of an approved card for exactly `digest`, or None; why not, for the message)."""
-    cards = world.cards_for(model_kind, model_name)
-    for c in cards:
-        st = c.get("status") or {}
-        if is_ready(c) and st.get("approved") is True and digest and st.get("modelDigest") == digest:
-            return c["metadata"]["name"], ""
-    if not cards:
-        return None, (f"no ModelCard evaluates {model_kind}/{model_name}; create one with modelRef "
-                      f"{{kind: {model_kind}, name: {model_name}}}, or set requireApprovedModelCard: false")
-    seen = []
-    for c in cards:
-        st = c.get("status") or {}
-        if not is_ready(c):
-            seen.append(f"ModelCard/{c['metadata']['name']} is {st.get('phase') or 'Pending'}")
-        elif st.get("approved") is not True:
-            seen.append(f"ModelCard/{c['metadata']['name']} did not approve it")
-        else:
-            seen.append(f"ModelCard/{c['metadata']['name']} approved digest {st.get('modelDigest')}, not {digest}")
-    return None, "; ".join(seen)
+def approved_card(world: World, model_kind: str, model_name: str, digest: str | None) -> Gate:
+    """The governance gate over the ModelCards of the model in the store (`approval_gate`, the
+    rule the local Deployment stage applies too)."""
+    cards = {c["metadata"]["name"]: c for c in world.cards_for(model_kind, model_name)}
+    return approval_gate(f"{model_kind}/{model_name}", digest, cards)
 
 
 def _ready(isvc: dict[str, Any]) -> tuple[bool, str]:
@@ -86,33 +73,34 @@ def decide(obj: dict[str, Any], world: World, children: list[dict[str, Any]], se
         spec = spec_of(obj)
     except ValueError as e:
         msg = f"the spec is invalid: {e}; fix the spec and apply it again"
-        return Decision(status("Failed", "InvalidSpec", msg), OWNED, requeue=False, permanent=True)
+        return Decision(status(Phase.FAILED, "InvalidSpec", msg), OWNED, requeue=False, permanent=True)
     if spec.target == "kserve" and spec.kserve is None:
         spec = spec.model_copy(update={"kserve": KServe()})
 
     res = resolve(obj, world)
     if res.cycle:
         msg = f"the references form a cycle: {res.cycle}; fix one of the references"
-        return Decision(status("Failed", "ReferenceCycle", msg), OWNED, requeue=False, permanent=True)
+        return Decision(status(Phase.FAILED, "ReferenceCycle", msg), OWNED, requeue=False, permanent=True)
     if res.waiting:
         reason = "ProducerNotFound" if res.missing else "WaitingForProducer"
-        return Decision(status("Waiting", reason, "waiting for " + "; ".join(res.waiting)), OWNED)
+        return Decision(status(Phase.WAITING, reason, "waiting for " + "; ".join(res.waiting)), OWNED)
     ref = spec.model_ref
     model = (res.inputs[f"{ref.kind}/{ref.name}"].get("model") or {})
     if not model.get("uri"):
         msg = f"waiting for {ref.kind}/{ref.name} to report its model's URI in status.model"
-        return Decision(status("Waiting", "WaitingForProducer", msg), OWNED)
+        return Decision(status(Phase.WAITING, "WaitingForProducer", msg), OWNED)
     digest = model.get("digest")
     card = None
     if spec.require_approved_model_card:
-        card, why = approved_card(world, ref.kind, ref.name, digest)
-        if card is None:
-            msg = (f"waiting for an approved ModelCard of {ref.kind}/{ref.name} at digest {digest or '(none)'}: "
-                   f"{why}")
-            return Decision(status("Waiting", "WaitingForApprovedModelCard", msg), OWNED)
+        gate = approved_card(world, ref.kind, ref.name, digest)
+        if gate.card is None:
+            return Decision(status(Phase.WAITING, gate.reason, gate.message), OWNED)
+        card = gate.card
     if spec.target == "edge":
-        # An edge package is built by the serving stage, in a RayJob, once the gate is passed.
-        return jobs.decide(obj, world, children, settings)
+        # An edge package is built by the serving stage, in a RayJob, once the gate is passed; the
+        # stage applies the same gate in its pod, so its plan carries the approving card.
+        extra = {f"ModelCard/{card}": (world.get("ModelCard", card) or {}).get("status") or {}} if card else {}
+        return jobs.decide(obj, world, children, settings, extra_inputs=extra)
 
     desired = builders.inference_service(obj, spec, model["uri"], digest, settings)
     route = builders.route(obj, spec) if spec.kserve.expose == "route" else None
@@ -129,15 +117,15 @@ def decide(obj: dict[str, Any], world: World, children: list[dict[str, Any]], se
         delete = [(ROUTES, gone, "expose is no longer route")] if gone and route is None else []
         verb = "updated" if have is not None else "created"
         msg = f"{verb} InferenceService {name} for digest {digest}; waiting for KServe to roll it out"
-        return Decision(status("Running", "Deploying", msg, servedModel=served, inferenceService=name), OWNED,
+        return Decision(status(Phase.RUNNING, "Deploying", msg, servedModel=served, inferenceService=name), OWNED,
                         # The Route first: the InferenceService carries the hash of both, so
                         # it is applied only once the Route was.
                         apply=([route] if route else []) + [desired], delete=delete)
     ok, why = _ready(have)
     url = (have.get("status") or {}).get("url")
     if ok:
-        return Decision(status("Ready", "Serving", f"InferenceService {name} is serving at {url}", url=url,
+        return Decision(status(Phase.READY, "Serving", f"InferenceService {name} is serving at {url}", url=url,
                                servedModel=served, inferenceService=name), OWNED)
-    phase = "Degraded" if current.get("phase") in ("Ready", "Degraded") else "Running"
+    phase = Phase.DEGRADED if current.get("phase") in (Phase.READY, Phase.DEGRADED) else Phase.RUNNING
     return Decision(status(phase, "InferenceServiceNotReady", f"InferenceService {name} is not ready: {why}",
                            url=url, servedModel=served, inferenceService=name), OWNED)

@@ -7,18 +7,16 @@ current generation (phase Succeeded or Ready, `observedGeneration` equal to `gen
 
 from __future__ import annotations
 
+from ..api.status import is_done
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..api.v1alpha1 import KINDS, Reference
 from .store import World, spec_of
 
-DONE_PHASES = ("Succeeded", "Ready")
-
-
 def is_ready(obj: dict[str, Any]) -> bool:
-    st = obj.get("status") or {}
-    return st.get("phase") in DONE_PHASES and st.get("observedGeneration") == obj["metadata"].get("generation")
+    """Whether `obj`'s output is usable: done for its current generation."""
+    return is_done(obj.get("status"), obj["metadata"].get("generation"))
 
 
 @dataclass

@@ -13,12 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..api.status import now, with_phase
-from ..api.v1alpha1.modelcard import APPROVED_BY, APPROVED_DIGEST, decide_approval
+from ..api.status import Phase, now, with_phase
+from ..api.v1alpha1.modelcard import APPROVED, APPROVED_BY, APPROVED_DIGEST, card_verdict
 from .state import StateDir
-
-#: Ready's reason while a ModelCard waits for a person.
-WAITING_FOR_APPROVAL = "WaitingForApproval"
 
 
 class ApprovalError(Exception):
@@ -31,8 +28,12 @@ def approval_annotations(record: dict[str, Any] | None) -> dict[str, str]:
     return {APPROVED_BY: a["by"], APPROVED_DIGEST: a["digest"]} if a else {}
 
 
-def approve(state: StateDir, name: str, by: str) -> dict[str, Any]:
-    """Approve the model ModelCard `name` evaluated; the updated record."""
+def approve(state: StateDir, name: str, by: str, reviewed: str | None = None) -> dict[str, Any]:
+    """Approve the model ModelCard `name` evaluated; the updated record.
+
+    `reviewed` pins the digest the person reviewed (the card they read): the approval is refused
+    when the card has evaluated another model since, or when the model's producer has made
+    another model than the one the card evaluated (the card must evaluate it first)."""
     record = state.read("ModelCard", name)
     if record is None:
         raise ApprovalError(f"ModelCard/{name} not found in {state.root}; run it first with `fmforge run`")
@@ -41,16 +42,25 @@ def approve(state: StateDir, name: str, by: str) -> dict[str, Any]:
     if not digest or not status.get("results"):
         raise ApprovalError(f"ModelCard/{name} has not evaluated a model yet (phase {status.get('phase')}); run it "
                             f"with `fmforge run` first")
-    failed = [r["name"] for r in status["results"] if not r.get("passed")]
-    if failed:
-        raise ApprovalError(f"ModelCard/{name}: model {digest} failed {', '.join(failed)}; a model that misses its "
-                            f"thresholds cannot be approved")
+    if reviewed is not None and reviewed != digest:
+        raise ApprovalError(f"ModelCard/{name} evaluated model {digest}, not the {reviewed} you reviewed: the card "
+                            f"has moved on; read its card again and approve with --digest {digest}")
+    ref = (record.get("spec") or {}).get("modelRef") or {}
+    producer = state.read(ref.get("kind", "TrainingRun"), ref.get("name", ""))
+    made = (((producer or {}).get("status") or {}).get("model") or {}).get("digest")
+    if made and made != digest:
+        raise ApprovalError(f"ModelCard/{name} evaluated model {digest}, but {ref.get('kind', 'TrainingRun')}/"
+                            f"{ref.get('name')} has made {made} since; run `fmforge run` so the card evaluates it, "
+                            f"then approve that")
     spec_approval = (record.get("spec") or {}).get("approval", "automatic")
-    decision = decide_approval(f"ModelCard/{name}", spec_approval, True, digest,
-                               {APPROVED_BY: by, APPROVED_DIGEST: digest})
+    verdict = card_verdict(f"ModelCard/{name}", spec_approval, status["results"], digest,
+                           {APPROVED_BY: by, APPROVED_DIGEST: digest})
+    if not verdict.approved:  # rejected: a model that misses a threshold is not a person's call
+        raise ApprovalError(f"ModelCard/{name}: {verdict.message}; a model that misses its thresholds cannot be "
+                            f"approved")
     at = now()
     record.setdefault("fmforge", {})["approval"] = {"by": by, "digest": digest, "at": at}
-    status = {**status, "approved": decision.approved, "approvedBy": decision.by}
+    status = {**status, "approved": True, "approvedBy": verdict.approved_by}
     msg = f"model {digest} approved by {by}"
     card_uri = (status.get("card") or {}).get("uri") or ""
     if card_uri.startswith("file://"):
@@ -58,6 +68,6 @@ def approve(state: StateDir, name: str, by: str) -> dict[str, Any]:
 
         # The card a reviewer reads says who approved it, not that it waits.
         record_approval(Path(card_uri.removeprefix("file://")).parent, digest, by, at)
-    record["status"] = with_phase(status, "Succeeded", "Approved", msg, record["metadata"].get("generation"))
+    record["status"] = with_phase(status, Phase.SUCCEEDED, APPROVED, msg, record["metadata"].get("generation"))
     state.write(record)
     return record

@@ -2,15 +2,18 @@
 
     python -m fmforge.runtime.job --plan /etc/fmforge/plan.json [--result /tmp/result.json]
 
-The plan is the resolved spec the operator (or `fmforge run --plan-only`, later) writes: kind,
-name, namespace, generation, the spec, the upstream statuses, where artifacts and the state
-(catalogs) live, whether `file://` URIs may leave the base directory (`allowOutsidePaths`,
-default false), the ConfigMaps of the spec mounted into the pods (`configMaps`, name → directory),
-and (`status`) the object's status subresource. It runs the very same stage
-function as the local runner, inside the Ray cluster KubeRay started (RAY_ADDRESS is set there),
-and writes the stage's result as JSON. In a pod, progress and the result's status fields also go
-into the object's status (`fmforge.runtime.report`), so `kubectl get` shows them. Exit codes:
-0 success; 2 the stage refused the input (StageError: no retry helps); 1 anything else.
+The plan is the resolved spec the operator writes (`fmforge.kube.builders.plan`): kind, name,
+namespace, generation, the spec, the object's annotations, the upstream statuses, where artifacts
+and the state (catalogs) live, whether `file://` URIs may leave the base directory
+(`allowOutsidePaths`, default false), the ConfigMaps of the spec mounted into the pods
+(`configMaps`, name → directory), and (`status`) the object's status subresource. It runs the very
+same stage function as the local runner, inside the Ray cluster KubeRay started (RAY_ADDRESS is set
+there), and writes the stage's result as JSON, verdict included (`Succeeded`, `Rejected`,
+`WaitingForApproval`). In a pod, progress, the result's status fields and the stage's outcome
+(`status.outcome`: generation, verdict, reason, message) also go into the object's status
+(`fmforge.runtime.report`), where the operator reads the verdict and `kubectl get` shows it. Exit
+codes: 0 the stage ran to a verdict (a rejected model is a verdict, not a failure of the job); 2
+the stage refused the input (StageError: no retry helps); 1 anything else.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from ..api.v1alpha1 import kind_info
-from ..stages import stage_for
-from ..stages.base import StageContext, StageError
-from .progress import ConsoleReporter
+from ..api.v1alpha1.modelcard import REJECTED, WAITING_FOR_APPROVAL
 from ..kube.stagestatus import StatusWriter
+from ..stages import stage_for
+from ..stages.base import StageContext, StageError, StageResult
+from .progress import ConsoleReporter
 from .report import StatusReporter
 
 
@@ -45,12 +49,19 @@ def _records(inputs: dict[str, Any]) -> dict[str, Any]:
     return {k: v if "status" in v else {"status": v} for k, v in inputs.items()}
 
 
+def verdict(result: StageResult) -> str:
+    """The verdict a stage's result carries: Rejected, WaitingForApproval or Succeeded."""
+    if result.rejected:
+        return REJECTED
+    if result.waiting:
+        return WAITING_FOR_APPROVAL
+    return "Succeeded"
+
+
 def run_plan(plan: dict[str, Any], reporter: ConsoleReporter | None = None) -> dict[str, Any]:
-    """Run the plan's stage; the result document (status, digest, message, lineage)."""
+    """Run the plan's stage; the result document (status, digest, message, lineage, verdict)."""
     info = kind_info(plan["kind"])
     stage = stage_for(info.kind)
-    if stage is None:
-        raise StageError(f"the {info.kind} stage is not implemented yet", reason="NotImplemented")
     spec = info.spec.model_validate(plan["spec"])
     artifacts = Path(plan["artifacts"])
     artifacts.mkdir(parents=True, exist_ok=True)
@@ -62,9 +73,22 @@ def run_plan(plan: dict[str, Any], reporter: ConsoleReporter | None = None) -> d
         reporter=reporter or ConsoleReporter(key, rich=False),
         allow_outside_paths=bool(plan.get("allowOutsidePaths", False)),
         config_maps={name: Path(d) for name, d in (plan.get("configMaps") or {}).items()},
+        annotations=dict(plan.get("annotations") or {}),
     )
-    result = stage.run(ctx)
-    return {"status": result.status, "digest": result.digest, "message": result.message, "lineage": result.lineage}
+    result = stage(ctx)
+    said = result.rejected or result.waiting or result.message
+    return {"status": result.status, "digest": result.digest, "message": said, "lineage": result.lineage,
+            "verdict": verdict(result)}
+
+
+def _tell(writer: StatusWriter | None, **fields: Any) -> None:
+    """Apply `fields` to the object's status; a failure is logged (the result JSON still says it)."""
+    if writer is None:
+        return
+    try:
+        writer.apply(**fields)
+    except Exception as e:  # noqa: BLE001 - the exit code and the job's log still carry the outcome
+        print(f"fmforge: could not write the outcome into the object's status: {e}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,16 +96,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plan", type=Path, required=True, help="the plan JSON file")
     ap.add_argument("--result", type=Path, help="where to write the result JSON (default: stdout)")
     args = ap.parse_args(argv)
+    writer, generation = None, None
     try:
         plan = load_plan(args.plan)
+        generation = int(plan.get("generation", 1))
         writer = StatusWriter.in_pod(plan["status"]) if plan.get("status") else None
         key = f"{plan['kind']}/{plan['name']}"
         out = {"ok": True, **run_plan(plan, StatusReporter(key, writer) if writer else None)}
         if writer:
-            writer.apply(**out["status"])
+            # The result's fields and the verdict in one apply: the operator never sees one without the other.
+            writer.apply(**out["status"], outcome={"generation": generation, "verdict": out["verdict"],
+                                                   "message": out["message"]})
         code = 0
     except StageError as e:
         out, code = {"ok": False, "reason": e.reason, "message": str(e)}, 2
+        _tell(writer, outcome={"generation": generation, "verdict": "Failed", "reason": e.reason, "message": str(e)})
     except Exception as e:  # noqa: BLE001 - reported to the operator, which retries
         traceback.print_exc()
         out, code = {"ok": False, "reason": "StageFailed", "message": f"{type(e).__name__}: {e}"}, 1

@@ -3,9 +3,11 @@
 It loads the manifests, orders them by their references (a graph: a cycle or a dangling
 reference is an error that names the objects), and runs each object's stage in-process, writing
 status and artifacts into the state directory. An object whose spec and inputs are unchanged
-since its last success is skipped; an object whose producer is not ready waits; an object whose
-stage has not landed yet ends Failed with reason NotImplemented. A failed attempt keeps the
-status fields (version, model, url) of the last success, so nothing already made is lost.
+since its last success, and whose outputs are as it made them, is skipped; inputs are the
+producers' artifact digests and the fingerprint of every URI the spec names
+(`fmforge.runtime.fingerprint`). An object whose producer is not ready waits. A failed attempt
+keeps the status fields (version, model, url) of the last success, so nothing already made is
+lost. A ModelCard's verdict (rejected, waiting for approval) comes from the stage's result.
 
 A run holds the state directory's lock from start to end (a second run on it fails at once,
 naming the holder), records itself as the owner of what it runs, and first takes over what a
@@ -25,17 +27,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
 from ..api.manifests import Manifest, load
-from ..api.status import now, with_phase
+from collections.abc import Callable
+
+from ..api.status import DONE, Phase, now, with_phase
 from ..api.v1alpha1 import API_VERSION
-from ..stages import STAGES, Stage, raysession, stage_for
+from ..api.v1alpha1.modelcard import REJECTED, WAITING_FOR_APPROVAL
+from ..stages import raysession, stage_for
 from ..stages.base import StageContext, StageError, StageResult, TemporaryError
-from .approval import WAITING_FOR_APPROVAL, approval_annotations
+from .approval import approval_annotations
+from .fingerprint import DigestCache, fingerprint, output_uris, spec_uris
 from .progress import RunConsole
 from .state import StateBusy, StateDir
 
-DONE_PHASES = ("Succeeded", "Ready")
 #: The pip extra that brings each stage's dependencies.
 EXTRAS = {"DataPile": "data", "TrainingRun": "train", "ModelCard": "train", "TunedModel": "train",
           "Deployment": "serve"}
@@ -70,7 +74,7 @@ class RunReport:
 
     @property
     def ok(self) -> bool:
-        return not self.errors and all(o.word in ("Succeeded", "Skipped") for o in self.outcomes)
+        return not self.errors and all(o.word in (Phase.SUCCEEDED, "Skipped") for o in self.outcomes)
 
 
 def default_state_dir(paths: list[str | Path]) -> Path:
@@ -81,11 +85,11 @@ def default_state_dir(paths: list[str | Path]) -> Path:
 
 def _waiting_for_approval(record: dict[str, Any]) -> bool:
     ready = next((c for c in record["status"].get("conditions") or [] if c.get("type") == "Ready"), {})
-    return record["status"].get("phase") == "Waiting" and ready.get("reason") == WAITING_FOR_APPROVAL
+    return record["status"].get("phase") == Phase.WAITING and ready.get("reason") == WAITING_FOR_APPROVAL
 
 
 def _succeeded(record: dict[str, Any] | None) -> bool:
-    return bool(record) and record.get("status", {}).get("phase") in DONE_PHASES
+    return bool(record) and record.get("status", {}).get("phase") in DONE
 
 
 def _evaluated_model(card: dict[str, Any]) -> str:
@@ -99,7 +103,7 @@ def _generation(old: dict[str, Any] | None, sdigest: str) -> int:
     if not old:
         return 1
     generation = old["metadata"].get("generation", 1)
-    if (old.get("fmforge") or {}).get("specDigest") != sdigest:
+    if (old.get("fmforge") or {}).get("manifestDigest", (old.get("fmforge") or {}).get("specDigest")) != sdigest:
         generation += 1
     return generation
 
@@ -151,16 +155,17 @@ def build_graph(manifests: list[Manifest], state: StateDir) -> tuple[list[Manife
     return [by_key[k] for k in flat], deps
 
 
-def spec_digest(m: Manifest) -> str:
+def manifest_digest(m: Manifest) -> str:
+    """Digest of what the manifest asks for (kind, name, spec): a change is a new generation."""
     body = {"kind": m.kind, "name": m.name, "spec": m.spec.model_dump(mode="json", by_alias=True)}
     return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def input_digest(m: Manifest, upstream: dict[str, dict[str, Any]], fingerprint: str = "") -> str:
-    """Digest of what an attempt depends on: the spec, the producers' artifacts, and the
-    stage's own fingerprint of its inputs outside the graph (source files)."""
+    """Digest of what an attempt depends on: the manifest, the producers' artifacts, and the
+    fingerprint of the URIs its spec names (files, objects)."""
     parts = {
-        "spec": spec_digest(m),
+        "spec": manifest_digest(m),
         "upstream": {k: (r.get("fmforge") or {}).get("artifactDigest") for k, r in sorted(upstream.items())},
         "fingerprint": fingerprint,
     }
@@ -172,7 +177,9 @@ class LocalRunner:
 
     def __init__(self, state_dir: Path, console: RunConsole | None = None, force: bool = False,
                  allow_outside_paths: bool = False):
-        self.state = StateDir(Path(state_dir))
+        # Absolute: what the stages record (artifact URIs, the tokenizer) must resolve from any folder.
+        self.state = StateDir(Path(state_dir).resolve())
+        self.digests = DigestCache(self.state.root / "cache" / "fingerprints.json")
         self.console = console or RunConsole()
         self.force = force
         self.allow_outside_paths = allow_outside_paths
@@ -185,13 +192,15 @@ class LocalRunner:
         if dry_run:
             for m in order:
                 after = ", ".join(sorted(deps[m.key])) or "nothing"
-                stage = "stage ready" if m.kind in STAGES else "stage not implemented yet"
-                self.console.status(m.key, "Planned", f"after {after}; {stage}")
+                self.console.status(m.key, "Planned", f"after {after}")
             return report
         with self.state.lock() as self.owner:
             self._take_over()
-            for m in order:
-                report.outcomes.append(self._run_one(m, deps[m.key]))
+            try:
+                for m in order:
+                    report.outcomes.append(self._run_one(m, deps[m.key]))
+            finally:
+                self.digests.save()
         return report
 
     def _take_over(self) -> None:
@@ -203,7 +212,7 @@ class LocalRunner:
             view = self.state.live_view(rec)
             if view is not rec:
                 self.state.write(view)
-                self.console.status(f"{rec['kind']}/{rec['metadata']['name']}", "Failed",
+                self.console.status(f"{rec['kind']}/{rec['metadata']['name']}", Phase.FAILED,
                                     f"RunnerDied: {view['status']['message']}")
 
     # -- one object ---------------------------------------------------------------------------
@@ -212,29 +221,21 @@ class LocalRunner:
         started = time.monotonic()
         old = self.state.read(m.kind, m.name)
         upstream = self._upstream(m, dep_keys)
-        sdigest = spec_digest(m)
+        sdigest = manifest_digest(m)
         generation = _generation(old, sdigest)
         record = self._base_record(m, old, generation, sdigest)
         waiting = self._wait_for_upstream(m, record, upstream)
         if waiting:
             return waiting
         try:
-            stage = None if m.kind not in STAGES else stage_for(m.kind)
+            stage = stage_for(m.kind)
         except ImportError as e:
             return self._missing_dependencies(m, record, e)
-        fingerprint = ""
-        if stage is not None and stage.fingerprint is not None:
-            fingerprint = stage.fingerprint(m.spec, m.path.parent.resolve())
-        digest = input_digest(m, upstream, fingerprint)
+        uris = list(spec_uris(m.spec.model_dump(mode="json", by_alias=True, exclude_none=True)))
+        digest = input_digest(m, upstream, fingerprint(uris, m.path.parent.resolve(), self.digests))
         unchanged = self._unchanged(m, record, digest)
         if unchanged:
             return unchanged
-        if stage is None:
-            msg = (f"the {m.kind} stage is not implemented yet in fmforge {__version__}; nothing was run "
-                   f"for it")
-            self._write(record, "Failed", "NotImplemented", msg)
-            self.console.status(m.key, "Failed", msg)
-            return Outcome(m.key, "Failed", msg, time.monotonic() - started)
         return self._run_stage(m, stage, record, generation, upstream, digest, started)
 
     def _upstream(self, m: Manifest, dep_keys: set[str]) -> dict[str, dict[str, Any] | None]:
@@ -261,41 +262,49 @@ class LocalRunner:
             f"{k} is {(r or {}).get('status', {}).get('phase', 'not run')}" for k, r in blocked.items()
         )
         msg = f"waiting for {', '.join(blocked)} to be ready ({why})"
-        self._write(record, "Waiting", "WaitingForUpstream", msg)
-        self.console.status(m.key, "Waiting", msg)
-        return Outcome(m.key, "Waiting", msg)
+        self._write(record, Phase.WAITING, "WaitingForUpstream", msg)
+        self.console.status(m.key, Phase.WAITING, msg)
+        return Outcome(m.key, Phase.WAITING, msg)
 
     def _missing_dependencies(self, m: Manifest, record: dict[str, Any], e: ImportError) -> Outcome:
         """Failed, naming the extra to install: the stage's packages could not be imported."""
         extra = EXTRAS.get(m.kind, "stages")
         msg = (f"the {m.kind} stage needs packages that are not installed ({e.name or e}); "
                f"install them with: pip install 'fmforge[{extra}]'")
-        self._write(record, "Failed", "MissingDependencies", msg)
-        self.console.status(m.key, "Failed", msg)
-        return Outcome(m.key, "Failed", msg)
+        self._write(record, Phase.FAILED, "MissingDependencies", msg)
+        self.console.status(m.key, Phase.FAILED, msg)
+        return Outcome(m.key, Phase.FAILED, msg)
 
     def _unchanged(self, m: Manifest, record: dict[str, Any], digest: str) -> Outcome | None:
         """Skipped (or still waiting for approval) when spec and inputs are those of the last run."""
         prior = record.get("fmforge") or {}
         if self.force or prior.get("digest") != digest:
             return None
-        if record["status"].get("phase") in DONE_PHASES:
+        if prior.get("outputs") and self._outputs(record["status"]) != prior["outputs"]:
+            # What it made was changed afterwards (a flipped byte in the weights): make it again
+            # rather than hand changed bytes on under the recorded digest.
+            self.console.status(m.key, "Changed", "its outputs changed since it made them; running it again")
+            return None
+        if record["status"].get("phase") in DONE:
             msg = f"spec and inputs unchanged since {prior.get('finishedAt', 'the last run')}"
             self.console.status(m.key, "Skipped", msg)
             return Outcome(m.key, "Skipped", msg)
         if _waiting_for_approval(record):
             # Evaluated already; only a person can move it on (`fmforge approve`).
             msg = record["status"].get("message", "")
-            self.console.status(m.key, "Waiting", msg)
-            return Outcome(m.key, "Waiting", msg)
+            self.console.status(m.key, Phase.WAITING, msg)
+            return Outcome(m.key, Phase.WAITING, msg)
         return None
 
-    def _run_stage(self, m: Manifest, stage: Stage, record: dict[str, Any], generation: int,
-                   upstream: dict[str, dict[str, Any] | None], digest: str, started: float) -> Outcome:
+    def _outputs(self, status: dict[str, Any]) -> str:
+        return fingerprint(list(output_uris(status)), self.state.root, self.digests)
+
+    def _run_stage(self, m: Manifest, stage: Callable[[StageContext], StageResult], record: dict[str, Any],
+                   generation: int, upstream: dict[str, dict[str, Any] | None], digest: str, started: float) -> Outcome:
         """Run the stage in-process and record how it ended; an error ends this object, never the runner."""
         record["fmforge"]["owner"] = self.owner
-        self._write(record, "Running", "Started", f"running the {m.info.stage} stage (generation {generation})")
-        self.console.status(m.key, "Running", f"generation {generation}")
+        self._write(record, Phase.RUNNING, "Started", f"running the {m.info.stage} stage (generation {generation})")
+        self.console.status(m.key, Phase.RUNNING, f"generation {generation}")
         artifacts = self.state.artifacts_dir(m.kind, m.name)
         artifacts.mkdir(parents=True, exist_ok=True)
         reporter = self.console.reporter(m.key)
@@ -307,12 +316,12 @@ class LocalRunner:
             annotations={**(m.metadata.get("annotations") or {}), **approval_annotations(record)},
         )
         try:
-            result = stage.run(ctx)
+            result = stage(ctx)
         except TemporaryError as e:
             reporter.close()
-            self._write(record, "Waiting", e.reason, str(e))
-            self.console.status(m.key, "Waiting", str(e))
-            return Outcome(m.key, "Waiting", str(e), time.monotonic() - started)
+            self._write(record, Phase.WAITING, e.reason, str(e))
+            self.console.status(m.key, Phase.WAITING, str(e))
+            return Outcome(m.key, Phase.WAITING, str(e), time.monotonic() - started)
         except StageError as e:
             reporter.close()
             return self._fail(m, record, e.reason, str(e), started)
@@ -340,24 +349,25 @@ class LocalRunner:
             "finishedAt": now(),
             "inputs": {k: (v.get("fmforge") or {}).get("artifactDigest") for k, v in upstream.items() if v},
             "lineage": result.lineage,
+            "outputs": self._outputs(result.status),
         }
         if result.waiting:
-            self._write(record, "Waiting", WAITING_FOR_APPROVAL, result.waiting)
-            self.console.status(m.key, "Waiting", result.waiting)
-            return Outcome(m.key, "Waiting", result.waiting, time.monotonic() - started)
+            self._write(record, Phase.WAITING, WAITING_FOR_APPROVAL, result.waiting)
+            self.console.status(m.key, Phase.WAITING, result.waiting)
+            return Outcome(m.key, Phase.WAITING, result.waiting, time.monotonic() - started)
         if result.rejected:
-            return self._fail(m, record, "Rejected", result.rejected, started)
+            return self._fail(m, record, REJECTED, result.rejected, started)
         # A local Deployment is verified and stopped, not serving: Succeeded, not Ready-as-serving.
-        self._write(record, "Succeeded", "Succeeded", result.message or f"{m.info.stage} stage succeeded")
+        self._write(record, Phase.SUCCEEDED, "Succeeded", result.message or f"{m.info.stage} stage succeeded")
         took = time.monotonic() - started
-        self.console.status(m.key, "Succeeded", f"{result.message} ({took:.1f}s)".strip())
-        return Outcome(m.key, "Succeeded", result.message, took)
+        self.console.status(m.key, Phase.SUCCEEDED, f"{result.message} ({took:.1f}s)".strip())
+        return Outcome(m.key, Phase.SUCCEEDED, result.message, took)
 
     def _fail(self, m: Manifest, record: dict[str, Any], reason: str, message: str, started: float) -> Outcome:
         # The status fields of the last success (version, model, url) stay: nothing made is lost.
-        self._write(record, "Failed", reason, message)
-        self.console.status(m.key, "Failed", f"{reason}: {message}")
-        return Outcome(m.key, "Failed", f"{reason}: {message}", time.monotonic() - started)
+        self._write(record, Phase.FAILED, reason, message)
+        self.console.status(m.key, Phase.FAILED, f"{reason}: {message}")
+        return Outcome(m.key, Phase.FAILED, f"{reason}: {message}", time.monotonic() - started)
 
     def _base_record(self, m: Manifest, old: dict[str, Any] | None, generation: int, sdigest: str) -> dict[str, Any]:
         meta = {
@@ -375,7 +385,7 @@ class LocalRunner:
             "metadata": meta,
             "spec": m.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
             "status": dict((old or {}).get("status") or {}),
-            "fmforge": {**((old or {}).get("fmforge") or {}), "specDigest": sdigest,
+            "fmforge": {**((old or {}).get("fmforge") or {}), "manifestDigest": sdigest,
                         "manifest": f"{m.path}:{m.line}"},
         }
 

@@ -1,22 +1,21 @@
 """The work of each kind, as plain functions over typed configs (see `fmforge.stages.base`).
 
-`STAGES` maps a kind to the `module:function` that runs its stage; the module may also define
-`fingerprint(spec, base_dir) -> str`, a cheap digest of the stage's inputs outside the graph
-(source files), which the local runner adds to its skip check. A kind that is not listed
-has no stage yet: the runner ends such an object as Failed with reason NotImplemented and never
-pretends it succeeded. Stage modules import their heavy dependencies (ray, torch, transformers,
-kserve) themselves, so importing this package stays cheap.
+`STAGES` maps every kind to the `module:function` that runs its stage (checked at import: a kind
+without a stage is a bug, not a state a user can meet). Stage modules import their heavy
+dependencies (ray, torch, transformers, kserve) themselves, so importing this package stays cheap.
+The inputs a spec names outside the graph (file://, pvc://, s3:// URIs) are fingerprinted by the
+runner (`fmforge.runtime.fingerprint`), not by each stage.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-#: kind → "module:function" of the stages that have landed.
+from ..api.v1alpha1 import KINDS
+
+#: kind → "module:function" of its stage.
 STAGES: dict[str, str] = {
     "DataPile": "fmforge.stages.datapile:run",
     "TrainingRun": "fmforge.stages.train:run",
@@ -25,22 +24,13 @@ STAGES: dict[str, str] = {
     "Deployment": "fmforge.stages.deploy:run",
 }
 
-
-@dataclass(frozen=True)
-class Stage:
-    """A stage as the runtimes call it."""
-
-    run: Callable[..., Any]
-    """`run(ctx: StageContext) -> StageResult`."""
-    fingerprint: Callable[[Any, Path], str] | None
-    """The module's `fingerprint(spec, base_dir)`, if it has one."""
+if set(STAGES) != set(KINDS):  # pragma: no cover - a kind added to the API without its stage
+    raise ImportError(f"fmforge.stages.STAGES must name a stage for every kind; it has {sorted(STAGES)}, the API "
+                      f"has {sorted(KINDS)}")
 
 
-def stage_for(kind: str) -> Stage | None:
-    """The stage of `kind`, or None when it has not been built yet."""
-    target = STAGES.get(kind)
-    if target is None:
-        return None
-    module_name, func = target.split(":")
-    module = importlib.import_module(module_name)
-    return Stage(getattr(module, func), getattr(module, "fingerprint", None))
+def stage_for(kind: str) -> Callable[..., Any]:
+    """The stage function of `kind`: `run(ctx: StageContext) -> StageResult`. ImportError when the
+    stage's packages are not installed (the runner names the extra to install)."""
+    module_name, func = STAGES[kind].split(":")
+    return getattr(importlib.import_module(module_name), func)

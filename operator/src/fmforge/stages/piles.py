@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from urllib.request import url2pathname
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,7 +138,11 @@ def resolve(ctx: StageContext, ref, field: str) -> PileVersion:
     if seq_snap is None or seqs is None or seqs.snapshot_by_id(int(seq_snap)) is None:
         raise InputError(f"{field}: DataPile {ref.name} version {snap.snapshot_id} has no sequences table "
                          f"({seq_name}); publish the pile with tokenize.sequenceLength set, then train on it")
-    tok = props.get("fmforge.tokenizer")
+    tok = props.get(PROP_TOKENIZER)
+    if tok and tok.startswith("file://"):
+        tok = url2pathname(tok.removeprefix("file://"))
+    # Versions published before the tokenizer was recorded as a URI hold a path: absolute, or
+    # relative to where that run was started (which only works from there).
     if not tok or not (Path(tok) / "tokenizer.json").is_file():
         raise InputError(f"{field}: the tokenizer of DataPile {ref.name} version {snap.snapshot_id} is missing "
                          f"(recorded at {tok or 'nowhere'}); re-run the DataPile to publish it again")

@@ -315,6 +315,22 @@ class Condition(Status):
     """The metadata.generation the condition was computed for."""
 
 
+class StageOutcome(Status):
+    """How the stage itself said its last attempt ended (on a cluster: written by the stage from
+    its RayJob pod, read by the operator, which mirrors it into phase and conditions)."""
+
+    generation: int
+    """The metadata.generation the stage ran for."""
+    verdict: Literal["Succeeded", "Rejected", "WaitingForApproval", "Failed"]
+    """Succeeded: it made what it makes; Rejected: done, and the verdict is no (a ModelCard whose
+    thresholds are not met); WaitingForApproval: done, and a person must approve the model;
+    Failed: the stage refused its input (no retry helps)."""
+    reason: str = ""
+    """One CamelCase word: the stage's error type when it failed (InvalidInput, InvalidSpec…)."""
+    message: str = ""
+    """The stage's own one line: what it made, why it rejected, or what to fix."""
+
+
 class CommonStatus(Status):
     """Status fields every kind has."""
 
@@ -326,3 +342,5 @@ class CommonStatus(Status):
     """Ready always; Reconciling and Stalled in kstatus form."""
     message: str | None = None
     """The latest thing a person should know, in one line."""
+    outcome: StageOutcome | None = None
+    """On a cluster, the stage's own account of its last attempt (the operator's phase follows it)."""

@@ -5,12 +5,13 @@ Spec and status models, read by the evaluation stage, the CRD generator and the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints
 
+from ..status import Phase, is_done
 from .common import (
     CommonStatus,
     DataPileRef,
@@ -203,3 +204,102 @@ def decide_approval(kind_name: str, approval: str, passed: bool, model_digest: s
         f"every threshold passed; waiting for a manual approval of model {model_digest}{stale}: run "
         f"`fmforge approve {kind_name} --by NAME` locally, or on a cluster `kubectl annotate modelcard {name} "
         f"{APPROVED_BY}=NAME {APPROVED_DIGEST}={model_digest}`"))
+
+
+#: Ready's reason while a ModelCard waits for a person, and that of a rejected model.
+WAITING_FOR_APPROVAL = "WaitingForApproval"
+REJECTED = "Rejected"
+APPROVED = "Approved"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a ModelCard's evaluation comes to: the phase and reason it ends in, and the approval."""
+
+    phase: Phase
+    """Succeeded (approved), Waiting (a manual approval is missing) or Failed (rejected)."""
+    reason: str
+    """Approved, WaitingForApproval or Rejected."""
+    message: str
+    """One line for people: the scores, why it was rejected, or how to approve it."""
+    approved: bool
+    """Whether the evaluated model may be deployed."""
+    approved_by: str | None = None
+    """`automatic`, or who approved it."""
+
+
+def _bounds(th: Mapping[str, float] | None) -> str:
+    th = th or {}
+    return " and ".join(x for x in (f">= {th['min']}" if th.get("min") is not None else "",
+                                    f"<= {th['max']}" if th.get("max") is not None else "") if x)
+
+
+def card_verdict(kind_name: str, approval: str, results: Iterable[Mapping[str, Any]], model_digest: str,
+                 annotations: Mapping[str, str]) -> Verdict:
+    """The verdict on a ModelCard's `results` (status.results, wire form) for the model of
+    `model_digest`: rejected when a threshold is missed, else approved or waiting as
+    `decide_approval` says. One function for the stage (locally and in its pod) and the operator,
+    which decides again from the annotations as they are now (an approval comes after the job)."""
+    results = list(results)
+    summary = ", ".join(f"{r['name']} {r['value']:.4g}" for r in results)
+    failed = [f"{r['name']} {r['metric']} {r['value']:.4g} (needs {_bounds(r.get('threshold'))})"
+              for r in results if not r.get("passed")]
+    if failed:
+        return Verdict(Phase.FAILED, REJECTED, f"model {model_digest} rejected: {'; '.join(failed)}", False)
+    decision = decide_approval(kind_name, approval, True, model_digest, annotations)
+    if not decision.approved:
+        return Verdict(Phase.WAITING, WAITING_FOR_APPROVAL, decision.waiting, False)
+    return Verdict(Phase.SUCCEEDED, APPROVED, f"approved ({decision.by}): {summary}", True, decision.by)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Whether a model may be served: the ModelCard that approved exactly its digest, or why not."""
+
+    card: str | None
+    """Name of the ModelCard that approved the model; None when none did."""
+    reason: str = ""
+    """While closed: WaitingForApproval (a card evaluated this model and waits for a person) or
+    WaitingForApprovedModelCard (no card approved it yet)."""
+    message: str = ""
+    """While closed: what is missing and what to do, naming the cards."""
+
+
+def approval_gate(model: str, digest: str | None, cards: Mapping[str, Mapping[str, Any]]) -> Gate:
+    """The governance gate of a Deployment, for the model `model` (`Kind/name`) of `digest`.
+
+    `cards` maps each ModelCard name that evaluates the model to the card (an object or a local
+    record: `status`, and `metadata` when known). The gate opens only for a card that is done for
+    its current generation, approved, and evaluated exactly `digest`: one rule for the local
+    Deployment stage and the operator. Pure."""
+    kind, _, name = model.partition("/")
+    for card_name, card in sorted(cards.items()):
+        st = card.get("status") or {}
+        generation = (card.get("metadata") or {}).get("generation")
+        if is_done(st, generation) and st.get("approved") is True and digest and st.get("modelDigest") == digest:
+            return Gate(card_name)
+    if not cards:
+        return Gate(None, "WaitingForApprovedModelCard",
+                    f"no ModelCard evaluates {model}; create one with modelRef {{kind: {kind}, name: {name}}}, or "
+                    f"set requireApprovedModelCard: false")
+    seen, reason = [], "WaitingForApprovedModelCard"
+    for card_name, card in sorted(cards.items()):
+        st = card.get("status") or {}
+        evaluated = st.get("modelDigest")
+        if evaluated and evaluated != digest:
+            seen.append(f"ModelCard/{card_name} evaluated model {evaluated}, not {digest}")
+        elif _waiting_for_approval(st):
+            reason = WAITING_FOR_APPROVAL
+            seen.append(f"ModelCard/{card_name} waits for a person: {st.get('message') or 'approve it'}")
+        elif not is_done(st, (card.get("metadata") or {}).get("generation")):
+            seen.append(f"ModelCard/{card_name} is {st.get('phase') or 'Pending'}"
+                        + (f" ({st['message']})" if st.get("message") else ""))
+        else:
+            seen.append(f"ModelCard/{card_name} did not approve it")
+    return Gate(None, reason, f"waiting for an approved ModelCard of {model} at digest {digest or '(none)'}: "
+                              + "; ".join(seen))
+
+
+def _waiting_for_approval(status: Mapping[str, Any]) -> bool:
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    return status.get("phase") == Phase.WAITING and ready.get("reason") == WAITING_FOR_APPROVAL

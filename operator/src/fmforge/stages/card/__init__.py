@@ -18,7 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ...api.v1alpha1.modelcard import ModelCardSpec, decide_approval
+from ...api.status import Phase
+from ...api.v1alpha1.modelcard import ModelCardSpec, card_verdict
 from ..base import InvalidSpec, StageContext, StageResult
 from ..uris import resolve as resolve_uri
 from ..artifacts import producer_model
@@ -90,8 +91,7 @@ def run(ctx: StageContext) -> StageResult:
                         "samples": samples, "dataset": dataset})
 
     # 3. Approval, bound to the model digest.
-    all_passed = all(r["passed"] for r in results)
-    decision = decide_approval(f"ModelCard/{ctx.name}", spec.approval, all_passed, digest, ctx.annotations)
+    verdict = card_verdict(f"ModelCard/{ctx.name}", spec.approval, results, digest, ctx.annotations)
 
     # 4. The card, in a directory of its own; earlier cards stay as history.
     now = datetime.now(UTC)
@@ -113,8 +113,8 @@ def run(ctx: StageContext) -> StageResult:
                                                   "modelConfig")} if training else None,
         "results": [{k: v for k, v in r.items()} | ({"examples": examples[r["name"]]} if r["name"] in examples
                                                     else {}) for r in results],
-        "approval": {"mode": spec.approval, "approved": decision.approved, "by": decision.by,
-                     "waiting": decision.waiting or None},
+        "approval": {"mode": spec.approval, "approved": verdict.approved, "by": verdict.approved_by,
+                     "waiting": verdict.message if verdict.phase == Phase.WAITING else None},
         "history": history,
     }
     out.mkdir(parents=True)
@@ -126,23 +126,14 @@ def run(ctx: StageContext) -> StageResult:
 
     status = {
         "results": [{k: r[k] for k in ("name", "metric", "value", "threshold", "passed", "samples")} for r in results],
-        "approved": decision.approved, "modelDigest": digest, "card": {"uri": md.resolve().as_uri()},
-        **({"approvedBy": decision.by} if decision.by else {}),
+        "approved": verdict.approved, "modelDigest": digest, "card": {"uri": md.resolve().as_uri()},
+        **({"approvedBy": verdict.approved_by} if verdict.approved_by else {}),
     }
-    failed = [f"{r['name']} {r['metric']} {r['value']:.4g} (needs {_bounds(r['threshold'])})"
-              for r in results if not r["passed"]]
-    summary = ", ".join(f"{r['name']} {r['value']:.4g}" for r in results)
     return StageResult(
-        status=status, digest=card_digest,
-        message=f"approved ({decision.by}): {summary}" if decision.approved else summary,
-        waiting=decision.waiting,
-        rejected=f"model {digest} rejected: {'; '.join(failed)}" if failed else "",
+        status=status, digest=card_digest, message=verdict.message,
+        waiting=verdict.message if verdict.phase == Phase.WAITING else "",
+        rejected=verdict.message if verdict.phase == Phase.FAILED else "",
     )
-
-
-def _bounds(th: dict[str, float]) -> str:
-    return " and ".join(x for x in (f">= {th['min']}" if "min" in th else "", f"<= {th['max']}" if "max" in th else "")
-                        if x)
 
 
 def _history(root: Path) -> list[dict[str, Any]]:

@@ -41,14 +41,9 @@ from . import publish as pub
 from . import tokenize as tk
 from . import workers as wk
 from .filters import effective_rules
+from ..piles import PROP_TOKENIZER
 from ..uris import resolve
 from .sources import SourceFiles, SourceRead, list_source, summarize
-from .sources import fingerprint as _fingerprint
-
-
-def fingerprint(spec: DataPileSpec, base_dir: Path) -> str:
-    """What the runner adds to the digest: the sources' files (names, sizes, times)."""
-    return _fingerprint(spec.sources, base_dir)
 
 
 @dataclass
@@ -151,7 +146,12 @@ def read(w: Work) -> None:
         raise InputError(f"no documents to process: the sources' {read_total} records were all dropped at read "
                          f"({', '.join(f'{k}: {v}' for k, v in w.at_read.items())}); fix the data or the sources' "
                          f"invalidText and maxDocumentBytes")
-    w.digest = _digest(w.spec, w.reads)
+    if w.spec.tokenizer.uri:
+        # Loaded now: its content is part of the version (another tokenizer, another version).
+        fs, path = resolve(w.spec.tokenizer.uri, w.ctx.base_dir, confine=not w.ctx.allow_outside_paths)
+        w.tokenizer_json = tk.load_tokenizer(path, fs).to_str()
+        w.tokenizer_source = f"loaded from {w.spec.tokenizer.uri}"
+    w.digest = _digest(w.spec, w.reads, w.tokenizer_json)
     w.cat = pub.catalog(w.ctx.state_dir)
     repaired = pub.repair(w.cat, w.ctx.namespace, w.ctx.name)
     if repaired:
@@ -290,11 +290,8 @@ def tokenizer(w: Work) -> None:
         tok = tk.from_json(w.tokenizer_json)
         w.tokenizer_source = (f"trained: byte-level BPE, vocab {tok.get_vocab_size()}, on {len(sample)} documents "
                               f"({int(sizes[sample].sum()) / 1e6:.1f} MB) of the training split")
-    else:
-        fs, path = resolve(spec.tokenizer.uri, w.ctx.base_dir, confine=not w.ctx.allow_outside_paths)
-        tok = tk.load_tokenizer(path, fs)
-        w.tokenizer_json = tok.to_str()
-        w.tokenizer_source = f"loaded from {spec.tokenizer.uri}"
+    else:  # loaded by `read`, whose digest covers it
+        tok = tk.from_json(w.tokenizer_json)
     tk.special_ids(tok)  # a tokenizer without an end-of-text token fails here, before any file is written
     tk.save_tokenizer(tok, w.version_dir / "tokenizer")
 
@@ -340,7 +337,7 @@ def commit_version(w: Work) -> None:
         "fmforge.spec-digest": _spec_digest(w.spec),
         "fmforge.sources": json.dumps({r.name: r.digest for r in w.reads}, sort_keys=True),
         "fmforge.stats": w.stats.model_dump_json(by_alias=True),
-        "fmforge.tokenizer": str(w.version_dir / "tokenizer"),
+        PROP_TOKENIZER: (w.version_dir / "tokenizer").resolve().as_uri(),
         "fmforge.datacard": (w.version_dir / "datacard.md").resolve().as_uri(),
         "fmforge.generation": str(w.ctx.generation),
     }
@@ -501,9 +498,9 @@ def _spec_digest(spec: DataPileSpec) -> str:
     return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
 
 
-def _digest(spec: DataPileSpec, reads) -> str:
+def _digest(spec: DataPileSpec, reads, tokenizer_json: str = "") -> str:
     """The version's digest: the spec (tags and resources aside: retagging is not a new version,
-    nor is running on more workers) and the sources' content."""
+    nor is running on more workers), the sources' content and a loaded tokenizer's content."""
     body = spec.model_dump(mode="json", by_alias=True)
     body.pop("publish", None)
     body.pop("resources", None)
@@ -512,7 +509,9 @@ def _digest(spec: DataPileSpec, reads) -> str:
     h = hashlib.sha256(json.dumps(body, sort_keys=True).encode())
     for r in reads:
         h.update(f"{r.name}\0{r.digest}\n".encode())
+    if tokenizer_json:  # only then: the digests of versions with a trained tokenizer stay the same
+        h.update(b"tokenizer\0" + hashlib.sha256(tokenizer_json.encode()).hexdigest().encode())
     return "sha256:" + h.hexdigest()
 
 
-__all__ = ["run", "fingerprint", "STEPS", "Work", "InvalidSpec"]
+__all__ = ["run", "STEPS", "Work", "InvalidSpec"]

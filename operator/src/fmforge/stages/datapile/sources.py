@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from ...api.v1alpha1.common import quantity_value
 from ...api.v1alpha1.datapile import Source
-from ..base import InputError, InvalidSpec
+from ..base import InputError
 from ..uris import resolve
 
 READ_SCHEMA = pa.schema(
@@ -322,17 +322,3 @@ def _id_value(source: Source, value: object, where: str) -> str:
         raise InputError(f"source {source.name}: {where} has no value for idField {source.id_field!r}; give every "
                          f"record one, or remove idField to number the records")
     return str(value)
-
-
-def fingerprint(sources: list[Source], base_dir: Path) -> str:
-    """A cheap digest of the sources' files (path, size, mtime) for the runner's skip check."""
-    h = hashlib.sha256()
-    for s in sources:
-        try:
-            fs, root = resolve(s.uri, base_dir, confine=False)
-            for path, rel in list_files(fs, root, s):
-                info = fs.get_file_info(path)
-                h.update(f"{s.name}\0{rel}\0{info.size}\0{info.mtime_ns}\n".encode())
-        except (InputError, InvalidSpec, OSError) as e:
-            h.update(f"{s.name}\0error\0{e}\n".encode())
-    return "sha256:" + h.hexdigest()

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from ...api.v1alpha1.deployment import DeploymentSpec
-from ..base import InvalidSpec, StageContext, StageError, StageResult, TemporaryError
+from ...api.v1alpha1.modelcard import WAITING_FOR_APPROVAL, approval_gate
+from ..artifacts import producer_model
+from ..base import StageContext, StageError, StageResult, TemporaryError
 
 #: How long the server may take to load the model before the stage gives up.
 READY_TIMEOUT = 180.0
@@ -33,35 +35,23 @@ SAMPLE_TEXT = "This module is easy to use and well documented."
 
 
 def served_model(ctx: StageContext, spec: DeploymentSpec) -> dict[str, Any]:
-    """The model the reference points at ({uri, digest, ...}) from its producer's status."""
-    key = f"{spec.model_ref.kind}/{spec.model_ref.name}"
-    model = ((ctx.inputs.get(key) or {}).get("status") or {}).get("model") or {}
-    if not model.get("uri") or not model.get("digest"):
-        raise InvalidSpec(f"spec.modelRef: {key} records no model (uri and digest); run it first")
-    path = Path(model["uri"].removeprefix("file://"))
-    if not (path / "config.json").is_file():
-        raise StageError(f"spec.modelRef: the model directory of {key} is gone ({path}); run {key} again")
-    return {**model, "path": path, "ref": key}
+    """The model the reference points at ({uri, digest, path, ref}) from its producer's status,
+    checked to hold exactly the bytes of the recorded digest: the bytes served are the bytes a
+    card approved."""
+    path, model = producer_model(ctx, spec.model_ref, "spec.modelRef")
+    return {**model, "path": path, "ref": f"{spec.model_ref.kind}/{spec.model_ref.name}"}
 
 
-def approved_card(ctx: StageContext, digest: str) -> str:
-    """The ModelCard that approved exactly `digest`; TemporaryError (Waiting) naming the card to
-    approve otherwise."""
-    cards = {k: (r.get("status") or {}) for k, r in ctx.inputs.items() if k.startswith("ModelCard/")}
-    for key, st in sorted(cards.items()):
-        if st.get("approved") and st.get("modelDigest") == digest:
-            return key.split("/", 1)[1]
-    if not cards:
-        raise TemporaryError(f"requireApprovedModelCard: no ModelCard evaluates model {digest}; add one, or set "
-                             f"requireApprovedModelCard: false")
-    why = "; ".join(f"{k} " + ("evaluated another model " + str(st.get("modelDigest"))
-                               if st.get("modelDigest") != digest
-                               else "did not approve it (" + (st.get("message") or "not approved") + ")")
-                    for k, st in sorted(cards.items()))
-    first = sorted(cards)[0]
-    raise TemporaryError(f"waiting for an approved ModelCard for model {digest}: {why}; approve it with "
-                         f"`fmforge approve {first} --by YOU` (on a cluster: the annotation fmforge.io/approved-by)",
-                         reason="WaitingForApproval")
+def approved_card(ctx: StageContext, model: str, digest: str) -> str:
+    """The ModelCard that approved exactly `digest` of `model` (`Kind/name`), by the same gate as
+    the operator's (`approval_gate`); TemporaryError (Waiting) saying what is missing otherwise."""
+    cards = {k.split("/", 1)[1]: r for k, r in ctx.inputs.items() if k.startswith("ModelCard/")}
+    gate = approval_gate(model, digest, cards)
+    if gate.card is None:
+        how = (f"; approve it with `fmforge approve ModelCard/{sorted(cards)[0]} --by YOU --digest {digest}`"
+               if gate.reason == WAITING_FOR_APPROVAL else "")
+        raise TemporaryError(gate.message + how, reason=gate.reason)
+    return gate.card
 
 
 def _port_free(port: int) -> bool:
@@ -161,7 +151,7 @@ def run(ctx: StageContext) -> StageResult:
     spec: DeploymentSpec = ctx.spec
     rep = ctx.reporter
     model = served_model(ctx, spec)
-    card = approved_card(ctx, model["digest"]) if spec.require_approved_model_card else None
+    card = approved_card(ctx, model["ref"], model["digest"]) if spec.require_approved_model_card else None
     if spec.target == "edge":
         return _edge(ctx, spec, model, card)
     from .predictor import is_classifier

@@ -44,24 +44,6 @@ from .loop import ADAPTER_DIR, CURVE, MODEL_DIR, tune_loop
 DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}
 
 
-def fingerprint(spec: TunedModelSpec, base_dir: Path) -> str:
-    """What the runner adds to the digest: the local files of the examples and of a base model
-    given by URI (names, sizes, times), so that an edited tuning set is tuned on again."""
-    parts = []
-    for uri in (spec.data.uri, spec.base_model.uri if spec.base_model else None):
-        # A pile version is pinned by the runner's inputs; s3:// and ConfigMaps are not local files.
-        if uri is None or uri.split("://")[0] not in ("file", "pvc", "pkg"):
-            continue
-        try:
-            _, p = resolve(uri, base_dir, confine=False)
-        except InvalidSpec:  # the stage says what is wrong with the URI
-            continue
-        root = Path(p)
-        files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
-        parts += [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
 def _base(ctx: StageContext, spec: TunedModelSpec) -> tuple[Path, dict[str, Any]]:
     """The base model's directory and its record ({uri, digest, ...})."""
     if spec.base_model_ref is not None:
@@ -522,4 +504,4 @@ def _publish(src: Path, root: Path, tok, log: dict[str, Any] | None = None) -> d
     return {"uri": final.resolve().as_uri(), "digest": digest}
 
 
-__all__ = ["run", "fingerprint"]
+__all__ = ["run"]
