@@ -1,4 +1,4 @@
-"""DataPile: the driver does not gather the text (DESIGN.md, "Scale: the driver never holds the data").
+"""DataPile: the driver does not gather the text (docs/design.md, "Scale: the driver never holds the data").
 
 Not a timing test: `fmforge run` (a subprocess, as a user runs it) of one DataPile on the
 quickstart corpus (examples/quickstart/build-corpus.py with its defaults, about 10 MB) and on four

@@ -1,4 +1,4 @@
-"""The layer rules of DESIGN.md, checked by import-linter."""
+"""The layer rules of docs/design.md ("Layers"), checked by import-linter."""
 
 import subprocess
 import sys
