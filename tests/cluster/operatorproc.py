@@ -197,12 +197,13 @@ def events(cluster: ControlPlane, namespace: str, name: str) -> list[dict[str, A
 
 def succeed(cluster: ControlPlane, namespace: str, kind: str, name: str, gen: int = 1,
             results: dict[str, Any] | None = None) -> None:
-    """Play a whole successful attempt: the stage writes its results, KubeRay reports the job done."""
+    """Play a whole successful attempt: the stage writes its results and its outcome (as
+    `fmforge.runtime.job` does from the pod), KubeRay reports the job done."""
     job = f"{name}-g{gen}-{STAGE[kind]}"
     wait_for(f"RayJob {job}", lambda: get(cluster, namespace, "rayjobs", job))
-    if results:
-        cluster.kubectl("patch", KINDS[kind], name, "-n", namespace, "--subresource=status", "--type=merge",
-                        "-p", json.dumps({"status": results}))
+    said = {"outcome": {"generation": gen, "verdict": "Succeeded", "message": f"{kind} stage succeeded"}}
+    cluster.kubectl("patch", KINDS[kind], name, "-n", namespace, "--subresource=status", "--type=merge",
+                    "-p", json.dumps({"status": {**(results or {}), **said}}))
     rayjob_status(cluster, namespace, job, "Complete", "SUCCEEDED")
     wait_phase(cluster, namespace, kind, name, "Succeeded")
 

@@ -44,12 +44,14 @@ class StatusWriter:
                                                                                           "ca.crt"))
 
     def apply(self, **fields: Any) -> None:
-        """Apply `fields` (with every field applied before) to the object's status."""
-        self.fields.update(fields)
+        """Apply `fields` (with every field applied before) to the object's status. A refused apply
+        leaves nothing behind: the next one does not carry the refused fields again."""
+        merged = {**self.fields, **fields}
         # path: /apis/GROUP/VERSION/namespaces/NS/PLURAL/NAME/status
         _, _, group, version, _, ns, plural, name, _ = self.target["path"].split("/")
         body = {"apiVersion": self.target["apiVersion"], "kind": self.target["kind"],
-                "metadata": {"name": name, "namespace": ns}, "status": self.fields}
+                "metadata": {"name": name, "namespace": ns}, "status": merged}
         self.api.patch_namespaced_custom_object_status(
             group, version, ns, plural, name, body, field_manager=self.target["fieldManager"], force=True,
             _content_type="application/apply-patch+yaml")
+        self.fields = merged

@@ -91,29 +91,41 @@ def _tell(writer: StatusWriter | None, **fields: Any) -> None:
         print(f"fmforge: could not write the outcome into the object's status: {e}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fmforge.runtime.job", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--plan", type=Path, required=True, help="the plan JSON file")
-    ap.add_argument("--result", type=Path, help="where to write the result JSON (default: stdout)")
-    args = ap.parse_args(argv)
-    writer, generation = None, None
+def execute(plan: dict[str, Any], writer: StatusWriter | None) -> tuple[dict[str, Any], int]:
+    """Run the plan's stage and tell the object's status how it ended (through `writer`, when the
+    stage runs in a pod); the result document and the exit code."""
+    generation = int(plan.get("generation", 1))
     try:
-        plan = load_plan(args.plan)
-        generation = int(plan.get("generation", 1))
-        writer = StatusWriter.in_pod(plan["status"]) if plan.get("status") else None
         key = f"{plan['kind']}/{plan['name']}"
         out = {"ok": True, **run_plan(plan, StatusReporter(key, writer) if writer else None)}
         if writer:
             # The result's fields and the verdict in one apply: the operator never sees one without the other.
             writer.apply(**out["status"], outcome={"generation": generation, "verdict": out["verdict"],
                                                    "message": out["message"]})
-        code = 0
+        return out, 0
     except StageError as e:
         out, code = {"ok": False, "reason": e.reason, "message": str(e)}, 2
-        _tell(writer, outcome={"generation": generation, "verdict": "Failed", "reason": e.reason, "message": str(e)})
-    except Exception as e:  # noqa: BLE001 - reported to the operator, which retries
+    except Exception as e:  # noqa: BLE001 - any other error ends the attempt; KubeRay retries it within backoffLimit
         traceback.print_exc()
         out, code = {"ok": False, "reason": "StageFailed", "message": f"{type(e).__name__}: {e}"}, 1
+    # The stage's own words, for the operator to show instead of a bare "job failed".
+    _tell(writer, outcome={"generation": generation, "verdict": "Failed", "reason": out["reason"],
+                           "message": out["message"][:4000]})
+    return out, code
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fmforge.runtime.job", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--plan", type=Path, required=True, help="the plan JSON file")
+    ap.add_argument("--result", type=Path, help="where to write the result JSON (default: stdout)")
+    args = ap.parse_args(argv)
+    try:
+        plan = load_plan(args.plan)
+    except (OSError, ValueError) as e:
+        out, code = {"ok": False, "reason": "InvalidPlan", "message": f"{type(e).__name__}: {e}"}, 2
+    else:
+        writer = StatusWriter.in_pod(plan["status"]) if plan.get("status") else None
+        out, code = execute(plan, writer)
     text = json.dumps(out, indent=2)
     if args.result:
         args.result.write_text(text + "\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ..api.v1alpha1 import kind_info
 from ..kube.stagestatus import StatusWriter
 from .progress import ConsoleReporter
 
@@ -26,6 +27,9 @@ class StatusReporter(ConsoleReporter):
     def __init__(self, obj: str, writer: StatusWriter, every: float = 5.0):
         super().__init__(obj, rich=False)
         self.writer = writer
+        # Kinds without status.progress (a DataPile, a ModelCard) log their progress only: the API
+        # server refuses a field its schema does not declare.
+        self.has_progress = "progress" in kind_info(obj.split("/", 1)[0]).status.model_fields
         self.every = every
         self._sent = 0.0
         self._figures: dict[str, Any] = {}
@@ -37,7 +41,7 @@ class StatusReporter(ConsoleReporter):
     def advance(self, amount: int = 1, **figures: Any) -> None:
         super().advance(amount, **figures)
         self._figures.update({_camel(k): v for k, v in figures.items() if v is not None})
-        if time.monotonic() - self._sent >= self.every:
+        if self.has_progress and time.monotonic() - self._sent >= self.every:
             self._sent = time.monotonic()
             progress = {"step": self._done, **({"maxSteps": self._total} if self._total else {}), **self._figures}
             try:
