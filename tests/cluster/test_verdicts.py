@@ -85,7 +85,8 @@ def test_a_card_s_verdict_and_its_approval_gate_the_deployment(cluster, operator
     st = wait_phase(cluster, n, "ModelCard", "strict", "Failed")
     assert condition(st, "Ready")["reason"] == "Rejected" and "(needs >= 1.5)" in st["message"]
     assert st["approved"] is False and st["modelDigest"] == digest and condition(st, "Stalled")["status"] == "True"
-    [ev] = wait_for("the Rejected event", lambda: [e for e in events(cluster, n, "strict") if e["reason"] == "Rejected"])
+    [ev] = wait_for("the Rejected event",
+                    lambda: [e for e in events(cluster, n, "strict") if e["reason"] == "Rejected"])
     assert ev["type"] == "Warning"
 
     # A manual card: every threshold passed, and it waits for a person.
