@@ -195,15 +195,22 @@ def events(cluster: ControlPlane, namespace: str, name: str) -> list[dict[str, A
     return json.loads(out)["items"]
 
 
+def stage_outcome(cluster: ControlPlane, namespace: str, kind: str, name: str, gen: int = 1,
+                  verdict: str = "Succeeded", results: dict[str, Any] | None = None) -> None:
+    """Play the stage's last write from its pod (`fmforge.runtime.job.execute`): its results and
+    its outcome, in one status write."""
+    said = {"outcome": {"generation": gen, "verdict": verdict, "message": f"{kind} stage: {verdict}"}}
+    cluster.kubectl("patch", KINDS[kind], name, "-n", namespace, "--subresource=status", "--type=merge",
+                    "-p", json.dumps({"status": {**(results or {}), **said}}))
+
+
 def succeed(cluster: ControlPlane, namespace: str, kind: str, name: str, gen: int = 1,
             results: dict[str, Any] | None = None) -> None:
     """Play a whole successful attempt: the stage writes its results and its outcome (as
     `fmforge.runtime.job` does from the pod), KubeRay reports the job done."""
     job = f"{name}-g{gen}-{STAGE[kind]}"
     wait_for(f"RayJob {job}", lambda: get(cluster, namespace, "rayjobs", job))
-    said = {"outcome": {"generation": gen, "verdict": "Succeeded", "message": f"{kind} stage succeeded"}}
-    cluster.kubectl("patch", KINDS[kind], name, "-n", namespace, "--subresource=status", "--type=merge",
-                    "-p", json.dumps({"status": {**(results or {}), **said}}))
+    stage_outcome(cluster, namespace, kind, name, gen, results=results)
     rayjob_status(cluster, namespace, job, "Complete", "SUCCEEDED")
     wait_phase(cluster, namespace, kind, name, "Succeeded")
 

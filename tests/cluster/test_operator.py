@@ -27,6 +27,7 @@ from operatorproc import (
     ns,
     patch_child_status,
     rayjob_status,
+    stage_outcome,
     status,
     succeed,
     wait_for,
@@ -86,6 +87,7 @@ def test_datapile_gets_a_rayjob_that_the_real_schema_accepts_and_mirrors_it(clus
     rayjob_status(cluster, n, "docs-g1-prepare", "Running", "RUNNING")
     st = wait_phase(cluster, n, "DataPile", "docs", "Running")
     assert condition(st, "Ready")["reason"] == "JobRunning"
+    stage_outcome(cluster, n, "DataPile", "docs")
     rayjob_status(cluster, n, "docs-g1-prepare", "Complete", "SUCCEEDED")
     st = wait_phase(cluster, n, "DataPile", "docs", "Succeeded")
     ready = condition(st, "Ready")
@@ -288,6 +290,7 @@ def test_spec_change_starts_a_new_attempt_and_stops_the_old(cluster, operator):
     st = wait_phase(cluster, n, "DataPile", "docs", "Pending")
     assert st["observedGeneration"] == 2 and st["rayJob"] == "docs-g2-prepare"
     # a finished attempt is not stopped: g2 done, then g3 leaves g2 in place
+    stage_outcome(cluster, n, "DataPile", "docs", gen=2)
     rayjob_status(cluster, n, "docs-g2-prepare", "Complete", "SUCCEEDED")
     wait_phase(cluster, n, "DataPile", "docs", "Succeeded")
     apply(cluster, n, manifest("DataPile", "docs", publish={"tags": ["v3"]}))
@@ -374,7 +377,8 @@ def test_stage_reports_progress_with_its_own_service_account(cluster, operator):
     assert "Running" in row and "300" in row and "3.91" in row
     # the operator's next status write leaves the stage's fields alone, and the stage's results
     # leave the operator's phase alone
-    writer.apply(model={"uri": "pvc://fmforge-artifacts/gpt", "digest": "sha256:gpt"})
+    writer.apply(model={"uri": "pvc://fmforge-artifacts/gpt", "digest": "sha256:gpt"},
+                 outcome={"generation": 1, "verdict": "Succeeded", "message": "trained"})
     rayjob_status(cluster, n, "gpt-g1-train", "Complete", "SUCCEEDED")
     st = wait_phase(cluster, n, "TrainingRun", "gpt", "Succeeded")
     assert st["progress"]["step"] == 120 and st["model"]["digest"] == "sha256:gpt"

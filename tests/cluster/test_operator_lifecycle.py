@@ -26,6 +26,7 @@ from operatorproc import (
     manifest,
     ns,
     rayjob_status,
+    stage_outcome,
     succeed,
     wait_for,
     wait_phase,
@@ -63,6 +64,8 @@ def test_sigkill_in_the_middle_of_20_objects_leaves_exactly_one_child_each(clust
         print(f"{made} of 20 RayJobs existed when the operator was killed")
         # every object reaches the right phase after the restart
         for i in range(20):
+            if i % 2:
+                stage_outcome(cluster, n, "DataPile", f"p{i:02d}")
             rayjob_status(cluster, n, f"p{i:02d}-g1-prepare", "Complete", "SUCCEEDED" if i % 2 else "FAILED")
         for i in range(20):
             wait_phase(cluster, n, "DataPile", f"p{i:02d}", "Succeeded" if i % 2 else "Failed")
@@ -80,6 +83,7 @@ def test_operator_carries_on_after_the_api_server_restarts(cluster, crds):
         apply(cluster, n, manifest("DataPile", "after"))
         wait_for("a RayJob made after the restart", lambda: get(cluster, n, "rayjobs", "after-g1-prepare"),
                  timeout=120)
+        stage_outcome(cluster, n, "DataPile", "before")
         rayjob_status(cluster, n, "before-g1-prepare", "Complete", "SUCCEEDED")
         wait_phase(cluster, n, "DataPile", "before", "Succeeded", timeout=60)
         assert op.proc.poll() is None, "the operator exited"
@@ -132,6 +136,7 @@ def test_helm_install_and_the_operator_run_with_the_charts_settings_and_identity
         assert head["image"] == "registry.example.com/fmforge/runtime:chart"
         assert rj["spec"]["activeDeadlineSeconds"] == 900
         assert get(cluster, work, "rolebindings.rbac.authorization.k8s.io", "fmforge-stage") is not None
+        stage_outcome(cluster, work, "DataPile", "docs")
         rayjob_status(cluster, work, "docs-g1-prepare", "Complete", "SUCCEEDED")
         wait_phase(cluster, work, "DataPile", "docs", "Succeeded")
         assert {"JobCreated", "JobSucceeded"} <= {e["reason"] for e in events(cluster, work, "docs")}
@@ -199,7 +204,7 @@ def test_the_rendered_entrypoint_and_plan_produce_the_piles_artifacts(cluster, c
         # what the stage does in its pod: results into the status, with the stage's identity
         token = cluster.kubectl("create", "token", "fmforge-stage", "-n", n).stdout.strip()
         StatusWriter(plan["status"], cluster.url, token, str(cluster.workdir / "pki" / "ca.crt")).apply(
-            **result["status"])
+            **result["status"], outcome={"generation": 1, "verdict": result["verdict"], "message": result["message"]})
         rayjob_status(cluster, n, "pydocs-g1-prepare", "Complete", "SUCCEEDED")
         st = wait_phase(cluster, n, "DataPile", "pydocs", "Succeeded")
         assert st["version"]["snapshotId"] == snapshot

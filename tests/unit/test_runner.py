@@ -34,10 +34,21 @@ def ok_stage(ctx):
     content = f"{ctx.kind} {ctx.name} g{ctx.generation} from {sorted(ctx.inputs)}".encode()
     digest = "sha256:" + hashlib.sha256(content).hexdigest()
     out = ctx.artifacts / digest[7:23] / "artifact.txt"
-    out.parent.mkdir()
+    out.parent.mkdir(exist_ok=True)  # a re-run that makes the same bytes writes the same folder
     out.write_bytes(content)
     return StageResult(status={"tags": ["v1"]} if ctx.kind == "DataPile" else {}, digest=digest,
                        message=f"made {out.name}")
+
+
+def model_stage(ctx):
+    """Makes a 'model' directory and names it in status.model, as the TrainingRun stage does."""
+    CALLS.append(f"{ctx.kind}/{ctx.name}")
+    out = ctx.artifacts / f"g{ctx.generation}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "weights.bin").write_bytes(b"\x00\x01\x02\x03" * 64)
+    digest = "sha256:" + hashlib.sha256((out / "weights.bin").read_bytes()).hexdigest()
+    return StageResult(status={"model": {"uri": out.resolve().as_uri(), "digest": digest}}, digest=digest,
+                       message="made a model")
 
 
 def failing_stage(ctx):
@@ -119,6 +130,53 @@ def test_rerun_skips_unchanged_and_reruns_changed(quickstart: Path, stages):
     assert rec["metadata"]["generation"] == 2
     made = sorted(p.read_text() for p in state.artifacts_dir("DataPile", "pydocs").glob("*/artifact.txt"))
     assert made == ["DataPile pydocs g1 from []", "DataPile pydocs g2 from []"], "each attempt's artifacts stay"
+
+
+def test_an_edited_file_any_spec_names_reruns_that_object_only(quickstart: Path, stages):
+    """The runner fingerprints every URI of every spec: the ModelCard's prompts file too (it had
+    no fingerprint: editing it gave Skipped)."""
+    stages(DataPile="ok_stage", TrainingRun="ok_stage", TunedModel="ok_stage", ModelCard="ok_stage",
+           Deployment="ok_stage")
+    assert _run(quickstart).ok
+    CALLS.clear()
+    evals = quickstart / "evals" / "qa.jsonl"
+    evals.write_text(evals.read_text() + '{"prompt": "Which keyword defines a function?", "expected": "def"}\n')
+    report = _run(quickstart)
+    # (the card made the same artifact, so its Deployment has nothing new to serve)
+    assert CALLS == ["ModelCard/pydocs-qa"], report.outcomes
+    # the same bytes again, with a new modification time: nothing to do
+    CALLS.clear()
+    evals.write_text(evals.read_text())
+    _run(quickstart)
+    assert CALLS == []
+
+
+def test_a_copied_project_is_unchanged(quickstart: Path, stages, tmp_path: Path):
+    """Digests depend on content, never on where the project lies or on file times."""
+    stages(DataPile="ok_stage", TrainingRun="ok_stage", TunedModel="ok_stage", ModelCard="ok_stage",
+           Deployment="ok_stage")
+    (quickstart / "corpus").mkdir()
+    (quickstart / "corpus" / "a.jsonl").write_text('{"text": "one document"}\n')
+    assert _run(quickstart).ok
+    CALLS.clear()
+    copy = shutil.copytree(quickstart, tmp_path / "elsewhere" / "qs", copy_function=shutil.copy)  # new mtimes
+    report = _run(copy)
+    assert CALLS == [] and {o.word for o in report.outcomes} == {"Skipped"}, report.outcomes
+
+
+def test_a_model_changed_after_it_was_made_is_made_again(quickstart: Path, stages):
+    stages(DataPile="ok_stage", TrainingRun="model_stage")
+    _run(quickstart)
+    CALLS.clear()
+    _run(quickstart)
+    assert CALLS == []  # unchanged: skipped
+    rec = StateDir(quickstart / ".fmforge").read("TrainingRun", "pydocs-gpt")
+    weights = Path(rec["status"]["model"]["uri"].removeprefix("file://")) / "weights.bin"
+    data = bytearray(weights.read_bytes())
+    data[0] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    _run(quickstart)
+    assert CALLS == ["TrainingRun/pydocs-gpt"]
 
 
 def test_failure_keeps_the_last_success(quickstart: Path, stages, monkeypatch):
