@@ -187,6 +187,43 @@ def test_changed_data_makes_a_new_version_with_its_own_artifacts(tmp_path: Path,
     assert [o.word for o in _run(d).outcomes] == ["Skipped"]
 
 
+def _bpe(path: Path, vocab: int, texts: list[str]) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+
+
+def test_a_replaced_tokenizer_makes_a_new_version_recorded_as_a_uri(tmp_path: Path, corpus: Path, monkeypatch):
+    """The version's digest covers a loaded tokenizer's content (it did not: a replaced tokenizer.json
+    was skipped, and even --force reused the version with the old tokenizer), and the version
+    records its tokenizer as a URI that resolves from any folder (it was a path relative to where
+    the run started)."""
+    texts = [p.read_text() for p in sorted((corpus / "prose").rglob("*.jsonl"))][:20]
+    manifest = json.loads(json.dumps(SMALL))
+    manifest["spec"]["tokenizer"] = {"uri": "file://tok/tokenizer.json"}
+    d = _workdir(tmp_path, corpus, manifest)
+    _bpe(d / "tok" / "tokenizer.json", 300, texts)
+    monkeypatch.chdir(d.parent)  # a relative state dir, as `fmforge run w` from the folder above
+    report = run_paths([Path("w") / "pile.yaml"], console=RunConsole(rich=False))
+    assert [o.word for o in report.outcomes] == ["Succeeded"], report.outcomes
+    state = StateDir(d / ".fmforge")
+    v1 = state.read("DataPile", "pydocs")["status"]["version"]
+    _bpe(d / "tok" / "tokenizer.json", 400, texts)
+    assert [o.word for o in _run(d).outcomes] == ["Succeeded"]
+    v2 = state.read("DataPile", "pydocs")["status"]["version"]
+    assert v2["snapshotId"] != v1["snapshotId"] and v2["digest"] != v1["digest"]
+    _, docs, _ = _tables(d)
+    uri = docs.snapshot_by_id(int(v2["snapshotId"])).summary.additional_properties["fmforge.tokenizer"]
+    assert uri.startswith("file:///")
+    tok = json.loads((Path(uri.removeprefix("file://")) / "tokenizer.json").read_text())
+    assert len(tok["model"]["vocab"]) == 400
+
+
 # -- 3, 4. one run at a time; dead runs; signals ---------------------------------------------------
 
 

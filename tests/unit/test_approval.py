@@ -55,3 +55,24 @@ def test_fmforge_approve(tmp_path: Path, capsys):
     rec = state.read("ModelCard", "x")
     assert rec["status"]["phase"] == "Succeeded" and rec["status"]["approvedBy"] == "alice"
     assert approval_annotations(rec) == {APPROVED_BY: "alice", APPROVED_DIGEST: A}
+
+
+def test_fmforge_approve_pins_the_reviewed_digest_and_refuses_a_model_that_moved_on(tmp_path: Path, capsys):
+    state = StateDir(tmp_path / ".fmforge")
+    _card(state, passed=True)
+    args = ["approve", "ModelCard/x", "--by", "alice", "--state-dir", str(state.root)]
+    assert main([*args, "--digest", B]) == 1
+    err = capsys.readouterr().err
+    assert f"evaluated model {A}, not the {B} you reviewed" in err and f"--digest {A}" in err
+    assert state.read("ModelCard", "x")["status"]["phase"] == "Waiting"
+    # the card's producer has made another model since the card evaluated A
+    state.write({"apiVersion": "fmforge.io/v1alpha1", "kind": "TrainingRun", "metadata": {"name": "gpt"},
+                 "spec": {}, "status": {"phase": "Succeeded", "model": {"uri": "file:///m", "digest": B}}})
+    rec = state.read("ModelCard", "x")
+    rec["spec"]["modelRef"] = {"kind": "TrainingRun", "name": "gpt"}
+    state.write(rec)
+    assert main([*args, "--digest", A]) == 1
+    assert f"TrainingRun/gpt has made {B} since" in capsys.readouterr().err
+    state.write({**state.read("TrainingRun", "gpt"), "status": {"phase": "Succeeded", "model": {"digest": A}}})
+    assert main([*args, "--digest", A]) == 0
+    assert state.read("ModelCard", "x")["status"]["approvedBy"] == "alice"
