@@ -174,7 +174,7 @@ def test_deployment_refuses_a_digest_no_card_approved(cluster, operator):
     st = wait_for("the gate's message", lambda: (s := status(cluster, n, "Deployment", "serve")).get("message", "")
                   .count("sha256:older") and s)
     assert st["phase"] == "Waiting" and condition(st, "Ready")["reason"] == "WaitingForApprovedModelCard"
-    assert "approved digest sha256:older, not sha256:model1" in st["message"]
+    assert "ModelCard/gpt-card evaluated model sha256:older, not sha256:model1" in st["message"]
     assert get(cluster, n, "inferenceservices", "serve") is None
     assert any(e["reason"] == "WaitingForApprovedModelCard" for e in events(cluster, n, "serve"))
     # the same Deployment without the gate serves at once
