@@ -245,6 +245,20 @@ def test_deployment_waits_for_an_approved_card_of_the_exact_digest(card, why):
     assert cond(d.status, "Ready")["reason"] == "WaitingForApprovedModelCard"
 
 
+def test_an_edge_deployment_s_plan_carries_the_card_that_opened_the_gate():
+    """The edge stage applies the gate again in its pod: the plan must hold the approving card
+    (it held the model only, and the stage in the pod found no card)."""
+    import json
+
+    dep, w = _serving({"approved": True, "modelDigest": "sha256:a"})
+    dep["spec"]["target"] = "edge"
+    dep["spec"].pop("kserve", None)
+    d = deployment.decide(dep, w, [], SETTINGS)
+    plan = json.loads(next(c for c in d.create if c["kind"] == "ConfigMap")["data"]["plan.json"])
+    assert plan["inputs"]["ModelCard/card"]["approved"] is True
+    assert plan["inputs"]["TrainingRun/gpt"]["model"]["digest"] == "sha256:a"
+
+
 def test_deployment_applies_its_inference_service_once_and_mirrors_ready():
     dep, w = _serving({"approved": True, "modelDigest": "sha256:a"})
     d = deployment.decide(dep, w, [], SETTINGS)
