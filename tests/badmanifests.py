@@ -188,6 +188,26 @@ CASES: list[Case] = [
          "spec.benchmarks[0]", "a maskedTokens benchmark reads a pile", "a maskedTokens benchmark reads a pile"),
     Case("lora-with-full", "TunedModel", _set("spec.method", "full"),
          "spec", "lora settings apply to method lora only", "lora settings apply to method lora only"),
+    # templates: plain {field} placeholders only (the CRD's CEL rule, the model's validator)
+    Case("template-format-spec", "TunedModel", _set("spec.data.promptTemplate", "Q: {question:d}\nA:"),
+         "spec.data.promptTemplate", "the placeholder {question:d} at character 4 has a format spec or "
+         "conversion (after ':' or '!'), which templates do not support; write {question}",
+         "placeholders must be plain {field} names"),
+    Case("template-huge-width", "TunedModel", _set("spec.data.completionTemplate", " {answer:99999999}"),
+         "spec.data.completionTemplate", "the placeholder {answer:99999999} at character 2 has a format spec",
+         "placeholders must be plain {field} names"),
+    Case("template-conversion", "TunedModel", _set("spec.data.promptTemplate", "{question!r}"),
+         "spec.data.promptTemplate", "the placeholder {question!r} at character 1 has a format spec or "
+         "conversion", "placeholders must be plain {field} names"),
+    Case("template-attribute", "TunedModel", _set("spec.data.promptTemplate", "{question.__class__}"),
+         "spec.data.promptTemplate", "the placeholder {question.__class__} at character 1 reads an attribute or "
+         "an index", "placeholders must be plain {field} names"),
+    Case("template-index", "TunedModel", _set("spec.data.promptTemplate", "{meta[0]}"),
+         "spec.data.promptTemplate", "reads an attribute or an index, which templates do not support",
+         "placeholders must be plain {field} names"),
+    Case("template-unclosed", "TunedModel", _set("spec.data.promptTemplate", "Q: {question\nA:"),
+         "spec.data.promptTemplate", "the '{' at character 4 is never closed; write placeholders as {field} and "
+         "a literal brace as '{{'", "placeholders must be plain {field} names"),
     Case("duplicate-source-names", "DataPile",
          _set("spec.sources.1", {"name": "docs", "uri": "file://other/", "format": "text"}),
          "spec", "sources must have unique names",

@@ -478,7 +478,7 @@ def _message(err: dict[str, Any], model: type, at: list[Any], data: Any) -> str:
         return f"unknown type {err['ctx']['tag']!r}; allowed: {err['ctx']['expected_tags']}"
     if kind == "union_tag_not_found":
         return "required field 'type' is missing; it says which variant this is"
-    if kind == "rule":
+    if kind in ("rule", "template"):  # messages that say everything, the value included
         return msg
     msg = msg.replace("Input should be", "must be").replace("String should", "must")
     msg = msg.replace("List should", "must").replace("Value error, ", "")

@@ -5,9 +5,11 @@ Spec and status models, read by the tuning stage, the CRD generator and the loca
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints
+from pydantic import AfterValidator, Field, StringConstraints
+from pydantic_core import PydanticCustomError
 
 from .common import (
     CommonStatus,
@@ -24,7 +26,95 @@ from .common import (
 )
 from .trainingrun import FaultTolerance, ModelArtifact, PileLineage, TrainingProgress
 
-Template = Annotated[str, StringConstraints(min_length=1, max_length=8192)]
+#: What the API server accepts as a template (RE2, in the CRD's CEL rule): text, doubled braces,
+#: and placeholders with no format spec, conversion, attribute or index, not starting with a
+#: digit. Looser than `template_fields` (which wants a Python identifier: no spaces, no '-'), so
+#: the API server never refuses a template `fmforge validate` accepts; the exact check runs
+#: wherever a spec is read (validate, the runner, the RayJob's entrypoint). Written without a
+#: backslash: CEL would read `\s` or `\{` in its string literal as an escape and refuse the rule.
+TEMPLATE_RE2 = r"^([^{}]|[{][{]|[}][}]|[{][^]{}!:.[0-9][^]{}!:.[]*[}])*$"
+
+
+def template_fields(template: str) -> list[str]:
+    """The record fields a prompt template reads, in order; ValueError (one line: the offending
+    placeholder, where it is, and how to write it) for anything but text, `{{`/`}}` and plain
+    `{field}` placeholders.
+
+    Format specs and conversions (`{q:d}`, `{q!r}`, `{q:99999999}`) would reach Python's
+    formatter with the record's values (a ValueError mid-run, or a width that exhausts memory),
+    and attribute or index access (`{a.b}`, `{a[0]}`) would let a manifest reach into Python
+    objects: a template is refused for them before anything is read."""
+    names: list[str] = []
+    i, n = 0, len(template)
+    while i < n:
+        c = template[i]
+        if c == "}":
+            if template.startswith("}}", i):
+                i += 2
+                continue
+            raise ValueError(f"a single '}}' at character {i + 1} closes no placeholder; write a literal brace "
+                             f"as '}}}}'")
+        if c != "{":
+            i += 1
+            continue
+        if template.startswith("{{", i):
+            i += 2
+            continue
+        close, inner = template.find("}", i + 1), template.find("{", i + 1)
+        if close < 0:
+            raise ValueError(f"the '{{' at character {i + 1} is never closed; write placeholders as {{field}} "
+                             f"and a literal brace as '{{{{'")
+        if 0 <= inner < close:
+            raise ValueError(f"the placeholder {template[i:close + 1]} at character {i + 1} is nested; write "
+                             f"plain {{field}} placeholders, and a literal brace as '{{{{'")
+        body = template[i + 1:close]
+        names.append(_placeholder_name(body, i + 1))
+        i = close + 1
+    return names
+
+
+def _placeholder_name(body: str, at: int) -> str:
+    """The field a placeholder `{body}` names (it starts at character `at`); ValueError for a
+    placeholder that is more than a field's name."""
+    shown = "{" + body + "}"
+    name = re.split(r"[!:]", body, maxsplit=1)[0]
+    if body.isidentifier():
+        return body
+    if name != body:
+        plain = f"write {{{name}}}" if name.isidentifier() else "write a field's name, like {question}"
+        raise ValueError(f"the placeholder {shown} at character {at} has a format spec or conversion (after "
+                         f"':' or '!'), which templates do not support; {plain}")
+    if "." in body or "[" in body:
+        raise ValueError(f"the placeholder {shown} at character {at} reads an attribute or an index, which "
+                         f"templates do not support; name a top-level field of the record, like {{question}}")
+    if not body:
+        raise ValueError(f"the placeholder {{}} at character {at} names no field; write the field's name, "
+                         f"like {{question}}")
+    raise ValueError(f"the placeholder {shown} at character {at} is not a field name (letters, digits and '_', "
+                     f"not starting with a digit); name a field of the record, like {{question}}")
+
+
+def _valid_template(template: str) -> str:
+    try:
+        template_fields(template)
+    except ValueError as e:
+        # type "template": `fmforge validate` shows the message as it is (it names the placeholder)
+        raise PydanticCustomError("template", str(e)) from None
+    return template
+
+
+Template = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=8192),
+    AfterValidator(_valid_template),
+    Field(json_schema_extra={"x-kubernetes-validations": [{
+        "rule": f"self.matches('{TEMPLATE_RE2}')",
+        "message": "placeholders must be plain {field} names (no format spec, conversion, attribute or index); "
+                   "double a literal brace ({{ or }})",
+    }]}),
+]
+"""A Python-style template over an example's fields: text, `{field}` placeholders, `{{`/`}}` for
+literal braces."""
 
 
 class BaseModelUri(Spec):
@@ -87,9 +177,12 @@ class TuningData(Spec):
     """A ConfigMap key holding JSONL examples; the operator mounts it into the tuning pods
     (on a cluster only: `fmforge run` refuses it)."""
     prompt_template: Template = "{prompt}"
-    """Python format string over an example's fields that makes the prompt."""
+    """Template over an example's fields that makes the prompt: text with plain {field}
+    placeholders ({{ and }} for a literal brace; no format specs, conversions, attributes or
+    indexes)."""
     completion_template: Template = " {completion}"
-    """Format string that makes the completion (causal-lm); only it is trained on."""
+    """Template that makes the completion (causal-lm), written like promptTemplate; only the
+    completion is trained on."""
     label_field: Annotated[str, StringConstraints(min_length=1, max_length=128)] = "label"
     """Field with the class label (sequence-classification)."""
     validation_fraction: Annotated[float, Field(ge=0.0, le=0.5)] = 0.1

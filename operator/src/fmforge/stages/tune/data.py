@@ -1,13 +1,13 @@
 """The TunedModel's examples: JSONL records turned into token ids by the spec's templates.
 
-`check_template` refuses a template that cannot work (broken braces, positional or attribute
-placeholders) before any file is read; `read` reads the records of a JSONL file or a directory
-of them (file://, pvc://, s3://, or a ConfigMap key mounted into the pod) and fails on the first
-broken one, naming the file, the line and the missing field; `read_pile` reads a pile version's
-documents as records (a bounded scan of its documents table at the pinned snapshot); `split`
-holds out a stable share for validation; `encode` tokenizes them for the task (causal-lm:
-prompt then completion, loss on the completion only; classification: the prompt and its
-label's index). All of it runs on the driver before a worker starts: tuning sets
+`check_template` refuses a template that cannot work (broken braces, positional, attribute or
+index placeholders, format specs, conversions) before any file is read; `read` reads the records
+of a JSONL file or a directory of them (file://, pvc://, s3://, or a ConfigMap key mounted into
+the pod) and fails on the first broken one, naming the file, the line and the missing field;
+`read_pile` reads a pile version's documents as records (a bounded scan of its documents table at
+the pinned snapshot); `split` holds out a stable share for validation; `encode` tokenizes them for
+the task (causal-lm: prompt then completion, loss on the completion only; classification: the
+prompt and its label's index). All of it runs on the driver before a worker starts: tuning sets
 are written by people and small, and every mistake in them must show before training does.
 Called by `fmforge.stages.tune`.
 """
@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...api.v1alpha1.tunedmodel import template_fields
 from ..base import InputError, InvalidSpec
 from ..piles import PROP_DIGEST
 from ..uris import resolve
@@ -41,26 +41,17 @@ class Record:
 
 
 def check_template(template: str, field: str) -> list[str]:
-    """The record fields `template` reads; InvalidSpec for a template that cannot be filled."""
+    """The record fields `template` reads; InvalidSpec naming `field` and the offending
+    placeholder for a template that is more than text, `{{`/`}}` and plain `{field}` placeholders.
+
+    The spec's model refuses such a template already (`fmforge validate`, the CRD's rule); this
+    check stands for specs that reach the stage another way, so nothing but a plain field name
+    ever reaches `str.format_map` (a format spec such as `{q:99999999}` would reach Python's
+    formatter with the record's values: a ValueError mid-run, or a width that exhausts memory)."""
     try:
-        parts = list(string.Formatter().parse(template))
+        return template_fields(template)
     except ValueError as e:
-        raise InvalidSpec(f"{field}: {template!r} is not a valid template ({e}); write placeholders as {{field}} "
-                          f"and double a literal brace ({{{{ or }}}})") from None
-    names = []
-    for _, name, spec, _ in parts:
-        if name is None:
-            continue
-        # Only plain names: `{}`/`{0}` have no record field to read, and `{a.b}`/`{a[0]}` would
-        # let a manifest reach into Python objects' attributes.
-        if not name.isidentifier():
-            raise InvalidSpec(f"{field}: the placeholder {{{name}}} in {template!r} is not a field name; "
-                              f"placeholders name a record's fields, like {{question}}")
-        if spec and "{" in spec:
-            raise InvalidSpec(f"{field}: nested placeholders ({{{name}:{spec}}}) are not supported; use plain "
-                              f"{{{name}}}")
-        names.append(name)
-    return names
+        raise InvalidSpec(f"{field}: {e}") from None
 
 
 def read(uri: str, base_dir, confine: bool) -> tuple[list[Record], str]:
