@@ -12,6 +12,7 @@ names the file (or field), the line where there is one, and the fix, as the righ
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -92,3 +93,120 @@ def test_the_crd_rule_accepts_every_template_the_model_accepts():
         assert cel or not ok, f"the API server would refuse {s!r}, which fmforge validate accepts"
         if any(c in s for c in ":!.[") or s in ("{}", "{0}", "{a", "a}", "{{a}"):
             assert not cel, f"the API server would accept {s!r}"
+
+
+# -- ModelCard prompts files -------------------------------------------------------------------------
+
+#: The test model's context: 64 positions, 8 of them kept for the answer.
+CONTEXT, NEW_TOKENS = 64, 8
+
+
+@pytest.fixture(scope="module")
+def card_ws(tmp_path_factory):
+    """A folder with a TrainingRun record whose model is a tiny GPT-2 (64 positions, random
+    weights: every case here fails before a token is generated) and its byte-level BPE."""
+    import torch
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from fmforge.runtime.state import StateDir
+    from fmforge.stages.artifacts import model_digest
+
+    root = tmp_path_factory.mktemp("card")
+    out = root / "model"
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(list(topics.values())[:40], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=CONTEXT, n_embd=16, n_layer=1, n_head=2,
+                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(out)
+    tok.save_pretrained(out)
+    digest = model_digest(out)
+    StateDir(root / ".fmforge").write({
+        "apiVersion": "fmforge.io/v1alpha1", "kind": "TrainingRun", "metadata": {"name": "gpt", "generation": 1},
+        "spec": {}, "status": {"phase": "Succeeded", "model": {"uri": out.as_uri(), "digest": digest}},
+        "fmforge": {"artifactDigest": digest}})
+    return root
+
+
+def _card(root, name: str, body: bytes, **benchmark) -> tuple[str, str, str]:
+    """Run a ModelCard whose prompts benchmark reads `body` (as prompts.jsonl): the outcome's word,
+    and the Ready condition's reason and message."""
+    import yaml
+
+    from fmforge.runtime.local import run_paths
+    from fmforge.runtime.progress import RunConsole
+    from fmforge.runtime.state import StateDir
+
+    (root / f"{name}.jsonl").write_bytes(body)
+    manifest = {"apiVersion": "fmforge.io/v1alpha1", "kind": "ModelCard", "metadata": {"name": name},
+                "spec": {"modelRef": {"kind": "TrainingRun", "name": "gpt"},
+                         "benchmarks": [{"name": "qa", "type": "prompts", "uri": f"file://{name}.jsonl",
+                                         "metric": "contains", "maxNewTokens": NEW_TOKENS,
+                                         "threshold": {"min": 0.0}, **benchmark}],
+                         "card": {"description": "A test model.", "license": "apache-2.0", "owners": ["tests"]}}}
+    (root / f"{name}.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    report = run_paths([root / f"{name}.yaml"], state_dir=root / ".fmforge", console=RunConsole(rich=False))
+    assert not report.errors, report.errors
+    rec = StateDir(root / ".fmforge").read("ModelCard", name)
+    ready = next(c for c in rec["status"]["conditions"] if c["type"] == "Ready")
+    return report.outcomes[0].word, ready["reason"], ready["message"]
+
+
+GOOD = b'{"prompt": "What is a list?", "expected": "sequence"}\n'
+
+
+@pytest.mark.parametrize("name, body, reason, words", [
+    ("latin1", GOOD + '{"prompt": "Qu\'est-ce qu\'une liste ? Réponse :", "expected": "x"}\n'.encode("latin-1"),
+     "InvalidInput", ["file://latin1.jsonl line 2: not UTF-8 text", "byte 0xe9", "save the file as UTF-8"]),
+    ("empty", b"", "InvalidInput", ["file://empty.jsonl: no prompts in the file (empty)",
+                                   '{"prompt": "...", "expected": "..."}']),
+    ("blank", b"\n  \n", "InvalidInput", ["file://blank.jsonl: no prompts in the file (blank lines only)"]),
+    ("notjson", GOOD + b"prompt: what is a dict?\n", "InvalidInput",
+     ["file://notjson.jsonl line 2: not valid JSON", "each line must be an object like"]),
+    ("array", GOOD + b'["What is a dict?", "mapping"]\n', "InvalidInput",
+     ["file://array.jsonl line 2: a JSON array, not an object"]),
+    ("noexpected", GOOD + GOOD + b'{"prompt": "What is a dict?", "answer": "mapping"}\n', "InvalidInput",
+     ['file://noexpected.jsonl line 3: no "expected" field', "'answer', 'prompt'"]),
+    ("notstring", b'{"prompt": "How many?", "expected": 3}\n', "InvalidInput",
+     ['file://notstring.jsonl line 1: "expected" is a JSON number, not a string', "as a string"]),
+    ("emptyprompt", GOOD + b'{"prompt": "  ", "expected": "mapping"}\n', "InvalidInput",
+     ["file://emptyprompt.jsonl line 2: the prompt is empty", "remove the line"]),
+    ("emptyexpected", b'{"prompt": "What is a dict?", "expected": ""}\n', "InvalidInput",
+     ["file://emptyexpected.jsonl line 1: the expected answer is empty"]),
+    ("long", GOOD + b"\n" + json.dumps({"prompt": "word " * 80, "expected": "x"}).encode() + b"\n", "InvalidInput",
+     ["file://long.jsonl line 3: the prompt is", f"the model reads {CONTEXT}, {NEW_TOKENS} of them kept for the "
+      f"answer (maxNewTokens), so a prompt may have {CONTEXT - NEW_TOKENS}", "shorten the prompt or lower "
+      "maxNewTokens"]),
+])
+def test_a_broken_prompts_file_fails_naming_the_file_the_line_and_the_fix(card_ws, name, body, reason, words):
+    word, got, msg = _card(card_ws, name, body)
+    assert word == "Failed" and got == reason, (got, msg)
+    assert "\n" not in msg and "Traceback" not in msg, msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_max_new_tokens_that_fill_the_context_is_a_spec_error(card_ws):
+    word, reason, msg = _card(card_ws, "toomany", GOOD, maxNewTokens=CONTEXT)
+    assert word == "Failed" and reason == "InvalidSpec", msg
+    assert msg == (f"spec.benchmarks[0].maxNewTokens: {CONTEXT} new tokens leave no room for a prompt in the "
+                   f"{CONTEXT} tokens the model reads; set maxNewTokens below {CONTEXT}")
+
+
+def test_a_prompt_that_just_fits_is_answered(card_ws):
+    """The bound is exact: a prompt of context - maxNewTokens tokens is measured (the model
+    generates up to the context's last position)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(card_ws / "model")
+    words = "list " * (CONTEXT - NEW_TOKENS)
+    ids = tok(words)["input_ids"][:CONTEXT - NEW_TOKENS]
+    prompt = tok.decode(ids)
+    assert len(tok(prompt)["input_ids"]) == CONTEXT - NEW_TOKENS
+    word, reason, msg = _card(card_ws, "fits", json.dumps({"prompt": prompt, "expected": "x"}).encode() + b"\n")
+    assert word == "Succeeded", (reason, msg)

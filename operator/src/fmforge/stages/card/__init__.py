@@ -1,7 +1,8 @@
 """The ModelCard stage: benchmark a model against thresholds, render its card, approve or wait.
 
     the model of `modelRef` (its directory, digest checked) → every input checked (pile versions,
-    prompts files, benchmark fits the architecture) → each benchmark measured → thresholds →
+    prompts files line by line, each prompt fits the model's context with maxNewTokens to spare,
+    benchmark fits the architecture) → each benchmark measured → thresholds →
     approval (automatic, or manual bound to the model digest) → card (Markdown + JSON + PNG) in
     a directory of its own, with the earlier evaluations of this ModelCard as history
 
@@ -43,7 +44,8 @@ def run(ctx: StageContext) -> StageResult:
     path, digest, model = _model(ctx, spec)
     from transformers import AutoConfig
 
-    arch = AutoConfig.from_pretrained(str(path)).architectures or []
+    config = AutoConfig.from_pretrained(str(path))
+    arch = config.architectures or []
     encoder = any(a.endswith("ForMaskedLM") for a in arch)
     log_file = path / TRAINING_LOG
     training = json.loads(log_file.read_text()) if log_file.is_file() else {}
@@ -57,7 +59,9 @@ def run(ctx: StageContext) -> StageResult:
                 raise InvalidSpec(f"{where}: {b.name}: prompts need a generative model, and {spec.model_ref.name} is "
                                   f"an encoder (masked LM); use maskedTokens or perplexity for it")
             _, p = resolve_uri(b.uri, ctx.base_dir, confine=not ctx.allow_outside_paths)
-            plans.append((b, evaluate.read_prompts(Path(p), b.uri, b.max_samples)))
+            rows = evaluate.read_prompts(Path(p), b.uri, b.max_samples)
+            evaluate.check_fit(rows, path, config, b.max_new_tokens, b.uri, where)
+            plans.append((b, rows))
         else:
             if b.type == "maskedTokens" and not encoder:
                 raise InvalidSpec(f"{where}: {b.name}: maskedTokens measures an encoder (masked LM), and "

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..base import InputError
+from ..base import InputError, InvalidSpec
 
 
 @dataclass
@@ -99,27 +99,105 @@ def on_pile(pile_version, split: str, model_dir: Path, encoder: bool, max_sample
             "samples": int(sequences)}
 
 
-def read_prompts(path: Path, uri: str, max_samples: int | None) -> list[dict[str, str]]:
-    """The {prompt, expected} lines of a JSONL file; a broken line fails naming it and the fix."""
+#: How a prompts line looks, for the messages.
+PROMPT_LINE = '{"prompt": "...", "expected": "..."}'
+
+
+def read_prompts(path: Path, uri: str, max_samples: int | None) -> list[dict[str, Any]]:
+    """The {prompt, expected} lines of a JSONL file (each with its line number, `line`, for the
+    messages of later checks), the first `max_samples` of them; InputError naming the file, the
+    line and the fix for the first line that cannot be used: bytes that are not UTF-8, a line
+    that is not a JSON object, a prompt or expected answer missing, not a string or empty (an
+    empty answer is found in every output: `contains` would score it 1), or no line at all."""
+    if path.is_dir():
+        raise InputError(f"{uri}: a directory ({path}), not a file; a prompts benchmark reads one JSONL file of "
+                         f"{PROMPT_LINE} lines: fix the benchmark's uri")
     if not path.is_file():
         raise InputError(f"{uri}: no such file ({path}); fix the benchmark's uri")
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        body = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"{uri}: cannot be read ({e.strerror}); make {path} readable") from None
+    try:
+        # utf-8-sig: a byte-order mark, as some editors write, is not the first line's text
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        n = body.count(b"\n", 0, e.start) + 1
+        column = e.start - (body.rfind(b"\n", 0, e.start) + 1) + 1
+        raise InputError(f"{uri} line {n}: not UTF-8 text (byte 0x{body[e.start]:02x} at byte {column} of the line); "
+                         f"save the file as UTF-8") from None
+    rows: list[dict[str, Any]] = []
+    # Lines end at "\n" only, as editors count them (str.splitlines would also cut at the
+    # U+2028 or U+0085 that a JSON string may hold raw).
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{uri} line {n}: not valid JSON ({e.msg} at column {e.colno}); each line must be an "
-                             f"object like {{\"prompt\": \"...\", \"expected\": \"...\"}}") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(
-                row.get("expected"), str):
-            raise InputError(f"{uri} line {n}: needs string fields \"prompt\" and \"expected\"; got "
-                             f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")
-        rows.append({"prompt": row["prompt"], "expected": row["expected"]})
+                             f"object like {PROMPT_LINE}") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{uri} line {n}: a JSON {_json_type(row)}, not an object; each line must be an object "
+                             f"like {PROMPT_LINE}")
+        for key in ("prompt", "expected"):
+            what = "prompt" if key == "prompt" else "expected answer"
+            if key not in row:
+                raise InputError(f"{uri} line {n}: no \"{key}\" field (the line has "
+                                 f"{', '.join(map(repr, sorted(row))) or 'no fields'}); each line must be an object "
+                                 f"like {PROMPT_LINE}")
+            if not isinstance(row[key], str):
+                raise InputError(f"{uri} line {n}: \"{key}\" is a JSON {_json_type(row[key])}, not a string; write "
+                                 f"the {what} as a string")
+            if not row[key].strip():
+                raise InputError(f"{uri} line {n}: the {what} is empty; write the {what}, or remove the line")
+        rows.append({"prompt": row["prompt"], "expected": row["expected"], "line": n})
     if not rows:
-        raise InputError(f"{uri}: no prompts in the file; add lines of {{\"prompt\": ..., \"expected\": ...}}")
+        raise InputError(f"{uri}: no prompts in the file ({'empty' if not body else 'blank lines only'}); write one "
+                         f"{PROMPT_LINE} object per line")
     return rows[:max_samples] if max_samples else rows
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for the messages."""
+    if isinstance(value, bool):
+        return "boolean"
+    return {dict: "object", list: "array", str: "string", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def context_length(config) -> int | None:
+    """The positions a model reads at most (max_position_embeddings; GPT-2 calls it n_positions),
+    or None where the config does not say."""
+    for attr in ("max_position_embeddings", "n_positions"):
+        if getattr(config, attr, None):
+            return int(getattr(config, attr))
+    return None
+
+
+def check_fit(rows: list[dict[str, Any]], model_dir: Path, config, max_new_tokens: int, uri: str,
+              where: str) -> None:
+    """Every prompt leaves `max_new_tokens` of the model's context for the answer. A longer one
+    would fail mid-benchmark (GPT-2: an index error in the position embeddings) or, with rotary
+    positions, be answered past what the model was trained on and score as if it were the
+    model's fault. InvalidSpec when maxNewTokens alone fills the context; InputError naming the
+    file and the line of the first prompt too long."""
+    context = context_length(config)
+    if context is None:
+        return
+    if max_new_tokens >= context:
+        raise InvalidSpec(f"{where}.maxNewTokens: {max_new_tokens} new tokens leave no room for a prompt in the "
+                          f"{context} tokens the model reads; set maxNewTokens below {context}")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    room = context - max_new_tokens
+    # tokenized as on_prompts tokenizes them (special tokens included)
+    for r, ids in zip(rows, tok([r["prompt"] for r in rows])["input_ids"], strict=True):
+        if len(ids) > room:
+            raise InputError(f"{uri} line {r['line']}: the prompt is {len(ids)} tokens; the model reads {context}, "
+                             f"{max_new_tokens} of them kept for the answer (maxNewTokens), so a prompt may have "
+                             f"{room}; shorten the prompt or lower maxNewTokens")
 
 
 def score(metric: str, output: str, expected: str, rouge=None) -> float:
