@@ -12,8 +12,13 @@ names the file (or field), the line where there is one, and the fix, as the righ
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -210,3 +215,132 @@ def test_a_prompt_that_just_fits_is_answered(card_ws):
     assert len(tok(prompt)["input_ids"]) == CONTEXT - NEW_TOKENS
     word, reason, msg = _card(card_ws, "fits", json.dumps({"prompt": prompt, "expected": "x"}).encode() + b"\n")
     assert word == "Succeeded", (reason, msg)
+
+
+# -- DataPile: a disk that refuses the pile's files -------------------------------------------------
+
+WAREHOUSE_FIX = "point the catalog's warehouse elsewhere"
+
+
+@contextlib.contextmanager
+def tiny_filesystem(path: Path, size: str, readonly: bool = False):
+    """A tmpfs of `size` mounted at `path` (read-only if asked), unmounted afterwards: a real
+    full or read-only disk, not a mock. Root only; skipped elsewhere."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    path.mkdir()
+    options = f"size={size},mode=0755" + (",ro" if readonly else "")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "fmforge-test", str(path)], capture_output=True,
+                       text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        # lazy: a Ray worker still holding a file open must not keep the mount (or fail the test)
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+def _pile_dir(root: Path) -> Path:
+    """A DataPile folder: 300 documents of made-up words (about 600 KB, 150 KB or more of Parquet)
+    and a manifest without filters, fuzzy dedup or categorizer, for speed."""
+    import random
+
+    import yaml
+
+    rng = random.Random(7)
+    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(2000)]
+    (root / "data").mkdir(parents=True)
+    with (root / "data" / "docs.jsonl").open("w") as f:
+        for _ in range(300):
+            f.write(json.dumps({"text": " ".join(rng.choice(vocab) for _ in range(300))}) + "\n")
+    pile = {"apiVersion": "fmforge.io/v1alpha1", "kind": "DataPile", "metadata": {"name": "full"},
+            "spec": {"sources": [{"name": "words", "uri": "file://data/", "format": "jsonl"}],
+                     "categorize": {"naturalLanguage": {"enabled": False}, "programmingLanguage": {"enabled": False}},
+                     "filters": [], "dedup": {"exact": True, "fuzzy": {"enabled": False}},
+                     "tokenizer": {"train": {"vocabSize": 300}}, "tokenize": {"sequenceLength": 64},
+                     "publish": {"tags": ["v1"]}, "resources": {"workers": 1, "cpusPerWorker": 1}}}
+    (root / "pile.yaml").write_text(yaml.safe_dump(pile, sort_keys=False))
+    return root / "pile.yaml"
+
+
+def _run_pile(manifest: Path) -> tuple[str, str, str]:
+    """Run the DataPile: its outcome's word, and its Ready condition's reason and message."""
+    from fmforge.runtime.local import run_paths
+    from fmforge.runtime.progress import RunConsole
+    from fmforge.runtime.state import StateDir
+
+    state = manifest.parent / ".fmforge"
+    report = run_paths([manifest], state_dir=state, console=RunConsole(rich=False))
+    assert not report.errors, report.errors
+    ready = next(c for c in StateDir(state).read("DataPile", "full")["status"]["conditions"] if c["type"] == "Ready")
+    return report.outcomes[0].word, ready["reason"], ready["message"]
+
+
+def _one_clean_line(msg: str) -> None:
+    assert "\n" not in msg and "\x1b" not in msg and "Traceback" not in msg and "ray::" not in msg, msg
+    assert len(msg) < 300, msg
+
+
+@pytest.mark.parametrize("where", ["worker", "driver"])
+def test_a_full_warehouse_fails_in_one_line(tmp_path: Path, monkeypatch, where: str):
+    """The warehouse on a 64 KiB tmpfs: the tables' metadata fits and the Ray task writing the
+    first Parquet file finds the disk full (worker); or the disk is full before the run, and the
+    driver creating the tables finds it so (driver)."""
+    manifest = _pile_dir(tmp_path / "w")
+    with tiny_filesystem(tmp_path / "full", "64k") as full:
+        if where == "driver":
+            with contextlib.suppress(OSError), (full / "filler").open("wb") as f:
+                while True:
+                    f.write(b"\0" * 4096)
+                    f.flush()
+        monkeypatch.setenv("FMFORGE_CATALOG", json.dumps(
+            {"type": "sql", "uri": f"sqlite:///{tmp_path}/catalog.db", "warehouse": full.as_uri()}))
+        word, reason, msg = _run_pile(manifest)
+    assert word == "Failed" and reason == "OutputUnwritable", msg
+    _one_clean_line(msg)
+    if where == "worker":
+        # the file the task was writing, under the warehouse
+        assert re.fullmatch(rf"no space left on device writing {re.escape(str(full))}/default/full_\w+/data/"
+                            rf"fmforge-[-0-9a-f]+/000000\.parquet: free space or {WAREHOUSE_FIX}", msg), msg
+    else:
+        assert msg == f"no space left on device writing the pile's tables in {full}: free space or {WAREHOUSE_FIX}"
+
+
+def test_a_read_only_warehouse_fails_in_one_line(tmp_path: Path, monkeypatch):
+    manifest = _pile_dir(tmp_path / "w")
+    with tiny_filesystem(tmp_path / "ro", "64k", readonly=True) as ro:
+        monkeypatch.setenv("FMFORGE_CATALOG", json.dumps(
+            {"type": "sql", "uri": f"sqlite:///{tmp_path}/catalog.db", "warehouse": ro.as_uri()}))
+        word, reason, msg = _run_pile(manifest)
+    assert word == "Failed" and reason == "OutputUnwritable", msg
+    _one_clean_line(msg)
+    assert msg == f"read-only file system writing {ro}/default: remount it read-write or {WAREHOUSE_FIX}"
+
+
+def test_a_refused_write_in_a_ray_task_comes_back_as_one_line(tmp_path: Path):
+    """What no test run as root can make for real (a quota, a forbidden folder: root writes
+    anywhere), raised in a Ray task: gather unwraps RayTaskError to its cause."""
+    from fmforge.stages import raysession
+    from fmforge.stages.base import OutputError
+    from fmforge.stages.datapile import workers as wk
+
+    def refuse(code: int, path: str | None):
+        # defined here, so that Ray ships it by value (the workers cannot import a test module)
+        raise OSError(code, os.strerror(code), path)
+
+    cases = [
+        (errno.EDQUOT, "/lake/piles/x.parquet",
+         f"disk quota exceeded writing /lake/piles/x.parquet: free space within the quota or {WAREHOUSE_FIX}"),
+        (errno.EACCES, "/lake/piles/x.parquet",
+         f"permission denied writing /lake/piles/x.parquet: let user {os.geteuid()} write there or {WAREHOUSE_FIX}"),
+        (errno.ENOSPC, None, f"no space left on device writing the pile's files: free space or {WAREHOUSE_FIX}"),
+    ]
+    raysession.start(tmp_path, 1)
+    try:
+        for code, path, message in cases:
+            with pytest.raises(OutputError) as e:
+                wk.gather([wk.remote(refuse).remote(code, path)])
+            assert str(e.value) == message and e.value.reason == "OutputUnwritable"
+    finally:
+        raysession.shutdown()

@@ -8,6 +8,9 @@ carry their retry semantics in their type, so the runner and the operator treat 
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -97,6 +100,52 @@ class InputError(StageError):
     """An input is unusable (unreadable file, wrong field, empty pile after filtering)."""
 
     reason = "InvalidInput"
+
+
+class OutputError(StageError):
+    """The stage cannot write what it makes: the destination is full, over its quota, read-only
+    or forbidden. A retry would fail alike until someone frees space or points the output
+    elsewhere."""
+
+    reason = "OutputUnwritable"
+
+
+#: The errno of a write the destination refused, as each reads in a message.
+UNWRITABLE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+              errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+              errno.EPERM: "operation not permitted"}
+
+
+def unwritable(exc: BaseException) -> tuple[int, str | None] | None:
+    """(errno, path) of the refused write behind `exc`, or None: `exc` itself, or what it wraps
+    (a Ray task error's `cause`, an explicit cause, the exception being handled when it was
+    raised). The path is the OSError's filename, or the first quoted absolute path of its text
+    (pyarrow's errors name the path there, if at all); None where neither says."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in UNWRITABLE:
+            quoted = re.search(r"'(/[^']+)'", str(e))
+            return e.errno, (str(e.filename) if e.filename else None) or (quoted.group(1) if quoted else None)
+        cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError: the task's own exception
+        todo += [cause if isinstance(cause, BaseException) else None, e.__cause__,
+                 None if e.__suppress_context__ else e.__context__]
+    return None
+
+
+def output_error(code: int, path: str, elsewhere: str) -> OutputError:
+    """One line for a write the destination refused (`code`, an errno of UNWRITABLE) at `path`:
+    what happened and the fix; `elsewhere` says how to write somewhere else ("point the
+    catalog's warehouse elsewhere")."""
+    fix = {errno.ENOSPC: f"free space or {elsewhere}",
+           errno.EDQUOT: f"free space within the quota or {elsewhere}",
+           errno.EROFS: f"remount it read-write or {elsewhere}"}.get(
+        code, f"let user {os.geteuid()} write there or {elsewhere}")
+    return OutputError(f"{UNWRITABLE[code]} writing {path.removeprefix('file://')}: {fix}")
 
 
 class TemporaryError(Exception):

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from ...api.v1alpha1.common import quantity_value
 from ...api.v1alpha1.datapile import DataPileSpec, DocumentCounts, PileStats, PileVersion
 from .. import raysession
-from ..base import InputError, InvalidSpec, StageContext, StageResult
+from ..base import InputError, InvalidSpec, OutputError, StageContext, StageError, StageResult, output_error, unwritable
 from . import datacard as dc
 from . import dedup as dd
 from . import publish as pub
@@ -421,6 +421,11 @@ def run(ctx: StageContext) -> StageResult:
             w.timings[name] = time.monotonic() - t
             if w.result is not None:
                 return w.result
+    except Exception as e:
+        refused = None if isinstance(e, StageError) else unwritable(e)
+        if refused is None:
+            raise
+        raise _refused_write(w, *refused) from e
     finally:
         if w.attempt and not w.committing:
             try:
@@ -428,6 +433,25 @@ def run(ctx: StageContext) -> StageResult:
             except OSError as e:  # the run's own error matters more; the next run's repair retries
                 ctx.reporter.log("Could not remove the failed attempt's files", attempt=w.attempt, error=str(e))
     raise RuntimeError("the DataPile steps ended without a result")
+
+
+def _refused_write(w: Work, code: int, path: str | None) -> OutputError:
+    """One line for a write on the driver that the disk refused (the catalog's metadata, the
+    tokenizer, the data card): where, and the fix that fits the place."""
+    warehouse = str((w.cat.properties.get("warehouse") if w.cat is not None else None) or "")
+    warehouse = warehouse.removeprefix("file://")
+    state = str(w.ctx.state_dir.resolve())
+    path = path.removeprefix("file://") if path else None
+    if path is None:
+        # pyarrow's errors often name no file: the tables are what the driver writes with it
+        path = f"the pile's tables in {warehouse}" if warehouse else f"the state directory {state}"
+    if warehouse and path.startswith(("the pile's", warehouse)):
+        return output_error(code, path, wk.ELSEWHERE)
+    if path.startswith(("the state", state)):
+        return output_error(code, path, "use another state directory")
+    return output_error(code, path, "write elsewhere")
+
+
 def _total(w: Work, step: Callable[[Work], None]) -> int | None:
     """What a step's progress counts to: chunks read, documents processed, documents written."""
     if step is read:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 import json
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +85,15 @@ def load_tokenizer(path: Path | str, fs=None):
 def save_tokenizer(tok, out: Path) -> None:
     """Hugging Face layout: tokenizer.json plus the config transformers reads."""
     out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
+    try:
+        tok.save(str(out / "tokenizer.json"))
+    except Exception as e:
+        # tokenizers (Rust) raises a plain Exception, "No space left on device (os error 28)":
+        # an OSError again, so that a full or read-only disk is reported as one
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(out / "tokenizer.json")) from e
     eos = EOS if tok.token_to_id(EOS) is not None else None
     pad = PAD if tok.token_to_id(PAD) is not None else eos
     (out / "tokenizer_config.json").write_text(json.dumps({

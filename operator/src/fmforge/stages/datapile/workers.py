@@ -27,7 +27,9 @@ calls the UDF once per bucket, and nearly every bucket holds one document: on 28
 A piece is the unit of every task, numbered in the order of the listing, so file names and
 sequence ids are the same on every run and every retry. Tasks are pure or write files named by
 their piece: Ray retries a task whose worker died (`max_retries`), and the retry writes the same
-file again. Errors a user must fix (`InputError`, `InvalidSpec`) come back as themselves.
+file again. Errors a user must fix (`InputError`, `InvalidSpec`) come back as themselves, and a
+write the disk refused (full, over quota, read-only, forbidden) as one line (`OutputError`)
+instead of Ray's traceback.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ...api.v1alpha1.datapile import DataPileSpec, Source
-from ..base import StageError
+from ..base import StageError, output_error, unwritable
 from . import dedup as dd
 from . import tokenize as tk
 from .annotate import annotate
@@ -82,6 +84,9 @@ DECISIONS_SCHEMA = pa.schema([("keep", pa.bool_()), ("reason", pa.string()), ("d
 
 #: Sequence ids: the piece's number in the high bits, the sequence's number in the piece below.
 SEQ_BITS = 32
+
+#: How to write the pile's files somewhere else, in the messages of a refused write.
+ELSEWHERE = "point the catalog's warehouse elsewhere"
 
 
 def cost_of(nbytes: int | np.ndarray, is_code: bool | np.ndarray):
@@ -323,8 +328,15 @@ def _write(table: pa.Table, out: Output, name: str) -> str:
     path = f"{out.folder}/{name}"
     table = table.select(out.schema.names).cast(out.schema)
     io = load_file_io(out.io_properties, path)
-    with io.new_output(path).create(overwrite=True) as stream:
-        pq.write_table(table, stream, compression="zstd")
+    try:
+        with io.new_output(path).create(overwrite=True) as stream:
+            pq.write_table(table, stream, compression="zstd")
+    except OSError as e:
+        # pyarrow's error names neither the file nor the fix ("Error writing bytes to file")
+        refused = unwritable(e)
+        if refused is None:
+            raise
+        raise output_error(refused[0], path, ELSEWHERE) from e
     return path
 
 
@@ -344,7 +356,7 @@ def gather(refs: list, progress: Callable[[int], None] | None = None, weights: S
     """The values of `refs`, in order; `progress(weight)` as they are done. If a task fails, the
     later ones are cancelled and the error of the first failing task in order is raised (the
     same error on every run, whichever task finished first); a StageError (bad input: what the
-    user must fix) is raised as itself."""
+    user must fix) is raised as itself, and a write the disk refused as an OutputError."""
     import ray
 
     pending = {ref: i for i, ref in enumerate(refs)}
@@ -377,6 +389,12 @@ def _raise_first(earlier: list, error: Exception) -> None:
         except ray.exceptions.RayTaskError as e:
             error = e
             break
-    if isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, StageError):
-        raise error.cause from None
+    if isinstance(error, ray.exceptions.RayTaskError):
+        if isinstance(error.cause, StageError):
+            raise error.cause from None
+        # A refused write outside _write: one line, not Ray's traceback in colour (it stays
+        # chained, for whoever logs the full error).
+        refused = unwritable(error)
+        if refused is not None:
+            raise output_error(refused[0], refused[1] or "the pile's files", ELSEWHERE) from error
     raise error
