@@ -344,3 +344,37 @@ def test_a_refused_write_in_a_ray_task_comes_back_as_one_line(tmp_path: Path):
             assert str(e.value) == message and e.value.reason == "OutputUnwritable"
     finally:
         raysession.shutdown()
+
+
+def test_the_tokenizer_on_a_full_disk_is_an_oserror_naming_its_file(tmp_path: Path):
+    """tokenizers (Rust) reports a full disk as a plain Exception; save_tokenizer makes it the
+    OSError it is, which the stage then reports in one line like any other refused write."""
+    from tokenizers import Tokenizer, models
+
+    from fmforge.stages.datapile import tokenize as tk
+
+    with tiny_filesystem(tmp_path / "full", "16k") as full:
+        with contextlib.suppress(OSError), (full / "filler").open("wb") as f:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+        with pytest.raises(OSError) as e:
+            tk.save_tokenizer(Tokenizer(models.BPE()), full / "tok")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(full / "tok" / "tokenizer.json")
+
+
+def test_a_refused_write_on_the_driver_names_the_fix_of_its_place(tmp_path: Path):
+    """The warehouse's files: point the warehouse elsewhere; the state directory's (the
+    tokenizer, the data card): another state directory."""
+    from types import SimpleNamespace
+
+    from fmforge.stages.datapile import Work, _refused_write
+
+    state = tmp_path / ".fmforge"
+    cat = SimpleNamespace(properties={"warehouse": f"file://{tmp_path}/lake"})
+    w = Work(SimpleNamespace(state_dir=state), None, cat=cat)
+    assert str(_refused_write(w, errno.ENOSPC, f"{tmp_path}/lake/default/t/metadata/x.json")) == \
+        f"no space left on device writing {tmp_path}/lake/default/t/metadata/x.json: free space or {WAREHOUSE_FIX}"
+    tok = f"{state}/artifacts/DataPile/p/abc/tokenizer/tokenizer.json"
+    assert str(_refused_write(w, errno.ENOSPC, tok)) == \
+        f"no space left on device writing {tok}: free space or use another state directory"
