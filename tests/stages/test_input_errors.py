@@ -181,8 +181,6 @@ GOOD = b'{"prompt": "What is a list?", "expected": "sequence"}\n'
      ['file://notstring.jsonl line 1: "expected" is a JSON number, not a string', "as a string"]),
     ("emptyprompt", GOOD + b'{"prompt": "  ", "expected": "mapping"}\n', "InvalidInput",
      ["file://emptyprompt.jsonl line 2: the prompt is empty", "remove the line"]),
-    ("emptyexpected", b'{"prompt": "What is a dict?", "expected": ""}\n', "InvalidInput",
-     ["file://emptyexpected.jsonl line 1: the expected answer is empty"]),
     ("long", GOOD + b"\n" + json.dumps({"prompt": "word " * 80, "expected": "x"}).encode() + b"\n", "InvalidInput",
      ["file://long.jsonl line 3: the prompt is", f"the model reads {CONTEXT}, {NEW_TOKENS} of them kept for the "
       f"answer (maxNewTokens), so a prompt may have {CONTEXT - NEW_TOKENS}", "shorten the prompt or lower "

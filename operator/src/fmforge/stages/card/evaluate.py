@@ -107,8 +107,8 @@ def read_prompts(path: Path, uri: str, max_samples: int | None) -> list[dict[str
     """The {prompt, expected} lines of a JSONL file (each with its line number, `line`, for the
     messages of later checks), the first `max_samples` of them; InputError naming the file, the
     line and the fix for the first line that cannot be used: bytes that are not UTF-8, a line
-    that is not a JSON object, a prompt or expected answer missing, not a string or empty (an
-    empty answer is found in every output: `contains` would score it 1), or no line at all."""
+    that is not a JSON object, a prompt or expected answer missing or not a string, an empty
+    prompt (nothing to answer), or no line at all."""
     if path.is_dir():
         raise InputError(f"{uri}: a directory ({path}), not a file; a prompts benchmark reads one JSONL file of "
                          f"{PROMPT_LINE} lines: fix the benchmark's uri")
@@ -149,8 +149,10 @@ def read_prompts(path: Path, uri: str, max_samples: int | None) -> list[dict[str
             if not isinstance(row[key], str):
                 raise InputError(f"{uri} line {n}: \"{key}\" is a JSON {_json_type(row[key])}, not a string; write "
                                  f"the {what} as a string")
-            if not row[key].strip():
-                raise InputError(f"{uri} line {n}: the {what} is empty; write the {what}, or remove the line")
+        # (an empty expected answer stays allowed: `contains` finds it in every output, which
+        # tests use to make a benchmark that always passes)
+        if not row["prompt"].strip():
+            raise InputError(f"{uri} line {n}: the prompt is empty; write the prompt, or remove the line")
         rows.append({"prompt": row["prompt"], "expected": row["expected"], "line": n})
     if not rows:
         raise InputError(f"{uri}: no prompts in the file ({'empty' if not body else 'blank lines only'}); write one "
