@@ -310,6 +310,25 @@ def test_worker_killed_mid_run_recovers_within_max_failures(ws: Workspace):
     assert [p["step"] for p in curve] == list(range(1, 13))
 
 
+def test_the_same_training_twice_makes_the_same_model(ws: Workspace):
+    """Two runs of one TrainingRun on one pile version, each from step 0 (the first one's
+    checkpoints removed): the same model, byte for byte, so the same digest; nothing in the
+    model directory records times, paths or restarts."""
+    run = training_run("twice", maxSteps=6, checkpointEvery=3)
+    assert outcome(ws.run(run), "TrainingRun/twice").word == "Succeeded"
+    first = ws.record("TrainingRun", "twice")["status"]
+    shutil.rmtree(ws.state.root / "artifacts" / "TrainingRun" / "twice" / "attempts")
+    report = run_paths([ws.put(run)], state_dir=ws.state.root, console=RunConsole(rich=False), force=True)
+    assert outcome(report, "TrainingRun/twice").word == "Succeeded", report.outcomes
+    second = ws.record("TrainingRun", "twice")["status"]
+    assert "resumedFromStep" not in second["progress"]  # trained again from step 0
+    assert second["model"]["digest"] == first["model"]["digest"]
+    # no times, no restart count, no path but the pile version's data card (as its record says)
+    log = (model_dir({"status": second}) / TRAINING_LOG).read_text()
+    assert "unixTime" not in log and '"seconds"' not in log and '"restarts"' not in log
+    assert str(ws.root) not in log.replace(second["dataPile"].get("dataCard", ""), "")
+
+
 @pytest.mark.parametrize("change, field, words", [
     ({"dataPileRef": {"name": "mini", "tag": "v9"}}, "InvalidSpec", ["no version tagged 'v9'", "v1"]),
     ({"model": {"family": "llama", "config": {"layers": 2, "hidden": 36, "heads": 4}}}, "InvalidSpec",

@@ -409,3 +409,35 @@ def test_a_worker_killed_mid_tuning_resumes_from_its_checkpoint(ws: Workspace, b
     assert [p["step"] for p in log["lossCurve"]] == list(range(1, 25))
     assert [p["step"] for p in record["stepTimes"]] == list(range(1, 25))
     assert st["validation"]["after"]["loss"] < st["validation"]["before"]["loss"]
+
+
+def test_the_same_tuning_in_two_project_folders_makes_the_same_model(ws: Workspace, base_run: dict,
+                                                                       tmp_path: Path):
+    """One TunedModel spec run in two project folders, each with its own state directory and its
+    own copy of the base model (a TrainingRun's, recorded at its own path) and of the examples:
+    the same adapter and model, byte for byte, so the same digests an approval names. LoRA's
+    dropout is on, so the random streams must be the same too."""
+    spec = json.loads(json.dumps(QA_SPEC))
+    spec["lora"]["dropout"] = 0.1
+    spec["training"] = {"epochs": 2, "learningRate": 1.0e-2, "microBatchSize": 8}
+    other = Workspace(tmp_path / "copy")
+    shutil.copytree(ws.root / "tuning", other.root / "tuning")
+    base = other.state.root / "artifacts" / "TrainingRun" / "base" / "models" / "m"
+    shutil.copytree(path_of(base_run["status"]["model"]["uri"]), base)
+    record = copy.deepcopy(base_run)
+    record["status"]["model"]["uri"] = base.resolve().as_uri()
+    other.state.write(record)
+
+    runs = []
+    for w in (ws, other):
+        outcome, rec = w.run(tuned_model("twice", spec))
+        assert outcome.word == "Succeeded", outcome.message
+        runs.append(rec["status"])
+    first, second = runs
+    assert first["model"]["uri"] != second["model"]["uri"]  # two state directories
+    assert first["model"]["digest"] == second["model"]["digest"], (first["model"], second["model"])
+    assert first["adapter"]["digest"] == second["adapter"]["digest"]
+    log = (path_of(second["model"]["uri"]) / TRAINING_LOG).read_text()
+    assert str(other.root) not in log and str(ws.root) not in log and "unixTime" not in log
+    adapter = path_of(second["adapter"]["uri"])
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "TrainingRun/base"
