@@ -14,6 +14,7 @@ local runner.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import inspect
@@ -416,27 +417,37 @@ def test_the_same_tuning_in_two_project_folders_makes_the_same_model(ws: Workspa
     """One TunedModel spec run in two project folders, each with its own state directory and its
     own copy of the base model (a TrainingRun's, recorded at its own path) and of the examples:
     the same adapter and model, byte for byte, so the same digests an approval names. LoRA's
-    dropout is on, so the random streams must be the same too."""
+    dropout is on, so the random streams must be the same too. A third run, in a third folder,
+    has a worker killed after the first epoch: resumed from its checkpoint (weights, optimizer,
+    random states), it too makes the same model."""
     spec = json.loads(json.dumps(QA_SPEC))
     spec["lora"]["dropout"] = 0.1
     spec["training"] = {"epochs": 2, "learningRate": 1.0e-2, "microBatchSize": 8}
-    other = Workspace(tmp_path / "copy")
-    shutil.copytree(ws.root / "tuning", other.root / "tuning")
-    base = other.state.root / "artifacts" / "TrainingRun" / "base" / "models" / "m"
-    shutil.copytree(path_of(base_run["status"]["model"]["uri"]), base)
-    record = copy.deepcopy(base_run)
-    record["status"]["model"]["uri"] = base.resolve().as_uri()
-    other.state.write(record)
+    spec["faultTolerance"] = {"maxFailures": 1}
+    folders = [ws]
+    for name in ("copy", "killed"):
+        other = Workspace(tmp_path / name)
+        shutil.copytree(ws.root / "tuning", other.root / "tuning")
+        base = other.state.root / "artifacts" / "TrainingRun" / "base" / "models" / "m"
+        shutil.copytree(path_of(base_run["status"]["model"]["uri"]), base)
+        record = copy.deepcopy(base_run)
+        record["status"]["model"]["uri"] = base.resolve().as_uri()
+        other.state.write(record)
+        folders.append(other)
 
     runs = []
-    for w in (ws, other):
-        outcome, rec = w.run(tuned_model("twice", spec))
+    for w in folders:
+        kill = worker_killed_after_checkpoint(3) if w.root.name == "killed" else contextlib.nullcontext([])
+        with kill as killed:
+            outcome, rec = w.run(tuned_model("twice", spec))
         assert outcome.word == "Succeeded", outcome.message
         runs.append(rec["status"])
-    first, second = runs
+    assert killed and runs[2]["progress"]["resumedFromStep"] == 3
+    first, second, resumed = runs
     assert first["model"]["uri"] != second["model"]["uri"]  # two state directories
-    assert first["model"]["digest"] == second["model"]["digest"], (first["model"], second["model"])
-    assert first["adapter"]["digest"] == second["adapter"]["digest"]
+    assert first["model"]["digest"] == second["model"]["digest"] == resumed["model"]["digest"], \
+        (first["model"], second["model"], resumed["model"])
+    assert first["adapter"]["digest"] == second["adapter"]["digest"] == resumed["adapter"]["digest"]
     log = (path_of(second["model"]["uri"]) / TRAINING_LOG).read_text()
     assert str(other.root) not in log and str(ws.root) not in log and "unixTime" not in log
     adapter = path_of(second["adapter"]["uri"])
