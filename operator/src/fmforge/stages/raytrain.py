@@ -427,10 +427,13 @@ class Checkpointer:
     optimizer's state dicts are full ones, gathered for FSDP."""
 
     worker: Worker
+    """This worker's rank, world and harness (where the checkpoints are)."""
     model: Any
     """The model as `prepare_model` returned it (DDP or FSDP wrapped)."""
     optimizer: Any
+    """The optimizer over the trainable weights."""
     scheduler: Any
+    """The learning rate's scheduler."""
     scaler: Any = None
     """The fp16 gradient scaler, if the loop has one."""
     generators: dict[str, Any] = field(default_factory=dict)
