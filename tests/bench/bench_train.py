@@ -192,6 +192,7 @@ def main() -> int:
     from fmforge.runtime.state import StateDir
     from fmforge.stages import raysession
     from fmforge.stages.artifacts import TRAINING_LOG
+    from fmforge.stages.raytrain import RUN_RECORD
 
     work = Path(tempfile.mkdtemp(prefix="fmforge-bench-train-"))
     state = work / ".fmforge"
@@ -207,7 +208,10 @@ def main() -> int:
     model = Path(rec["status"]["model"]["uri"].removeprefix("file://"))
     log = json.loads((model / TRAINING_LOG).read_text())
     config = json.loads((model / "config.json").read_text())
-    fm = steady(log["lossCurve"], args.warmup)
+    # The model's log has each step's tokens; their times are in the attempt's run record.
+    [record] = StateDir(state).artifacts_dir("TrainingRun", "pydocs-gpt").glob(f"attempts/*/{RUN_RECORD}")
+    times = {p["step"]: p["unixTime"] for p in json.loads(record.read_text())["stepTimes"]}
+    fm = steady([{**p, "unixTime": times[p["step"]]} for p in log["lossCurve"]], args.warmup)
     fm_load = os.getloadavg()[1]
     peer_curve = run_peer(state, config, args, work)
     peer = steady(peer_curve, args.warmup)

@@ -14,14 +14,13 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from faults import kill_a_ray_train_worker_after
+from faults import worker_killed_after_checkpoint
 from paths import ROOT
 from piles import MINI
 
@@ -30,7 +29,7 @@ from fmforge.runtime.progress import RunConsole
 from fmforge.runtime.state import StateDir
 from fmforge.stages.datapile import publish as pub
 from fmforge.stages.artifacts import TRAINING_LOG, model_digest
-from fmforge.stages.train.loop import latest_checkpoint
+from fmforge.stages.raytrain import RUN_RECORD, latest_checkpoint
 
 PILE = MINI
 TINY = {"layers": 2, "hidden": 64, "heads": 4}
@@ -250,38 +249,35 @@ def test_encoder_learns_and_predicts_masked_tokens(ws: Workspace):
 
 
 def _run_killing(ws: Workspace, manifest: dict, step: int):
-    """Run `manifest`, killing a worker once its checkpoint of `step` is there; the report, the
-    killed pids, and the run's checkpoint folder."""
+    """Run `manifest`, its rank-0 worker killed right after it reported its checkpoint of `step`;
+    the report, the killed pids, and the run's checkpoint folder."""
     root = ws.state.root / "artifacts" / "TrainingRun" / manifest["metadata"]["name"]
     before = set(root.rglob("checkpoint-*"))
-    found: list[Path] = []
-    killed: list[int] = []
-    stop = threading.Event()
-    t = threading.Thread(target=kill_a_ray_train_worker_after, args=(root, step, found, killed, stop, before),
-                         daemon=True)
-    t.start()
-    try:
+    with worker_killed_after_checkpoint(step) as killed:
         report = ws.run(manifest)
-    finally:
-        stop.set()
-        t.join()
-    return report, killed, found[0].parent.parent if found else None
+    new = [p for p in root.rglob(f"checkpoint-{step:08d}") if p not in before]
+    return report, killed, new[0].parent.parent if new else None
+
+
+def run_record(checkpoints: Path) -> dict:
+    """The attempt's record of its last run (times, restarts, resumption): beside its checkpoints."""
+    return json.loads((checkpoints.parent / RUN_RECORD).read_text())
 
 
 def test_killed_run_keeps_the_previous_model_and_resumes(ws: Workspace, decoder: dict):
     run = training_run("dec", maxSteps=16, checkpointEvery=4)
     run["spec"]["faultTolerance"] = {"maxFailures": 0}
     report, killed, checkpoints = _run_killing(ws, run, step=8)
-    assert killed, "no Ray Train worker was found to kill"
+    assert killed, "no Ray Train worker reached the checkpoint to be killed after"
     assert outcome(report, "TrainingRun/dec").word == "Failed"
     rec = ws.record("TrainingRun", "dec")
     # the previous model stays in the status, intact and loadable
     assert rec["status"]["model"] == decoder["status"]["model"]
     assert model_digest(model_dir(rec)) == decoder["status"]["model"]["digest"]
     assert "resumes from the last checkpoint" in rec["status"]["message"]
-    latest = latest_checkpoint(checkpoints / "train")  # the last one whose copy was complete
-    assert latest is not None and latest.name >= "checkpoint-00000004"
-    resume_step = int(latest.name.rsplit("-", 1)[1])
+    assert "maxFailures (0)" in rec["status"]["message"]
+    # killed right after its checkpoint of step 8 was whole in storage: that is the last one
+    assert latest_checkpoint(checkpoints / "train").name == "checkpoint-00000008"
 
     # started again, with more failures allowed (what a user would change): the same training
     # resumes from its last checkpoint, not from step 0
@@ -290,7 +286,7 @@ def test_killed_run_keeps_the_previous_model_and_resumes(ws: Workspace, decoder:
     assert outcome(report, "TrainingRun/dec").word == "Succeeded", report.outcomes
     rec = ws.record("TrainingRun", "dec")
     assert rec["metadata"]["generation"] == 3
-    assert rec["status"]["progress"]["resumedFromStep"] == resume_step
+    assert rec["status"]["progress"]["resumedFromStep"] == 8
     assert rec["status"]["model"]["digest"] != decoder["status"]["model"]["digest"]
     final = torch.load(checkpoints / "train" / "checkpoint-00000016" / "state.pt", weights_only=True)
     assert final["step"] == 16
@@ -298,6 +294,7 @@ def test_killed_run_keeps_the_previous_model_and_resumes(ws: Workspace, decoder:
     assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {16}
     curve = json.loads((model_dir(rec) / TRAINING_LOG).read_text())["lossCurve"]
     assert [p["step"] for p in curve] == list(range(1, 17))
+    assert run_record(checkpoints)["resumedFromStep"] == 8
 
 
 def test_worker_killed_mid_run_recovers_within_max_failures(ws: Workspace):
@@ -307,9 +304,29 @@ def test_worker_killed_mid_run_recovers_within_max_failures(ws: Workspace):
     assert killed
     assert outcome(report, "TrainingRun/ft").word == "Succeeded", report.outcomes
     st = ws.record("TrainingRun", "ft")["status"]
-    assert st["progress"]["step"] == 12 and st["progress"]["resumedFromStep"] >= 4
-    log = json.loads((model_dir(ws.record("TrainingRun", "ft")) / TRAINING_LOG).read_text())
-    assert log["restarts"] == 1
+    assert st["progress"]["step"] == 12 and st["progress"]["resumedFromStep"] == 4
+    assert run_record(checkpoints)["restarts"] == 1
+    curve = json.loads((model_dir(ws.record("TrainingRun", "ft")) / TRAINING_LOG).read_text())["lossCurve"]
+    assert [p["step"] for p in curve] == list(range(1, 13))
+
+
+def test_the_same_training_twice_makes_the_same_model(ws: Workspace):
+    """Two runs of one TrainingRun on one pile version, each from step 0 (the first one's
+    checkpoints removed): the same model, byte for byte, so the same digest; nothing in the
+    model directory records times, paths or restarts."""
+    run = training_run("twice", maxSteps=6, checkpointEvery=3)
+    assert outcome(ws.run(run), "TrainingRun/twice").word == "Succeeded"
+    first = ws.record("TrainingRun", "twice")["status"]
+    shutil.rmtree(ws.state.root / "artifacts" / "TrainingRun" / "twice" / "attempts")
+    report = run_paths([ws.put(run)], state_dir=ws.state.root, console=RunConsole(rich=False), force=True)
+    assert outcome(report, "TrainingRun/twice").word == "Succeeded", report.outcomes
+    second = ws.record("TrainingRun", "twice")["status"]
+    assert "resumedFromStep" not in second["progress"]  # trained again from step 0
+    assert second["model"]["digest"] == first["model"]["digest"]
+    # no times, no restart count, no path but the pile version's data card (as its record says)
+    log = (model_dir({"status": second}) / TRAINING_LOG).read_text()
+    assert "unixTime" not in log and '"seconds"' not in log and '"restarts"' not in log
+    assert str(ws.root) not in log.replace(second["dataPile"].get("dataCard", ""), "")
 
 
 @pytest.mark.parametrize("change, field, words", [

@@ -15,18 +15,18 @@ local runner.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import inspect
 import json
 import re
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
 import yaml
-from faults import kill_a_ray_train_worker_after
+from faults import worker_killed_after_checkpoint
 from paths import ROOT
 from piles import MINI
 
@@ -34,6 +34,7 @@ from fmforge.runtime.local import run_paths
 from fmforge.runtime.progress import RunConsole
 from fmforge.runtime.state import StateDir
 from fmforge.stages.artifacts import TRAINING_LOG, model_digest
+from fmforge.stages.raytrain import RUN_RECORD
 
 QA = ROOT / "examples" / "quickstart" / "tuning" / "qa.jsonl"
 
@@ -164,14 +165,13 @@ def test_lora_causal_lm_learns_the_answers(ws: Workspace, base_run: dict):
     outcome, _ = ws.run(tuned_model("qa", QA_SPEC))
     assert outcome.word == "Skipped", outcome.message
     # the same attempt started again resumes from its last checkpoint: no step taken again, the
-    # weights restored (the same held-out loss, the same weights; the log, with its times, differs)
+    # weights restored: the same held-out loss, the same model (its log holds no times)
     outcome, again = ws.run(tuned_model("qa", QA_SPEC), force=True)
     assert outcome.word == "Succeeded", outcome.message
     assert again["status"]["progress"]["resumedFromStep"] == 12
     assert len(list((ws.state.artifacts_dir("TunedModel", "qa") / "attempts").glob("*/checkpoints"))) == 1
     assert again["status"]["validation"]["after"]["loss"] == pytest.approx(after["loss"], rel=1e-6)
-    again_dir = path_of(again["status"]["model"]["uri"])
-    assert (again_dir / "model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()
+    assert again["status"]["model"] == st["model"] and again["status"]["adapter"] == st["adapter"]
 
 
 def labelled_sentences() -> list[dict]:
@@ -380,32 +380,73 @@ def test_base_model_from_s3_is_downloaded_once_then_cached(ws: Workspace, base_r
 # -- faults ---------------------------------------------------------------------------------------
 
 
+def run_record(ws: Workspace, name: str) -> dict:
+    """The record of the last run of a TunedModel's (only) attempt: times, restarts, resumption."""
+    [record] = (ws.state.artifacts_dir("TunedModel", name) / "attempts").glob(f"*/{RUN_RECORD}")
+    return json.loads(record.read_text())
+
+
 def test_a_worker_killed_mid_tuning_resumes_from_its_checkpoint(ws: Workspace, base_run: dict):
-    """A Ray Train worker SIGKILLed after the first epoch's checkpoint: Ray Train restarts the
-    workers (faultTolerance.maxFailures 1), they resume from that checkpoint, and the tuning
+    """A Ray Train worker SIGKILLed right after the first epoch's checkpoint: Ray Train restarts
+    the workers (faultTolerance.maxFailures 1), they resume from that checkpoint, and the tuning
     finishes with every step counted once."""
     spec = json.loads(json.dumps(QA_SPEC))
     spec["training"] = {"epochs": 8, "learningRate": 1.0e-2, "microBatchSize": 8}
     spec["faultTolerance"] = {"maxFailures": 1}
-    root = ws.state.artifacts_dir("TunedModel", "killed")
-    found: list[Path] = []
-    killed: list[int] = []
-    stop = threading.Event()
-    t = threading.Thread(target=kill_a_ray_train_worker_after, args=(root, 3, found, killed, stop), daemon=True)
-    t.start()
-    try:
+    with worker_killed_after_checkpoint(3) as killed:
         outcome, rec = ws.run(tuned_model("killed", spec))
-    finally:
-        stop.set()
-        t.join()
-    assert killed, "no Ray Train worker was found to kill"
+    assert killed, "no Ray Train worker reached the checkpoint to be killed after"
     assert outcome.word == "Succeeded", outcome.message
     st = rec["status"]
     # 45 examples, 2 workers, 8 a batch: 3 steps an epoch; killed after the checkpoint of step 3
     assert st["progress"]["step"] == st["progress"]["maxSteps"] == 8 * 3
-    assert 3 <= st["progress"]["resumedFromStep"] < 24
-    log = json.loads((path_of(st["model"]["uri"]) / TRAINING_LOG).read_text())
-    assert log["restarts"] == 1 and log["resumedFromStep"] == st["progress"]["resumedFromStep"]
+    assert st["progress"]["resumedFromStep"] == 3
+    record = run_record(ws, "killed")
+    assert record["restarts"] == 1 and record["resumedFromStep"] == 3 and record["model"] == st["model"]["digest"]
     # the loss curve has each step once: the resumed workers did not start over
+    log = json.loads((path_of(st["model"]["uri"]) / TRAINING_LOG).read_text())
     assert [p["step"] for p in log["lossCurve"]] == list(range(1, 25))
+    assert [p["step"] for p in record["stepTimes"]] == list(range(1, 25))
     assert st["validation"]["after"]["loss"] < st["validation"]["before"]["loss"]
+
+
+def test_the_same_tuning_in_two_project_folders_makes_the_same_model(ws: Workspace, base_run: dict,
+                                                                       tmp_path: Path):
+    """One TunedModel spec run in two project folders, each with its own state directory and its
+    own copy of the base model (a TrainingRun's, recorded at its own path) and of the examples:
+    the same adapter and model, byte for byte, so the same digests an approval names. LoRA's
+    dropout is on, so the random streams must be the same too. A third run, in a third folder,
+    has a worker killed after the first epoch: resumed from its checkpoint (weights, optimizer,
+    random states), it too makes the same model."""
+    spec = json.loads(json.dumps(QA_SPEC))
+    spec["lora"]["dropout"] = 0.1
+    spec["training"] = {"epochs": 2, "learningRate": 1.0e-2, "microBatchSize": 8}
+    spec["faultTolerance"] = {"maxFailures": 1}
+    folders = [ws]
+    for name in ("copy", "killed"):
+        other = Workspace(tmp_path / name)
+        shutil.copytree(ws.root / "tuning", other.root / "tuning")
+        base = other.state.root / "artifacts" / "TrainingRun" / "base" / "models" / "m"
+        shutil.copytree(path_of(base_run["status"]["model"]["uri"]), base)
+        record = copy.deepcopy(base_run)
+        record["status"]["model"]["uri"] = base.resolve().as_uri()
+        other.state.write(record)
+        folders.append(other)
+
+    runs = []
+    for w in folders:
+        kill = worker_killed_after_checkpoint(3) if w.root.name == "killed" else contextlib.nullcontext([])
+        with kill as killed:
+            outcome, rec = w.run(tuned_model("twice", spec))
+        assert outcome.word == "Succeeded", outcome.message
+        runs.append(rec["status"])
+    assert killed and runs[2]["progress"]["resumedFromStep"] == 3
+    first, second, resumed = runs
+    assert first["model"]["uri"] != second["model"]["uri"]  # two state directories
+    assert first["model"]["digest"] == second["model"]["digest"] == resumed["model"]["digest"], \
+        (first["model"], second["model"], resumed["model"])
+    assert first["adapter"]["digest"] == second["adapter"]["digest"] == resumed["adapter"]["digest"]
+    log = (path_of(second["model"]["uri"]) / TRAINING_LOG).read_text()
+    assert str(other.root) not in log and str(ws.root) not in log and "unixTime" not in log
+    adapter = path_of(second["adapter"]["uri"])
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "TrainingRun/base"

@@ -4,16 +4,19 @@
     checked; or baseModel.uri: file://, pvc://, pkg://, or s3:// downloaded into a cache keyed by
     the objects' names, sizes and times) and its fit for the task → the examples read (a JSONL
     file, a pile version's documents, or a ConfigMap mounted into the pod), split (stable) and
-    tokenized → TorchTrainer running `loop.tune_loop` (LoRA through peft, or every weight) → the
-    adapter and the full model (merged, for LoRA with merge), each in a new digest-named
-    directory, with the tokenizer and the tuning log
+    tokenized → Ray Data datasets of the examples → `raytrain.fit` running `loop.tune_loop` on
+    Ray Train's workers (LoRA through peft, or every weight) → the adapter and the full model
+    (merged, for LoRA with merge), each in a new digest-named directory, with the tokenizer and
+    the tuning log
 
 Everything the user can get wrong (a template, a record without a field, a base model that does
 not fit the task, target modules the model lacks) is refused before a worker starts. Checkpoints
 live in the attempt's folder (`attempts/<digest of spec, base and data>/checkpoints/`), one per
 epoch; a run started again for the same attempt resumes from the latest, and Ray Train restarts
-failed workers from it up to `faultTolerance.maxFailures` times. Called by the local runner and
-by `fmforge.runtime.job` through `STAGES`.
+failed workers from it up to `faultTolerance.maxFailures` times. A tuning is repeatable: for a
+fixed seed the same spec on the same base and examples makes the same adapter and model, byte
+for byte (on CPUs; GPUs' kernels are asked to be deterministic too), so the same digests. Called
+by the local runner and by `fmforge.runtime.job` through `STAGES`.
 """
 
 from __future__ import annotations
@@ -22,22 +25,19 @@ import hashlib
 import json
 import math
 import shutil
-import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ...api.v1alpha1.tunedmodel import Lora, TunedModelSpec
 from .. import raytrain
+from ..artifacts import TRAINING_LOG, model_digest, producer_model
 from ..base import InputError, InvalidSpec, StageContext, StageResult
 from ..piles import table_name
 from ..uris import resolve, s3_filesystem
-from ..artifacts import producer_model
-from ..artifacts import TRAINING_LOG, model_digest
-from .. import piles
 from . import data as examples
-from .loop import ADAPTER_DIR, CURVE, MODEL_DIR, tune_loop
+from .loop import ADAPTER_DIR, LoraSettings, TuneConfig, tune_loop
 
 #: LoRA's target modules when the spec names none: the attention projections of each family
 #: (query and value, as in the LoRA paper; GPT-2 fuses q, k and v into one `c_attn`).
@@ -215,31 +215,6 @@ class _Inputs:
     """Optimizer steps in all, over every epoch."""
 
 
-@dataclass
-class _Progress:
-    """What the workers reported through the progress queue, kept by the driver: the counts of
-    parameters, the held-out metrics, the restarts and the last step and loss."""
-
-    restarts: int = 0
-    """How often the workers started again (Ray Train restarting them after a failure)."""
-    started: bool = False
-    """Whether the workers have started once."""
-    parameters: int | None = None
-    """The base model's parameters."""
-    trainable: int | None = None
-    """The parameters trained (the adapters', for LoRA)."""
-    before: dict[str, float] | None = None
-    """The held-out metrics before the first step."""
-    after: dict[str, float] | None = None
-    """The held-out metrics after the last step (None when not finite)."""
-    resumed_from: int | None = None
-    """The step the workers last resumed from a checkpoint at."""
-    step: int = 0
-    """The last step reported."""
-    loss: float | None = None
-    """The training loss of the last step reported."""
-
-
 def run(ctx: StageContext) -> StageResult:
     """Tune the TunedModel's base model on its examples and publish the result: the stage's entry
     point (`STAGES`)."""
@@ -247,10 +222,13 @@ def run(ctx: StageContext) -> StageResult:
     # 1. Everything that can be wrong in the input, before a worker starts.
     inputs = _prepare(ctx, spec)
     # 2. Tune on Ray.
-    result, progress, took = _tune(ctx, spec, inputs)
+    fitted = _tune(ctx, spec, inputs)
+    progress = fitted.progress
     # 3. The adapter and the model, each in a directory named by its digest.
-    with result.checkpoint.as_directory() as ckpt:
-        model, adapter = _publish_checkpoint(ctx, spec, inputs, progress, Path(ckpt), took)
+    with fitted.final_checkpoint() as ckpt:
+        curve = raytrain.read_curve(ckpt)
+        model, adapter = _publish_checkpoint(ctx, spec, inputs, progress, ckpt, curve)
+    fitted.record(curve, model["digest"])
     ctx.reporter.log(f"Saved the model of TunedModel {ctx.name}", uri=model["uri"], digest=model["digest"][:19])
 
     base = inputs.base
@@ -329,129 +307,92 @@ def _encode(spec: TunedModelSpec, tok, records: list, train_records: list, val_r
     return [], train, val
 
 
-def _lora_config(spec: TunedModelSpec, targets: list[str] | None) -> dict[str, Any]:
+def _lora_settings(spec: TunedModelSpec, targets: list[str] | None) -> LoraSettings:
     """LoRA's settings as the workers and the tuning log take them (the defaults when the spec has no `lora`)."""
     lora = spec.lora or Lora()
-    return {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": targets,
-            "merge": lora.merge}
+    return LoraSettings(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets,
+                        merge=lora.merge)
 
 
-def _attempt_storage(ctx: StageContext, spec: TunedModelSpec, inputs: _Inputs) -> Path:
-    """The checkpoint folder of this attempt (`attempts/<digest>/checkpoints`).
-
-    The same tuning of the same base model on the same examples is the same attempt, and a run
-    started again resumes from its checkpoints; anything else starts afresh in its own folder.
-    Fault tolerance is left out: raising maxFailures after a failed run resumes it."""
-    what = spec.model_dump(mode="json", by_alias=True, exclude={"fault_tolerance"})
-    key = hashlib.sha256(f"{json.dumps(what, sort_keys=True)}\0{inputs.base['digest']}\0{inputs.data['digest']}"
-                         .encode())
-    return (ctx.artifacts / "attempts" / key.hexdigest()[:16] / "checkpoints").resolve()
-
-
-def _tune(ctx: StageContext, spec: TunedModelSpec, inputs: _Inputs) -> tuple[Any, _Progress, float]:
-    """Run `loop.tune_loop` on Ray Train's workers, following their progress: the result (its
-    checkpoint is the final one), what the workers reported, and the seconds it took."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
+def _tune(ctx: StageContext, spec: TunedModelSpec, inputs: _Inputs) -> raytrain.Fitted:
+    """Run `loop.tune_loop` on Ray Train's workers, the examples streamed to them as Ray Data
+    datasets: the training set split between the workers, the held-out set whole to each."""
+    import ray
 
     tr, res = spec.training, spec.resources
-    piles.ray_init(ctx.state_dir, res.workers * res.cpus_per_worker)
-    queue = raytrain.progress_queue()
-    storage = _attempt_storage(ctx, spec, inputs)
-    loop_config = {
-        "task": spec.task, "base": str(inputs.base_path), "labels": inputs.labels, "method": spec.method,
-        "lora": _lora_config(spec, inputs.targets),
-        "train": inputs.train, "validation": inputs.val, "pad_id": inputs.tok.pad_token_id, "epochs": tr.epochs,
-        "learning_rate": tr.learning_rate, "micro_batch_size": tr.micro_batch_size, "seed": tr.seed,
-        "total_steps": inputs.total_steps, "checkpoints": str(storage / "tune"), "progress": queue,
-    }
-    trainer = TorchTrainer(
-        tune_loop, train_loop_config=loop_config, scaling_config=raytrain.scaling(res),
-        run_config=RunConfig(name="tune", storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=spec.fault_tolerance.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
-    started = time.monotonic()
-    progress = _Progress()
-    ctx.reporter.step("tune", total=inputs.total_steps)
-    try:
-        result = raytrain.fit(trainer, queue, lambda ev: _on_event(ctx, progress, ev))
-    except Exception as e:
-        raise RuntimeError(f"tuning of TunedModel {ctx.name} failed: {e}; a run started again resumes from the last "
-                           f"checkpoint in {storage}") from e
-    return result, progress, time.monotonic() - started
+    raytrain.start(ctx, res)
+    base = inputs.base
+    config = TuneConfig(
+        task=spec.task, base=str(inputs.base_path), base_name=base.get("ref") or base["uri"], labels=inputs.labels,
+        method=spec.method, lora=_lora_settings(spec, inputs.targets) if spec.method == "lora" else None,
+        pad_id=inputs.tok.pad_token_id, epochs=tr.epochs, learning_rate=tr.learning_rate,
+        micro_batch_size=tr.micro_batch_size, seed=tr.seed, total_steps=inputs.total_steps,
+        has_validation=bool(inputs.val))
+    # A fixed number of blocks (not one that follows the cluster's CPUs): which examples each
+    # worker gets must not change between runs, or neither would the model.
+    datasets = {"train": ray.data.from_items(inputs.train, override_num_blocks=res.workers)}
+    if inputs.val:
+        datasets["validation"] = ray.data.from_items(inputs.val, override_num_blocks=1)
+    attempt = raytrain.attempt_dir(ctx, spec, inputs.base["digest"], inputs.data["digest"])
+    return raytrain.fit(ctx, tune_loop, config, attempt=attempt, step="tune", total_steps=inputs.total_steps,
+                        resources=res, max_failures=spec.fault_tolerance.max_failures, datasets=datasets,
+                        split=["train"])
 
 
-def _on_event(ctx: StageContext, progress: _Progress, ev: dict[str, Any]) -> None:
-    """Take in one event from the workers' progress queue: advance the console's step and keep
-    what the status and the tuning log need."""
-    rep = ctx.reporter
-    if ev["event"] == "start":
-        # Workers that start a second time were restarted by Ray Train after a failure.
-        if progress.started:
-            progress.restarts += 1
-        progress.started = True
-        progress.parameters, progress.trainable = ev["parameters"], ev["trainable"]
-        progress.before, progress.resumed_from = ev["before"], ev["resumed_from"]
-        if ev["resumed_from"]:
-            rep.log(f"Resumed TunedModel {ctx.name} from its checkpoint", step=ev["resumed_from"])
-        rep.advance(ev["step"] - progress.step)
-        progress.step = ev["step"]
-    elif ev["event"] == "step":
-        rep.advance(ev["step"] - progress.step, loss=f"{ev['loss']:.3f}", epoch=ev["epoch"],
-                    eta=f"{ev['eta']:.0f}s")
-        progress.step, progress.loss = ev["step"], ev["loss"]
-    elif ev["event"] == "end":
-        progress.after = ev["after"]
-
-
-def _publish_checkpoint(ctx: StageContext, spec: TunedModelSpec, inputs: _Inputs, progress: _Progress, ckpt: Path,
-                        took: float) -> tuple[dict[str, str], dict[str, str] | None]:
+def _publish_checkpoint(ctx: StageContext, spec: TunedModelSpec, inputs: _Inputs, progress: raytrain.Progress,
+                        ckpt: Path, curve: list) -> tuple[dict[str, str], dict[str, str] | None]:
     """Publish the final checkpoint's adapter (LoRA) and full model, each with the tokenizer, the
     model with the tuning log: their {uri, digest}. With no full model (LoRA without merge) the
     adapter is the model."""
-    curve = json.loads((ckpt / CURVE).read_text())
-    adapter = _publish(ckpt / ADAPTER_DIR, ctx.artifacts / "adapters", inputs.tok) if spec.method == "lora" else None
-    log = _tuning_log(ctx, spec, inputs, progress, adapter, curve, took)
-    model = _publish(ckpt / MODEL_DIR, ctx.artifacts / "models", inputs.tok, log) if (ckpt / MODEL_DIR).is_dir() \
-        else adapter
-    return model, adapter
+    adapter = None
+    if spec.method == "lora":
+        adapter = raytrain.publish(ckpt / ADAPTER_DIR, ctx.artifacts / "adapters", inputs.tok)
+    log = _tuning_log(ctx, spec, inputs, progress, adapter, curve)
+    if not (ckpt / raytrain.MODEL_DIR).is_dir():
+        return adapter, adapter
+    return raytrain.publish(ckpt / raytrain.MODEL_DIR, ctx.artifacts / "models", inputs.tok, log), adapter
 
 
-def _tuning_log(ctx: StageContext, spec: TunedModelSpec, inputs: _Inputs, progress: _Progress,
-                adapter: dict[str, str] | None, curve: list, took: float) -> dict[str, Any]:
+def _tuning_log(ctx: StageContext, spec: TunedModelSpec, inputs: _Inputs, progress: raytrain.Progress,
+                adapter: dict[str, str] | None, curve: list) -> dict[str, Any]:
     """The tuning log saved beside the model (`TRAINING_LOG`): what was tuned, on what, how, and
-    the loss curve."""
+    the loss curve. Nothing in it depends on where the state directory is, when or how fast the
+    run went, or whether it was interrupted (times and restarts are in the attempt's run record):
+    the same tuning of the same base on the same examples is the same model, digest and all. So
+    a producer's base model is named by its reference and digest, not by its folder, and the
+    adapter by its digest."""
     tr, res = spec.training, spec.resources
+    facts = progress.facts
+    base = {k: v for k, v in inputs.base.items() if not (k == "uri" and inputs.base.get("ref"))}
     return {
-        "name": ctx.name, "namespace": ctx.namespace, "generation": ctx.generation, "kind": "TunedModel",
+        "name": ctx.name, "namespace": ctx.namespace, "kind": "TunedModel",
         "task": spec.task, "method": spec.method, "family": inputs.config.model_type,
-        "lora": _lora_config(spec, inputs.targets) if spec.method == "lora" else None,
+        "lora": asdict(_lora_settings(spec, inputs.targets)) if spec.method == "lora" else None,
         "training": tr.model_dump(mode="json", by_alias=True),
         "resources": res.model_dump(mode="json", by_alias=True),
-        "base": inputs.base, "dataPile": _base_pile(inputs.base_path),
+        "base": base, "dataPile": _base_pile(inputs.base_path),
         "tuningData": {**inputs.data, "examples": len(inputs.records), "train": len(inputs.train),
                        "validation": len(inputs.val)},
-        "adapter": adapter, "labels": inputs.labels or None,
-        "parameters": progress.parameters, "trainableParameters": progress.trainable,
-        "validation": {"before": progress.before, "after": progress.after},
-        "validationLoss": (progress.after or {}).get("loss"),
-        "seconds": round(took, 1), "restarts": progress.restarts, "resumedFromStep": progress.resumed_from,
-        "lossCurve": curve,
+        "adapter": {"digest": adapter["digest"]} if adapter else None, "labels": inputs.labels or None,
+        "parameters": facts.get("parameters"), "trainableParameters": facts.get("trainable"),
+        "validation": {"before": facts.get("before"), "after": facts.get("after")},
+        "validationLoss": (facts.get("after") or {}).get("loss"),
+        "lossCurve": raytrain.loss_curve(curve),
     }
 
 
-def _status(ctx: StageContext, spec: TunedModelSpec, inputs: _Inputs, progress: _Progress, model: dict[str, str],
-            adapter: dict[str, str] | None) -> dict[str, Any]:
+def _status(ctx: StageContext, spec: TunedModelSpec, inputs: _Inputs, progress: raytrain.Progress,
+            model: dict[str, str], adapter: dict[str, str] | None) -> dict[str, Any]:
     """The TunedModel's status after a tuning, with the fields that have no value left out."""
-    base, before, after = inputs.base, progress.before, progress.after
-    artifact = {**model, "parameters": progress.parameters, "trainableParameters": progress.trainable,
+    facts = progress.facts
+    base, before, after, trainable = inputs.base, facts.get("before"), facts.get("after"), facts.get("trainable")
+    artifact = {**model, "parameters": facts.get("parameters"), "trainableParameters": trainable,
                 "generation": ctx.generation}
     status = {
         "progress": {"step": inputs.total_steps, "maxSteps": inputs.total_steps, "loss": progress.loss, "eta": "0s",
                      "resumedFromStep": progress.resumed_from},
         "model": artifact,
-        "adapter": {**adapter, "trainableParameters": progress.trainable} if adapter else None,
+        "adapter": {**adapter, "trainableParameters": trainable} if adapter else None,
         "base": {"uri": base["uri"], "digest": base["digest"],
                  **({"parameters": base["parameters"]} if base.get("parameters") else {})},
         "data": {**inputs.data, "examples": len(inputs.records)},
@@ -463,13 +404,14 @@ def _status(ctx: StageContext, spec: TunedModelSpec, inputs: _Inputs, progress: 
     return {k: v for k, v in status.items() if v is not None}
 
 
-def _message(spec: TunedModelSpec, inputs: _Inputs, progress: _Progress) -> str:
+def _message(spec: TunedModelSpec, inputs: _Inputs, progress: raytrain.Progress) -> str:
     """The stage's one-line summary: method, examples, the share of the parameters trained, the
     held-out metrics before and after, and a warning when only an adapter was made."""
-    trainable = progress.trainable or 0  # no start event: nothing was reported trained
-    share = trainable / max(progress.parameters or 1, 1)
+    facts = progress.facts
+    trainable = facts.get("trainable") or 0  # no start event: nothing was reported trained
+    share = trainable / max(facts.get("parameters") or 1, 1)
     message = f"{spec.method} on {len(inputs.train)} examples, {trainable:,} trainable parameters ({share:.2%})"
-    before, after = progress.before, progress.after
+    before, after = facts.get("before"), facts.get("after")
     if before and after:
         message += f"; validation loss {before['loss']:.3f} → {after['loss']:.3f}"
         if spec.task == "sequence-classification":
@@ -485,23 +427,6 @@ def _base_pile(base_path: Path) -> dict[str, Any] | None:
     if not log.is_file():
         return None
     return json.loads(log.read_text()).get("dataPile")
-
-
-def _publish(src: Path, root: Path, tok, log: dict[str, Any] | None = None) -> dict[str, str]:
-    """Copy `src` with the tokenizer (and the tuning log) into `root/<digest>`; {uri, digest}.
-    A directory with the same bytes already there is kept as it is, never overwritten."""
-    tmp = root / f".tmp-{uuid.uuid4().hex}"
-    shutil.copytree(src, tmp)
-    tok.save_pretrained(str(tmp))
-    if log is not None:
-        (tmp / TRAINING_LOG).write_text(json.dumps(log, indent=2) + "\n")
-    digest = model_digest(tmp)
-    final = root / digest.split(":")[1][:16]
-    if final.exists():
-        shutil.rmtree(tmp)
-    else:
-        tmp.rename(final)
-    return {"uri": final.resolve().as_uri(), "digest": digest}
 
 
 __all__ = ["run"]
