@@ -86,8 +86,11 @@ def markdown(card: dict[str, Any]) -> str:
         lines += [f"| {k} | {v} |" for k, v in hp.items()]
         lines += [f"| workers | {(tr.get('resources') or {}).get('workers')} |",
                   f"| parameters | {tr.get('parameters')} |",
-                  f"| validation loss | {tr.get('validationLoss')} |",
-                  f"| training time (s) | {tr.get('seconds')} |", ""]
+                  f"| validation loss | {tr.get('validationLoss')} |"]
+        # Models made since training logs hold no times (a model's bytes depend on its inputs
+        # only; the times are in the attempt's run.json): the row shows for older models alone.
+        lines += [f"| training time (s) | {tr['seconds']} |"] if tr.get("seconds") is not None else []
+        lines += [""]
         if card.get("lossCurve"):
             lines += [f"![Training loss]({card['lossCurve']})", ""]
     else:
