@@ -735,12 +735,6 @@ async def _busy(request: Request, exc: Busy) -> JSONResponse:
                         content=json.loads(_refusal(request.url.path, 503, str(exc))))
 
 
-async def _too_deep(request: Request, exc: RecursionError) -> JSONResponse:
-    # Python's json (FastAPI's body parsing) recurses once per level of nesting.
-    return JSONResponse(status_code=400, content=json.loads(_refusal(
-        request.url.path, 400, "body: the JSON nests too deeply; send a flatter body", "body")))
-
-
 class _DataPlane(DataPlane):
     """kserve's data plane, with v2 binary requests that cannot be decoded refused as the
     request's fault (400 naming the input), not the server's (kserve answers 500)."""
@@ -812,7 +806,6 @@ class _RESTServer(RESTServer):
         app.add_exception_handler(InvalidInput, _invalid_input)
         app.add_exception_handler(RequestValidationError, _validation_error)
         app.add_exception_handler(Busy, _busy)
-        app.add_exception_handler(RecursionError, _too_deep)
 
 
 class ModelServer(kserve.ModelServer):
