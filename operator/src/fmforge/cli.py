@@ -297,12 +297,13 @@ def cmd_approve(args: argparse.Namespace) -> int:
 # -- serve ----------------------------------------------------------------------------------------
 
 
-def _serve_records(state, records: list[dict[str, Any]]) -> int:
-    """Serve the models of these Deployment records until Ctrl-C or SIGTERM."""
+def _serve_records(state, records: list[dict[str, Any]], host: str = "127.0.0.1") -> int:
+    """Serve the models of these Deployment records on `host` (this machine only, unless told)
+    until Ctrl-C or SIGTERM; each server refuses model files that are not its record's digest."""
     import signal
     import time
 
-    from .stages.deploy import start_server, stop_server
+    from .stages.deploy import _url, start_server, stop_server
 
     procs = []
     try:
@@ -314,9 +315,14 @@ def _serve_records(state, records: list[dict[str, Any]]) -> int:
                      f"run it first")
                 return EXIT_FAILED
             log = state.artifacts_dir("Deployment", name) / "logs" / "server.log"
-            procs.append(start_server(name, Path(model["uri"].removeprefix("file://")), port, log))
-            print(f"Deployment/{name}: serving model {model.get('digest')} at http://127.0.0.1:{port}\n"
-                  f"  curl -s http://127.0.0.1:{port}/openai/v1/completions -H 'content-type: application/json' "
+            procs.append(start_server(name, Path(model["uri"].removeprefix("file://")), port, log, host=host,
+                                      digest=model.get("digest")))
+            url = _url(host, port)  # where this machine reaches it
+            scope = ("every interface" if host in ("0.0.0.0", "::") else
+                     "this machine only" if host in ("127.0.0.1", "::1", "localhost") else "that address only")
+            print(f"Deployment/{name}: serving model {model.get('digest')} at {url} (listening on {host}, port {port}: "
+                  f"{scope})\n"
+                  f"  curl -s {url}/openai/v1/completions -H 'content-type: application/json' "
                   f"-d '{{\"model\": \"{name}\", \"prompt\": \"Python is\", \"max_tokens\": 16}}'\n"
                   f"  (classifiers: POST /v1/models/{name}:predict with {{\"instances\": [\"some text\"]}})",
                   flush=True)
@@ -346,7 +352,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if rec is None:
         _err(f"Deployment/{name} not found in {state.root}; run it first with `fmforge run`")
         return EXIT_FAILED
-    return _serve_records(state, [rec])
+    return _serve_records(state, [rec], args.host)
 
 
 # -- crds, version --------------------------------------------------------------------------------
@@ -441,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "port, until Ctrl-C.")
     sv.add_argument("object", metavar="Deployment/NAME")
     sv.add_argument("--state-dir", type=Path, help="state directory (default: ./.fmforge)")
+    sv.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine "
+                    "only; 0.0.0.0: every interface, reachable from the network)")
     sv.set_defaults(func=cmd_serve)
 
     a = sub.add_parser("approve", help="approve the model a ModelCard evaluated (approval: manual)",

@@ -54,38 +54,66 @@ def approved_card(ctx: StageContext, model: str, digest: str) -> str:
     return gate.card
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on host:port now. SO_REUSEADDR as the server's own socket
+    has it (asyncio sets it on Unix): the connections of a server that just stopped linger in
+    TIME-WAIT for a minute and do not stop a new listener, so they must not fail this check;
+    a socket listening there still does."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((host, port))
         except OSError:
             return False
     return True
 
 
+def _probe_host(host: str) -> str:
+    """Where this machine reaches a server listening on `host` (all interfaces: loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def _url(host: str, port: int) -> str:
+    host = _probe_host(host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def _get(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, Any]:
+    """(status, the JSON answer) of a GET, or of a POST of `body`; an answer that is not JSON
+    (a proxy's or uvicorn's plain-text error) comes back as text."""
     req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
                                  headers={"content-type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"null")
+            status, raw = r.status, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw or b"null")
+    except ValueError:
+        return status, raw.decode(errors="replace")
 
 
-def server_command(name: str, model_dir: Path, port: int) -> list[str]:
+def server_command(name: str, model_dir: Path, port: int, host: str = "127.0.0.1",
+                   digest: str | None = None) -> list[str]:
+    """The model server's command line: on `host` (loopback unless told), refusing to serve
+    files whose digest is not `digest` (when given)."""
     return [sys.executable, "-m", "fmforge.stages.deploy.predictor", "--model-dir", str(model_dir), "--name", name,
-            "--port", str(port)]
+            "--port", str(port), "--host", host, *(["--model-digest", digest] if digest else [])]
 
 
-def start_server(name: str, model_dir: Path, port: int, log: Path) -> subprocess.Popen:
-    """The model server in a process of its own, once its model is ready."""
-    if not _port_free(port):
+def start_server(name: str, model_dir: Path, port: int, log: Path, host: str = "127.0.0.1",
+                 digest: str | None = None) -> subprocess.Popen:
+    """The model server in a process of its own, listening on host:port (loopback unless told),
+    once its model is ready. With `digest` the server refuses (exit code 3, StageError here)
+    model files that are not the approved ones."""
+    if not _port_free(port, host):
         raise StageError(f"port {port} is in use on this machine; stop what uses it or set spec.kserve.port")
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
-        proc = subprocess.Popen(server_command(name, model_dir, port), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(server_command(name, model_dir, port, host, digest), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + READY_TIMEOUT
     while True:
         if proc.poll() is not None:
@@ -93,8 +121,8 @@ def start_server(name: str, model_dir: Path, port: int, log: Path) -> subprocess
             raise StageError(f"the model server exited with code {proc.returncode} before it was ready; its log "
                              f"({log}) ends:\n{tail}")
         try:
-            status, body = _get(f"http://127.0.0.1:{port}/v1/models/{name}", timeout=2)
-            if status == 200 and (body or {}).get("ready"):
+            status, body = _get(f"{_url(host, port)}/v1/models/{name}", timeout=2)
+            if status == 200 and isinstance(body, dict) and body.get("ready"):
                 return proc
         except (OSError, ValueError):
             pass
@@ -104,14 +132,18 @@ def start_server(name: str, model_dir: Path, port: int, log: Path) -> subprocess
         time.sleep(0.2)
 
 
-def stop_server(proc: subprocess.Popen) -> None:
+def stop_server(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Stop the server's process group: SIGTERM, then SIGKILL after `timeout` seconds."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended meanwhile
+            pass
+    proc.wait()
 
 
 def sample_request(name: str, port: int, classifier: bool) -> tuple[str, dict, Any]:
