@@ -291,7 +291,10 @@ def inference_service(obj: dict[str, Any], spec: Any, model_uri: str, model_dige
             "name": "kserve-container",
             "image": settings.runtime_image,
             "command": ["python", "-m", "fmforge.stages.deploy.predictor"],
-            "args": ["--model-dir", "/mnt/models", "--name", name, "--port", str(ks.port)],
+            # Every address of the pod (the Service and the readiness probe reach it there), and
+            # the approved digest: the predictor refuses model files that are not those bytes.
+            "args": ["--model-dir", "/mnt/models", "--name", name, "--port", str(ks.port), "--host", "0.0.0.0",
+                     *(["--model-digest", model_digest] if model_digest else [])],
             "env": [{"name": "STORAGE_URI", "value": model_uri}],
             "ports": [{"containerPort": ks.port, "protocol": "TCP"}],
             "readinessProbe": {"httpGet": {"path": f"/v1/models/{name}", "port": ks.port}},

@@ -190,7 +190,8 @@ def run(ctx: StageContext) -> StageResult:
 
     port = (spec.kserve.port if spec.kserve else 8080)
     rep.step("start the model server")
-    proc = start_server(ctx.name, model["path"], port, ctx.artifacts / "logs" / "server.log")
+    # The server checks the bytes again itself: what it loads is what the card approved.
+    proc = start_server(ctx.name, model["path"], port, ctx.artifacts / "logs" / "server.log", digest=model["digest"])
     try:
         rep.step("sample request")
         path, body, answer = sample_request(ctx.name, port, is_classifier(model["path"]))
