@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fmforge.api.status import with_phase
+from fmforge.api.v1alpha1.modelcard import decide_approval
 from fmforge.runtime.local import run_paths
 from fmforge.runtime.progress import RunConsole
 from fmforge.runtime.state import StateDir
@@ -182,8 +184,12 @@ def _producer_records(state: StateDir, model_dir: Path, card_approved: bool | No
         state.write({"apiVersion": "fmforge.io/v1alpha1", "kind": "ModelCard", "metadata": {"name": "gpt-card",
                                                                                           "generation": 1},
                      "spec": {"modelRef": {"kind": "TrainingRun", "name": "gpt"}},
-                     "status": {"phase": "Succeeded", "approved": card_approved, "modelDigest": digest,
-                                "message": "qa below its threshold" if not card_approved else "approved"},
+                     # approved, or evaluated and waiting for a person (approval: manual)
+                     "status": with_phase({"approved": card_approved, "modelDigest": digest},
+                                          "Succeeded" if card_approved else "Waiting",
+                                          "Approved" if card_approved else "WaitingForApproval",
+                                          "approved" if card_approved else decide_approval(
+                                              "ModelCard/gpt-card", "manual", True, digest, {}).waiting, 1),
                      "fmforge": {"artifactDigest": "sha256:card"}})
     return digest
 

@@ -289,7 +289,8 @@ def test_the_fmforge_runtime_serves_with_the_predictor_image():
     [c] = pred["containers"]
     assert "model" not in pred and c["name"] == "kserve-container" and c["image"] == SETTINGS.runtime_image
     assert c["command"] == ["python", "-m", "fmforge.stages.deploy.predictor"]
-    assert c["args"] == ["--model-dir", "/mnt/models", "--name", "serve", "--port", "8080"]
+    assert c["args"] == ["--model-dir", "/mnt/models", "--name", "serve", "--port", "8080", "--host", "0.0.0.0",
+                         "--model-digest", "sha256:a"]
     assert {"name": "STORAGE_URI", "value": "pvc://m/gpt"} in c["env"]  # KServe's storage initializer
     assert c["securityContext"]["allowPrivilegeEscalation"] is False and c["readinessProbe"]["httpGet"]["port"] == 8080
 

@@ -262,7 +262,12 @@ class LocalRunner:
             f"{k} is {(r or {}).get('status', {}).get('phase', 'not run')}" for k, r in blocked.items()
         )
         msg = f"waiting for {', '.join(blocked)} to be ready ({why})"
-        self._write(record, Phase.WAITING, "WaitingForUpstream", msg)
+        reason = "WaitingForUpstream"
+        if all(r and _waiting_for_approval(r) for r in blocked.values()):
+            # Only a person can move it on: say what to run, not just that a card waits.
+            reason = WAITING_FOR_APPROVAL
+            msg = "; ".join(f"{k}: {r['status'].get('message', '')}" for k, r in blocked.items())
+        self._write(record, Phase.WAITING, reason, msg)
         self.console.status(m.key, Phase.WAITING, msg)
         return Outcome(m.key, Phase.WAITING, msg)
 
