@@ -262,20 +262,20 @@ def test_uri_schemes_resolve(tmp_path: Path, monkeypatch):
     (read from a real S3 server in test_s3_sources_read_like_files)."""
     import pyarrow.fs as pafs
 
-    from fmforge.stages.uris import resolve
+    from fmforge.stages.uris import locate
 
-    fs, path = resolve("file://corpus/prose/", tmp_path)
+    fs, path = locate("file://corpus/prose/", tmp_path)
     assert isinstance(fs, pafs.LocalFileSystem) and path == str((tmp_path / "corpus/prose").resolve())
-    assert resolve("file:///abs/data", tmp_path, confine=False)[1] == "/abs/data"
+    assert locate("file:///abs/data", tmp_path, confine=False)[1] == "/abs/data"
     monkeypatch.setenv("FMFORGE_PVC_ROOT", str(tmp_path / "pvc"))
-    assert resolve("pvc://datasets/raw/docs", tmp_path)[1] == str(tmp_path / "pvc" / "datasets/raw/docs")
+    assert locate("pvc://datasets/raw/docs", tmp_path)[1] == str(tmp_path / "pvc" / "datasets/raw/docs")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
-    fs, path = resolve("s3://bucket/prefix/", tmp_path)
+    fs, path = locate("s3://bucket/prefix/", tmp_path)
     assert isinstance(fs, pafs.S3FileSystem) and path == "bucket/prefix"
     assert fs.region == "eu-west-1"
     # pkg:// is a directory inside an installed package
-    fs, path = resolve("pkg://pyarrow/include", tmp_path)
+    fs, path = locate("pkg://pyarrow/include", tmp_path)
     assert Path(path).is_dir() and Path(path).parent.name == "pyarrow"
 
 

@@ -121,10 +121,10 @@ def _s3_files(path: str) -> list[tuple[str, int, int]]:
 
 
 def _one(uri: str, base_dir: Path, cache: DigestCache) -> list[str]:
-    from ..stages.uris import resolve
+    from ..stages.uris import locate
 
     try:
-        _, path = resolve(uri, base_dir, confine=False)
+        _, path = locate(uri, base_dir, confine=False)
     except StageError as e:  # the stage says what is wrong with the URI; the fingerprint notes it
         return [f"invalid\0{e}"]
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import InputError, StageContext
-from .uris import resolve as resolve_uri
+from .uris import locate
 
 #: Written into every model directory: how the model was made (hyperparameters, lineage, the
 #: loss curve). The ModelCard stage reads it for the card.
@@ -43,7 +43,7 @@ def producer_model(ctx: StageContext, ref, field: str) -> tuple[Path, dict[str, 
     if not model.get("uri") or not model.get("digest"):
         raise InputError(f"{field}: {key} has no model in its status; run it first")
     # A producer's artifact URI, written by fmforge: not confined to the manifest's folder.
-    _, path = resolve_uri(model["uri"], ctx.base_dir, confine=False)
+    _, path = locate(model["uri"], ctx.base_dir, confine=False)
     path = Path(path)
     if not (path / "config.json").is_file():
         raise InputError(f"{field}: the model of {key} is not at {model['uri']} (no config.json); run {key} again")

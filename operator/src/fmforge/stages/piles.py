@@ -3,8 +3,8 @@
 Shared by every stage that reads a pile (the DataPile publishes through `catalog` and
 `table_name`; the TrainingRun, ModelCard and TunedModel read).
 
-`pinned` finds the documents snapshot a `dataPileRef` (tag, snapshot id, or the latest) names;
-`resolve` turns it into the exact Iceberg snapshots to read, with the version's tokenizer and
+`snapshot_of` finds the documents snapshot a `dataPileRef` (tag, snapshot id, or the latest) names;
+`pin` turns it into the exact Iceberg snapshots to read, with the version's tokenizer and
 lineage, and refuses a missing tag or a pile without a sequences table before any work starts.
 `sequences` is the Ray Data dataset of one split of that snapshot: read from Iceberg by Ray Data
 tasks and streamed on, so that no process holds the pile. Called by the TrainingRun stage
@@ -61,7 +61,7 @@ def table_name(namespace: str, pile: str, which: str) -> str:
 
 
 @dataclass(frozen=True)
-class PileVersion:
+class PinnedPile:
     """One version of a pile, pinned to its snapshots."""
 
     name: str
@@ -91,7 +91,7 @@ def catalog_kwargs(cat) -> dict[str, str]:
     return {"name": cat.name, **{k: str(v) for k, v in cat.properties.items()}}
 
 
-def pinned(ctx: StageContext, ref, field: str):
+def snapshot_of(ctx: StageContext, ref, field: str):
     """(catalog, documents table, snapshot) of the version `ref` (a DataPileRef: tag, snapshot id,
     or the latest) names; `field` is its path in the spec, for the error messages."""
     from pyiceberg.exceptions import NoSuchTableError
@@ -122,12 +122,12 @@ def pinned(ctx: StageContext, ref, field: str):
     return cat, docs, snap
 
 
-def resolve(ctx: StageContext, ref, field: str) -> PileVersion:
+def pin(ctx: StageContext, ref, field: str) -> PinnedPile:
     """The version `ref` (a DataPileRef) names, checked to be trainable; `field` is its path in
     the spec, for the error messages."""
     from pyiceberg.exceptions import NoSuchTableError
 
-    cat, docs, snap = pinned(ctx, ref, field)
+    cat, docs, snap = snapshot_of(ctx, ref, field)
     seq_name = table_name(ctx.namespace, ref.name, "sequences")
     props = snap.summary.additional_properties if snap.summary else {}
     seq_snap = props.get("fmforge.sequences-snapshot-id")
@@ -151,7 +151,7 @@ def resolve(ctx: StageContext, ref, field: str) -> PileVersion:
         raise InputError(f"{field}: DataPile {ref.name} version {snap.snapshot_id} has no sequences")
     status = (ctx.inputs.get(f"DataPile/{ref.name}") or {}).get("status") or {}
     card = status.get("dataCard") if (status.get("version") or {}).get("snapshotId") == str(snap.snapshot_id) else None
-    return PileVersion(
+    return PinnedPile(
         name=ref.name, tag=ref.tag, snapshot_id=snap.snapshot_id, sequences_table=seq_name,
         sequences_snapshot_id=int(seq_snap), digest=props.get(PROP_DIGEST), tokenizer=Path(tok),
         sequence_length=len(first.column("input_ids")[0]), catalog_kwargs=catalog_kwargs(cat), data_card=card,
@@ -162,7 +162,7 @@ def _versions(table) -> str:
     return ", ".join(str(s.snapshot_id) for s in table.snapshots()) or "none"
 
 
-def count(pile: PileVersion, split: str) -> int:
+def count(pile: PinnedPile, split: str) -> int:
     """Sequences of one split (reads the split column only)."""
     from pyiceberg.catalog import load_catalog
     from pyiceberg.expressions import EqualTo
@@ -173,7 +173,7 @@ def count(pile: PileVersion, split: str) -> int:
     return scan.count()
 
 
-def sequences(pile: PileVersion, split: str):
+def sequences(pile: PinnedPile, split: str):
     """A Ray Data dataset of one split's sequences (`input_ids`, `length`) at the pinned snapshot;
     nothing is read until a consumer iterates it.
 

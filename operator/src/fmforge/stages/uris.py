@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 from .base import InvalidSpec
 
 
-def resolve(uri: str, base_dir: Path, confine: bool = True) -> tuple[pafs.FileSystem, str]:
+def locate(uri: str, base_dir: Path, confine: bool = True) -> tuple[pafs.FileSystem, str]:
     """The filesystem and path a source URI names.
 
     With `confine`, a `file://` path must lie inside `base_dir` (links resolved): manifests

@@ -22,7 +22,7 @@ from typing import Any
 from ...api.status import Phase
 from ...api.v1alpha1.modelcard import ModelCardSpec, card_verdict
 from ..base import InvalidSpec, StageContext, StageResult
-from ..uris import resolve as resolve_uri
+from ..uris import locate
 from ..artifacts import producer_model
 from ..artifacts import TRAINING_LOG
 from .. import piles
@@ -58,7 +58,7 @@ def run(ctx: StageContext) -> StageResult:
             if encoder:
                 raise InvalidSpec(f"{where}: {b.name}: prompts need a generative model, and {spec.model_ref.name} is "
                                   f"an encoder (masked LM); use maskedTokens or perplexity for it")
-            _, p = resolve_uri(b.uri, ctx.base_dir, confine=not ctx.allow_outside_paths)
+            _, p = locate(b.uri, ctx.base_dir, confine=not ctx.allow_outside_paths)
             rows = evaluate.read_prompts(Path(p), b.uri, b.max_samples)
             evaluate.check_fit(rows, path, config, b.max_new_tokens, b.uri, where)
             plans.append((b, rows))
@@ -66,7 +66,7 @@ def run(ctx: StageContext) -> StageResult:
             if b.type == "maskedTokens" and not encoder:
                 raise InvalidSpec(f"{where}: {b.name}: maskedTokens measures an encoder (masked LM), and "
                                   f"{spec.model_ref.name} is a decoder; use perplexity or prompts for it")
-            version = piles.resolve(ctx, b.data_pile_ref, f"{where}.dataPileRef")
+            version = piles.pin(ctx, b.data_pile_ref, f"{where}.dataPileRef")
             _same_tokenizer(version.tokenizer, path, where)
             plans.append((b, version))
 

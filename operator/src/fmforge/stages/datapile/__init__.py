@@ -42,7 +42,7 @@ from . import tokenize as tk
 from . import workers as wk
 from .filters import effective_rules
 from ..piles import PROP_TOKENIZER
-from ..uris import resolve
+from ..uris import locate
 from .sources import SourceFiles, SourceRead, list_source, summarize
 
 
@@ -148,7 +148,7 @@ def read(w: Work) -> None:
                          f"invalidText and maxDocumentBytes")
     if w.spec.tokenizer.uri:
         # Loaded now: its content is part of the version (another tokenizer, another version).
-        fs, path = resolve(w.spec.tokenizer.uri, w.ctx.base_dir, confine=not w.ctx.allow_outside_paths)
+        fs, path = locate(w.spec.tokenizer.uri, w.ctx.base_dir, confine=not w.ctx.allow_outside_paths)
         w.tokenizer_json = tk.load_tokenizer(path, fs).to_str()
         w.tokenizer_source = f"loaded from {w.spec.tokenizer.uri}"
     w.digest = _digest(w.spec, w.reads, w.tokenizer_json)

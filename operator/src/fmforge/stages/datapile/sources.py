@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from ...api.v1alpha1.common import quantity_value
 from ...api.v1alpha1.datapile import Source
 from ..base import InputError
-from ..uris import resolve
+from ..uris import locate
 
 READ_SCHEMA = pa.schema(
     [
@@ -155,7 +155,7 @@ class SourceFiles:
 
 def list_source(source: Source, base_dir: Path, confine: bool = True) -> SourceFiles:
     """The files of one source with their sizes (names and sizes only: nothing is read)."""
-    fs, root = resolve(source.uri, base_dir, confine)
+    fs, root = locate(source.uri, base_dir, confine)
     files = list_files(fs, root, source)
     try:
         infos = fs.get_file_info([path for path, _ in files])

@@ -79,7 +79,7 @@ def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _get(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, Any]:
+def _request(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, Any]:
     """(status, the JSON answer) of a GET, or of a POST of `body`; an answer that is not JSON
     (a proxy's or uvicorn's plain-text error) comes back as text."""
     req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
@@ -121,7 +121,7 @@ def start_server(name: str, model_dir: Path, port: int, log: Path, host: str = "
             raise StageError(f"the model server exited with code {proc.returncode} before it was ready; its log "
                              f"({log}) ends:\n{tail}")
         try:
-            status, body = _get(f"{_url(host, port)}/v1/models/{name}", timeout=2)
+            status, body = _request(f"{_url(host, port)}/v1/models/{name}", timeout=2)
             if status == 200 and isinstance(body, dict) and body.get("ready"):
                 return proc
         except (OSError, ValueError):
@@ -152,7 +152,7 @@ def sample_request(name: str, port: int, classifier: bool) -> tuple[str, dict, A
         path, body = f"/v1/models/{name}:predict", {"instances": [SAMPLE_TEXT]}
     else:
         path, body = "/openai/v1/completions", {"model": name, "prompt": SAMPLE_PROMPT, "max_tokens": 16}
-    status, answer = _get(f"http://127.0.0.1:{port}{path}", body)
+    status, answer = _request(f"http://127.0.0.1:{port}{path}", body)
     if status != 200:
         raise StageError(f"the model server answered the sample request to {path} with {status}: {answer}")
     return path, body, answer

@@ -42,7 +42,7 @@ def run(ctx: StageContext) -> StageResult:
     tr, res = spec.training, spec.resources
 
     # 1. Everything that can be wrong in the input, before a worker starts.
-    version = pile.resolve(ctx, spec.data_pile_ref, "spec.dataPileRef")
+    version = pile.pin(ctx, spec.data_pile_ref, "spec.dataPileRef")
     tok = models.tokenizer(version.tokenizer, spec.model.architecture)
     config = models.model_config(spec.model, tok, version.sequence_length)
     per_step = tr.micro_batch_size * res.workers

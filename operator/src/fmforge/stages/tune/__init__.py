@@ -35,7 +35,7 @@ from .. import raytrain
 from ..artifacts import TRAINING_LOG, model_digest, producer_model
 from ..base import InputError, InvalidSpec, StageContext, StageResult
 from ..piles import table_name
-from ..uris import resolve, s3_filesystem
+from ..uris import locate, s3_filesystem
 from . import data as examples
 from .loop import ADAPTER_DIR, LoraSettings, TuneConfig, tune_loop
 
@@ -54,7 +54,7 @@ def _base(ctx: StageContext, spec: TunedModelSpec) -> tuple[Path, dict[str, Any]
     if uri.startswith("s3://"):
         path = _from_s3(ctx, uri)
     else:
-        _, p = resolve(uri, ctx.base_dir, confine=not ctx.allow_outside_paths)
+        _, p = locate(uri, ctx.base_dir, confine=not ctx.allow_outside_paths)
         path = Path(p)
     if not (path / "config.json").is_file():
         raise InvalidSpec(f"spec.baseModel.uri: {uri} ({path}) is not a model directory in Hugging Face layout (no "

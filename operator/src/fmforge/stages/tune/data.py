@@ -23,7 +23,7 @@ from typing import Any
 from ...api.v1alpha1.tunedmodel import template_fields
 from ..base import InputError, InvalidSpec
 from ..piles import PROP_DIGEST
-from ..uris import resolve
+from ..uris import locate
 
 #: A tuning set larger than this is a pile's job, not a JSONL file's.
 MAX_BYTES = 256 * 2**20
@@ -57,7 +57,7 @@ def check_template(template: str, field: str) -> list[str]:
 def read(uri: str, base_dir, confine: bool) -> tuple[list[Record], str]:
     """Every record under `uri` (a .jsonl file, or a directory read file by file in name order)
     and the data digest (sha256 over each file's relative name and bytes)."""
-    fs, root = resolve(uri, base_dir, confine=confine)
+    fs, root = locate(uri, base_dir, confine=confine)
     return read_files(fs, root, uri, "spec.data.uri")
 
 
@@ -132,7 +132,7 @@ def read_pile(ctx, ref, fields: list[str]) -> tuple[list[Record], dict[str, Any]
     from .. import piles
 
     where = "spec.data.dataPileRef"
-    _, docs, snap = piles.pinned(ctx, ref, where)
+    _, docs, snap = piles.snapshot_of(ctx, ref, where)
     columns = [f.name for f in docs.schema().fields]
     unknown = [f for f in fields if f not in columns]
     if unknown:
