@@ -46,10 +46,11 @@ def _model_dir(arg: Path | None) -> tuple[Path, str]:
         uri = (json.loads(rec.read_text()).get("status") or {}).get("servedModel", {}).get("uri")
         if uri:
             return Path(uri.removeprefix("file://")), "the quickstart's served model"
+    import sysconfig
+
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-    import sysconfig
 
     out = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     texts = [p.read_text(errors="replace") for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:150]]

@@ -26,8 +26,8 @@ from fmforge.cli import main as fmforge
 from fmforge.runtime.local import run_paths
 from fmforge.runtime.progress import RunConsole
 from fmforge.runtime.state import StateDir
-from fmforge.stages.deploy import start_server, stop_server
 from fmforge.stages.artifacts import model_digest
+from fmforge.stages.deploy import start_server, stop_server
 
 SMALL = {
     "DataPile": {"tokenizer": {"train": {"type": "bpe", "vocabSize": 1024}}, "tokenize": {"sequenceLength": 64}},

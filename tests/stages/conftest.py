@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from paths import ROOT, STAGE_DATA as DATA  # noqa: E402
+from paths import ROOT  # noqa: E402
+from paths import STAGE_DATA as DATA
 
 
 @pytest.fixture(scope="session")

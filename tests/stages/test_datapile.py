@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import pytest
 import yaml
 from paths import STAGE_DATA as DATA
+from piles import PILE
 
 from fmforge.runtime.local import run_paths
 from fmforge.runtime.progress import RunConsole
@@ -21,8 +22,6 @@ from fmforge.runtime.state import StateDir
 from fmforge.stages.datapile import dedup as dd
 from fmforge.stages.datapile import publish as pub
 from fmforge.stages.datapile import tokenize as tk
-from piles import PILE
-
 
 
 def write(d: Path, manifest: dict) -> Path:

@@ -24,7 +24,6 @@ from fmforge.stages.datapile import publish as pub
 from fmforge.stages.datapile import tokenize as tk
 
 
-
 def _dir(tmp_path: Path, corpus: Path) -> Path:
     """A folder with the manifest's data inside it (file:// URIs may not leave the folder)."""
     d = tmp_path / "w"

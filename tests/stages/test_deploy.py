@@ -24,8 +24,8 @@ from fmforge.api.v1alpha1.modelcard import decide_approval
 from fmforge.runtime.local import run_paths
 from fmforge.runtime.progress import RunConsole
 from fmforge.runtime.state import StateDir
-from fmforge.stages.deploy import start_server, stop_server
 from fmforge.stages.artifacts import model_digest
+from fmforge.stages.deploy import start_server, stop_server
 
 
 def _free_port() -> int:

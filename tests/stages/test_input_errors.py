@@ -110,8 +110,9 @@ CONTEXT, NEW_TOKENS = 64, 8
 def card_ws(tmp_path_factory):
     """A folder with a TrainingRun record whose model is a tiny GPT-2 (64 positions, random
     weights: every case here fails before a token is generated) and its byte-level BPE."""
-    import torch
     from pydoc_data.topics import topics
+
+    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 

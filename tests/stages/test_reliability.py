@@ -23,14 +23,14 @@ import pytest
 import yaml
 from piles import SMALL
 
+from fmforge.api.v1alpha1.datapile import DataPileSpec
 from fmforge.cli import main
+from fmforge.runtime.fingerprint import DigestCache, fingerprint, spec_uris
 from fmforge.runtime.local import run_paths
 from fmforge.runtime.progress import RunConsole
 from fmforge.runtime.state import StateDir
 from fmforge.stages import raysession
-from fmforge.runtime.fingerprint import DigestCache, fingerprint, spec_uris
 from fmforge.stages.datapile import publish as pub
-from fmforge.api.v1alpha1.datapile import DataPileSpec
 
 # Wraps `module.attr` so that its `call`-th call first writes MARKER, then either waits for GO or
 # kills the process with SIGKILL; then runs `fmforge ARGS...` through the console script's entry.

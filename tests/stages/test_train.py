@@ -27,8 +27,8 @@ from piles import MINI
 from fmforge.runtime.local import run_paths
 from fmforge.runtime.progress import RunConsole
 from fmforge.runtime.state import StateDir
-from fmforge.stages.datapile import publish as pub
 from fmforge.stages.artifacts import TRAINING_LOG, model_digest
+from fmforge.stages.datapile import publish as pub
 from fmforge.stages.raytrain import RUN_RECORD, latest_checkpoint
 
 PILE = MINI

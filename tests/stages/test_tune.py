@@ -74,8 +74,9 @@ def ws(tmp_path_factory) -> Workspace:
 def base_run(ws: Workspace) -> dict:
     """A TrainingRun record whose model is a tiny Llama with a BPE, both trained on Python's
     documentation topics here (a few hundred steps: a base that has seen English and Python)."""
-    import torch
     from pydoc_data.topics import topics
+
+    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 

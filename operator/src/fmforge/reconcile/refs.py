@@ -7,12 +7,13 @@ current generation (phase Succeeded or Ready, `observedGeneration` equal to `gen
 
 from __future__ import annotations
 
-from ..api.status import is_done
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..api.status import is_done
 from ..api.v1alpha1 import KINDS, Reference
 from .store import World, spec_of
+
 
 def is_ready(obj: dict[str, Any]) -> bool:
     """Whether `obj`'s output is usable: done for its current generation."""

@@ -23,13 +23,12 @@ import hashlib
 import json
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..api.manifests import Manifest, load
-from collections.abc import Callable
-
 from ..api.status import DONE, Phase, now, with_phase
 from ..api.v1alpha1 import API_VERSION
 from ..api.v1alpha1.modelcard import REJECTED, WAITING_FOR_APPROVAL

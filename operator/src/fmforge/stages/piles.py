@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import json
 import logging
-from urllib.request import url2pathname
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.request import url2pathname
 
 import pyarrow as pa
 

@@ -21,11 +21,10 @@ from typing import Any
 
 from ...api.status import Phase
 from ...api.v1alpha1.modelcard import ModelCardSpec, card_verdict
+from .. import piles
+from ..artifacts import TRAINING_LOG, producer_model
 from ..base import InvalidSpec, StageContext, StageResult
 from ..uris import locate
-from ..artifacts import producer_model
-from ..artifacts import TRAINING_LOG
-from .. import piles
 from . import evaluate, render
 
 

@@ -73,9 +73,9 @@ class Scorer:
 def on_pile(pile_version, split: str, model_dir: Path, encoder: bool, max_samples: int | None,
             mask_probability: float, seed: int, progress=None) -> dict[str, float]:
     """Loss, perplexity and masked-token accuracy of the model over one split of a pile version."""
-    from .. import piles
-
     import ray
+
+    from .. import piles
 
     ds = piles.sequences(pile_version, split)
     if max_samples:

@@ -35,14 +35,14 @@ from ...api.v1alpha1.common import quantity_value
 from ...api.v1alpha1.datapile import DataPileSpec, DocumentCounts, PileStats, PileVersion
 from .. import raysession
 from ..base import InputError, InvalidSpec, OutputError, StageContext, StageError, StageResult, output_error, unwritable
+from ..piles import PROP_TOKENIZER
+from ..uris import locate
 from . import datacard as dc
 from . import dedup as dd
 from . import publish as pub
 from . import tokenize as tk
 from . import workers as wk
 from .filters import effective_rules
-from ..piles import PROP_TOKENIZER
-from ..uris import locate
 from .sources import SourceFiles, SourceRead, list_source, summarize
 
 

@@ -32,7 +32,7 @@ import contextlib
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, UTC
+from datetime import UTC, datetime
 
 import pyarrow as pa
 

@@ -11,10 +11,10 @@ end with an end-of-text token at every document boundary and cut into sequences 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
