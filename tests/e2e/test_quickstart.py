@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from localrun import free_port
 from paths import ROOT
 
 from fmforge.cli import main as fmforge
@@ -41,12 +41,6 @@ SMALL = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def quickstart_port(root: Path) -> int:
     return yaml.safe_load((root / "deployment.yaml").read_text())["spec"]["kserve"]["port"]
 
@@ -58,7 +52,7 @@ def quickstart(tmp_path_factory) -> Path:
                     ignore=shutil.ignore_patterns(".fmforge", "corpus"))
     subprocess.run([sys.executable, str(root / "build-corpus.py"), "--out", str(root / "corpus"), "--max-files", "70"],
                    check=True, capture_output=True)
-    port = _free_port()
+    port = free_port()
     for f in root.glob("*.yaml"):
         m = yaml.safe_load(f.read_text())
         for key, value in SMALL.get(m["kind"], {}).items():
@@ -102,7 +96,7 @@ def test_the_chain_from_sources_to_an_answer(quickstart: Path, capsys):
     # one request answered by the served model, over HTTP (on a new port: the stage's server
     # has just left its own, which the kernel may still hold for a while)
     assert dep["url"] == f"http://127.0.0.1:{quickstart_port(quickstart)}"
-    port = _free_port()
+    port = free_port()
     proc = start_server("pydocs-qa", model_dir, port, quickstart / "server.log")
     try:
         body = json.dumps({"model": "pydocs-qa", "prompt": "Question: Which keyword defines a function?\nAnswer:",

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from localrun import free_port
 
 from fmforge.api.status import with_phase
 from fmforge.api.v1alpha1.modelcard import decide_approval
@@ -26,12 +27,6 @@ from fmforge.runtime.progress import RunConsole
 from fmforge.runtime.state import StateDir
 from fmforge.stages.artifacts import model_digest
 from fmforge.stages.deploy import start_server, stop_server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body, raw: bytes | None = None) -> tuple[int, dict]:
@@ -83,7 +78,7 @@ def classifier(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def lm_server(causal_lm: Path, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     proc = start_server("tiny", causal_lm, port, tmp_path_factory.mktemp("log") / "server.log")
     yield f"http://127.0.0.1:{port}"
     stop_server(proc)
@@ -150,7 +145,7 @@ def test_bad_requests_get_a_4xx_and_the_server_lives_on(lm_server: str, path, bo
 
 
 def test_classifier_answers_v1_and_v2(classifier: Path, tmp_path: Path):
-    port = _free_port()
+    port = free_port()
     proc = start_server("sentiment", classifier, port, tmp_path / "server.log")
     try:
         url = f"http://127.0.0.1:{port}"
@@ -204,7 +199,7 @@ def _deployment(d: Path, port: int) -> Path:
 def test_an_unapproved_model_waits_naming_the_card(causal_lm: Path, tmp_path: Path):
     state = StateDir(tmp_path / ".fmforge")
     digest = _producer_records(state, causal_lm, card_approved=False)
-    report = run_paths([_deployment(tmp_path, _free_port())], console=RunConsole(rich=False))
+    report = run_paths([_deployment(tmp_path, free_port())], console=RunConsole(rich=False))
     assert [o.word for o in report.outcomes] == ["Waiting"]
     rec = state.read("Deployment", "gpt")
     ready = next(c for c in rec["status"]["conditions"] if c["type"] == "Ready")
@@ -215,7 +210,7 @@ def test_an_unapproved_model_waits_naming_the_card(causal_lm: Path, tmp_path: Pa
 def test_an_approved_model_is_served_and_answers(causal_lm: Path, tmp_path: Path):
     state = StateDir(tmp_path / ".fmforge")
     digest = _producer_records(state, causal_lm, card_approved=True)
-    port = _free_port()
+    port = free_port()
     report = run_paths([_deployment(tmp_path, port)], console=RunConsole(rich=False))
     assert [o.word for o in report.outcomes] == ["Succeeded"], report.outcomes
     st = state.read("Deployment", "gpt")["status"]

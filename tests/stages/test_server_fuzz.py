@@ -28,6 +28,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from localrun import free_port
 
 from fmforge.stages.artifacts import model_digest
 from fmforge.stages.base import StageError
@@ -37,12 +38,6 @@ NAME = "tiny"
 HOST = "127.0.0.1"
 #: The server's --max-pending in these tests: small, so that the 503 is reachable.
 PENDING = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +87,7 @@ class Server:
     """A predictor process on 127.0.0.1, started as the stage starts it, plus test flags."""
 
     def __init__(self, model_dir: Path, log: Path, *extra: str):
-        self.port = _free_port()
+        self.port = free_port(HOST)
         self.log = log
         with log.open("wb") as out:
             self.proc = subprocess.Popen([*server_command(NAME, model_dir, self.port), *extra], stdout=out,
@@ -479,7 +474,7 @@ def test_changed_model_files_are_refused_with_exit_code_3(lm: Path, tmp_path: Pa
     weights.write_bytes(bytes(data))
     changed = model_digest(model)
     with pytest.raises(StageError) as e:
-        start_server(NAME, model, _free_port(), tmp_path / "server.log", digest=approved)
+        start_server(NAME, model, free_port(HOST), tmp_path / "server.log", digest=approved)
     assert "exited with code 3" in str(e.value)
     line = next(ln for ln in str(e.value).splitlines() if "refusing to serve" in ln)
     assert approved in line and changed in line
@@ -487,6 +482,6 @@ def test_changed_model_files_are_refused_with_exit_code_3(lm: Path, tmp_path: Pa
            "digest" in line
     # the digest from the environment when the flag is absent
     proc = subprocess.run([sys.executable, "-m", "fmforge.stages.deploy.predictor", "--model-dir", str(model),
-                           "--name", NAME, "--port", str(_free_port())], capture_output=True, text=True, timeout=300,
+                           "--name", NAME, "--port", str(free_port(HOST))], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "FMFORGE_MODEL_DIGEST": approved})
     assert proc.returncode == 3 and approved in proc.stderr and changed in proc.stderr, proc.stderr[-2000:]

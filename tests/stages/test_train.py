@@ -21,12 +21,12 @@ import pytest
 import torch
 import yaml
 from faults import worker_killed_after_checkpoint
+from localrun import Workspace
 from paths import ROOT
 from piles import MINI
 
 from fmforge.runtime.local import run_paths
 from fmforge.runtime.progress import RunConsole
-from fmforge.runtime.state import StateDir
 from fmforge.stages.artifacts import TRAINING_LOG, model_digest
 from fmforge.stages.datapile import publish as pub
 from fmforge.stages.raytrain import RUN_RECORD, latest_checkpoint
@@ -58,33 +58,13 @@ PERPLEXITY = {"name": "heldout", "type": "perplexity", "dataPileRef": {"name": "
               "maxSamples": 48, "threshold": {"max": 400}}
 
 
-class Workspace:
-    """A directory of manifests beside the corpus, run with the local runner."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.state = StateDir(root / ".fmforge")
-
-    def put(self, manifest: dict) -> Path:
-        p = self.root / f"{manifest['kind'].lower()}-{manifest['metadata']['name']}.yaml"
-        p.write_text(yaml.safe_dump(manifest, sort_keys=False))
-        return p
-
-    def run(self, *manifests: dict):
-        paths = [self.put(m) for m in manifests]
-        return run_paths([self.root / "pile.yaml", *paths], state_dir=self.state.root, console=RunConsole(rich=False))
-
-    def record(self, kind: str, name: str) -> dict:
-        return self.state.read(kind, name)
-
-
 @pytest.fixture(scope="module")
 def ws(corpus: Path, tmp_path_factory) -> Workspace:
     root = tmp_path_factory.mktemp("train")
     shutil.copytree(corpus, root / "corpus")  # file:// URIs may not leave the manifest folder
     (root / "pile.yaml").write_text(yaml.safe_dump(PILE, sort_keys=False))
-    w = Workspace(root)
-    report = run_paths([root / "pile.yaml"], state_dir=w.state.root, console=RunConsole(rich=False))
+    w = Workspace(root, base=("pile.yaml",))
+    report = w.run()
     assert report.ok, report.outcomes
     return w
 

@@ -27,12 +27,12 @@ from pathlib import Path
 import pytest
 import yaml
 from faults import worker_killed_after_checkpoint
+from localrun import Workspace, path_of
 from paths import ROOT
 from piles import MINI
 
 from fmforge.runtime.local import run_paths
 from fmforge.runtime.progress import RunConsole
-from fmforge.runtime.state import StateDir
 from fmforge.stages.artifacts import TRAINING_LOG, model_digest
 from fmforge.stages.raytrain import RUN_RECORD
 
@@ -41,25 +41,6 @@ QA = ROOT / "examples" / "quickstart" / "tuning" / "qa.jsonl"
 
 def tuned_model(name: str, spec: dict) -> dict:
     return {"apiVersion": "fmforge.io/v1alpha1", "kind": "TunedModel", "metadata": {"name": name}, "spec": spec}
-
-
-class Workspace:
-    """A folder of manifests and data, run with the local runner on its own state directory."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.state = StateDir(root / ".fmforge")
-
-    def run(self, manifest: dict, force: bool = False):
-        p = self.root / f"{manifest['metadata']['name']}.yaml"
-        p.write_text(yaml.safe_dump(manifest, sort_keys=False))
-        report = run_paths([p], state_dir=self.state.root, console=RunConsole(rich=False), force=force)
-        assert not report.errors, report.errors
-        return report.outcomes[0], self.state.read(manifest["kind"], manifest["metadata"]["name"])
-
-
-def path_of(uri: str) -> Path:
-    return Path(uri.removeprefix("file://"))
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +109,7 @@ def test_lora_causal_lm_learns_the_answers(ws: Workspace, base_run: dict):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    outcome, rec = ws.run(tuned_model("qa", QA_SPEC))
+    outcome, rec = ws.run_one(tuned_model("qa", QA_SPEC))
     assert outcome.word == "Succeeded", outcome.message
     st = rec["status"]
     lines = [json.loads(x) for x in QA.read_text().splitlines() if x.strip()]
@@ -163,11 +144,11 @@ def test_lora_causal_lm_learns_the_answers(ws: Workspace, base_run: dict):
     with torch.no_grad():
         assert torch.allclose(merged(**ids).logits, adapted(**ids).logits, atol=1e-4)
     # a second run with nothing changed is skipped
-    outcome, _ = ws.run(tuned_model("qa", QA_SPEC))
+    outcome, _ = ws.run_one(tuned_model("qa", QA_SPEC))
     assert outcome.word == "Skipped", outcome.message
     # the same attempt started again resumes from its last checkpoint: no step taken again, the
     # weights restored: the same held-out loss, the same model (its log holds no times)
-    outcome, again = ws.run(tuned_model("qa", QA_SPEC), force=True)
+    outcome, again = ws.run_one(tuned_model("qa", QA_SPEC), force=True)
     assert outcome.word == "Succeeded", outcome.message
     assert again["status"]["progress"]["resumedFromStep"] == 12
     assert len(list((ws.state.artifacts_dir("TunedModel", "qa") / "attempts").glob("*/checkpoints"))) == 1
@@ -206,7 +187,7 @@ def test_minilm_classifier_from_a_package(ws: Workspace):
             "data": {"uri": "file://tuning/kinds.jsonl", "promptTemplate": "{text}", "labelField": "kind",
                      "validationFraction": 0.25},
             "training": {"epochs": 5, "learningRate": 3.0e-3, "microBatchSize": 8}}
-    outcome, rec = ws.run(tuned_model("kinds", spec))
+    outcome, rec = ws.run_one(tuned_model("kinds", spec))
     assert outcome.word == "Succeeded", outcome.message
     st = rec["status"]
     held = st["validation"]["examples"]
@@ -239,7 +220,7 @@ def test_bad_input_fails_before_training(ws: Workspace, base_run: dict, change: 
     spec["data"]["uri"] = "file://tuning/bad.jsonl"
     for k, v in change.items():
         spec[k] = {**spec[k], **v} if isinstance(v, dict) else v
-    outcome, rec = ws.run(tuned_model("bad", spec))
+    outcome, rec = ws.run_one(tuned_model("bad", spec))
     ready = next(c for c in rec["status"]["conditions"] if c["type"] == "Ready")
     assert outcome.word == "Failed" and ready["reason"] == reason, outcome.message
     for w in words:
@@ -261,7 +242,7 @@ def test_examples_from_a_pile_version(ws: Workspace, base_run: dict, corpus: Pat
     from fmforge.stages.piles import catalog, read_version
 
     shutil.copytree(corpus, ws.root / "corpus", dirs_exist_ok=True)
-    outcome, pile = ws.run(PILE)
+    outcome, pile = ws.run_one(PILE)
     assert outcome.word == "Succeeded", outcome.message
     docs = read_version(catalog(ws.state.root), "default", "mini", "v1")
     assert docs.num_rows > 60 and set(docs.column("source").to_pylist()) == {"prose", "code"}
@@ -272,7 +253,7 @@ def test_examples_from_a_pile_version(ws: Workspace, base_run: dict, corpus: Pat
                     "promptTemplate": "File: {path}\nSource:", "completionTemplate": " {source}",
                     "validationFraction": 0.2}
     spec["training"] = {"epochs": 2, "learningRate": 1.0e-2, "microBatchSize": 8}
-    outcome, rec = ws.run(tuned_model("from-pile", spec))
+    outcome, rec = ws.run_one(tuned_model("from-pile", spec))
     assert outcome.word == "Succeeded", outcome.message
     st = rec["status"]
     version = pile["status"]["version"]
@@ -288,7 +269,7 @@ def test_examples_from_a_pile_version(ws: Workspace, base_run: dict, corpus: Pat
 
     # a placeholder that is not a column of the documents: refused before a worker starts
     spec["data"]["completionTemplate"] = " {answer}"
-    outcome, rec = ws.run(tuned_model("from-pile-bad", spec))
+    outcome, rec = ws.run_one(tuned_model("from-pile-bad", spec))
     assert outcome.word == "Failed", outcome.message
     assert "templates read answer" in rec["status"]["message"] and "its columns are id, source, path, text" in \
         rec["status"]["message"]
@@ -307,7 +288,7 @@ def test_a_configmap_source_needs_a_cluster_and_is_read_where_the_pod_mounts_it(
     spec = json.loads(json.dumps(QA_SPEC))
     spec["data"] = {"configMap": {"name": "qa-examples", "key": "qa.jsonl"},
                     "promptTemplate": "Question: {question}\nAnswer:", "completionTemplate": " {answer} ({source})"}
-    outcome, rec = ws.run(tuned_model("from-cm", spec))
+    outcome, rec = ws.run_one(tuned_model("from-cm", spec))
     assert outcome.word == "Failed"
     msg = rec["status"]["message"]
     assert "ConfigMap qa-examples is read on a cluster only" in msg and "data.uri: file://qa.jsonl" in msg
@@ -395,7 +376,7 @@ def test_a_worker_killed_mid_tuning_resumes_from_its_checkpoint(ws: Workspace, b
     spec["training"] = {"epochs": 8, "learningRate": 1.0e-2, "microBatchSize": 8}
     spec["faultTolerance"] = {"maxFailures": 1}
     with worker_killed_after_checkpoint(3) as killed:
-        outcome, rec = ws.run(tuned_model("killed", spec))
+        outcome, rec = ws.run_one(tuned_model("killed", spec))
     assert killed, "no Ray Train worker reached the checkpoint to be killed after"
     assert outcome.word == "Succeeded", outcome.message
     st = rec["status"]
@@ -438,7 +419,7 @@ def test_the_same_tuning_in_two_project_folders_makes_the_same_model(ws: Workspa
     for w in folders:
         kill = worker_killed_after_checkpoint(3) if w.root.name == "killed" else contextlib.nullcontext([])
         with kill as killed:
-            outcome, rec = w.run(tuned_model("twice", spec))
+            outcome, rec = w.run_one(tuned_model("twice", spec))
         assert outcome.word == "Succeeded", outcome.message
         runs.append(rec["status"])
     assert killed and runs[2]["progress"]["resumedFromStep"] == 3
