@@ -27,10 +27,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "operator" / "src"))
+sys.path.insert(0, str(ROOT / "tests"))
 # Two torch processes share 2 cores here (this one and the server): with OpenMP's default busy
 # wait, the idle one's threads spin against the other's work and the figures measure that
 # (added p50 3.8-4.2 ms with it, 0.4-1.2 ms without, same machine and hour). Both wait passively.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from tinymodel import tiny_gpt  # noqa: E402
 
 from fmforge.stages.deploy import start_server, stop_server  # noqa: E402
 from fmforge.stages.deploy.predictor import GenerativePredictor  # noqa: E402
@@ -46,24 +49,8 @@ def _model_dir(arg: Path | None) -> tuple[Path, str]:
         uri = (json.loads(rec.read_text()).get("status") or {}).get("servedModel", {}).get("uri")
         if uri:
             return Path(uri.removeprefix("file://")), "the quickstart's served model"
-    import sysconfig
-
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    out = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    texts = [p.read_text(errors="replace") for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:150]]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=2048, special_tokens=["<|endoftext|>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(fast), n_positions=256, n_embd=256, n_layer=4, n_head=4,
-                               bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id)).save_pretrained(out)
-    fast.save_pretrained(out)
+    out = tiny_gpt(Path(tempfile.mkdtemp(prefix="bench-serve-")), vocab=2048, positions=256, width=256, layers=4,
+                   heads=4)
     return out, "a 4-layer, 256-wide GPT-2 built here (untrained weights)"
 
 

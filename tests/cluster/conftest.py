@@ -132,3 +132,16 @@ def pytest_runtest_makereport(item, call):
     op = item.funcargs.get("operator") if hasattr(item, "funcargs") else None
     if report.failed and hasattr(op, "tail"):
         report.sections.append(("operator log", op.tail(100)))
+
+
+@pytest.fixture(scope="module")
+def operator(cluster: ControlPlane, crds, tmp_path_factory):
+    """`fmforge operator` as a process of its own against the control plane, for one test module."""
+    from operatorproc import OperatorProcess
+
+    cfg = tmp_path_factory.mktemp("operator") / "config.yaml"
+    cfg.write_text("runtimeImage: example.com/fmforge/runtime:test\nresyncSeconds: 30\n"
+                   "jobs: {ttlSecondsAfterFinished: 600, activeDeadlineSeconds: 7200, backoffLimit: 1}\n")
+    op = OperatorProcess(cluster, config=cfg).start()
+    yield op
+    op.stop()

@@ -18,7 +18,6 @@ from controlplane import ROOT, ControlPlane
 from operatorproc import (
     MODEL_RESULTS,
     PILE_RESULTS,
-    OperatorProcess,
     apply,
     condition,
     events,
@@ -33,19 +32,6 @@ from operatorproc import (
     wait_for,
     wait_phase,
 )
-
-# -- fixtures ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def operator(cluster: ControlPlane, crds, tmp_path_factory):
-    cfg = tmp_path_factory.mktemp("operator") / "config.yaml"
-    cfg.write_text("runtimeImage: example.com/fmforge/runtime:test\nresyncSeconds: 30\n"
-                   "jobs: {ttlSecondsAfterFinished: 600, activeDeadlineSeconds: 7200, backoffLimit: 1}\n")
-    op = OperatorProcess(cluster, config=cfg).start()
-    yield op
-    op.stop()
-
 
 # -- tests ------------------------------------------------------------------------------------------
 

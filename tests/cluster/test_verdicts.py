@@ -15,11 +15,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from controlplane import ControlPlane
 from operatorproc import (
     PILE_RESULTS,
-    OperatorProcess,
     apply,
     condition,
     events,
@@ -37,15 +35,6 @@ from tinymodel import tiny_gpt
 from fmforge.kube.stagestatus import StatusWriter
 from fmforge.runtime.job import execute
 from fmforge.stages.artifacts import model_digest
-
-
-@pytest.fixture(scope="module")
-def operator(cluster: ControlPlane, crds, tmp_path_factory):
-    cfg = tmp_path_factory.mktemp("operator") / "config.yaml"
-    cfg.write_text("runtimeImage: example.com/fmforge/runtime:test\nresyncSeconds: 30\n")
-    op = OperatorProcess(cluster, config=cfg).start()
-    yield op
-    op.stop()
 
 
 def _card(name: str, minimum: float, approval: str = "automatic") -> dict:

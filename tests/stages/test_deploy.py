@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import socket
-import sysconfig
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from localrun import free_port
+from tinymodel import tiny_gpt
 
 from fmforge.api.status import with_phase
 from fmforge.api.v1alpha1.modelcard import decide_approval
@@ -41,25 +41,7 @@ def _post(url: str, body, raw: bytes | None = None) -> tuple[int, dict]:
 
 @pytest.fixture(scope="module")
 def causal_lm(tmp_path_factory) -> Path:
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    out = tmp_path_factory.mktemp("gpt")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts = [p.read_text(errors="replace") for p in sorted(stdlib.glob("*.py"))[:150]]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    torch.manual_seed(0)
-    eos = fast.eos_token_id
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(fast), n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                               bos_token_id=eos, eos_token_id=eos)).save_pretrained(out)
-    fast.save_pretrained(out)
-    return out
+    return tiny_gpt(tmp_path_factory.mktemp("gpt"))
 
 
 @pytest.fixture(scope="module")

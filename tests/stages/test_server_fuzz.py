@@ -21,7 +21,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
 import urllib.request
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import psutil
 import pytest
 from localrun import free_port
+from tinymodel import tiny_gpt
 
 from fmforge.stages.artifacts import model_digest
 from fmforge.stages.base import StageError
@@ -42,30 +42,8 @@ PENDING = 4
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory) -> Path:
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    out = tmp_path_factory.mktemp("gpt512")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts = [p.read_text(errors="replace") for p in sorted(stdlib.glob("*.py"))[:100]]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    torch.manual_seed(0)
-    eos = fast.eos_token_id
-    # No end-of-text token is ever likely enough to end a generation early: work lasts as long
-    # as max_tokens says, which the disconnect tests need.
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(fast), n_positions=512, n_embd=128, n_layer=4, n_head=4,
-                                       bos_token_id=eos, eos_token_id=eos))
-    with torch.no_grad():
-        model.lm_head.weight[eos] = 0  # tied to the embedding: the eos row is zero there too
-    model.save_pretrained(out)
-    fast.save_pretrained(out)
-    return out
+    return tiny_gpt(tmp_path_factory.mktemp("gpt512"), files=100, positions=512, width=128, layers=4, heads=4,
+                    never_ends=True)
 
 
 @pytest.fixture(scope="module")
