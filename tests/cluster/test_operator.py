@@ -197,7 +197,7 @@ def test_the_fmforge_runtime_is_accepted_by_the_real_kserve_schema(cluster, oper
     isvc = wait_for("the InferenceService", lambda: get(cluster, n, "inferenceservices", "serve"))
     [c] = isvc["spec"]["predictor"]["containers"]
     assert c["name"] == "kserve-container" and c["ports"] == [{"containerPort": 9000, "protocol": "TCP"}]
-    assert c["args"][-2:] == ["--port", "9000"]
+    assert c["args"][4:] == ["--port", "9000", "--host", "0.0.0.0", "--model-digest", "sha256:model1"]
 
 
 @pytest.fixture(scope="module")
