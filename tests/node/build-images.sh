@@ -131,7 +131,11 @@ containerfile() {
   local name=$1 file=$2 t0; t0=$(date +%s)
   apt_install buildah
   [[ -n $(image_id "$BASE_NAME") ]] || build_base >/dev/null
-  (cd "$ROOT" && "${BUILDAH[@]}" bud --pull=never --layers --network=host -f "$file" -t "$name" . >&2)
+  # The build's RUN steps see the host's pip configuration and CA bundle (read-only, never in a
+  # layer): where a proxy re-signs TLS, as on this project's machines, pip needs them.
+  local vols=()
+  for f in /etc/pip.conf /etc/ssl/certs/ca-certificates.crt; do [[ -f $f ]] && vols+=(-v "$f:$f:ro"); done
+  (cd "$ROOT" && "${BUILDAH[@]}" bud --pull=never --layers --network=host "${vols[@]}" -f "$file" -t "$name" . >&2)
   report "$name" "$t0"
 }
 
