@@ -221,7 +221,8 @@ class ControlPlane:
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             "--service-cluster-ip-range=10.0.0.0/24",
             *(["--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
-               f"--kubelet-client-certificate={pki['admin.crt']}", f"--kubelet-client-key={pki['admin.key']}"]
+               f"--kubelet-client-certificate={pki['admin.crt']}", f"--kubelet-client-key={pki['admin.key']}",
+               "--kubelet-preferred-address-types=InternalIP"]
               if self.node else ["--authorization-mode=RBAC"]),
             # Privileged pods are allowed by the server, so that Pod Security admission, not this
             # flag, is what rejects them in a `restricted` namespace.

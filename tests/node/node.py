@@ -462,6 +462,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             self.timings[f"import {name}"] = time.monotonic() - t
 
     def _kubelet(self) -> None:
+        # kubelet's cgroupRoot must exist in every hierarchy (cgroup v1 here); pods go below it.
+        for d in Path("/sys/fs/cgroup").iterdir():
+            if d.is_dir() and d.name != "unified":
+                (d / CGROUP_ROOT).mkdir(exist_ok=True)
         kubeconfig = self._kubeconfig_for("kubelet", f"system:node:{NODE_NAME}", "system:nodes")
         self.kubelet_port, self.kubelet_healthz = free_port(), free_port()
         resolv = self.workdir / "resolv.conf"
@@ -488,6 +492,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "syncFrequency": "10s", "fileCheckFrequency": "10s",
             "nodeStatusUpdateFrequency": "5s", "nodeStatusReportFrequency": "30s",
             "shutdownGracePeriod": "0s",
+            # Lowering a process's oom_score_adj needs CAP_SYS_RESOURCE, which root lacks here.
+            "oomScoreAdj": 0,
         }
         path = self.workdir / "kubelet.yaml"
         path.write_text(yaml.safe_dump(config))
@@ -510,7 +516,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration",
             "mode": "iptables", "clusterCIDR": POD_CIDR, "hostnameOverride": NODE_NAME,
             "clientConnection": {"kubeconfig": str(kubeconfig)},
-            "bindAddress": "127.0.0.1",
+            "bindAddress": "127.0.0.1", "oomScoreAdj": 0,
             "healthzBindAddress": f"127.0.0.1:{free_port()}", "metricsBindAddress": f"127.0.0.1:{free_port()}",
             # conntrack sysctls are the host's business; leave them.
             "conntrack": {"maxPerCore": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
