@@ -201,7 +201,8 @@ def rayjob(obj: dict[str, Any], settings: Settings, resources: RayResources, que
     head = _container(
         "ray-head", settings.runtime_image,
         # The head runs the driver (the entrypoint), which schedules and commits metadata only.
-        {"requests": {"cpu": "1", "memory": resources.memory}, "limits": {"cpu": "1", "memory": resources.memory}},
+        {"requests": {"cpu": settings.jobs.head_cpu, "memory": resources.memory},
+         "limits": {"cpu": settings.jobs.head_cpu, "memory": resources.memory}},
         env, env_from, mounts,
         ports=[{"name": "gcs", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
                {"name": "client", "containerPort": 10001}],
