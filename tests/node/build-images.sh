@@ -9,6 +9,7 @@
 #   pause     the pod sandbox (containerd's sandbox_image): the static pause binary built by
 #             build-controlplane.sh pause, alone in a one-layer image.
 #   coredns   the cluster DNS: the CoreDNS binary alone in a one-layer image.
+#   kuberay   KubeRay's operator (built by build-controlplane.sh kuberay) alone in a one-layer image.
 #   runtime   images/runtime/Containerfile, `--pull=never`
 #   operator  images/operator/Containerfile, `--pull=never`
 #
@@ -26,6 +27,8 @@ COREDNS_VERSION=${COREDNS_VERSION:-v1.15.0}
 BASE_NAME=docker.io/library/python:3.11-slim
 PAUSE_NAME=localhost/fmforge/pause:$K8S_VERSION
 COREDNS_NAME=localhost/fmforge/coredns:$COREDNS_VERSION
+KUBERAY_VERSION=${KUBERAY_VERSION:-v1.5.0}
+KUBERAY_NAME=localhost/fmforge/kuberay-operator:$KUBERAY_VERSION
 RUNTIME_NAME=${RUNTIME_IMAGE:-localhost/fmforge/runtime:dev}
 OPERATOR_NAME=${OPERATOR_IMAGE:-localhost/fmforge/operator:dev}
 STORE=$CACHE/containers
@@ -126,6 +129,12 @@ build_coredns() {
   one_binary "$COREDNS_NAME" "$dir/coredns" /coredns
 }
 
+build_kuberay() {
+  apt_install buildah
+  local dir; dir=$("$ROOT/tests/cluster/build-controlplane.sh" kuberay)
+  one_binary "$KUBERAY_NAME" "$dir/ray-operator" /ray-operator
+}
+
 # containerfile NAME FILE: `podman build -f FILE .` from the repository root, as users do.
 containerfile() {
   local name=$1 file=$2 t0; t0=$(date +%s)
@@ -143,12 +152,13 @@ case "$what" in
   base) build_base ;;
   pause) build_pause ;;
   coredns) build_coredns ;;
+  kuberay) build_kuberay ;;
   runtime) containerfile "$RUNTIME_NAME" images/runtime/Containerfile ;;
   operator) containerfile "$OPERATOR_NAME" images/operator/Containerfile ;;
   tools) apt_install containerd runc buildah mmdebstrap iptables conntrack ;;
   all) apt_install containerd runc buildah mmdebstrap iptables conntrack
-       build_base; build_pause; build_coredns
+       build_base; build_pause; build_coredns; build_kuberay
        containerfile "$OPERATOR_NAME" images/operator/Containerfile
        containerfile "$RUNTIME_NAME" images/runtime/Containerfile ;;
-  *) echo "usage: $0 [base|pause|coredns|runtime|operator|tools|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [base|pause|coredns|kuberay|runtime|operator|tools|all]" >&2; exit 2 ;;
 esac

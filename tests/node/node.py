@@ -251,7 +251,7 @@ class Node:
     images: dict[str, tuple[Path, float]] = field(default_factory=dict)
     record: dict = field(default_factory=dict)
     #: what build-images.sh builds and containerd imports (the base is only the Containerfiles' FROM)
-    build_targets: tuple[str, ...] = ("pause", "coredns", "operator", "runtime")
+    build_targets: tuple[str, ...] = ("pause", "coredns", "kuberay", "operator", "runtime")
 
     # paths
     @property
