@@ -110,12 +110,14 @@ def _namespace(node: N.Node, name: str) -> None:
 
 
 def _served(node: N.Node, resource: str, group: str) -> str:
-    """The newest served version of `resource` in `group`, as group/version."""
-    out = node.kubectl("api-resources", f"--api-group={group}", "-o", "wide", "--no-headers").stdout
-    for line in out.splitlines():
-        if line.split()[0] == resource:
-            return line.split()[2]
-    raise RuntimeError(f"{resource}.{group} is not served:\n{out}")
+    """The preferred served version of `resource` in `group`, as group/version."""
+    info = json.loads(node.kubectl("get", "--raw", f"/apis/{group}").stdout)
+    versions = [info["preferredVersion"]] + [v for v in info["versions"] if v != info["preferredVersion"]]
+    for v in versions:
+        res = json.loads(node.kubectl("get", "--raw", f"/apis/{v['groupVersion']}").stdout)["resources"]
+        if any(r["name"] == resource for r in res):
+            return v["groupVersion"]
+    raise RuntimeError(f"{resource}.{group} is not served (versions {[v['groupVersion'] for v in versions]})")
 
 
 def install(node: N.Node, corpus_files: int | None = 30) -> Platform:
@@ -183,7 +185,11 @@ def install(node: N.Node, corpus_files: int | None = 30) -> Platform:
                         "--timeout", "180s"], capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"helm install failed:\n{r.stdout}\n{r.stderr}\n"
-                           + node.kubectl("get", "pods", "-A", "-o", "wide").stdout)
+                           + node.kubectl("get", "pods", "-A", "-o", "wide").stdout
+                           + node.kubectl("logs", "-n", RELEASE_NS, "deployment/fmforge", "--tail=40",
+                                          check=False).stdout
+                           + node.kubectl("logs", "-n", RELEASE_NS, "deployment/fmforge", "--tail=40",
+                                          "--previous", check=False).stdout)
     node.kubectl("rollout", "status", "deployment/kuberay-operator", "-n", RAY_NS, "--timeout=120s")
     node.wait_for("the claim Bound", lambda: node.kubectl(
         "get", "pvc", CLAIM, "-n", WORK_NS, "-o", "jsonpath={.status.phase}").stdout == "Bound", timeout=60)
