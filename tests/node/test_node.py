@@ -15,7 +15,8 @@ import pytest
 from platform_ import CLAIM, UID, WORK_NS, Platform
 
 API = "fmforge.io/v1alpha1"
-SMALL_RAY = {"workers": 1, "cpusPerWorker": 1, "memory": "2Gi"}
+# 4Gi: the head runs the driver and Ray Train's controller; at 2Gi Ray's memory monitor kills them.
+SMALL_RAY = {"workers": 1, "cpusPerWorker": 1, "memory": "4Gi"}
 
 
 def pile(name: str, **spec) -> dict:

@@ -222,6 +222,11 @@ def rayjob(obj: dict[str, Any], settings: Settings, resources: RayResources, que
                             "securityContext": CONTAINER_SECURITY}],
         }
     }
+    # The head schedules and runs the driver, no tasks, except for a TrainingRun: Ray Train's
+    # workers hold the workers' CPUs for the whole run, and the Ray Data tasks that feed them
+    # need one more, or they wait for ever (the local run starts Ray with one CPU more for the
+    # same reason, fmforge.stages.train). The head's one logical CPU is that one.
+    head_cpus = "1" if obj["kind"] == "TrainingRun" else "0"
     spec: dict[str, Any] = {
         "entrypoint": ENTRYPOINT,
         "shutdownAfterJobFinishes": True,
@@ -229,7 +234,7 @@ def rayjob(obj: dict[str, Any], settings: Settings, resources: RayResources, que
         "backoffLimit": settings.jobs.backoff_limit,
         "submitterPodTemplate": submitter,
         "rayClusterSpec": {
-            "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": pod(head)},
+            "headGroupSpec": {"rayStartParams": {"num-cpus": head_cpus}, "template": pod(head)},
             "workerGroupSpecs": [{
                 "groupName": "workers",
                 "replicas": resources.workers,
