@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from fmforge.stages.artifacts import TRAINING_LOG
 from platform_ import CLAIM, UID, WORK_NS, Platform
 
 API = "fmforge.io/v1alpha1"
@@ -80,8 +81,7 @@ class Watch:
             self.phases.append(st["phase"])
         if st.get("progress") and (not self.progress or self.progress[-1] != st["progress"]):
             self.progress.append(st["progress"])
-        for pod in pods(self.p, f"fmforge.io/name={self.name}") + pods(
-                self.p, f"ray.io/originated-from-cr-name={st.get('rayJob', '-')}"):
+        for pod in ray_pods(self.p, st["rayJob"]) if st.get("rayJob") else []:
             self.pods[pod["metadata"]["name"]] = pod
         return st
 
@@ -98,8 +98,8 @@ class Watch:
 
 def ray_pods(p: Platform, rayjob: str) -> list[dict]:
     """The pods of a RayJob: its Ray cluster's head and workers, and its submitter Job's pod."""
-    return (pods(p, f"ray.io/originated-from-cr-name={rayjob}")
-            + pods(p, f"batch.kubernetes.io/job-name={rayjob}"))
+    cluster = ((get(p, "rayjob", rayjob) or {}).get("status") or {}).get("rayClusterName")
+    return (pods(p, f"ray.io/cluster={cluster}") if cluster else []) + pods(p, f"batch.kubernetes.io/job-name={rayjob}")
 
 
 def assert_restricted_and_arbitrary_uid(pod: dict) -> None:
@@ -150,8 +150,9 @@ def test_a_datapile_then_a_trainingrun_run_as_rayjobs_on_real_pods(platform: Pla
     steps = [x.get("step") for x in w.progress if x.get("step") is not None]
     assert len(set(steps)) >= 2 and steps == sorted(steps), w.progress
     assert w.phases.index("Running") < w.phases.index("Succeeded"), w.phases
-    assert st["model"]["uri"].startswith(f"pvc://{CLAIM}/")
-    model_dir = pv / st["model"]["uri"].removeprefix(f"pvc://{CLAIM}/")
+    # the model, on the claim (mounted at /mnt/pvc/CLAIM in the pods), read from the host
+    assert st["model"]["uri"].startswith(f"file:///mnt/pvc/{CLAIM}/"), st["model"]
+    model_dir = pv / st["model"]["uri"].removeprefix(f"file:///mnt/pvc/{CLAIM}/")
     assert model_dir.is_dir() and any(model_dir.iterdir())
     print(f"\nDataPile on the node {took_pile:.0f}s, TrainingRun {took_train:.0f}s; progress seen: {steps}")
 
@@ -199,3 +200,40 @@ def test_deleting_the_object_removes_its_rayjob_raycluster_and_pods(platform: Pl
         time.sleep(1)
     else:
         pytest.fail(f"left after the delete: {left!r:.2000}")
+
+
+def test_a_worker_pod_deleted_mid_training_is_replaced_and_the_run_resumes(platform: Platform):
+    """The Ray worker's pod deleted while it trains (as a node drain or an eviction would):
+    KubeRay starts another, Ray Train restarts the worker group from the newest checkpoint
+    (faultTolerance.maxFailures), and the model's training log shows the resume."""
+    p = platform
+    apply(p, pile("kpile", publish={"tags": ["v1"]}))
+    st = Watch(p, "datapile", "kpile").until({"Succeeded", "Failed"})
+    assert st["phase"] == "Succeeded", st.get("message")
+    run = training("killed", "kpile")
+    run["spec"]["training"].update(maxSteps=120, checkpointEvery=10)
+    apply(p, run)
+    w = Watch(p, "trainingrun", "killed")
+    deadline = time.monotonic() + 900
+    victim = None
+    while time.monotonic() < deadline:
+        st = w.poll()
+        assert st.get("phase") not in ("Succeeded", "Failed"), f"ended before the kill: {st.get('message')}"
+        step = (st.get("progress") or {}).get("step") or 0
+        if 20 <= step < 100:
+            [victim] = [pod for pod in ray_pods(p, st["rayJob"])
+                        if pod["metadata"]["labels"].get("ray.io/node-type") == "worker"]
+            p.kubectl("delete", "pod", victim["metadata"]["name"], "-n", WORK_NS, "--wait=false")
+            break
+        time.sleep(1)
+    assert victim, f"training never reached step 20; progress seen {w.progress}"
+    st = w.until({"Succeeded", "Failed"}, every=1.0)
+    assert st["phase"] == "Succeeded", json.dumps(st, indent=1)[-3000:]
+    workers = {name for name, pod in w.pods.items() if pod["metadata"]["labels"].get("ray.io/node-type") == "worker"}
+    assert len(workers) >= 2, f"no new worker pod: {sorted(w.pods)}"
+    model_dir = p.pv_dir / st["model"]["uri"].removeprefix(f"file:///mnt/pvc/{CLAIM}/")
+    log = json.loads((model_dir / TRAINING_LOG).read_text())
+    assert log["restarts"] >= 1 and log["resumedFromStep"] and log["resumedFromStep"] >= 10, \
+        {k: log.get(k) for k in ("restarts", "resumedFromStep")}
+    print(f"\nworker {victim['metadata']['name']} deleted; resumed from step {log['resumedFromStep']}, "
+          f"{log['restarts']} restart(s); progress seen {[x.get('step') for x in w.progress]}")
