@@ -118,7 +118,8 @@ class Pki:
             sans=[x509.DNSName("localhost"), x509.DNSName("kubernetes.default.svc"),
                   x509.DNSName("kubernetes.default.svc.cluster.local"), x509.DNSName("kubernetes.default"),
                   x509.DNSName("kubernetes"),
-                  *[x509.IPAddress(ipaddress.ip_address(a)) for a in dict.fromkeys(("127.0.0.1", "10.0.0.1", address))]],
+                  *[x509.IPAddress(ipaddress.ip_address(a))
+                    for a in dict.fromkeys(("127.0.0.1", "10.0.0.1", address))]],
             usages=[ExtendedKeyUsageOID.SERVER_AUTH],
         )
         adm_key = ec.generate_private_key(ec.SECP256R1())

@@ -19,6 +19,7 @@ that was killed is cleaned up by the next one (its record says what it had made)
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import json
 import os
@@ -35,7 +36,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "cluster"))
-from controlplane import ROOT, ControlPlane, build, free_port  # noqa: E402
+from controlplane import ControlPlane, build, free_port  # noqa: E402
 
 CACHE = Path(os.environ.get("FMFORGE_CACHE", Path.home() / ".cache" / "fmforge"))
 STATE = CACHE / "node"
@@ -120,10 +121,8 @@ def kill_cgroup_tree() -> int:
         pids = set()
         for root in _cgroup_dirs():
             for procs in root.rglob("cgroup.procs"):
-                try:
+                with contextlib.suppress(OSError):
                     pids.update(int(p) for p in procs.read_text().split())
-                except OSError:
-                    pass
         if not pids:
             break
         for pid in pids:
@@ -135,10 +134,8 @@ def kill_cgroup_tree() -> int:
         time.sleep(0.2)
     for root in _cgroup_dirs():
         for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [root]:
-            try:
+            with contextlib.suppress(OSError):
                 d.rmdir()
-            except OSError:
-                pass
     return killed
 
 
@@ -158,10 +155,8 @@ def _procs_mentioning(needle: str) -> list[int]:
 def kill_procs_mentioning(needle: str) -> int:
     pids = _procs_mentioning(needle)
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     return len(pids)
 
 
@@ -563,10 +558,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         for name in reversed(list(self.procs)):
             p = self.procs[name]
             if p.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
         for p in self.procs.values():
             try:
                 p.wait(timeout=10)
@@ -629,8 +622,10 @@ def coredns_manifests(image: str) -> list[dict]:
          "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
              "metadata": {"labels": labels},
              "spec": {
-                 "serviceAccountName": "coredns", "dnsPolicy": "Default", "priorityClassName": "system-cluster-critical",
-                 "securityContext": {"runAsNonRoot": True, "runAsUser": 65535, "seccompProfile": {"type": "RuntimeDefault"},
+                 "serviceAccountName": "coredns", "dnsPolicy": "Default",
+                 "priorityClassName": "system-cluster-critical",
+                 "securityContext": {"runAsNonRoot": True, "runAsUser": 65535,
+                                     "seccompProfile": {"type": "RuntimeDefault"},
                                      # port 53 as non-root
                                      "sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "53"}]},
                  "containers": [{
