@@ -13,7 +13,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from fmforge.stages.artifacts import TRAINING_LOG
-from platform_ import CLAIM, UID, WORK_NS, Platform
+from node import OPERATOR_IMAGE
+from platform_ import CLAIM, RELEASE_NS, UID, WORK_NS, Platform
 
 API = "fmforge.io/v1alpha1"
 # 4Gi: the head runs the driver and Ray Train's controller; at 2Gi Ray's memory monitor kills them.
@@ -128,6 +129,11 @@ def test_a_datapile_then_a_trainingrun_run_as_rayjobs_on_real_pods(platform: Pla
     assert {"head", "worker"} <= kinds, sorted(w.pods)
     for pod in w.pods.values():
         assert_restricted_and_arbitrary_uid(pod)
+    # the operator itself: the chart's pod, from the operator image, under the same rules
+    [op] = json.loads(p.kubectl("get", "pods", "-n", RELEASE_NS, "-l", "app.kubernetes.io/name=fmforge",
+                                "-o", "json").stdout)["items"]
+    assert op["spec"]["containers"][0]["image"] == OPERATOR_IMAGE and op["status"]["phase"] == "Running"
+    assert_restricted_and_arbitrary_uid(op)
     # the version, read from the host through the volume: the pile's Parquet files and its card,
     # written by the pods as UID 1000870000, group 0
     kept = st["stats"]["documents"]["kept"]
