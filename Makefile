@@ -15,7 +15,7 @@ EXTRAS        ?= dev,data,train,serve
 STAMP         := $(VENV)/.installed-$(EXTRAS)
 PYTEST_ARGS   ?=
 
-.PHONY: help setup quickstart corpus test test-unit test-stages test-e2e test-layers test-cluster crds helm controlplane bench bench-train bench-serve bench-operator controlplane-up clean
+.PHONY: help setup quickstart corpus test test-unit test-stages test-e2e test-layers test-cluster test-node crds helm controlplane node node-up bench bench-train bench-serve bench-operator controlplane-up clean
 
 help:
 	@echo "make quickstart   run the whole pipeline locally (examples/quickstart)"
@@ -27,6 +27,8 @@ help:
 	@echo "make bench-serve  model server against the same model in-process (never part of make test)"
 	@echo "make bench-operator  the operator with 200 and 1,000 TrainingRuns on the test control plane"
 	@echo "make controlplane build the test control plane binaries (etcd, kube-apiserver, kubectl)"
+	@echo "make node-up      a real single-node cluster with fmforge installed (root; prints KUBECONFIG, Ctrl-C stops it)"
+	@echo "make test-node    the node tier: RayJobs on real pods from the repository's images (root; not yet in CI)"
 
 $(STAMP): operator/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +57,17 @@ controlplane:
 # A control plane to poke at by hand: prints the KUBECONFIG line, runs until Ctrl-C.
 controlplane-up: setup controlplane
 	$(BIN)/python tests/cluster/controlplane.py
+
+# The node tier's parts: kubelet, kube-proxy, kube-scheduler, CNI plugins, CoreDNS, pause, KubeRay
+# (Go, one at a time), then the images (buildah; Debian packages installed when missing).
+node:
+	@tests/cluster/build-controlplane.sh node >/dev/null
+	@tests/node/build-images.sh all
+
+# A real node with the chart installed and the claim fmforge-data holding the quickstart corpus:
+# prints the KUBECONFIG line, runs until Ctrl-C (or SIGTERM), then stops everything it started.
+node-up: setup node
+	$(BIN)/python tests/node/up.py $(ARGS)
 
 test: setup
 	$(BIN)/ruff check --config operator/pyproject.toml operator/src tests examples
@@ -100,6 +113,10 @@ test-layers: setup
 
 test-cluster: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/cluster
+
+# Not yet in `make test` and CI (see README, "On a real node"): needs root, and about 25 minutes cold.
+test-node: setup node
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/node
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) examples/quickstart/.fmforge examples/quickstart/corpus

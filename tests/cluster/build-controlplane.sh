@@ -3,7 +3,10 @@
 # checkout, keyed by version: the test control plane (etcd, kube-apiserver,
 # kube-controller-manager, kubectl, the way controller-runtime's envtest gets them), helm, and
 # versitygw (Versity's S3 gateway over a local directory: the S3 server of the stage tests), and
-# KubeRay's operator (the real controller that turns our RayJobs into RayClusters).
+# KubeRay's operator (the real controller that turns our RayJobs into RayClusters); and for the
+# node tier (tests/node) the node's own parts: kubelet, kube-proxy and kube-scheduler from the
+# same k8s.io/kubernetes, the CNI plugins, CoreDNS, and the pause binary (gcc, from the
+# kubernetes module's own build/pause/linux/pause.c).
 # Called by the test fixtures, by `make controlplane` and by `make helm`; a warm call returns
 # at once.
 #
@@ -17,6 +20,8 @@ ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
 HELM_VERSION=${HELM_VERSION:-v3.19.5}
 VERSITYGW_VERSION=${VERSITYGW_VERSION:-v1.8.0}
 KUBERAY_VERSION=${KUBERAY_VERSION:-v1.5.0}
+CNI_VERSION=${CNI_VERSION:-v1.10.0}
+COREDNS_VERSION=${COREDNS_VERSION:-v1.15.0}
 CACHE=${FMFORGE_CACHE:-$HOME/.cache/fmforge}
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 
@@ -67,6 +72,57 @@ build_k8s() {
   LDFLAGS="-s -w -X $v.gitVersion=$K8S_VERSION -X $v.gitMajor=1 -X $v.gitMinor=$minor -X $v.gitTreeState=clean -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION" \
     wrapper_build "$out" k8s.io/kubernetes "$K8S_VERSION" "$staging_version" \
     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl
+  echo "$out"
+}
+
+# The node's binaries, kept apart from the control plane's so that a warm control plane does not
+# need them (and `make test` without the node tier never builds them).
+build_k8s_node() {
+  local out="$CACHE/k8s-node-$K8S_VERSION"
+  if [[ -x $out/kubelet && -x $out/kube-proxy && -x $out/kube-scheduler ]]; then
+    echo "$out"; return
+  fi
+  local v=k8s.io/component-base/version minor
+  minor=$(echo "$K8S_VERSION" | cut -d. -f2)
+  LDFLAGS="-s -w -X $v.gitVersion=$K8S_VERSION -X $v.gitMajor=1 -X $v.gitMinor=$minor -X $v.gitTreeState=clean -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION" \
+    wrapper_build "$out" k8s.io/kubernetes "$K8S_VERSION" "$staging_version" \
+    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kube-proxy k8s.io/kubernetes/cmd/kubelet
+  echo "$out"
+}
+
+build_cni() {
+  local out="$CACHE/cni-$CNI_VERSION"
+  if [[ -x $out/bridge && -x $out/host-local && -x $out/loopback && -x $out/portmap ]]; then
+    echo "$out"; return
+  fi
+  mkdir -p "$out"
+  echo "Building the CNI plugins $CNI_VERSION" >&2
+  local m=github.com/containernetworking/plugins/plugins
+  GOBIN="$out" go install -trimpath -ldflags "-s -w" "$m/main/bridge@$CNI_VERSION" \
+    "$m/ipam/host-local@$CNI_VERSION" "$m/main/loopback@$CNI_VERSION" "$m/meta/portmap@$CNI_VERSION" >&2
+  echo "$out"
+}
+
+build_coredns() {
+  local out="$CACHE/coredns-$COREDNS_VERSION"
+  if [[ -x $out/coredns ]]; then echo "$out"; return; fi
+  mkdir -p "$out"
+  echo "Building coredns $COREDNS_VERSION" >&2
+  GOBIN="$out" go install -trimpath -ldflags "-s -w" "github.com/coredns/coredns@$COREDNS_VERSION" >&2
+  echo "$out"
+}
+
+# The pod sandbox's process, as Kubernetes builds it (build/pause/Makefile): static, with gcc.
+build_pause() {
+  local out="$CACHE/pause-$K8S_VERSION"
+  if [[ -x $out/pause ]]; then echo "$out"; return; fi
+  mkdir -p "$out"
+  local dir
+  dir=$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's#^[[:space:]]*"Dir": "\(.*\)",#\1#p')
+  echo "Building pause from k8s.io/kubernetes@$K8S_VERSION build/pause/linux/pause.c" >&2
+  gcc -Os -Wall -Werror -static -DVERSION="$K8S_VERSION-fmforge" -o "$out/pause.tmp" "$dir/build/pause/linux/pause.c" >&2
+  strip "$out/pause.tmp"
+  mv "$out/pause.tmp" "$out/pause"
   echo "$out"
 }
 
@@ -125,6 +181,12 @@ case "$what" in
   helm) build_helm ;;
   versitygw) build_versitygw ;;
   kuberay) build_kuberay ;;
+  k8s-node) build_k8s_node ;;
+  cni) build_cni ;;
+  coredns) build_coredns ;;
+  pause) build_pause ;;
   all) build_etcd; build_k8s; build_helm ;;
-  *) echo "usage: $0 [k8s|etcd|helm|versitygw|kuberay|all]" >&2; exit 2 ;;
+  # One at a time: each Go build takes both cores of a small machine.
+  node) build_etcd; build_k8s; build_helm; build_kuberay; build_k8s_node; build_cni; build_coredns; build_pause ;;
+  *) echo "usage: $0 [k8s|etcd|helm|versitygw|kuberay|k8s-node|cni|coredns|pause|all|node]" >&2; exit 2 ;;
 esac

@@ -105,7 +105,9 @@ class Pki:
 
     dir: Path
 
-    def generate(self) -> Pki:
+    def generate(self, address: str = "127.0.0.1") -> Pki:
+        """The CA, the API server's serving certificate (for 127.0.0.1, `address` and the
+        `kubernetes` Service's names), the admin's client certificate and the service-account keys."""
         self.dir.mkdir(parents=True, exist_ok=True)
         ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_name = _name("fmforge-test-ca")
@@ -114,7 +116,10 @@ class Pki:
         srv = _cert(
             _name("kube-apiserver"), ca_name, srv_key.public_key(), ca_key, ca=False,
             sans=[x509.DNSName("localhost"), x509.DNSName("kubernetes.default.svc"),
-                  x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("10.0.0.1"))],
+                  x509.DNSName("kubernetes.default.svc.cluster.local"), x509.DNSName("kubernetes.default"),
+                  x509.DNSName("kubernetes"),
+                  *[x509.IPAddress(ipaddress.ip_address(a))
+                    for a in dict.fromkeys(("127.0.0.1", "10.0.0.1", address))]],
             usages=[ExtendedKeyUsageOID.SERVER_AUTH],
         )
         adm_key = ec.generate_private_key(ec.SECP256R1())
@@ -135,6 +140,18 @@ class Pki:
             os.chmod(self.dir / name, 0o600)
         return self
 
+    def client(self, name: str, cn: str, org: str | None = None) -> tuple[str, str]:
+        """A client certificate signed by the CA (user `cn`, group `org`): NAME.crt and NAME.key."""
+        ca_key = serialization.load_pem_private_key(Path(self["ca.key"]).read_bytes(), None)
+        ca = x509.load_pem_x509_certificate(Path(self["ca.crt"]).read_bytes())
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _cert(_name(cn, org), ca.subject, key.public_key(), ca_key, ca=False,
+                     usages=[ExtendedKeyUsageOID.CLIENT_AUTH])
+        (self.dir / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (self.dir / f"{name}.key").write_bytes(_pem_key(key))
+        os.chmod(self.dir / f"{name}.key", 0o600)
+        return self[f"{name}.crt"], self[f"{name}.key"]
+
     def __getitem__(self, name: str) -> str:
         return str(self.dir / name)
 
@@ -144,13 +161,21 @@ class Pki:
 
 @dataclass
 class ControlPlane:
-    """etcd + kube-apiserver + kube-controller-manager on loopback, in a directory of their own."""
+    """etcd + kube-apiserver + kube-controller-manager on loopback, in a directory of their own.
+
+    `address`: where kube-apiserver listens and what it advertises (the `kubernetes` Service's
+    endpoint); the node tier (tests/node) gives its bridge's address, which pods reach.
+    `node`: what a real node needs too: the Node authorizer and NodeRestriction for kubelets,
+    kube-apiserver's client certificate for kubelets (logs, exec), and every default controller
+    of kube-controller-manager (deployments, endpoints, jobs, volumes, the root CA ConfigMap...)."""
 
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="fmforge-cp-")))
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     args: dict[str, list[str]] = field(default_factory=dict)
     port: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    address: str = "127.0.0.1"
+    node: bool = False
 
     @property
     def kubeconfig(self) -> Path:
@@ -158,7 +183,7 @@ class ControlPlane:
 
     @property
     def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
+        return f"https://{self.address}:{self.port}"
 
     @property
     def kubectl_path(self) -> Path:
@@ -173,7 +198,7 @@ class ControlPlane:
         self.k8s = build("k8s")
         self.timings["build"] = time.monotonic() - t0
         t1 = time.monotonic()
-        pki = self.pki = Pki(self.workdir / "pki").generate()
+        pki = self.pki = Pki(self.workdir / "pki").generate(self.address)
         etcd_port, etcd_peer = free_port(), free_port()
         self._spawn("etcd", [
             str(self.etcd_dir / "etcd"), "--data-dir", str(self.workdir / "etcd"),
@@ -188,7 +213,7 @@ class ControlPlane:
         self._spawn("kube-apiserver", [
             str(self.k8s / "kube-apiserver"),
             f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-            f"--secure-port={self.port}", "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            f"--secure-port={self.port}", f"--bind-address={self.address}", f"--advertise-address={self.address}",
             f"--cert-dir={self.workdir / 'apiserver-certs'}",
             f"--tls-cert-file={pki['apiserver.crt']}", f"--tls-private-key-file={pki['apiserver.key']}",
             f"--client-ca-file={pki['ca.crt']}",
@@ -196,7 +221,10 @@ class ControlPlane:
             f"--service-account-signing-key-file={pki['sa.key']}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             "--service-cluster-ip-range=10.0.0.0/24",
-            "--authorization-mode=RBAC",
+            *(["--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
+               f"--kubelet-client-certificate={pki['admin.crt']}", f"--kubelet-client-key={pki['admin.key']}",
+               "--kubelet-preferred-address-types=InternalIP"]
+              if self.node else ["--authorization-mode=RBAC"]),
             # Privileged pods are allowed by the server, so that Pod Security admission, not this
             # flag, is what rejects them in a `restricted` namespace.
             "--allow-privileged=true",
@@ -213,8 +241,9 @@ class ControlPlane:
             "--leader-elect=false", "--authentication-skip-lookup=true",
             f"--service-account-private-key-file={pki['sa.key']}", f"--root-ca-file={pki['ca.crt']}",
             "--use-service-account-credentials=false",
-            # The controllers the tests rely on, and nothing that needs nodes or a cloud.
-            "--controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token",
+            # The controllers the tests rely on, and nothing that needs nodes or a cloud; with a
+            # node, every default one.
+            "--controllers=" + ("*" if self.node else "garbagecollector,namespace,serviceaccount,serviceaccount-token"),
             "--concurrent-gc-syncs=5",
             "--v=1",
         ])

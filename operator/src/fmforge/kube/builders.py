@@ -201,7 +201,8 @@ def rayjob(obj: dict[str, Any], settings: Settings, resources: RayResources, que
     head = _container(
         "ray-head", settings.runtime_image,
         # The head runs the driver (the entrypoint), which schedules and commits metadata only.
-        {"requests": {"cpu": "1", "memory": resources.memory}, "limits": {"cpu": "1", "memory": resources.memory}},
+        {"requests": {"cpu": settings.jobs.head_cpu, "memory": resources.memory},
+         "limits": {"cpu": settings.jobs.head_cpu, "memory": resources.memory}},
         env, env_from, mounts,
         ports=[{"name": "gcs", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
                {"name": "client", "containerPort": 10001}],
@@ -221,6 +222,11 @@ def rayjob(obj: dict[str, Any], settings: Settings, resources: RayResources, que
                             "securityContext": CONTAINER_SECURITY}],
         }
     }
+    # The head schedules and runs the driver, no tasks, except for a TrainingRun: Ray Train's
+    # workers hold the workers' CPUs for the whole run, and the Ray Data tasks that feed them
+    # need one more, or they wait for ever (the local run starts Ray with one CPU more for the
+    # same reason, fmforge.stages.train). The head's one logical CPU is that one.
+    head_cpus = "1" if obj["kind"] == "TrainingRun" else "0"
     spec: dict[str, Any] = {
         "entrypoint": ENTRYPOINT,
         "shutdownAfterJobFinishes": True,
@@ -228,7 +234,7 @@ def rayjob(obj: dict[str, Any], settings: Settings, resources: RayResources, que
         "backoffLimit": settings.jobs.backoff_limit,
         "submitterPodTemplate": submitter,
         "rayClusterSpec": {
-            "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": pod(head)},
+            "headGroupSpec": {"rayStartParams": {"num-cpus": head_cpus}, "template": pod(head)},
             "workerGroupSpecs": [{
                 "groupName": "workers",
                 "replicas": resources.workers,

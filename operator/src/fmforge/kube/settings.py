@@ -44,6 +44,10 @@ class Jobs(_Model):
     backoff_limit: Annotated[int, Field(ge=0)] = 0
     """Resubmissions of a failed job by KubeRay; 0: a failure is reported at once (stages
     retry worker failures themselves)."""
+    head_cpu: Annotated[str, Field(pattern=r"^([0-9]+m|[0-9]+(\.[0-9]+)?)$")] = "1"
+    """CPU request and limit of the Ray head pod, which runs the driver only (`num-cpus: 0`): a
+    Kubernetes quantity. Lower it where nodes are small (the smallest RayJob asks the head's CPU,
+    one worker's, and the submitter's 100m)."""
 
 
 class Settings(_Model):

@@ -8,7 +8,10 @@ few seconds, and never fails the stage over a write that did not go through.
 from __future__ import annotations
 
 import time
+import typing
 from typing import Any
+
+from pydantic import BaseModel, ValidationError
 
 from ..api.v1alpha1 import kind_info
 from ..kube.stagestatus import StatusWriter
@@ -20,6 +23,32 @@ def _camel(name: str) -> str:
     return head + "".join(w.title() for w in rest)
 
 
+#: A figure's console name whose status field is named otherwise.
+_STATUS_NAMES = {"tokensS": "tokensPerSecond"}
+
+
+def _progress_model(kind: str) -> type[BaseModel] | None:
+    """The model of `status.progress` of `kind`; None where its status has no progress."""
+    field = kind_info(kind).status.model_fields.get("progress")
+    if field is None:
+        return None
+    return next(a for a in (typing.get_args(field.annotation) or (field.annotation,))
+                if isinstance(a, type) and issubclass(a, BaseModel))
+
+
+def progress_status(model: type[BaseModel], progress: dict[str, Any]) -> dict[str, Any]:
+    """`status.progress` as the CRD's schema takes it: the fields the progress model declares,
+    numbers as numbers. The figures a stage shows are text for the console (`loss="4.528"`,
+    `tokens_s=...`, `lr=...`); sent as they are, the API server refused the whole write."""
+    declared = {f.alias or n for n, f in model.model_fields.items()}
+    fields = {_STATUS_NAMES.get(k, k): v for k, v in progress.items()}
+    try:
+        return model.model_validate({k: v for k, v in fields.items() if k in declared}).model_dump(
+            mode="json", by_alias=True, exclude_none=True)
+    except ValidationError:
+        return {k: v for k, v in fields.items() if k in ("step", "maxSteps")}
+
+
 class StatusReporter(ConsoleReporter):
     """The console reporter of a RayJob's stage that also writes `status.progress` (for kinds
     whose status has it), at most every `every` seconds."""
@@ -29,7 +58,8 @@ class StatusReporter(ConsoleReporter):
         self.writer = writer
         # Kinds without status.progress (a DataPile, a ModelCard) log their progress only: the API
         # server refuses a field its schema does not declare.
-        self.has_progress = "progress" in kind_info(obj.split("/", 1)[0]).status.model_fields
+        self.progress_model = _progress_model(obj.split("/", 1)[0])
+        self.has_progress = self.progress_model is not None
         self.every = every
         self._sent = 0.0
         self._figures: dict[str, Any] = {}
@@ -45,6 +75,6 @@ class StatusReporter(ConsoleReporter):
             self._sent = time.monotonic()
             progress = {"step": self._done, **({"maxSteps": self._total} if self._total else {}), **self._figures}
             try:
-                self.writer.apply(progress=progress)
+                self.writer.apply(progress=progress_status(self.progress_model, progress))
             except Exception as e:  # noqa: BLE001 - progress is a courtesy: never fail the stage over it
                 self.log("Failed to report progress", error=str(e))

@@ -81,10 +81,16 @@ def attempt_dir(ctx: StageContext, spec, *pins: Any) -> Path:
 
 
 def progress_queue():
-    """The queue the workers' rank 0 reports progress on (an actor that holds no CPU)."""
+    """The queue the workers' rank 0 reports progress on (an actor that holds no CPU), on the
+    driver's node: anywhere else, the loss of that node (a Ray worker pod deleted or evicted)
+    took the queue with it and failed the run that Ray Train would have restarted from its
+    checkpoint (found on a real node, tests/node)."""
+    import ray
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return Queue(actor_options={"num_cpus": 0})
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
 
 
 def scaling(resources):
