@@ -19,10 +19,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "cluster"))
 sys.path.insert(0, str(HERE.parent))
-from tools import unavailable  # noqa: E402
-
 import node as N  # noqa: E402
 import platform_ as P  # noqa: E402
+from tools import unavailable  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from fmforge.stages.artifacts import TRAINING_LOG
 from node import OPERATOR_IMAGE
 from platform_ import CLAIM, RELEASE_NS, UID, WORK_NS, Platform
+
+from fmforge.stages.artifacts import TRAINING_LOG
 
 API = "fmforge.io/v1alpha1"
 # 4Gi: the head runs the driver and Ray Train's controller; at 2Gi Ray's memory monitor kills them.
