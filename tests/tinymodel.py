@@ -40,3 +40,83 @@ def tiny_gpt(out: Path, *, vocab: int = 512, files: int = 150, positions: int = 
     model.save_pretrained(out)
     fast.save_pretrained(out)
     return out
+
+
+#: ChatML, the chat template of SmolLM2 and many instruct models, without a default system turn.
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def tiny_gguf(out: Path, chat_template: str | None = CHATML, quantize: bool = True) -> Path:
+    """Write a tiny llama GGUF file to `out` (2 layers, 32 wide, a 512-token byte-level BPE with
+    the ChatML tokens, weights seeded and untrained) as llama.cpp lays one out: metadata, the
+    tokenizer (and `chat_template`, unless None), the matrices quantized to Q8_0 (`quantize`) or
+    kept in F32. What the GGUF tests load in a second instead of the 135M-parameter SmolLM2."""
+    import gguf
+    import numpy as np
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [p.read_text(errors="replace") for p in sorted(stdlib.glob("*.py"))[:60]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=special,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    import json
+
+    bpe = json.loads(tok.to_str())["model"]
+    vocab = sorted(bpe["vocab"].items(), key=lambda kv: kv[1])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+    n_vocab, hidden, layers, heads, ff = len(vocab), 32, 2, 2, 64
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_name("fmforge tiny llama")
+    w.add_context_length(128)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_vocab_size(n_vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t, _ in vocab])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_pad_token_id(2)
+    w.add_add_bos_token(False)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
+    rng = np.random.default_rng(0)
+
+    def matrix(name: str, rows: int, cols: int) -> None:
+        a = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+        if quantize:
+            q = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(name, a)
+
+    matrix("token_embd.weight", n_vocab, hidden)
+    for i in range(layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, dtype=np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, dtype=np.float32))
+        for part in ("q", "k", "v", "output"):
+            matrix(f"blk.{i}.attn_{part}.weight", hidden, hidden)
+        matrix(f"blk.{i}.ffn_gate.weight", ff, hidden)
+        matrix(f"blk.{i}.ffn_up.weight", ff, hidden)
+        matrix(f"blk.{i}.ffn_down.weight", hidden, ff)
+    w.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
+    matrix("output.weight", n_vocab, hidden)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
