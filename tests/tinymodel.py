@@ -13,11 +13,12 @@ from pathlib import Path
 
 
 def tiny_gpt(out: Path, *, vocab: int = 512, files: int = 150, positions: int = 64, width: int = 32,
-             layers: int = 2, heads: int = 2, never_ends: bool = False) -> Path:
+             layers: int = 2, heads: int = 2, never_ends: bool = False, chat_template: str | None = None) -> Path:
     """Save the model and its tokenizer into `out` (Hugging Face layout); `out`. The tokenizer
     trains on the first `files` modules of the standard library. `never_ends`: the end-of-text
     token is never likely enough to end a generation early (a generation lasts as long as
-    max_tokens says, as the disconnect tests need)."""
+    max_tokens says, as the disconnect tests need). `chat_template`: the tokenizer's (none by
+    default, as the models fmforge trains from scratch have none)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -30,6 +31,8 @@ def tiny_gpt(out: Path, *, vocab: int = 512, files: int = 150, positions: int = 
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    if chat_template is not None:
+        fast.chat_template = chat_template
     torch.manual_seed(0)
     eos = fast.eos_token_id
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(fast), n_positions=positions, n_embd=width, n_layer=layers,
