@@ -22,14 +22,12 @@ import math
 import shutil
 from pathlib import Path
 
+import localrun
 import pytest
 import yaml
 from piles import MINI
 from tinymodel import tiny_gguf, tiny_gpt
 
-from fmforge.runtime.local import run_paths
-from fmforge.runtime.progress import RunConsole
-from fmforge.runtime.state import StateDir
 from fmforge.stages import models
 from fmforge.stages.artifacts import model_digest
 from fmforge.stages.base import StageContext
@@ -51,25 +49,12 @@ class Quiet:
         pass
 
 
-class Workspace:
-    """A directory of manifests (and the corpus), run with the local runner."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.state = StateDir(root / ".fmforge")
+class Workspace(localrun.Workspace):
+    """The shared Workspace, with the pile as an option and producers' records written directly."""
 
     def run(self, *manifests: dict, pile: bool = False):
-        paths = []
-        for m in manifests:
-            p = self.root / f"{m['kind'].lower()}-{m['metadata']['name']}.yaml"
-            p.write_text(yaml.safe_dump(m, sort_keys=False))
-            paths.append(p)
-        if pile:
-            paths.insert(0, self.root / "pile.yaml")
-        return run_paths(paths, state_dir=self.state.root, console=RunConsole(rich=False))
-
-    def record(self, kind: str, name: str) -> dict:
-        return self.state.read(kind, name)
+        self.base = ("pile.yaml",) if pile else ()
+        return super().run(*manifests)
 
     def producer(self, kind: str, name: str, model: Path, base: dict | None) -> None:
         """A finished producer's record, as its stage would have left it: its model (and base)."""

@@ -227,6 +227,29 @@ def _from_s3(ctx: StageContext, uri: str, field: str) -> Path:
     return local
 
 
+def vocabulary(tokenizer_dir: Path) -> dict[str, int]:
+    """Token → id of the tokenizer.json in `tokenizer_dir`, added (special) tokens included."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab(with_added_tokens=True)
+
+
+def vocabulary_difference(pile_tok: Path, model_dir: Path) -> str | None:
+    """None when the model's tokenizer maps every token of the pile's tokenizer to the same id (so
+    the pile's token ids mean to the model what they meant to the pile); else what differs, for
+    the messages: the sizes and the first token that differs."""
+    try:
+        pile, model = vocabulary(pile_tok), vocabulary(model_dir)
+    except Exception as e:  # noqa: BLE001 - no or unreadable tokenizer.json: not the same vocabulary
+        return f"a tokenizer.json could not be read ({type(e).__name__}: {e})"
+    for token, i in sorted(pile.items(), key=lambda kv: kv[1]):
+        if model.get(token) != i:
+            where = f"id {model[token]}" if token in model else "not in it"
+            return (f"the pile's {len(pile)} tokens are not the model's {len(model)}: {token!r} is id {i} in the pile "
+                    f"and {where} in the model")
+    return None
+
+
 def chat_template_of(tok, model: str, field: str) -> None:
     """Refuse a tokenizer without a chat template where a spec asks for the chat format: one line
     naming the field, the model and the fix."""

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..base import InputError, InvalidSpec
-from ..models import chat_prompt_ids, chat_template_of
+from ..models import chat_prompt_ids, chat_template_of, vocabulary_difference
 
 
 @dataclass
@@ -113,12 +113,7 @@ def on_pile(pile_version, split: str, model_dir: Path, encoder: bool, max_sample
 def same_tokenizer(pile_tok: Path, model_dir: Path) -> bool:
     """Whether the model's tokenizer maps every token of the pile's vocabulary to the same id (so
     the pile's packed token ids mean to the model what they meant to the pile)."""
-    pv = json.loads((pile_tok / "tokenizer.json").read_text())["model"]["vocab"]
-    try:
-        mv = json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"]
-    except (OSError, KeyError, ValueError):
-        return False
-    return isinstance(pv, dict) and isinstance(mv, dict) and all(mv.get(t) == i for t, i in pv.items())
+    return vocabulary_difference(pile_tok, model_dir) is None
 
 
 class DocumentScorer:
