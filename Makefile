@@ -44,8 +44,9 @@ setup: $(STAMP)
 corpus: setup
 	$(BIN)/python examples/quickstart/build-corpus.py
 
+# The quickstart's five kinds, and the card of its pretraining leg (examples/pretrain).
 quickstart: setup corpus
-	$(BIN)/fmforge run examples/quickstart
+	$(BIN)/fmforge run examples/quickstart examples/pretrain
 
 crds: setup
 	$(BIN)/fmforge crds --out crds

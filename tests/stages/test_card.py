@@ -26,7 +26,7 @@ import localrun
 import pytest
 import yaml
 from piles import MINI
-from tinymodel import tiny_gguf, tiny_gpt
+from tinymodel import tiny_gpt
 
 from fmforge.stages import models
 from fmforge.stages.artifacts import model_digest
@@ -83,11 +83,11 @@ def ready(record: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ws(corpus: Path, tmp_path_factory) -> Workspace:
+def ws(corpus: Path, gguf_file: Path, tmp_path_factory) -> Workspace:
     root = tmp_path_factory.mktemp("card")
     shutil.copytree(corpus, root / "corpus")
     (root / "pile.yaml").write_text(yaml.safe_dump(MINI, sort_keys=False))
-    tiny_gguf(root / "base.gguf")
+    shutil.copy(gguf_file, root / "base.gguf")
     (root / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (TAUGHT, UNTAUGHT)))
     return Workspace(root)
 

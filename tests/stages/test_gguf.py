@@ -1,7 +1,8 @@
 """Models by URI (`fmforge.stages.models`): GGUF files loaded through transformers' GGUF support,
 converted once into a Hugging Face directory cached by the file's digest.
 
-- a tiny llama GGUF (tests/tinymodel.py: Q8_0 matrices, a byte-level BPE, a ChatML template) on
+- a tiny pretrained llama GGUF (tests/tinymodel.py: Q8_0 matrices, a byte-level BPE, a ChatML
+  template; the session's `gguf_file`) on
   file:// and on s3:// (the real S3 gateway): the conversion holds the weights transformers
   dequantizes, the tokenizer and the chat template; the digest is the file's sha256; a second
   load reuses the conversion, a conversion changed afterwards is made again;
@@ -17,7 +18,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tinymodel import tiny_gguf
 from tools import unavailable
 
 from fmforge.stages import models
@@ -47,11 +47,6 @@ def context(root: Path) -> StageContext:
                         base_dir=root, artifacts=root / "artifacts", state_dir=root / ".fmforge", reporter=Log())
 
 
-@pytest.fixture(scope="module")
-def gguf_file(tmp_path_factory) -> Path:
-    return tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
-
-
 def sha256(path: Path) -> str:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -79,6 +74,11 @@ def test_gguf_from_file_is_converted_once_and_reused(tmp_path: Path, gguf_file: 
     assert all(torch.equal(state[k], direct[k]) for k in state)
     tok = AutoTokenizer.from_pretrained(str(m.path))
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    # the trained weights came through (q and k un-permuted, Q8_0 dequantized): it predicts
+    # Python far better than a uniform guess over its 512 tokens (ln 512 = 6.24)
+    ids = tok("import os\n\ndef main():\n    return os.path.join(a, b)\n", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert float(converted(input_ids=ids, labels=ids).loss) < 4.5
     assert models.chat_prompt_ids(tok, "hi")[-3:] == tok("<|im_start|>assistant\n", add_special_tokens=False)[
         "input_ids"][-3:]
 

@@ -1,9 +1,9 @@
 """Starting from pretrained models, through the local runner: tuning in a chat template, and
 continued pretraining.
 
-The pretrained models are small and made here: a tiny llama GGUF file (tests/tinymodel.py: Q8_0
-matrices, a byte-level BPE with the ChatML tokens and template) and a tiny llama the TrainingRun
-stage trains from scratch on a small pile.
+The pretrained models are small and made here: a tiny llama trained on standard-library sources
+and written as a GGUF file (tests/tinymodel.py: Q8_0 matrices, a byte-level BPE with the ChatML
+tokens and template), and a tiny llama the TrainingRun stage trains from scratch on a small pile.
 
 - TunedModel `data.format: chat` from the GGUF file: the held-out loss falls, the merged model
   reloads with the chat template, the base's digest is the file's; a base without a template is
@@ -26,7 +26,7 @@ import yaml
 from localrun import Workspace, path_of
 from paths import ROOT
 from piles import MINI
-from tinymodel import tiny_gguf, tiny_gpt
+from tinymodel import tiny_gpt
 
 from fmforge.stages.artifacts import TRAINING_LOG, model_digest
 
@@ -79,11 +79,11 @@ def training_run(name: str, pile: str, init: dict | None = None, **training) -> 
 
 
 @pytest.fixture(scope="module")
-def ws(corpus: Path, tmp_path_factory) -> Workspace:
+def ws(corpus: Path, gguf_file: Path, tmp_path_factory) -> Workspace:
     root = tmp_path_factory.mktemp("pretrained")
     shutil.copytree(corpus, root / "corpus")
     shutil.copy(QA, root / "qa.jsonl")
-    tiny_gguf(root / "base.gguf")
+    shutil.copy(gguf_file, root / "base.gguf")
     (root / "pile.yaml").write_text(yaml.safe_dump(MINI, sort_keys=False))
     (root / "pile-gguf.yaml").write_text(yaml.safe_dump(GGUF_PILE, sort_keys=False))
     return Workspace(root)
@@ -100,7 +100,7 @@ def test_chat_lora_from_a_gguf_file_lowers_the_heldout_loss_and_reloads(ws: Work
     st = rec["status"]
     assert st["base"] == {"uri": "file://base.gguf", "digest": sha256(ws.root / "base.gguf")}
     before, after = st["validation"]["before"]["loss"], st["validation"]["after"]["loss"]
-    assert after < 0.8 * before, (before, after)
+    assert after < 0.9 * before, (before, after)
     model_dir = path_of(st["model"]["uri"])
     assert model_digest(model_dir) == st["model"]["digest"]
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -153,7 +153,7 @@ def test_continued_pretraining_starts_at_the_base_models_loss(ws: Workspace):
     loss is near the scratch model's validation loss (the base's perplexity on the pile), far
     below a random model's first loss."""
     ws.base = ("pile.yaml",)
-    report = ws.run(training_run("scratch", "mini", maxSteps=40))
+    report = ws.run(training_run("scratch", "mini", maxSteps=40, learningRate=1.0e-2))
     assert report.ok, report.outcomes
     scratch = ws.record("TrainingRun", "scratch")["status"]
     report = ws.run(training_run("cont", "mini", init={"modelRef": {"kind": "TrainingRun", "name": "scratch"}},
@@ -164,7 +164,9 @@ def test_continued_pretraining_starts_at_the_base_models_loss(ws: Workspace):
     scratch_curve = json.loads((path_of(scratch["model"]["uri"]) / TRAINING_LOG).read_text())["lossCurve"]
     cont_log = json.loads((path_of(cont["model"]["uri"]) / TRAINING_LOG).read_text())
     first = cont_log["lossCurve"][0]["loss"]
-    assert first < scratch_curve[0]["loss"] - 1.0, (first, scratch_curve[0]["loss"])
+    # (40 steps take the scratch model from 6.2, ln 512, to about 5.3)
+    assert first < scratch_curve[0]["loss"] - 0.5, (first, scratch_curve[0]["loss"])
+    assert abs(first - scratch_curve[-1]["loss"]) < 0.3, (first, scratch_curve[-1]["loss"])
     assert abs(first - scratch["validationLoss"]) < 0.5, (first, scratch["validationLoss"])
     assert cont["base"] == {"uri": scratch["model"]["uri"], "digest": scratch["model"]["digest"]}
     assert cont_log["base"] == {"digest": scratch["model"]["digest"], "ref": "TrainingRun/scratch"}
@@ -182,8 +184,11 @@ def test_a_gguf_model_continues_on_a_pile_of_its_own_tokenizer(ws: Workspace):
     assert report.ok, report.outcomes
     st = ws.record("TrainingRun", "gguf-cont")["status"]
     assert st["base"] == {"uri": "file://base.gguf", "digest": sha256(ws.root / "base.gguf")}
-    pile_tok = ws.record("DataPile", "mini-gguf")["status"]
-    assert "loaded from file://base.gguf" in json.dumps(pile_tok)
+    pile = ws.record("DataPile", "mini-gguf")["status"]
+    assert "loaded from file://base.gguf" in path_of(pile["dataCard"]).read_text()
+    # it started where the GGUF model is on this text, not at a random model's ln 512 = 6.24
+    first = json.loads((path_of(st["model"]["uri"]) / TRAINING_LOG).read_text())["lossCurve"][0]["loss"]
+    assert first < 5.7, first
     tok = AutoTokenizer.from_pretrained(path_of(st["model"]["uri"]))
     assert tok.chat_template and len(tok) == 512
 
