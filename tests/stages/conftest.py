@@ -35,6 +35,15 @@ def corpus(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def gguf_file(tmp_path_factory) -> Path:
+    """A tiny pretrained llama as a GGUF file with the ChatML template (tests/tinymodel.py), made
+    once per session: the GGUF, chat-format and continued-pretraining tests read copies of it."""
+    from tinymodel import tiny_gguf
+
+    return tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def ray_session():
     import ray

@@ -80,12 +80,48 @@ def test_causal_lm_answers_v1_v2_and_openai(lm_server: str):
     # greedy decoding: the same prompt gives the same completion
     assert _post(f"{lm_server}/openai/v1/completions",
                  {"model": "tiny", "prompt": "def f(x):", "max_tokens": 6})[1]["choices"] == c["choices"]
+    # a model without a chat template does not pretend to know how turns are written
     status, chat = _post(f"{lm_server}/openai/v1/chat/completions",
                          {"model": "tiny", "messages": [{"role": "user", "content": "What is a list?"}],
                           "max_tokens": 5})
-    assert status == 200 and chat["choices"][0]["message"]["role"] == "assistant"
+    assert status == 400 and chat["error"]["param"] == "messages"
+    assert chat["error"]["message"].startswith("this model has no chat template, so it cannot take chat messages")
     with urllib.request.urlopen(f"{lm_server}/openai/v1/models", timeout=10) as r:
         assert [m["id"] for m in json.loads(r.read())["data"]] == ["tiny"]
+
+
+def test_chat_completions_use_the_models_chat_template(tmp_path: Path):
+    """A model with a chat template (the tiny GGUF's ChatML) is asked in exactly the tokens its
+    template writes, system turn included, streamed or not."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from tinymodel import CHATML, tiny_gpt
+    from transformers import AutoTokenizer
+
+    from fmforge.stages.deploy.predictor import GenerativePredictor, has_chat_template, openai_router
+
+    model_dir = tiny_gpt(tmp_path / "m", positions=256)  # ChatML's markers are plain text to its BPE
+    assert not has_chat_template(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = CHATML
+    tok.save_pretrained(model_dir)
+    assert has_chat_template(model_dir)
+    p = GenerativePredictor("chat", model_dir)
+    p.load()
+    app = FastAPI()
+    app.include_router(openai_router(p))
+    client = TestClient(app)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A list?"}]
+    r = client.post("/openai/v1/chat/completions", json={"model": "chat", "messages": messages, "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    rendered = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nA list?<|im_end|>\n<|im_start|>assistant\n"
+    assert r.json()["usage"]["prompt_tokens"] == len(tok(rendered, add_special_tokens=False)["input_ids"])
+    whole = r.json()["choices"][0]["message"]["content"]
+    assert whole == p.generate(rendered, 4)[0]  # the completion of exactly the rendered chat
+    streamed = client.post("/openai/v1/chat/completions",
+                           json={"model": "chat", "messages": messages, "max_tokens": 4, "stream": True})
+    events = [json.loads(ln[len("data: "):]) for ln in streamed.text.splitlines() if ln.startswith("data: {")]
+    assert "".join(e["choices"][0]["delta"]["content"] for e in events) == whole
 
 
 def test_streaming_sends_events_that_add_up_to_the_completion(lm_server: str):

@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 import pytest
 from localrun import free_port
-from tinymodel import tiny_gpt
+from tinymodel import CHATML, tiny_gpt
 
 from fmforge.stages.artifacts import model_digest
 from fmforge.stages.base import StageError
@@ -42,8 +42,9 @@ PENDING = 4
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory) -> Path:
+    # with a chat template, so that chat completions reach the model
     return tiny_gpt(tmp_path_factory.mktemp("gpt512"), files=100, positions=512, width=128, layers=4, heads=4,
-                    never_ends=True)
+                    never_ends=True, chat_template=CHATML)
 
 
 @pytest.fixture(scope="module")

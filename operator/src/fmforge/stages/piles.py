@@ -77,6 +77,8 @@ class PinnedPile:
     catalog_kwargs: dict[str, str]
     """What `pyiceberg.catalog.load_catalog` needs to open the catalog again in a Ray task."""
     data_card: str | None = None
+    documents_table: str = ""
+    """The documents table (read by `documents`)."""
 
     def lineage(self) -> dict[str, Any]:
         """The status' `dataPile` (wire form)."""
@@ -155,6 +157,7 @@ def pin(ctx: StageContext, ref, field: str) -> PinnedPile:
         name=ref.name, tag=ref.tag, snapshot_id=snap.snapshot_id, sequences_table=seq_name,
         sequences_snapshot_id=int(seq_snap), digest=props.get(PROP_DIGEST), tokenizer=Path(tok),
         sequence_length=len(first.column("input_ids")[0]), catalog_kwargs=catalog_kwargs(cat), data_card=card,
+        documents_table=table_name(ctx.namespace, ref.name, "documents"),
     )
 
 
@@ -195,6 +198,29 @@ def sequences(pile: PinnedPile, split: str):
     paths = [task.file.file_path for task in tasks]
     ds = ray.data.read_parquet(paths).select_columns(["input_ids", "length", "split"])
     return ds.filter(expr=col("split") == split).select_columns(["input_ids", "length"])
+
+
+def documents(pile: PinnedPile, split: str, columns: tuple[str, ...] = ("text",)):
+    """A Ray Data dataset of one split's documents (`columns`) at the version's documents
+    snapshot, in the stored order; read as `sequences` is (pyiceberg plans, Ray Data reads), for
+    a model that tokenizes the text itself (a perplexity across tokenizers)."""
+    import ray
+    from pyiceberg.catalog import load_catalog
+    from pyiceberg.expressions import EqualTo
+    from ray.data.expressions import col
+
+    t = load_catalog(**pile.catalog_kwargs).load_table(pile.documents_table)
+    tasks = list(t.scan(snapshot_id=pile.snapshot_id, row_filter=EqualTo("split", split)).plan_files())
+    if any(task.delete_files for task in tasks):
+        raise InputError(f"DataPile {pile.name}: the documents table {pile.documents_table} has row-level delete "
+                         f"files at snapshot {pile.snapshot_id}; fmforge publishes whole-file versions only, so "
+                         f"re-publish the pile")
+    paths = [task.file.file_path for task in tasks]
+    if not paths:
+        raise InputError(f"DataPile {pile.name} version {pile.snapshot_id} has no {split} documents to evaluate on; "
+                         f"use the other split or a pile with a validation split")
+    ds = ray.data.read_parquet(paths).select_columns([*columns, "split"])
+    return ds.filter(expr=col("split") == split).select_columns(list(columns))
 
 
 def ray_init(state_dir: Path, cpus: int) -> None:

@@ -177,7 +177,8 @@ DataUri = Annotated[str, StringConstraints(max_length=2048, pattern=DATA_URI_PAT
 
 ModelUri = Annotated[str, StringConstraints(max_length=2048, pattern=MODEL_URI_PATTERN)]
 """Where a model lives: `file://`, `pvc://CLAIM/PATH`, `s3://BUCKET/PREFIX`, or
-`pkg://PACKAGE/PATH`, a model directory shipped inside an installed Python package."""
+`pkg://PACKAGE/PATH` (inside an installed Python package): a model directory in Hugging Face
+layout, or a GGUF file (`….gguf`), which the stages convert once into a directory."""
 
 QUANTITY_PATTERN = (
     r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"

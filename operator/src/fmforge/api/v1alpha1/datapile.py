@@ -328,7 +328,9 @@ class Tokenizer(Spec):
     train: TokenizerTraining | None = None
     """Train a tokenizer on the pile."""
     uri: Annotated[str, StringConstraints(max_length=2048, pattern=r"^(file|pvc|s3|pkg)://\S+$")] | None = None
-    """Load a Hugging Face tokenizer from this URI instead."""
+    """Load a Hugging Face tokenizer from this URI instead: a directory holding tokenizer.json
+    (a tokenizer's or a model's), or a GGUF model file (its tokenizer), so that a model continued
+    on the pile (TrainingRun model.init) reads it with its own vocabulary."""
 
 
 class Tokenize(Spec):

@@ -71,7 +71,11 @@ def _datapile_refs(spec: DataPileSpec) -> list[Reference]:
 
 def _trainingrun_refs(spec: TrainingRunSpec) -> list[Reference]:
     r = spec.data_pile_ref
-    return [Reference("DataPile", r.name, "spec.dataPileRef", r.tag, r.snapshot_id)]
+    refs = [Reference("DataPile", r.name, "spec.dataPileRef", r.tag, r.snapshot_id)]
+    init = spec.model.init
+    if init is not None and init.model_ref is not None:
+        refs.append(Reference(init.model_ref.kind, init.model_ref.name, "spec.model.init.modelRef"))
+    return refs
 
 
 def _tunedmodel_refs(spec: TunedModelSpec) -> list[Reference]:

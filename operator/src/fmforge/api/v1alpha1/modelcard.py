@@ -33,6 +33,11 @@ class BenchmarkPileRef(DataPileRef):
 
     split: Literal["train", "validation"] = "validation"
     """Which split of the pile."""
+    max_documents: Annotated[int, Field(ge=1, le=100_000)] = 200
+    """For a model whose tokenizer is not the pile's: documents of the split read at most (the
+    first ones, in the version's stored order), each tokenized with the model's tokenizer and
+    scored in windows of the pile's sequence length. A model with the pile's tokenizer reads the
+    packed sequences instead (bounded by maxSamples)."""
 
 
 class Benchmark(Spec):
@@ -59,6 +64,11 @@ class Benchmark(Spec):
             .get(m.type, m.metric if m.metric in ("exact", "contains", "rougeL") else None),
         ),
         Rule(
+            cel="!has(self.format) || self.format == 'text' || self.type == 'prompts'",
+            message="format chat applies to prompts benchmarks only",
+            check=lambda m: m.format == "text" or m.type == "prompts",
+        ),
+        Rule(
             cel="self.type != 'prompts' || (has(self.uri) && !has(self.dataPileRef))",
             message="a prompts benchmark reads a JSONL file of {prompt, expected}: set uri, not dataPileRef",
             check=lambda m: m.type != "prompts" or (m.uri is not None and m.data_pile_ref is None),
@@ -83,6 +93,10 @@ class Benchmark(Spec):
     """Evaluate at most this many sequences or prompts; unset: all."""
     max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 32
     """Tokens generated per prompt (prompts)."""
+    format: Literal["text", "chat"] = "text"
+    """How each prompt reaches the model (prompts): text, as written; chat, as the user's turn
+    of the model's chat template, the answer being the assistant's turn (as a Deployment's chat
+    completions ask it). A model without a chat template is refused."""
     mask_probability: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
     """Share of tokens masked (maskedTokens; perplexity of an encoder)."""
     seed: Annotated[int, Field(ge=0)] = 0
@@ -122,6 +136,11 @@ class ModelCardSpec(Spec):
     """Benchmarks; at least one, names unique."""
     card: Card = Card()
     """Text of the card."""
+    compare_base: bool = False
+    """Also measure the model's base on every benchmark (the model a TunedModel was tuned from,
+    or the one a TrainingRun's model.init started from; checked against its recorded digest) and
+    show both in the card and in status.results[].baseValue. The thresholds judge the model
+    only."""
     approval: Literal["automatic", "manual"] = "automatic"
     """automatic: approved when every threshold passes; manual: also needs a person's approval of
     exactly the evaluated model: the annotations `fmforge.io/approved-by` (who) and
@@ -142,7 +161,9 @@ class BenchmarkResult(Status):
     passed: bool
     """Whether the value is within the bounds."""
     samples: int | None = None
-    """Sequences or prompts evaluated."""
+    """Sequences, documents or prompts evaluated."""
+    base_value: float | None = None
+    """The same measurement of the model's base (compareBase)."""
 
 
 class CardRef(Status):

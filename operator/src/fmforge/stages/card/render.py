@@ -63,6 +63,8 @@ def markdown(card: dict[str, Any]) -> str:
     lines += [t.get("description") or "_No description given._", ""]
     lines += [f"- Model: `{m['digest']}` ({m['architecture']}, {m.get('family') or 'unknown family'}, "
               f"{m.get('parameters') or '?'} parameters), from {m['ref']}",
+              *([f"- Base model: {card['base']['uri']} (`{card['base']['digest']}`), measured beside it"]
+                if card.get("base") else []),
               f"- Evaluated: {card['evaluatedAt']}",
               f"- Approval ({card['approval']['mode']}): " + (
                   f"approved by {card['approval']['by']}" + (f" at {card['approval']['at']}"
@@ -95,18 +97,7 @@ def markdown(card: dict[str, Any]) -> str:
             lines += [f"![Training loss]({card['lossCurve']})", ""]
     else:
         lines += ["_The model directory has no fmforge training log._", ""]
-    lines += ["## Evaluation results", "", "| benchmark | metric | value | threshold | samples | passed |",
-              "|---|---|---|---|---|---|"]
-    for r in card["results"]:
-        th = r.get("threshold") or {}
-        bounds = " and ".join(x for x in (f">= {th['min']}" if th.get("min") is not None else "",
-                                          f"<= {th['max']}" if th.get("max") is not None else "") if x)
-        lines.append(f"| {r['name']} | {r['metric']} | {r['value']:.4g} | {bounds} | {r.get('samples')} | "
-                     f"{'yes' if r['passed'] else 'no'} |")
-    for r in card["results"]:
-        for d in (r.get("examples") or [])[:5]:
-            lines.append(f"\n`{r['name']}` prompt {json.dumps(d['prompt'])} → {json.dumps(d['output'])} "
-                         f"(expected {json.dumps(d['expected'])}, score {d['score']:.2f})")
+    lines += _results(card)
     lines += ["", "## History", ""]
     if card["history"]:
         lines += ["| evaluated | model | results | approved |", "|---|---|---|---|"]
@@ -116,6 +107,40 @@ def markdown(card: dict[str, Any]) -> str:
     else:
         lines.append("First evaluation.")
     return "\n".join(lines) + "\n"
+
+
+def _results(card: dict[str, Any]) -> list[str]:
+    """The evaluation results table (with the base model's values beside the model's when it was
+    measured too) and the answers to a few prompts."""
+    base = card.get("base") is not None
+    lines = ["## Evaluation results", "",
+             "| benchmark | metric | value | " + ("base model | " if base else "") + "threshold | samples | passed |",
+             "|---|---|---|" + ("---|" if base else "") + "---|---|---|"]
+    for r in card["results"]:
+        th = r.get("threshold") or {}
+        bounds = " and ".join(x for x in (f">= {th['min']}" if th.get("min") is not None else "",
+                                          f"<= {th['max']}" if th.get("max") is not None else "") if x)
+        before = (f"{r['baseValue']:.4g} | " if r.get("baseValue") is not None else "— | ") if base else ""
+        lines.append(f"| {r['name']} | {r['metric']} | {r['value']:.4g} | {before}{bounds} | {r.get('samples')} | "
+                     f"{'yes' if r['passed'] else 'no'} |")
+    for r in card["results"]:
+        answers = r.get("examples") or []
+        if base and r.get("baseExamples"):
+            lines += ["", f"`{r['name']}`: the model's answers beside the base model's", "",
+                      "| prompt | expected | model | base model |", "|---|---|---|---|"]
+            for d, b in zip(answers, r["baseExamples"], strict=False):
+                lines.append(f"| {_cell(d['prompt'])} | {_cell(d['expected'])} | {_cell(d['output'])} "
+                             f"({d['score']:.2f}) | {_cell(b['output'])} ({b['score']:.2f}) |")
+            continue
+        for d in answers[:5]:
+            lines.append(f"\n`{r['name']}` prompt {json.dumps(d['prompt'])} → {json.dumps(d['output'])} "
+                         f"(expected {json.dumps(d['expected'])}, score {d['score']:.2f})")
+    return lines
+
+
+def _cell(text: str) -> str:
+    """Text in one Markdown table cell: one line, pipes escaped."""
+    return json.dumps(text, ensure_ascii=False)[1:-1].replace("|", "\\|")
 
 
 def write(card: dict[str, Any], out: Path) -> Path:

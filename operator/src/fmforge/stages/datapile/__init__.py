@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 
 from ...api.v1alpha1.common import quantity_value
 from ...api.v1alpha1.datapile import DataPileSpec, DocumentCounts, PileStats, PileVersion
-from .. import raysession
+from .. import models, raysession
 from ..base import InputError, InvalidSpec, OutputError, StageContext, StageError, StageResult, output_error, unwritable
 from ..piles import PROP_TOKENIZER
 from ..uris import locate
@@ -148,9 +148,15 @@ def read(w: Work) -> None:
                          f"invalidText and maxDocumentBytes")
     if w.spec.tokenizer.uri:
         # Loaded now: its content is part of the version (another tokenizer, another version).
-        fs, path = locate(w.spec.tokenizer.uri, w.ctx.base_dir, confine=not w.ctx.allow_outside_paths)
+        uri = w.spec.tokenizer.uri
+        if models.is_gguf(uri):
+            # A GGUF model's tokenizer lives in its metadata: read from the model's conversion
+            # (cached, and the same directory a TrainingRun continuing that model will load).
+            fs, path = None, models.load(w.ctx, uri, "spec.tokenizer.uri").path
+        else:
+            fs, path = locate(uri, w.ctx.base_dir, confine=not w.ctx.allow_outside_paths)
         w.tokenizer_json = tk.load_tokenizer(path, fs).to_str()
-        w.tokenizer_source = f"loaded from {w.spec.tokenizer.uri}"
+        w.tokenizer_source = f"loaded from {uri}"
     w.digest = _digest(w.spec, w.reads, w.tokenizer_json)
     w.cat = pub.catalog(w.ctx.state_dir)
     repaired = pub.repair(w.cat, w.ctx.namespace, w.ctx.name)

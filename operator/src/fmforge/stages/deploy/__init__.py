@@ -29,8 +29,10 @@ from ..base import StageContext, StageError, StageResult, TemporaryError
 
 #: How long the server may take to load the model before the stage gives up.
 READY_TIMEOUT = 180.0
-#: The sample request's prompt (generative models) or text (classifiers).
+#: The sample request's prompt (generative models), question (models with a chat template, asked
+#: through chat completions) or text (classifiers).
 SAMPLE_PROMPT = "Python is"
+SAMPLE_QUESTION = "Which exception is raised when you divide by zero?"
 SAMPLE_TEXT = "This module is easy to use and well documented."
 
 
@@ -146,16 +148,29 @@ def stop_server(proc: subprocess.Popen, timeout: float = 30) -> None:
     proc.wait()
 
 
-def sample_request(name: str, port: int, classifier: bool) -> tuple[str, dict, Any]:
-    """One request a user would send: (path, body, answer)."""
+def sample_request(name: str, port: int, classifier: bool, chat: bool = False) -> tuple[str, dict, str, str]:
+    """One request a user would send: (path, body, what it asked, the answer's text). A model
+    with a chat template is asked a question through chat completions, as its users will."""
     if classifier:
         path, body = f"/v1/models/{name}:predict", {"instances": [SAMPLE_TEXT]}
+        asked = SAMPLE_TEXT
+    elif chat:
+        path, body = "/openai/v1/chat/completions", {"model": name, "max_tokens": 16,
+                                                     "messages": [{"role": "user", "content": SAMPLE_QUESTION}]}
+        asked = SAMPLE_QUESTION
     else:
         path, body = "/openai/v1/completions", {"model": name, "prompt": SAMPLE_PROMPT, "max_tokens": 16}
+        asked = SAMPLE_PROMPT
     status, answer = _request(f"http://127.0.0.1:{port}{path}", body)
     if status != 200:
         raise StageError(f"the model server answered the sample request to {path} with {status}: {answer}")
-    return path, body, answer
+    if classifier:
+        first = answer["predictions"][0]
+        text = f"{first['label']} ({first['score']:.2f})"
+    else:
+        choice = answer["choices"][0]
+        text = choice["message"]["content"] if chat else choice["text"]
+    return path, body, asked, text
 
 
 def _edge(ctx: StageContext, spec: DeploymentSpec, model: dict[str, Any], card: str | None) -> StageResult:
@@ -186,7 +201,7 @@ def run(ctx: StageContext) -> StageResult:
     card = approved_card(ctx, model["ref"], model["digest"]) if spec.require_approved_model_card else None
     if spec.target == "edge":
         return _edge(ctx, spec, model, card)
-    from .predictor import is_classifier
+    from .predictor import has_chat_template, is_classifier
 
     port = (spec.kserve.port if spec.kserve else 8080)
     rep.step("start the model server")
@@ -194,18 +209,21 @@ def run(ctx: StageContext) -> StageResult:
     proc = start_server(ctx.name, model["path"], port, ctx.artifacts / "logs" / "server.log", digest=model["digest"])
     try:
         rep.step("sample request")
-        path, body, answer = sample_request(ctx.name, port, is_classifier(model["path"]))
+        path, body, asked, answer = sample_request(ctx.name, port, is_classifier(model["path"]),
+                                                   has_chat_template(model["path"]))
     finally:
         stop_server(proc)
     url = f"http://127.0.0.1:{port}"
     curl = f"curl -s {url}{path} -H 'content-type: application/json' -d '{json.dumps(body)}'"
-    rep.log("Answered a sample request", deployment=ctx.name, url=url + path)
+    rep.log("Answered a sample request", deployment=ctx.name, url=url + path, asked=json.dumps(asked),
+            answer=json.dumps(answer))
     rep.log(f"Try it: fmforge serve Deployment/{ctx.name}, then: {curl}")
     return StageResult(
         status={"url": url, "servedModel": {"uri": model["uri"], "digest": model["digest"],
                                             **({"modelCard": card} if card else {})}},
         digest=model["digest"],
-        message=(f"model {model['digest'][:19]}… answered a sample request at {url}{path}; not serving now: "
+        message=(f"model {model['digest'][:19]}… answered a sample request at {url}{path} "
+                 f"({json.dumps(asked)} → {json.dumps(answer[:200])}); not serving now: "
                  f"`fmforge serve Deployment/{ctx.name}` serves it"),
         lineage=[{"name": model["ref"], "uri": model["uri"], "digest": model["digest"]}],
     )

@@ -8,7 +8,9 @@ predictors (its `Model` lifecycle: load, then predict):
 - a causal LM answers KServe v1 (`POST /v1/models/NAME:predict`, instances of prompts) and v2
   (`POST /v2/models/NAME/infer`, a BYTES input `text`), and the OpenAI-compatible
   `POST /openai/v1/completions` and `/openai/v1/chat/completions` (with `stream: true` as
-  server-sent events) and `GET /openai/v1/models`;
+  server-sent events) and `GET /openai/v1/models`; a chat is rendered with the model's own chat
+  template (the one it was tuned in), and a model without one refuses chats (400) instead of
+  answering a prompt it never saw the like of;
 - a sequence classifier answers v1 and v2 with labels and scores.
 
 kserve 0.21 builds its own OpenAI endpoints on vLLM's request types (vLLM is a GPU serving
@@ -102,6 +104,17 @@ class Busy(Exception):
 def is_classifier(model_dir: Path) -> bool:
     config = json.loads((model_dir / "config.json").read_text())
     return any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+
+
+def has_chat_template(model_dir: Path) -> bool:
+    """Whether the model's tokenizer has a chat template (transformers saves it as
+    chat_template.jinja, older versions inside tokenizer_config.json), read without loading it."""
+    if (model_dir / "chat_template.jinja").is_file():
+        return True
+    try:
+        return bool(json.loads((model_dir / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return False
 
 
 def check_text(text: str, field: str) -> None:
@@ -219,6 +232,8 @@ class GenerativePredictor(kserve.Model):
         torch.set_grad_enabled(False)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir).eval()
+        #: Whether the tokenizer has a chat template: chat completions need one.
+        self.chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         self.context_length = _context_length(self.tokenizer, self.model.config)
         self.longest_token = _longest_token(self.tokenizer)
         self.max_prompt_chars = self.context_length * self.longest_token
@@ -226,9 +241,10 @@ class GenerativePredictor(kserve.Model):
         return self.ready
 
     # -- the work --------------------------------------------------------------------------------
-    def check(self, prompt: Any, max_tokens: Any, where: str = "") -> list[int]:
+    def check(self, prompt: Any, max_tokens: Any, where: str = "", special: bool = True) -> list[int]:
         """The prompt's token ids; InvalidInput (400) for what cannot be answered. `where` names
-        the prompt's place in the request (`instances[2]: `) in the messages."""
+        the prompt's place in the request (`instances[2]: `) in the messages; `special`: add the
+        tokenizer's special tokens (not to a chat the template rendered, which holds its own)."""
         if not isinstance(prompt, str) or not prompt:
             raise InvalidInput(f"{where}prompt must be a non-empty string (got {type(prompt).__name__})")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
@@ -239,7 +255,7 @@ class GenerativePredictor(kserve.Model):
             raise InvalidInput(f"{where}the prompt is {len(prompt)} characters; this model reads at most "
                                f"{self.context_length} tokens, which no text over {self.max_prompt_chars} characters "
                                f"fits; shorten the prompt")
-        ids = self.tokenizer(prompt)["input_ids"]
+        ids = self.tokenizer(prompt, add_special_tokens=special)["input_ids"]
         room = self.context_length - len(ids)
         if room < 1:
             raise InvalidInput(f"{where}the prompt is {len(ids)} tokens; this model reads at most "
@@ -462,11 +478,18 @@ def _error(status: int, message: str, param: str = "") -> JSONResponse:
     return JSONResponse(status_code=status, content=_error_content(status, message, param))
 
 
-def chat_prompt(messages: list[ChatMessage]) -> str:
-    """A chat as one prompt: the models fmforge trains have no chat template of their own, so
-    each turn is a `Role: content` line and the prompt ends where the assistant answers."""
-    lines = [f"{m.role.capitalize()}: {m.content}" for m in messages]
-    return "\n".join(lines) + "\nAssistant:"
+#: The answer to a chat for a model without a chat template.
+NO_CHAT_TEMPLATE = ("this model has no chat template, so it cannot take chat messages: its tokenizer says nothing "
+                    "about how turns are written; send a prompt to /openai/v1/completions instead, or serve a model "
+                    "tuned in a chat template (TunedModel data.format: chat)")
+
+
+def chat_prompt(tokenizer, messages: list[ChatMessage]) -> str:
+    """A chat as the model's chat template writes it, ending where the assistant answers: the
+    turns as the model was tuned on them (TunedModel data.format: chat) and as the ModelCard
+    asked them (format: chat)."""
+    return tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                         add_generation_prompt=True, tokenize=False)
 
 
 def _not_json(value: Any) -> tuple[str, str] | None:
@@ -514,15 +537,30 @@ def _sse(data: dict[str, Any]) -> str:
     return "data: " + json.dumps(data) + "\n\n"
 
 
+def _chat_text(model: GenerativePredictor, body: ChatRequest) -> str | JSONResponse:
+    """The chat in the model's template, or the 400 of a model without one (or whose template
+    refuses these messages, as some raise on a role order they do not support)."""
+    if not model.chat_template:
+        return _error(400, NO_CHAT_TEMPLATE, "messages")
+    try:
+        return chat_prompt(model.tokenizer, body.messages)
+    except Exception as e:  # noqa: BLE001 - Jinja's raise_exception, or any error of the template
+        return _error(400, f"the model's chat template refused these messages: {e}", "messages")
+
+
 def openai_router(model: GenerativePredictor) -> APIRouter:
     """Completions, chat completions and the model list, for one generative model."""
     router = APIRouter(prefix="/openai/v1")
 
-    async def answer(body: _Request, prompt: str, chat: bool):
+    async def answer(body: _Request, prompt: str | None, chat: bool):
         if body.model != model.name:
             return _error(404, f"model {body.model!r} is not served here; this server serves {model.name!r}", "model")
+        if chat:
+            prompt = _chat_text(model, body)
+            if isinstance(prompt, JSONResponse):
+                return prompt
         try:
-            ids = await asyncio.to_thread(model.check, prompt, body.max_tokens)
+            ids = await asyncio.to_thread(model.check, prompt, body.max_tokens, "", not chat)
         except InvalidInput as e:
             return _error(400, str(e), "max_tokens" if str(e).startswith("max_tokens") else
                           "messages" if chat else "prompt")
@@ -566,7 +604,7 @@ def openai_router(model: GenerativePredictor) -> APIRouter:
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
         body = parse_body(await request.body(), ChatRequest)
-        return body if isinstance(body, JSONResponse) else await answer(body, chat_prompt(body.messages), True)
+        return body if isinstance(body, JSONResponse) else await answer(body, None, True)
 
     @router.get("/models")
     async def models():

@@ -1,7 +1,9 @@
-"""The TrainingRun stage: a foundation model trained from scratch on a pile version, with Ray Train.
+"""The TrainingRun stage: a foundation model trained on a pile version, with Ray Train.
 
-    resolve the pile version (snapshot ids, tokenizer) → model config from the preset + tokenizer
-    → checks (sizes, batch arithmetic, enough data) → `raytrain.fit`: Ray Train over Ray Data
+    resolve the pile version (snapshot ids, tokenizer) → model config from the preset + tokenizer,
+    or (model.init, continued pretraining) the pretrained model's own config, tokenizer and
+    weights, its vocabulary checked against the pile's → checks (sizes, batch arithmetic, enough
+    data) → `raytrain.fit`: Ray Train over Ray Data
     shards of the pile's training split (`loop.train_loop` on every worker) → the final
     checkpoint's model, with the tokenizer and the training log, into a new digest-named model
     directory
@@ -22,11 +24,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
+from typing import Any
 
 from ...api.v1alpha1.trainingrun import TrainingRunSpec
 from .. import piles as pile
 from .. import raytrain
+from ..artifacts import producer_model
 from ..base import InputError, InvalidSpec, StageContext, StageResult
+from ..models import load as load_model
+from ..models import vocabulary_difference
 from . import models
 from .loop import LoopConfig, train_loop
 
@@ -36,6 +43,53 @@ def spec_digest(spec: TrainingRunSpec) -> str:
     return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
 
 
+def _init(ctx: StageContext, spec: TrainingRunSpec, version: pile.PinnedPile) -> tuple[Path, dict[str, Any]]:
+    """The pretrained model `model.init` names (a producer's model, digest checked; or a URI: a
+    directory or a GGUF file) and its record ({uri, digest, ref}), checked to be a causal LM
+    that reads the pile's vocabulary and sequences; all before a worker starts."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    init = spec.model.init
+    if init.model_ref is not None:
+        path, model = producer_model(ctx, init.model_ref, "spec.model.init.modelRef")
+        record = {"uri": model["uri"], "digest": model["digest"], "ref": f"{init.model_ref.kind}/{init.model_ref.name}"}
+    else:
+        loaded = load_model(ctx, init.uri, "spec.model.init.uri")
+        path, record = loaded.path, loaded.record()
+    name = record.get("ref") or record["uri"]
+    config = AutoConfig.from_pretrained(str(path))
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (config.architectures and not any(
+            a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures)):
+        raise InvalidSpec(f"spec.model.init: {name} is {', '.join(config.architectures or [config.model_type])}, not a "
+                          f"causal language model; continued pretraining starts from a decoder")
+    # The pile's token ids index the model's embeddings: another vocabulary would train the model
+    # on ids that mean other tokens to it, silently. Refused here, before Ray starts.
+    diff = vocabulary_difference(version.tokenizer, path)
+    if diff is not None:
+        raise InvalidSpec(f"spec.dataPileRef: DataPile {version.name} version {version.snapshot_id} was tokenized "
+                          f"with another vocabulary than the model of spec.model.init ({name}): {diff}; publish the "
+                          f"pile with tokenizer.uri naming that model, then train on that version")
+    context = next((int(getattr(config, a)) for a in ("max_position_embeddings", "n_positions")
+                    if getattr(config, a, None)), None)
+    if context is not None and context < version.sequence_length:
+        raise InvalidSpec(f"spec.dataPileRef: the pile's sequences are {version.sequence_length} tokens and the model "
+                          f"of spec.model.init ({name}) reads at most {context}; publish the pile with "
+                          f"tokenize.sequenceLength at most {context}")
+    return path, record
+
+
+def _init_tokenizer(path: Path):
+    """The pretrained model's own tokenizer (chat template included), padding with its
+    end-of-text token when it has no padding token: saved with the model trained on."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def run(ctx: StageContext) -> StageResult:
     spec: TrainingRunSpec = ctx.spec
     rep = ctx.reporter
@@ -43,8 +97,17 @@ def run(ctx: StageContext) -> StageResult:
 
     # 1. Everything that can be wrong in the input, before a worker starts.
     version = pile.pin(ctx, spec.data_pile_ref, "spec.dataPileRef")
-    tok = models.tokenizer(version.tokenizer, spec.model.architecture)
-    config = models.model_config(spec.model, tok, version.sequence_length)
+    init_path, base = (None, None)
+    if spec.model.init is not None:
+        init_path, base = _init(ctx, spec, version)
+        tok = _init_tokenizer(init_path)
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(init_path)).to_dict()
+        rep.log("Continued from a pretrained model", model=base.get("ref") or base["uri"], digest=base["digest"][:19])
+    else:
+        tok = models.tokenizer(version.tokenizer, spec.model.architecture)
+        config = models.model_config(spec.model, tok, version.sequence_length)
     per_step = tr.micro_batch_size * res.workers
     if tr.global_batch_size % per_step:
         raise InvalidSpec(
@@ -76,7 +139,8 @@ def run(ctx: StageContext) -> StageResult:
     datasets = {"train": pile.sequences(version, "train")}
     if n_val:
         datasets["validation"] = pile.sequences(version, "validation")
-    attempt = raytrain.attempt_dir(ctx, spec, version.snapshot_id, version.sequences_snapshot_id)
+    attempt = raytrain.attempt_dir(ctx, spec, version.snapshot_id, version.sequences_snapshot_id,
+                                   *([base["digest"]] if base else []))
     tok_dir = version.tokenizer
     if spec.model.architecture == "encoder":  # the workers need the tokenizer with its mask token
         tok_dir = attempt / "tokenizer"
@@ -87,7 +151,7 @@ def run(ctx: StageContext) -> StageResult:
         learning_rate=tr.learning_rate, warmup_steps=tr.warmup_steps, schedule=tr.schedule,
         weight_decay=tr.weight_decay, gradient_clip=tr.gradient_clip, precision=precision,
         checkpoint_every=tr.checkpoint_every, mask_probability=tr.mask_probability, parallelism=tr.parallelism,
-        has_validation=bool(n_val))
+        has_validation=bool(n_val), init=str(init_path) if init_path else None)
     fitted = raytrain.fit(ctx, train_loop, loop, attempt=attempt, step="train", total_steps=tr.max_steps,
                           resources=res, max_failures=spec.fault_tolerance.max_failures, datasets=datasets)
     facts, progress = fitted.progress.facts, fitted.progress
@@ -100,7 +164,10 @@ def run(ctx: StageContext) -> StageResult:
         state = raytrain.read_curve(d)
         log = {
             "name": ctx.name, "namespace": ctx.namespace, "specDigest": spec_digest(spec),
-            "architecture": spec.model.architecture, "family": spec.model.family, "preset": spec.model.preset,
+            "architecture": spec.model.architecture,
+            "family": config.get("model_type") if base else spec.model.family,
+            "preset": None if base else spec.model.preset,
+            "base": {k: v for k, v in base.items() if not (k == "uri" and base.get("ref"))} if base else None,
             "modelConfig": {k: config.get(k) for k in ("hidden_size", "n_embd", "num_hidden_layers", "n_layer",
                                                        "num_attention_heads", "n_head", "vocab_size") if k in config},
             "training": spec.training.model_dump(mode="json", by_alias=True)
@@ -125,6 +192,7 @@ def run(ctx: StageContext) -> StageResult:
                   "trainableParameters": facts.get("parameters"), "generation": ctx.generation,
                   "specDigest": log["specDigest"]},
         "dataPile": version.lineage(),
+        "base": {"uri": base["uri"], "digest": base["digest"]} if base else None,
         "precision": facts.get("precision", precision),
         "validationLoss": facts.get("validation_loss"),
     }
@@ -133,9 +201,12 @@ def run(ctx: StageContext) -> StageResult:
     first = state[0]["loss"] if state else None
     message = (f"trained {facts.get('parameters', 0) / 1e6:.2f}M parameters for {tr.max_steps} steps on "
                f"{version.name}@{version.snapshot_id}: loss {first:.3f} → {loss:.3f}" if state else "trained")
+    if base:
+        message = f"continued {base.get('ref') or base['uri']}: " + message
     if note:
         message += f" ({note})"
-    return StageResult(status=status, digest=digest, message=message)
+    lineage = [{"name": base.get("ref") or "model.init", "uri": base["uri"], "digest": base["digest"]}] if base else []
+    return StageResult(status=status, digest=digest, message=message, lineage=lineage)
 
 
 __all__ = ["run"]

@@ -1,6 +1,7 @@
 """The training loop each Ray Train worker runs (`train_loop`, given to `raytrain.fit`).
 
-Every worker builds the model from the same seed, reads its shard of the pile's training split
+Every worker builds the model from the same seed (or, continuing a pretrained model, loads its
+weights), reads its shard of the pile's training split
 through `ray.train.get_dataset_shard` (streamed from Iceberg by Ray Data, in a fixed order), and
 steps the optimizer once per `globalBatchSize` sequences (gradient accumulation over
 micro-batches, the gradients all-reduced only on the last one). Progress, checkpoints and
@@ -60,6 +61,9 @@ class LoopConfig:
     """ddp or fsdp, for `ray.train.torch.prepare_model`."""
     has_validation: bool
     """Whether a `validation` dataset shard exists to measure the validation loss on."""
+    init: str | None = None
+    """Directory of the pretrained model to continue (model.init), whose weights the model starts
+    from; None: random weights from `seed`."""
 
 
 def _batch_tensors(batch: dict[str, Any]):
@@ -86,7 +90,10 @@ def train_loop(c: LoopConfig, worker: Worker) -> None:
     worker.seed(c.seed)
     cfg = AutoConfig.for_model(**c.model_config)
     auto = AutoModelForMaskedLM if encoder else AutoModelForCausalLM
-    model = auto.from_config(cfg, attn_implementation="sdpa")
+    if c.init is not None:  # continued pretraining: the pretrained weights (a checkpoint overrides them)
+        model = auto.from_pretrained(c.init, attn_implementation="sdpa", dtype=torch.float32)
+    else:
+        model = auto.from_config(cfg, attn_implementation="sdpa")
     parameters = sum(p.numel() for p in model.parameters())
     model = ray.train.torch.prepare_model(model, parallel_strategy=c.parallelism)
 

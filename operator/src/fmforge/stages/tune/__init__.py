@@ -1,13 +1,14 @@
 """The TunedModel stage: fine-tune a base model on local examples turned into prompts, with Ray Train.
 
     templates checked → the base model (a TrainingRun's or TunedModel's recorded model, digest
-    checked; or baseModel.uri: file://, pvc://, pkg://, or s3:// downloaded into a cache keyed by
-    the objects' names, sizes and times) and its fit for the task → the examples read (a JSONL
-    file, a pile version's documents, or a ConfigMap mounted into the pod), split (stable) and
-    tokenized → Ray Data datasets of the examples → `raytrain.fit` running `loop.tune_loop` on
-    Ray Train's workers (LoRA through peft, or every weight) → the adapter and the full model
-    (merged, for LoRA with merge), each in a new digest-named directory, with the tokenizer and
-    the tuning log
+    checked; or baseModel.uri: a directory or a GGUF file on file://, pvc://, pkg:// or s3://,
+    through `models.load`) and its fit for the task → the examples read (a JSONL file, a pile
+    version's documents, or a ConfigMap mounted into the pod), split (stable) and tokenized (as
+    text, or in the base model's chat template with the loss on the assistant's turn) → Ray
+    Data datasets of the examples → `raytrain.fit` running `loop.tune_loop` on Ray Train's
+    workers (LoRA through peft, or every weight) → the adapter and the full model (merged, for
+    LoRA with merge), each in a new digest-named directory, with the tokenizer and the tuning
+    log
 
 Everything the user can get wrong (a template, a record without a field, a base model that does
 not fit the task, target modules the model lacks) is refused before a worker starts. Checkpoints
@@ -21,21 +22,17 @@ by the local runner and by `fmforge.runtime.job` through `STAGES`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ...api.v1alpha1.tunedmodel import Lora, TunedModelSpec
-from .. import raytrain
-from ..artifacts import TRAINING_LOG, model_digest, producer_model
+from .. import models, raytrain
+from ..artifacts import TRAINING_LOG, producer_model
 from ..base import InputError, InvalidSpec, StageContext, StageResult
 from ..piles import table_name
-from ..uris import locate, s3_filesystem
 from . import data as examples
 from .loop import ADAPTER_DIR, LoraSettings, TuneConfig, tune_loop
 
@@ -45,65 +42,14 @@ DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["
 
 
 def _base(ctx: StageContext, spec: TunedModelSpec) -> tuple[Path, dict[str, Any]]:
-    """The base model's directory and its record ({uri, digest, ...})."""
+    """The base model's directory and its record ({uri, digest, ...}): a producer's model, or
+    `baseModel.uri` (a directory, or a GGUF file converted once into one: `models.load`)."""
     if spec.base_model_ref is not None:
         path, model = producer_model(ctx, spec.base_model_ref, "spec.baseModelRef")
         return path, {"uri": model["uri"], "digest": model["digest"], "parameters": model.get("parameters"),
                       "ref": f"{spec.base_model_ref.kind}/{spec.base_model_ref.name}"}
-    uri = spec.base_model.uri
-    if uri.startswith("s3://"):
-        path = _from_s3(ctx, uri)
-    else:
-        _, p = locate(uri, ctx.base_dir, confine=not ctx.allow_outside_paths)
-        path = Path(p)
-    if not (path / "config.json").is_file():
-        raise InvalidSpec(f"spec.baseModel.uri: {uri} ({path}) is not a model directory in Hugging Face layout (no "
-                          f"config.json); point it at the directory that holds config.json and the weights")
-    return path, {"uri": uri, "digest": model_digest(path)}
-
-
-def _from_s3(ctx: StageContext, uri: str) -> Path:
-    """A local copy of the model directory at `uri` (s3://BUCKET/PREFIX), read through pyarrow's
-    S3 filesystem into `<state>/cache/models/<key>`; transformers loads from there.
-
-    The key is the URI and each object's name, size and last-modified time (what an S3 listing
-    gives; pyarrow does not expose ETags): a model rewritten in place is fetched again, and an
-    unchanged one is read from the cache without a byte downloaded. The copy is made in a
-    temporary folder and renamed into place, so a run killed mid-download leaves no half model
-    to be taken for a whole one."""
-    import pyarrow.fs as pafs
-
-    fs, root = s3_filesystem(), uri.removeprefix("s3://").rstrip("/")
-    try:
-        listed = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    except OSError as e:
-        raise InputError(f"spec.baseModel.uri: {uri}: cannot list it ({e}); check the bucket, the endpoint "
-                         f"(AWS_ENDPOINT_URL) and the credentials") from None
-    files = sorted((f for f in listed if f.type == pafs.FileType.File), key=lambda f: f.path)
-    rel = {f.path: f.path[len(root):].lstrip("/") for f in files}
-    if "config.json" not in rel.values():
-        raise InvalidSpec(f"spec.baseModel.uri: {uri} is not a model directory in Hugging Face layout (no "
-                          f"config.json under it); point it at the prefix that holds config.json and the weights")
-    key = hashlib.sha256("\n".join([uri, *(f"{rel[f.path]}:{f.size}:{f.mtime_ns}" for f in files)]).encode())
-    cache = (ctx.state_dir / "cache" / "models" / key.hexdigest()[:16]).resolve()
-    if (cache / "config.json").is_file():
-        ctx.reporter.log("Used the cached copy of the base model", uri=uri, path=str(cache))
-        return cache
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.parent / f".tmp-{uuid.uuid4().hex}"
-    total = 0
-    for f in files:
-        dest = tmp / rel[f.path]
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with fs.open_input_stream(f.path) as src, dest.open("wb") as out:
-            shutil.copyfileobj(src, out, 8 * 2**20)
-        total += f.size or 0
-    try:
-        tmp.rename(cache)
-    except OSError:  # another run put the same copy there first: it holds the same bytes
-        shutil.rmtree(tmp)
-    ctx.reporter.log("Downloaded the base model", uri=uri, files=len(files), bytes=total, path=str(cache))
-    return cache
+    model = models.load(ctx, spec.base_model.uri, "spec.baseModel.uri")
+    return model.path, model.record()
 
 
 def _examples(ctx: StageContext, spec: TunedModelSpec, fields: list[str]) -> tuple[list, dict[str, Any]]:
@@ -253,6 +199,8 @@ def _prepare(ctx: StageContext, spec: TunedModelSpec) -> _Inputs:
     records, data = _examples(ctx, spec, fields)
     train_records, val_records = examples.split(records, d.validation_fraction)
     tok = _tokenizer(base_path, base["uri"])
+    if d.format == "chat":
+        models.chat_template_of(tok, base.get("ref") or base["uri"], "spec.data.format")
     labels, train, val = _encode(spec, tok, records, train_records, val_records, _context_length(config, tok))
     if len(train) < res.workers:
         raise InputError(f"spec.data: {len(train)} training examples cannot be shared by {res.workers} workers; add "
@@ -302,8 +250,9 @@ def _encode(spec: TunedModelSpec, tok, records: list, train_records: list, val_r
         train = examples.encode_classification(train_records, tok, d.prompt_template, d.label_field, labels, context)
         val = examples.encode_classification(val_records, tok, d.prompt_template, d.label_field, labels, context)
         return labels, train, val
-    train = examples.encode_causal(train_records, tok, d.prompt_template, d.completion_template, context)
-    val = examples.encode_causal(val_records, tok, d.prompt_template, d.completion_template, context)
+    encode = examples.encode_chat if d.format == "chat" else examples.encode_causal
+    train = encode(train_records, tok, d.prompt_template, d.completion_template, context)
+    val = encode(val_records, tok, d.prompt_template, d.completion_template, context)
     return [], train, val
 
 

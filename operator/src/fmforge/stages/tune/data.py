@@ -6,8 +6,9 @@ of a JSONL file or a directory of them (file://, pvc://, s3://, or a ConfigMap k
 the pod) and fails on the first broken one, naming the file, the line and the missing field;
 `read_pile` reads a pile version's documents as records (a bounded scan of its documents table at
 the pinned snapshot); `split` holds out a stable share for validation; `encode` tokenizes them for
-the task (causal-lm: prompt then completion, loss on the completion only; classification: the
-prompt and its label's index). All of it runs on the driver before a worker starts: tuning sets
+the task (causal-lm: prompt then completion, loss on the completion only; in chat format the
+base model's chat template, loss on the assistant's turn only; classification: the prompt and
+its label's index). All of it runs on the driver before a worker starts: tuning sets
 are written by people and small, and every mistake in them must show before training does.
 Called by `fmforge.stages.tune`.
 """
@@ -211,6 +212,31 @@ def encode_causal(records: list[Record], tok, prompt_t: str, completion_t: str, 
         if len(ids) > context:
             raise InputError(f"{r.where}: the example is {len(ids)} tokens; the base model reads at most {context}; "
                              f"shorten it or leave it out")
+        out.append({"input_ids": ids, "labels": [-100] * len(prompt) + completion})
+    return out
+
+
+def encode_chat(records: list[Record], tok, prompt_t: str, completion_t: str, context: int) -> list[dict]:
+    """Token ids of each example in the base model's chat template (the filled prompt template as
+    the user's turn, the completion as the assistant's, both stripped of surrounding whitespace:
+    the template separates the turns), and labels that score the assistant's turn only, its end
+    of turn included (-100 under the system and user turns and the assistant's header)."""
+    from ..models import chat_example_ids
+
+    out = []
+    for r in records:
+        user = fill(prompt_t, r, "spec.data.promptTemplate").strip()
+        answer = fill(completion_t, r, "spec.data.completionTemplate").strip()
+        if not answer:
+            raise InputError(f"{r.where}: the completion is empty; a chat example needs an answer to learn")
+        try:
+            prompt, completion = chat_example_ids(tok, user, answer)
+        except ValueError as e:
+            raise InputError(f"{r.where}: {e}; use format text for this model") from None
+        ids = prompt + completion
+        if len(ids) > context:
+            raise InputError(f"{r.where}: the example is {len(ids)} tokens in the chat template; the base model reads "
+                             f"at most {context}; shorten it or leave it out")
         out.append({"input_ids": ids, "labels": [-100] * len(prompt) + completion})
     return out
 
