@@ -21,8 +21,8 @@ from fmforge.stages import STAGES
 def ran(tmp_path: Path, monkeypatch) -> Path:
     d = tmp_path / "qs"
     shutil.copytree(ROOT / "examples" / "quickstart", d, ignore=shutil.ignore_patterns("corpus", ".fmforge"))
-    monkeypatch.setitem(STAGES, "DataPile", "test_runner:ok_stage")
-    monkeypatch.setitem(STAGES, "TrainingRun", "test_runner:ok_stage")
+    for kind in ("DataPile", "TrainingRun"):
+        monkeypatch.setitem(STAGES, kind, "test_runner:ok_stage")
     monkeypatch.setitem(STAGES, "TunedModel", "test_runner:failing_stage")
     assert main(["run", str(d), "--progress", "plain"]) == 1  # the TunedModel fails, its readers wait
     return d / ".fmforge"
@@ -31,17 +31,18 @@ def ran(tmp_path: Path, monkeypatch) -> Path:
 def test_run_exit_code_and_summary(tmp_path: Path, capsys, monkeypatch):
     d = tmp_path / "qs"
     shutil.copytree(ROOT / "examples" / "quickstart", d, ignore=shutil.ignore_patterns("corpus", ".fmforge"))
-    monkeypatch.setitem(STAGES, "DataPile", "test_runner:ok_stage")
-    monkeypatch.setitem(STAGES, "TrainingRun", "test_runner:failing_stage")
+    for kind in ("DataPile", "TrainingRun"):
+        monkeypatch.setitem(STAGES, kind, "test_runner:ok_stage")
+    monkeypatch.setitem(STAGES, "TunedModel", "test_runner:failing_stage")  # never the real 135M tuning here
     assert main(["run", str(d), "--progress", "plain"]) == 1
     out, err = capsys.readouterr()
-    assert "TrainingRun/pydocs-gpt: Failed: InvalidInput: source python-docs" in err
-    assert "fmforge run: 1 succeeded, 1 failed, 3 waiting" in err
+    assert "TunedModel/pydocs-qa: Failed: InvalidInput: source python-docs" in err
+    assert "fmforge run: 2 succeeded, 1 failed, 2 waiting" in err
     # the summary table: one row per object, in run order, with its result and time
     table = out.splitlines()
     assert table[0].split() == ["OBJECT", "RESULT", "TIME", "DETAIL"]
     assert [row.split()[:2] for row in table[1:3]] == [["DataPile/pydocs", "Succeeded"],
-                                                      ["TrainingRun/pydocs-gpt", "Failed"]]
+                                                      ["TunedModel/pydocs-qa", "Failed"]]
     assert table[1].split()[2].endswith("s") and len(table) == 6
 
 

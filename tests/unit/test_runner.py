@@ -56,12 +56,20 @@ def failing_stage(ctx):
     raise InputError("source python-docs: file corpus/prose/x.jsonl has no field 'text'; set textField")
 
 
+def untested_stage(ctx):
+    raise InputError(f"{ctx.kind}/{ctx.name}: this test runs no real stage")
+
+
 def crashing_stage(ctx):
     raise ZeroDivisionError("boom")
 
 
 @pytest.fixture
-def quickstart(tmp_path: Path) -> Path:
+def quickstart(tmp_path: Path, monkeypatch) -> Path:
+    """The quickstart's manifests, every kind's stage a test stage that refuses (a unit test never
+    runs a real stage: the quickstart's TunedModel would tune a 135M model); `stages` picks others."""
+    for kind in KINDS:
+        monkeypatch.setitem(STAGES, kind, "test_runner:untested_stage")
     d = tmp_path / "qs"
     shutil.copytree(ROOT / "examples" / "quickstart", d, ignore=shutil.ignore_patterns("corpus", ".fmforge"))
     return d
@@ -85,11 +93,11 @@ def _run(path: Path, **kw):
 def test_order_follows_references(quickstart: Path):
     order, deps = build_graph(load([quickstart]).manifests, StateDir(quickstart / ".fmforge"))
     keys = [m.key for m in order]
-    assert keys.index("DataPile/pydocs") < keys.index("TrainingRun/pydocs-gpt") < keys.index("TunedModel/pydocs-qa")
+    assert keys.index("DataPile/pydocs") < keys.index("TrainingRun/pydocs-gpt")
     assert keys.index("TunedModel/pydocs-qa") < keys.index("ModelCard/pydocs-qa") < keys.index("Deployment/pydocs-qa")
     # the Deployment needs an approved card for its model, so it waits for the card too
     assert deps["Deployment/pydocs-qa"] == {"TunedModel/pydocs-qa", "ModelCard/pydocs-qa"}
-    assert deps["ModelCard/pydocs-qa"] == {"TunedModel/pydocs-qa", "DataPile/pydocs"}
+    assert deps["ModelCard/pydocs-qa"] == {"TunedModel/pydocs-qa"}  # the tuned model starts from a package
 
 
 def test_every_kind_has_a_stage():
@@ -97,19 +105,19 @@ def test_every_kind_has_a_stage():
 
 
 def test_a_failed_producer_makes_its_readers_wait(quickstart: Path, stages):
-    stages(DataPile="ok_stage", TrainingRun="failing_stage")
+    stages(DataPile="ok_stage", TrainingRun="ok_stage", TunedModel="failing_stage")
     report = _run(quickstart)
     assert not report.ok
     words = {o.key: o.word for o in report.outcomes}
-    assert words["DataPile/pydocs"] == "Succeeded"
-    assert words["TrainingRun/pydocs-gpt"] == "Failed"
-    assert all(w == "Waiting" for k, w in words.items() if k not in ("DataPile/pydocs", "TrainingRun/pydocs-gpt"))
-    rec = StateDir(quickstart / ".fmforge").read("TrainingRun", "pydocs-gpt")
+    assert words["DataPile/pydocs"] == words["TrainingRun/pydocs-gpt"] == "Succeeded"
+    assert words["TunedModel/pydocs-qa"] == "Failed"
+    assert words["ModelCard/pydocs-qa"] == words["Deployment/pydocs-qa"] == "Waiting"
+    rec = StateDir(quickstart / ".fmforge").read("TunedModel", "pydocs-qa")
     assert rec["status"]["phase"] == "Failed"
     ready = next(c for c in rec["status"]["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and ready["reason"] == "InvalidInput"
-    waiting = StateDir(quickstart / ".fmforge").read("TunedModel", "pydocs-qa")["status"]
-    assert waiting["phase"] == "Waiting" and "TrainingRun/pydocs-gpt" in waiting["message"]
+    waiting = StateDir(quickstart / ".fmforge").read("ModelCard", "pydocs-qa")["status"]
+    assert waiting["phase"] == "Waiting" and "TunedModel/pydocs-qa" in waiting["message"]
 
 
 def test_rerun_skips_unchanged_and_reruns_changed(quickstart: Path, stages):
