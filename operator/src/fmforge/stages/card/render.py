@@ -139,8 +139,8 @@ def _results(card: dict[str, Any]) -> list[str]:
 
 
 def _cell(text: str) -> str:
-    """Text in one Markdown table cell: one line, pipes escaped."""
-    return json.dumps(text, ensure_ascii=False)[1:-1].replace("|", "\\|")
+    """Text in one Markdown table cell: one line (a newline shown as \\n), pipes escaped."""
+    return text.replace("\\", "\\\\").replace("\r", "").replace("\n", "\\n").replace("|", "\\|")
 
 
 def write(card: dict[str, Any], out: Path) -> Path:
