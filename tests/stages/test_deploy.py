@@ -106,8 +106,13 @@ def test_chat_completions_use_the_models_chat_template(tmp_path: Path):
     tok.chat_template = CHATML
     tok.save_pretrained(model_dir)
     assert has_chat_template(model_dir)
+    import torch
+
     p = GenerativePredictor("chat", model_dir)
     p.load()
+    # Loading a model to serve leaves the loading thread able to train (CI once failed here:
+    # a global no-grad switch in load() broke every tuning test that ran after this one).
+    assert torch.is_grad_enabled()
     app = FastAPI()
     app.include_router(openai_router(p))
     client = TestClient(app)

@@ -226,10 +226,8 @@ class GenerativePredictor(kserve.Model):
         self.admission = _Admission(max_pending)
 
     def load(self) -> bool:
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        torch.set_grad_enabled(False)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir).eval()
         #: Whether the tokenizer has a chat template: chat completions need one.
@@ -380,10 +378,8 @@ class ClassifierPredictor(kserve.Model):
         self.admission = _Admission(max_pending)
 
     def load(self) -> bool:
-        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        torch.set_grad_enabled(False)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.model = AutoModelForSequenceClassification.from_pretrained(self.model_dir).eval()
         # Texts are truncated to the context; cutting them to the characters that can fit it
@@ -400,7 +396,12 @@ class ClassifierPredictor(kserve.Model):
             check_text(t, f"instances[{i}]")
         batch = self.tokenizer([t[:self.max_chars] for t in texts], padding=True, truncation=True,
                                return_tensors="pt")
-        probs = self.model(**batch).logits.softmax(-1)
+        # Grad mode is per thread: a global switch in load() would leak into whatever else runs
+        # on the loading thread (a test process that trains next) and miss the worker threads.
+        import torch
+
+        with torch.inference_mode():
+            probs = self.model(**batch).logits.softmax(-1)
         scores, labels = probs.max(-1)
         id2label = self.model.config.id2label
         return [(id2label[int(i)], float(s)) for i, s in zip(labels, scores, strict=True)]
