@@ -27,6 +27,19 @@ def path_of(uri: str) -> Path:
     return Path(uri.removeprefix("file://"))
 
 
+class Quiet:
+    """A stage reporter that shows nothing (for stage functions called directly)."""
+
+    def step(self, name, total=None):
+        pass
+
+    def advance(self, amount=1, **figures):
+        pass
+
+    def log(self, message, **fields):
+        pass
+
+
 class Workspace:
     """A folder of manifests and data, run with the local runner on its own state directory.
 

@@ -38,17 +38,6 @@ TAUGHT = {"prompt": "Which keyword defines a function?", "expected": "def"}
 UNTAUGHT = {"prompt": "Which animal has stripes?", "expected": "zebra"}
 
 
-class Quiet:
-    def step(self, name, total=None):
-        pass
-
-    def advance(self, amount=1, **figures):
-        pass
-
-    def log(self, message, **fields):
-        pass
-
-
 class Workspace(localrun.Workspace):
     """The shared Workspace, with the pile as an option and producers' records written directly."""
 
@@ -100,7 +89,7 @@ def tuned(ws: Workspace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ctx = StageContext(kind="TunedModel", name="chat", namespace="default", generation=1, spec=None, inputs={},
-                       base_dir=ws.root, artifacts=ws.root / "a", state_dir=ws.state.root, reporter=Quiet())
+                       base_dir=ws.root, artifacts=ws.root / "a", state_dir=ws.state.root, reporter=localrun.Quiet())
     base = models.load(ctx, "file://base.gguf", "spec.baseModel.uri")
     tok = AutoTokenizer.from_pretrained(str(base.path))
     model = AutoModelForCausalLM.from_pretrained(str(base.path))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from localrun import Workspace, path_of
+from localrun import Quiet, Workspace, path_of
 from paths import ROOT
 from piles import MINI
 from tinymodel import tiny_gpt
@@ -36,19 +36,6 @@ TINY = {"layers": 2, "hidden": 64, "heads": 4}
 GGUF_PILE = copy.deepcopy(MINI)
 GGUF_PILE["metadata"]["name"] = "mini-gguf"
 GGUF_PILE["spec"]["tokenizer"] = {"uri": "file://base.gguf"}
-
-
-class Quiet:
-    """A reporter that shows nothing."""
-
-    def step(self, name, total=None):
-        pass
-
-    def advance(self, amount=1, **figures):
-        pass
-
-    def log(self, message, **fields):
-        pass
 
 
 def sha256(path: Path) -> str:

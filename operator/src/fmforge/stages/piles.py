@@ -184,41 +184,40 @@ def sequences(pile: PinnedPile, split: str):
     Ray Data tasks read the planned Parquet data files and keep the split's rows. Not
     `ray.data.read_iceberg`: its dataset keeps the loaded table, whose SQL catalog holds an
     SQLAlchemy engine that cannot be pickled, and Ray Train pickles the datasets it shards."""
-    import ray
-    from pyiceberg.catalog import load_catalog
-    from pyiceberg.expressions import EqualTo
-    from ray.data.expressions import col
-
-    t = load_catalog(**pile.catalog_kwargs).load_table(pile.sequences_table)
-    tasks = list(t.scan(snapshot_id=pile.sequences_snapshot_id, row_filter=EqualTo("split", split)).plan_files())
-    if any(task.delete_files for task in tasks):
-        raise InputError(f"DataPile {pile.name}: the sequences table {pile.sequences_table} has row-level delete "
-                         f"files at snapshot {pile.sequences_snapshot_id}; fmforge publishes whole-file "
-                         f"versions only, so re-publish the pile")
-    paths = [task.file.file_path for task in tasks]
-    ds = ray.data.read_parquet(paths).select_columns(["input_ids", "length", "split"])
-    return ds.filter(expr=col("split") == split).select_columns(["input_ids", "length"])
+    paths = _split_files(pile, pile.sequences_table, pile.sequences_snapshot_id, split)
+    return _read_split(paths, split, ("input_ids", "length"))
 
 
 def documents(pile: PinnedPile, split: str, columns: tuple[str, ...] = ("text",)):
     """A Ray Data dataset of one split's documents (`columns`) at the version's documents
     snapshot, in the stored order; read as `sequences` is (pyiceberg plans, Ray Data reads), for
     a model that tokenizes the text itself (a perplexity across tokenizers)."""
-    import ray
-    from pyiceberg.catalog import load_catalog
-    from pyiceberg.expressions import EqualTo
-    from ray.data.expressions import col
-
-    t = load_catalog(**pile.catalog_kwargs).load_table(pile.documents_table)
-    tasks = list(t.scan(snapshot_id=pile.snapshot_id, row_filter=EqualTo("split", split)).plan_files())
-    if any(task.delete_files for task in tasks):
-        raise InputError(f"DataPile {pile.name}: the documents table {pile.documents_table} has row-level delete "
-                         f"files at snapshot {pile.snapshot_id}; fmforge publishes whole-file versions only, so "
-                         f"re-publish the pile")
-    paths = [task.file.file_path for task in tasks]
+    paths = _split_files(pile, pile.documents_table, pile.snapshot_id, split)
     if not paths:
         raise InputError(f"DataPile {pile.name} version {pile.snapshot_id} has no {split} documents to evaluate on; "
                          f"use the other split or a pile with a validation split")
+    return _read_split(paths, split, columns)
+
+
+def _split_files(pile: PinnedPile, table: str, snapshot_id: int, split: str) -> list[str]:
+    """The Parquet files of `table` at `snapshot_id` that hold rows of `split` (pyiceberg prunes
+    the snapshot's manifests by the split column's statistics)."""
+    from pyiceberg.catalog import load_catalog
+    from pyiceberg.expressions import EqualTo
+
+    t = load_catalog(**pile.catalog_kwargs).load_table(table)
+    tasks = list(t.scan(snapshot_id=snapshot_id, row_filter=EqualTo("split", split)).plan_files())
+    if any(task.delete_files for task in tasks):
+        raise InputError(f"DataPile {pile.name}: the table {table} has row-level delete files at snapshot "
+                         f"{snapshot_id}; fmforge publishes whole-file versions only, so re-publish the pile")
+    return [task.file.file_path for task in tasks]
+
+
+def _read_split(paths: list[str], split: str, columns: tuple[str, ...]):
+    """A Ray Data dataset of `columns` of the rows of `split` in `paths`."""
+    import ray
+    from ray.data.expressions import col
+
     ds = ray.data.read_parquet(paths).select_columns([*columns, "split"])
     return ds.filter(expr=col("split") == split).select_columns(list(columns))
 
