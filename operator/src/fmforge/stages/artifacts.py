@@ -1,10 +1,10 @@
 """Model artifacts as every stage reads and records them.
 
 `model_digest` is the content digest of a model directory (what a ModelCard approves and a
-Deployment serves), `TRAINING_LOG` the file in every model directory that says how it was made,
-and `producer_model` the model a producer (a TrainingRun or TunedModel) recorded, as its
-consumers (the ModelCard, TunedModel and Deployment stages) read it: checked to be there and to
-hold the bytes the recorded digest says.
+Deployment serves), `file_digest` that of one file, `TRAINING_LOG` the file in every model
+directory that says how it was made, and `producer_model` the model a producer (a TrainingRun
+or TunedModel) recorded, as its consumers (the ModelCard, TunedModel and Deployment stages) read
+it: checked to be there and to hold the bytes the recorded digest says.
 """
 
 from __future__ import annotations
@@ -21,15 +21,26 @@ from .uris import locate
 TRAINING_LOG = "fmforge_training.json"
 
 
+def _feed(h, path: Path) -> None:
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+
+
 def model_digest(path: Path) -> str:
     """sha256 over a model directory: each file's relative path and content, in name order."""
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         h.update(f.relative_to(path).as_posix().encode() + b"\0")
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        _feed(h, f)
         h.update(b"\0")
+    return "sha256:" + h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """`sha256:…` of one file's bytes (a GGUF file, an edge package's files)."""
+    h = hashlib.sha256()
+    _feed(h, path)
     return "sha256:" + h.hexdigest()
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifacts import model_digest
+from .artifacts import file_digest, model_digest
 from .base import InputError, InvalidSpec, StageContext
 from .uris import locate, s3_filesystem
 
@@ -86,15 +86,6 @@ def load(ctx: StageContext, uri: str, field: str, confine: bool | None = None) -
         raise InvalidSpec(f"{field}: {where} is not a model directory in Hugging Face layout (no config.json); "
                           f"point it at the directory that holds config.json and the weights, or at a .gguf file")
     return Model(local, uri, model_digest(local))
-
-
-def file_digest(path: Path) -> str:
-    """`sha256:…` of one file's bytes."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 def convert_gguf(ctx: StageContext, path: Path, digest: str, uri: str, field: str) -> Path:

@@ -94,20 +94,27 @@ def on_pile(pile_version, split: str, model_dir: Path, encoder: bool, max_sample
     out = ds.map_batches(Scorer, fn_constructor_kwargs={"model_dir": str(model_dir), "encoder": encoder,
                                                          "mask_probability": mask_probability, "seed": seed},
                          batch_size=8, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1))
-    nll = tokens = correct = sequences = 0.0
+    sums, sequences = _sums(out, ("nll", "tokens", "correct"), pile_version, split, "sequences", progress)
+    loss = sums["nll"] / sums["tokens"]
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": sums["correct"] / sums["tokens"],
+            "samples": sequences}
+
+
+def _sums(out, columns: tuple[str, ...], pile_version, split: str, what: str, progress) -> tuple[dict[str, float], int]:
+    """Each column summed over a scored dataset, and its rows; an error that says what to change
+    when nothing was scored (no `tokens`)."""
+    sums = dict.fromkeys(columns, 0.0)
+    rows = 0
     for b in out.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=0):
-        nll += float(b["nll"].sum())
-        tokens += float(b["tokens"].sum())
-        correct += float(b["correct"].sum())
-        sequences += len(b["nll"])
+        for c in columns:
+            sums[c] += float(b[c].sum())
+        rows += len(b[columns[0]])
         if progress is not None:
-            progress(len(b["nll"]))
-    if not tokens:
-        raise InputError(f"DataPile {pile_version.name} version {pile_version.snapshot_id} has no {split} sequences "
+            progress(len(b[columns[0]]))
+    if not sums["tokens"]:
+        raise InputError(f"DataPile {pile_version.name} version {pile_version.snapshot_id} has no {split} {what} "
                          f"to evaluate on; use the other split or a pile with a validation split")
-    loss = nll / tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": correct / tokens,
-            "samples": int(sequences)}
+    return sums, rows
 
 
 def same_tokenizer(pile_tok: Path, model_dir: Path) -> bool:
@@ -174,18 +181,9 @@ def on_documents(pile_version, split: str, model_dir: Path, max_documents: int, 
     ds = piles.documents(pile_version, split).limit(max_documents)
     out = ds.map_batches(DocumentScorer, fn_constructor_kwargs={"model_dir": str(model_dir), "window": window},
                          batch_size=4, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1))
-    nll = tokens = documents = 0.0
-    for b in out.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=0):
-        nll += float(b["nll"].sum())
-        tokens += float(b["tokens"].sum())
-        documents += len(b["nll"])
-        if progress is not None:
-            progress(len(b["nll"]))
-    if not tokens:
-        raise InputError(f"DataPile {pile_version.name} version {pile_version.snapshot_id} has no {split} documents "
-                         f"to evaluate on; use the other split or a pile with a validation split")
-    loss = nll / tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "samples": int(documents), "tokens": tokens}
+    sums, documents = _sums(out, ("nll", "tokens"), pile_version, split, "documents", progress)
+    loss = sums["nll"] / sums["tokens"]
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "samples": documents, "tokens": sums["tokens"]}
 
 
 #: How a prompts line looks, for the messages.

@@ -22,20 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from ..artifacts import file_digest
 from .predictor import is_classifier
 
 #: Most absolute difference of fp32 ONNX logits from torch's that the export accepts.
 FP32_TOLERANCE = 1e-3
 #: Fewest share of positions where int8 ONNX picks torch's top-1 token or label.
 INT8_TOP1_AGREEMENT = 0.9
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 def _sample(tokenizer, classifier: bool) -> dict[str, np.ndarray]:
@@ -121,7 +114,7 @@ def export(model_dir: Path, out_root: Path, quantize: str, model_digest: str) ->
     onnx_ms = timed(lambda: session.run(["logits"], sample))
 
     tokenizer.save_pretrained(str(tmp))  # with the pad token the export set, so batches work as here
-    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+    files = {p.name: file_digest(p) for p in sorted(tmp.iterdir())}
     manifest = {
         "format": "onnx", "opset": 17, "quantize": quantize, "model": {"digest": model_digest},
         "task": "sequence-classification" if classifier else "causal-lm",

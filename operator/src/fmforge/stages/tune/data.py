@@ -207,13 +207,17 @@ def encode_causal(records: list[Record], tok, prompt_t: str, completion_t: str, 
         if not completion:
             raise InputError(f"{r.where}: the completion is empty; a causal-lm example needs text to learn")
         # End-of-text after the completion teaches the model to stop where the answer does.
-        completion = completion + [tok.eos_token_id]
-        ids = prompt + completion
-        if len(ids) > context:
-            raise InputError(f"{r.where}: the example is {len(ids)} tokens; the base model reads at most {context}; "
-                             f"shorten it or leave it out")
-        out.append({"input_ids": ids, "labels": [-100] * len(prompt) + completion})
+        out.append(_scored(r, prompt, completion + [tok.eos_token_id], context))
     return out
+
+
+def _scored(r: Record, prompt: list[int], completion: list[int], context: int, how: str = "") -> dict:
+    """One example's ids and labels that score the completion only; an error where it cannot fit."""
+    ids = prompt + completion
+    if len(ids) > context:
+        raise InputError(f"{r.where}: the example is {len(ids)} tokens{how}; the base model reads at most {context}; "
+                         f"shorten it or leave it out")
+    return {"input_ids": ids, "labels": [-100] * len(prompt) + completion}
 
 
 def encode_chat(records: list[Record], tok, prompt_t: str, completion_t: str, context: int) -> list[dict]:
@@ -233,11 +237,7 @@ def encode_chat(records: list[Record], tok, prompt_t: str, completion_t: str, co
             prompt, completion = chat_example_ids(tok, user, answer)
         except ValueError as e:
             raise InputError(f"{r.where}: {e}; use format text for this model") from None
-        ids = prompt + completion
-        if len(ids) > context:
-            raise InputError(f"{r.where}: the example is {len(ids)} tokens in the chat template; the base model reads "
-                             f"at most {context}; shorten it or leave it out")
-        out.append({"input_ids": ids, "labels": [-100] * len(prompt) + completion})
+        out.append(_scored(r, prompt, completion, context, " in the chat template"))
     return out
 
 
