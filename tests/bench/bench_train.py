@@ -12,10 +12,14 @@ other on this machine:
   - peer: `torch.distributed` DDP over the same number of processes (gloo on CPU, nccl on GPU),
     each reading its rows from an in-memory copy of the same split, and the same optimizer,
     schedule, clipping and precision. No Ray.
-Steady-state tokens/s is measured over the steps after the first `--warmup` (start-up, first
-batches and compilation excluded), from each step's wall-clock time: the mean, and from the
-median step (on a shared machine a neighbour's burst lands on one side only; the load average
-of each side is printed). Prints a table and one JSON line. Goal on 2 CPU workers: fmforge's
+The two sides alternate, A B A B A B (`--rounds`, 3 by default; the same seed and data every
+time, a TrainingRun of its own name each round so that nothing is skipped as up to date): on a
+shared machine a neighbour's burst then lands on both sides alike instead of on one run.
+Steady-state tokens/s is measured in each run over the steps after the first `--warmup`
+(start-up, first batches and compilation excluded), from each step's wall-clock time: the mean
+and from the median step. The overhead is taken between the two sides' medians over the rounds,
+with each side's spread (lowest to highest run) and the load average printed beside it. Prints
+a table and one JSON line. Goal on 2 CPU workers: fmforge's
 overhead <= 5% of the peer's tokens/s. With --device cuda:
 MFU >= 40% (model FLOPs: 6 x parameters + attention per token, over the GPU's bf16 peak).
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,18 +63,20 @@ def pile(work: Path, seq_len: int, vocab: int) -> Path:
     return p
 
 
-def training_manifest(work: Path, args) -> Path:
+def training_manifest(work: Path, args, name: str) -> Path:
     m = yaml.safe_load((QUICKSTART / "trainingrun.yaml").read_text())
+    m["metadata"]["name"] = name
     m["spec"]["dataPileRef"] = {"name": "bench", "tag": "v1"}
     m["spec"]["model"]["config"] = {"layers": args.layers, "hidden": args.hidden, "heads": args.heads}
     t = m["spec"]["training"]
+    args.lr = t["learningRate"]  # the peer trains at the TrainingRun's rate
     t.update(maxSteps=args.steps, globalBatchSize=args.global_batch, microBatchSize=args.micro_batch,
              warmupSteps=min(10, args.steps), checkpointEvery=None, precision="bf16")
     del t["checkpointEvery"]
     m["spec"]["resources"] = {"workers": args.workers, "cpusPerWorker": args.cpus_per_worker,
                               "gpusPerWorker": 1 if args.device == "cuda" else 0}
     m["spec"]["faultTolerance"] = {"maxFailures": 0}
-    p = work / "trainingrun.yaml"
+    p = work / f"{name}.yaml"
     p.write_text(yaml.safe_dump(m))
     return p
 
@@ -112,7 +119,7 @@ def peer_worker(rank: int, world: int, cfg: dict, out: str) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                            lr=3e-4, betas=(0.9, 0.95), fused=cuda)
+                            lr=cfg["lr"], betas=(0.9, 0.95), fused=cuda)
     sched = get_scheduler("cosine", opt, num_warmup_steps=min(10, cfg["steps"]), num_training_steps=cfg["steps"])
     data = np.load(cfg["data"])
     ids_all, len_all = data["ids"], data["length"]
@@ -163,7 +170,7 @@ def run_peer(state: Path, model_config: dict, args, work: Path) -> list[dict]:
     np.savez(work / "peer.npz", ids=np.stack(train.column("input_ids").to_numpy(zero_copy_only=False)),
              length=train.column("length").to_numpy())
     accum = args.global_batch // (args.micro_batch * args.workers)
-    cfg = {"device": args.device, "port": "29517", "threads": args.cpus_per_worker, "seed": 42,
+    cfg = {"device": args.device, "port": "29517", "lr": args.lr, "threads": args.cpus_per_worker, "seed": 42,
            "model_config": model_config, "compile": args.compile and args.device == "cuda", "steps": args.steps,
            "data": str(work / "peer.npz"), "micro": args.micro_batch, "accum": accum}
     out = work / "peer-curve.json"
@@ -177,6 +184,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None, help="steps left out of the steady state")
     ap.add_argument("--compile", action="store_true", help="torch.compile the peer (cuda)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating runs of each side (A B A B ...)")
     args = ap.parse_args()
     if args.device == "cuda":  # ~125M llama (12 x 768, GPT-2 small sizes), one GPU
         args.layers, args.hidden, args.heads, args.seq, args.vocab = 12, 768, 12, 1024, 32768
@@ -198,59 +206,83 @@ def main() -> int:
     state = work / ".fmforge"
     report = run_paths([pile(work, args.seq, args.vocab)], state_dir=state, console=RunConsole(rich=False))
     assert report.ok, report.outcomes
-    t = time.monotonic()
-    report = run_paths([work / "datapile.yaml", training_manifest(work, args)], state_dir=state,
-                       console=RunConsole(rich=False))
-    wall = time.monotonic() - t
-    assert report.ok, report.outcomes
-    raysession.shutdown()  # the peer gets the machine to itself
-    rec = StateDir(state).read("TrainingRun", "pydocs-gpt")
-    model = Path(rec["status"]["model"]["uri"].removeprefix("file://"))
-    log = json.loads((model / TRAINING_LOG).read_text())
-    config = json.loads((model / "config.json").read_text())
-    # The model's log has each step's tokens; their times are in the attempt's run record.
-    [record] = StateDir(state).artifacts_dir("TrainingRun", "pydocs-gpt").glob(f"attempts/*/{RUN_RECORD}")
-    times = {p["step"]: p["unixTime"] for p in json.loads(record.read_text())["stepTimes"]}
-    fm = steady([{**p, "unixTime": times[p["step"]]} for p in log["lossCurve"]], args.warmup)
-    fm_load = os.getloadavg()[1]
-    peer_curve = run_peer(state, config, args, work)
-    peer = steady(peer_curve, args.warmup)
-    peer_load = os.getloadavg()[1]
-    fm_tps, peer_tps = fm["mean"], peer["mean"]
+    raysession.shutdown()
+
+    def fmforge_side(n: int) -> dict:
+        name = f"bench-gpt-{n}"
+        t = time.monotonic()
+        report = run_paths([work / "datapile.yaml", training_manifest(work, args, name)], state_dir=state,
+                           console=RunConsole(rich=False))
+        wall = time.monotonic() - t
+        assert report.ok, report.outcomes
+        raysession.shutdown()  # the peer gets the machine to itself
+        rec = StateDir(state).read("TrainingRun", name)
+        model = Path(rec["status"]["model"]["uri"].removeprefix("file://"))
+        log = json.loads((model / TRAINING_LOG).read_text())
+        # The model's log has each step's tokens; their times are in the attempt's run record.
+        [record] = StateDir(state).artifacts_dir("TrainingRun", name).glob(f"attempts/*/{RUN_RECORD}")
+        times = {p["step"]: p["unixTime"] for p in json.loads(record.read_text())["stepTimes"]}
+        fm = steady([{**p, "unixTime": times[p["step"]]} for p in log["lossCurve"]], args.warmup)
+        return {**fm, "load": os.getloadavg()[0], "wall": wall, "loss": log["lossCurve"][-1]["loss"],
+                "parameters": rec["status"]["model"]["parameters"],
+                "config": json.loads((model / "config.json").read_text())}
+
+    def peer_side(config: dict) -> dict:
+        curve = run_peer(state, config, args, work)
+        return {**steady(curve, args.warmup), "load": os.getloadavg()[0], "loss": curve[-1]["loss"]}
+
+    fms, peers = [], []
+    for n in range(1, args.rounds + 1):
+        fms.append(fmforge_side(n))
+        peers.append(peer_side(fms[0]["config"]))
+        print(f"round {n}/{args.rounds}: fmforge {fms[-1]['mean']:.1f} tokens/s (load {fms[-1]['load']:.1f}), "
+              f"plain torch {peers[-1]['mean']:.1f} tokens/s (load {peers[-1]['load']:.1f})", flush=True)
+
+    def med(runs: list[dict], key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+
+    fm_tps, peer_tps = med(fms, "mean"), med(peers, "mean")
+    fm_med, peer_med = med(fms, "median"), med(peers, "median")
     figures = {
-        "device": args.device, "workers": args.workers, "parameters": rec["status"]["model"]["parameters"],
+        "device": args.device, "workers": args.workers, "parameters": fms[0]["parameters"], "rounds": args.rounds,
         "steps": args.steps, "warmup": args.warmup, "globalBatch": args.global_batch, "microBatch": args.micro_batch,
-        "sequenceLength": args.seq, "fmforgeTokensPerSecond": round(fm_tps, 1),
-        "peerTokensPerSecond": round(peer_tps, 1),
-        "fmforgeMedianTokensPerSecond": round(fm["median"], 1), "peerMedianTokensPerSecond": round(peer["median"], 1),
-        "fmforgeSecondsPerStep": round(fm["step"], 4), "peerSecondsPerStep": round(peer["step"], 4),
-        "overhead": round(1 - fm_tps / peer_tps, 4), "overheadMedian": round(1 - fm["median"] / peer["median"], 4),
-        "loadAverage5m": {"fmforge": round(fm_load, 2), "peer": round(peer_load, 2)},
-        "fmforgeWallSeconds": round(wall, 1),
-        "fmforgeFinalLoss": round(log["lossCurve"][-1]["loss"], 4), "peerFinalLoss": round(peer_curve[-1]["loss"], 4),
+        "sequenceLength": args.seq,
+        "fmforgeTokensPerSecond": round(fm_tps, 1), "peerTokensPerSecond": round(peer_tps, 1),
+        "fmforgeRuns": [round(r["mean"], 1) for r in fms], "peerRuns": [round(r["mean"], 1) for r in peers],
+        "fmforgeMedianStepTokensPerSecond": round(fm_med, 1), "peerMedianStepTokensPerSecond": round(peer_med, 1),
+        "fmforgeSecondsPerStep": round(med(fms, "step"), 4), "peerSecondsPerStep": round(med(peers, "step"), 4),
+        "overhead": round(1 - fm_tps / peer_tps, 4), "overheadMedianStep": round(1 - fm_med / peer_med, 4),
+        "loadAverage1m": {"fmforge": [round(r["load"], 2) for r in fms], "peer": [round(r["load"], 2) for r in peers]},
+        "fmforgeWallSeconds": [round(r["wall"], 1) for r in fms],
+        "fmforgeFinalLoss": round(fms[0]["loss"], 4), "peerFinalLoss": round(peers[0]["loss"], 4),
     }
     if args.device == "cuda":
         import torch
 
         name = torch.cuda.get_device_name(0)
         peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-        n = figures["parameters"]
-        flops_per_token = 6 * n + 12 * args.layers * args.hidden * args.seq
+        flops_per_token = 6 * figures["parameters"] + 12 * args.layers * args.hidden * args.seq
         figures["gpu"] = name
         if peak:
             figures["fmforgeMFU"] = round(fm_tps * flops_per_token / peak, 4)
             figures["peerMFU"] = round(peer_tps * flops_per_token / peak, 4)
-    print(f"{'':24}{'fmforge':>14}{'plain torch':>14}")
-    print(f"{'tokens/s (steady)':24}{fm_tps:14.1f}{peer_tps:14.1f}")
-    print(f"{'tokens/s (median step)':24}{fm['median']:14.1f}{peer['median']:14.1f}")
-    print(f"{'s/step (steady)':24}{fm['step']:14.4f}{peer['step']:14.4f}")
-    print(f"{'load average (5 min)':24}{fm_load:14.2f}{peer_load:14.2f}")
-    print(f"{'final loss':24}{figures['fmforgeFinalLoss']:14.4f}{figures['peerFinalLoss']:14.4f}")
-    print(f"fmforge overhead: {100 * figures['overhead']:.1f}% by mean, {100 * figures['overheadMedian']:.1f}% by "
-          f"median step (goal <= 5%); whole run {wall:.1f}s")
+
+    def spread(runs: list[dict]) -> str:
+        return f"{min(r['mean'] for r in runs):.0f}-{max(r['mean'] for r in runs):.0f}"
+
+    print(f"{'':30}{'fmforge':>14}{'plain torch':>14}")
+    print(f"{'tokens/s, median of runs':30}{fm_tps:14.1f}{peer_tps:14.1f}")
+    print(f"{'spread (lowest-highest run)':30}{spread(fms):>14}{spread(peers):>14}")
+    print(f"{'tokens/s from median steps':30}{fm_med:14.1f}{peer_med:14.1f}")
+    print(f"{'s/step, median of runs':30}{figures['fmforgeSecondsPerStep']:14.4f}{figures['peerSecondsPerStep']:14.4f}")
+    fm_loads = "/".join(f"{r['load']:.1f}" for r in fms)
+    peer_loads = "/".join(f"{r['load']:.1f}" for r in peers)
+    print(f"{'load average (1 min), runs':30}{fm_loads:>14}{peer_loads:>14}")
+    print(f"{'final loss (round 1)':30}{figures['fmforgeFinalLoss']:14.4f}{figures['peerFinalLoss']:14.4f}")
+    print(f"fmforge overhead: {100 * figures['overhead']:.1f}% between the medians of {args.rounds} alternating runs, "
+          f"{100 * figures['overheadMedianStep']:.1f}% by median step (goal <= 5%)")
     print(json.dumps(figures))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
