@@ -249,6 +249,11 @@ def test_data_card(first_run):
     assert card["version"]["snapshotId"] == rec["status"]["version"]["snapshotId"]
     assert {s["name"] for s in card["sources"]} == {"python-docs", "python-code", "licenses", "extra"}
     assert all(s["digest"].startswith("sha256:") for s in card["sources"])
+    # the trained byte-level BPE is encoded by tiktoken, every piece checked against tokenizers
+    enc = card["encoder"]
+    assert enc["encoder"] == "tiktoken" and enc["fellBack"] == 0 and enc["why"] == "", enc
+    assert enc["documentsChecked"] >= sum(enc["pieces"].values()) > 0
+    assert "- Encoder: tiktoken" in text
 
 
 def test_rerun_unchanged_publishes_nothing(first_run):

@@ -5,7 +5,7 @@
     → exact dedup (driver: ids and hashes) → fuzzy dedup (band keys shuffled on Ray, candidate
       pairs and components on the driver)
     → tokenizer (trained on a bounded sample on one worker, or loaded)
-    → keep, split, encode, pack, write Parquet (Ray tasks)
+    → keep, split, encode (tiktoken, checked against tokenizers), pack, write Parquet (Ray tasks)
     → publish (the driver commits the files' metadata: Iceberg snapshots and tags) → data card
 
 `run()` runs STEPS in order; each is `step(work: Work) -> None` and reads what the steps before it
@@ -100,6 +100,8 @@ class Work:
     """The attempt's folder name under each table's data folder."""
     written: list[wk.Written] = field(default_factory=list)
     """What each piece's write task wrote."""
+    encoder: dc.CardEncoder | None = None
+    """Which encoder made the token ids, summed over the pieces."""
     committing: bool = False
     """Whether commit_version has begun committing (the attempt's files are no longer ours to drop)."""
     published: pub.Published | None = None
@@ -326,9 +328,24 @@ def write(w: Work) -> None:
         kept_per_piece.append(int(w.kept[a:b].sum()))
     w.written = wk.gather(refs, w.ctx.reporter.advance, kept_per_piece)
     w.processed = []
+    w.encoder = encoder_summary([x.encoding for x in w.written if x.encoding is not None])
+    if w.encoder.fell_back:
+        # loud: the pile is right (tokenizers' ids), but tiktoken and tokenizers disagree on this data
+        w.ctx.reporter.log("Encoded pieces with tokenizers after tiktoken's ids differed", pieces=w.encoder.fell_back,
+                           first=w.encoder.why)
     if sum(x.kept for x in w.written) != int(w.kept.sum()):  # the workers must keep what the driver decided
         raise RuntimeError(f"the workers wrote {sum(x.kept for x in w.written)} documents, the driver kept "
                            f"{int(w.kept.sum())}")
+
+
+def encoder_summary(encodings: list[tk.Encoding]) -> dc.CardEncoder:
+    """The data card's encoder section from what each piece's encoding reported."""
+    pieces = dict(Counter(e.encoder for e in encodings))
+    fell_back = [e for e in encodings if e.differed]
+    why = fell_back[0].why if fell_back else next((e.why for e in encodings if e.why), "")
+    return dc.CardEncoder(encoder=" and ".join(sorted(pieces)) or "none", pieces=pieces,
+                          documents_checked=sum(e.checked for e in encodings), fell_back=len(fell_back), why=why,
+                          seconds=round(sum(e.seconds for e in encodings), 3))
 
 
 def commit_version(w: Work) -> None:
@@ -382,7 +399,8 @@ def write_card(w: Work) -> Path:
         dedup=w.dedup, licenses=counts("license"), pii_redacted=int(pc.sum(pii).as_py() or 0),
         lines_removed=dc.LinesRemoved(lines=int(pc.sum(removed).as_py() or 0),
                                       documents=int(pc.sum(pc.greater(removed, 0)).as_py() or 0)),
-        tokenizer=w.tokenizer_source, tokens_by_split=_tokens(w), sequence_length=spec.tokenize.sequence_length,
+        tokenizer=w.tokenizer_source, encoder=w.encoder, tokens_by_split=_tokens(w),
+        sequence_length=spec.tokenize.sequence_length,
         timings={k: round(v, 3) for k, v in w.timings.items()},
         filters=[f.model_dump(by_alias=True) | ({"effectiveRules": effective_rules(f).model_dump(
             by_alias=True, exclude_none=True)} if f.type == "quality" else {}) for f in spec.filters],

@@ -13,7 +13,8 @@ candidate pairs of the LSH bands and counters. Text and token ids never reach it
     pairs_of_bands  one partition of every piece's band rows → the candidate pairs in it
     sample_piece    the texts of a piece that the tokenizer trains on (bounded by sampleBytes)
     train_tokenizer the tokenizer, trained on the sample
-    write_piece     keep, split, encode, pack and write one piece's Parquet files (documents,
+    write_piece     keep, split, encode (tiktoken, checked against `tokenizers` on a sample;
+                    tokenize.py), pack and write one piece's Parquet files (documents,
                     sequences, and with keepDropped the dropped documents)
 
 The band grouping is a hash shuffle written with Ray tasks: each piece's band rows go to P
@@ -283,6 +284,8 @@ class Written:
     tokens: dict[str, int]
     """Tokens per split, end-of-text tokens included."""
     sequence_count: int
+    encoding: tk.Encoding | None = None
+    """Which encoder encoded the piece, and what its check found (None: nothing kept to encode)."""
 
 
 def write_piece(processed: pa.Table, piece: int, decisions: pa.Table, tokenizer_json: str, validation_fraction: float,
@@ -296,11 +299,13 @@ def write_piece(processed: pa.Table, piece: int, decisions: pa.Table, tokenizer_
     docs_path = seq_path = dropped_path = None
     tokens = {"train": 0, "validation": 0}
     nseq = 0
+    encoding = None
     if kept.num_rows:
         splits = tk.split_of(kept.column("id").to_pylist(), validation_fraction)
         kept = kept.append_column("split", pa.array(splits.tolist(), pa.string()))
         docs_path = _write(kept.select(list(DOC_COLUMNS)), docs_out, name)
-        ids = tk.encode(kept.select(["text"]), tokenizer_json).column("ids")
+        encoded, encoding = tk.encode(kept.select(["text"]), tokenizer_json)
+        ids = encoded.column("ids")
         tok = tk.from_json(tokenizer_json)
         eos, pad = tk.special_ids(tok)
         seqs, tokens = tk.pack(ids, splits, eos, pad, seq_len, first_seq=piece << SEQ_BITS)
@@ -316,7 +321,7 @@ def write_piece(processed: pa.Table, piece: int, decisions: pa.Table, tokenizer_
                               "text": gone.column("text"), "reason": reason, "rule": gone.column("quality_rule"),
                               "duplicate_of": why.column("duplicate_of")})
             dropped_path = _write(table, dropped_out, name)
-    return Written(docs_path, seq_path, dropped_path, kept.num_rows, tokens, nseq)
+    return Written(docs_path, seq_path, dropped_path, kept.num_rows, tokens, nseq, encoding)
 
 
 def _write(table: pa.Table, out: Output, name: str) -> str:
