@@ -43,7 +43,7 @@ from . import publish as pub
 from . import tokenize as tk
 from . import workers as wk
 from .filters import effective_rules
-from .sources import SourceFiles, SourceRead, list_source, summarize
+from .sources import FilesRead, SourceFiles, SourceRead, list_source, scan_file, summarize
 
 
 @dataclass
@@ -57,7 +57,7 @@ class Work:
     listed: list[SourceFiles] = field(default_factory=list)
     """Each source's files and sizes."""
     chunks: list[wk.Chunk] = field(default_factory=list)
-    """Groups of files, one read task each."""
+    """Groups of files or parts of a large file, one read task each."""
     target: float = 0.0
     """Work per piece (workers.piece_target)."""
     docs: list = field(default_factory=list)
@@ -131,14 +131,24 @@ def read(w: Work) -> None:
     """Read the chunks on the workers; sum what was read per source; the version's digest. If
     that version is published already, end here."""
     raysession.start(w.ctx.state_dir, w.spec.resources.workers * w.spec.resources.cpus_per_worker)
+    # a file read in parts is hashed (and for JSON lines its parts' starts found) by one pass
+    scan = wk.remote(scan_file)
+    scans = {}
+    for c in w.chunks:
+        if c.parts is not None and (c.source.name, c.files[0][1]) not in scans:
+            scans[c.source.name, c.files[0][1]] = scan.remote(c.source, c.fs, c.files[0], c.parts[2])
     task = wk.remote(wk.read_chunk, num_returns=3)
-    refs = [task.remote(c, w.target) for c in w.chunks]
+    refs = [task.remote(c, w.target, scans[c.source.name, c.files[0][1]] if wk.needs_scan(c) else None)
+            for c in w.chunks]
     w.docs = [r[0] for r in refs]
     parts = wk.gather([r[1] for r in refs], w.ctx.reporter.advance)
     bounds = wk.gather([r[2] for r in refs])
+    scanned = dict(zip(scans, wk.gather(list(scans.values())), strict=True))
     w.pieces = [(c, a, b) for c, bs in enumerate(bounds) for a, b in zip(bs, bs[1:], strict=False)]
     for sf in w.listed:
-        r = summarize(sf, [p for c, p in zip(w.chunks, parts, strict=True) if c.source.name == sf.source.name])
+        name = sf.source.name
+        files = [FilesRead(0, {}, [(f.rel, f.sha256, f.size)]) for (src, _), f in scanned.items() if src == name]
+        r = summarize(sf, [p for c, p in zip(w.chunks, parts, strict=True) if c.source.name == name] + files)
         w.reads.append(r)
         w.at_read.update(r.dropped)
         w.ctx.reporter.log("Read source", source=r.name, documents=r.documents, mb=f"{r.bytes / 1e6:.1f}",

@@ -5,8 +5,11 @@ only ObjectRefs of the documents (which stay in Ray's object store, spilled to d
 fills) and the compact columns it needs for its decisions: ids, lengths, exact hashes, the
 candidate pairs of the LSH bands and counters. Text and token ids never reach it.
 
-    read_chunk      one chunk of a source's files → its documents, per-file digests, and the
-                    row ranges of its pieces (each piece about `target` bytes of work)
+    scan_file       one pass over a file read in parts: its hash, and for JSON lines where each
+                    part starts and the lines before it (sources.py)
+    read_chunk      one chunk of a source's files, or parts of one large file → its documents,
+                    per-file digests, and the row ranges of its pieces (each piece about
+                    `target` bytes of work; a part of a file always starts a piece)
     process_piece   categorize, filter, exact hash, MinHash of one piece → the processed piece
                     (stays on the workers) and its index (compact columns, to the driver)
     band_piece      the LSH band keys of one processed piece, hash-partitioned into P parts
@@ -51,7 +54,7 @@ from . import dedup as dd
 from . import tokenize as tk
 from .annotate import annotate
 from .filters import build_steps
-from .sources import FilesRead, SourceFiles, read_files
+from .sources import FileScan, FilesRead, SourceFiles, read_files, read_in_parts, read_part
 
 #: Relative cost per byte of a prose document against a code file in process_piece (measured on
 #: the quickstart corpus: 0.9 s/MB against 0.18 s/MB on one core).
@@ -105,17 +108,22 @@ def piece_target(total_cost: float) -> float:
 
 @dataclass(frozen=True)
 class Chunk:
-    """Files of one source that one read task reads."""
+    """Files of one source that one read task reads, or parts of one large file."""
 
     index: int
     source: Source
     fs: Any
     files: list[tuple[str, str, int]]
+    parts: tuple[int, int, int] | None = None
+    """Of a file read in parts (the only one in `files`): the first and end part this chunk
+    reads, and how many parts the file has."""
 
 
-def plan_chunks(listed: Sequence[SourceFiles], target: float) -> list[Chunk]:
-    """Each source's files in order, grouped into chunks of about `target` work (a larger file is
-    a chunk of its own; read_chunk cuts it into pieces)."""
+def plan_chunks(listed: Sequence[SourceFiles], target: float, parts_per_chunk: int = 1) -> list[Chunk]:
+    """Each source's files in order, grouped into chunks of about `target` work. A file of about
+    two pieces' work or more that can be read in parts (sources.read_in_parts) is cut into parts
+    of about `target`, `parts_per_chunk` to a chunk (1: each its own read task); any other larger
+    file is a chunk of its own, which read_chunk cuts into pieces."""
     chunks: list[Chunk] = []
     for sf in listed:
         code = sf.source.format == "code"
@@ -123,6 +131,15 @@ def plan_chunks(listed: Sequence[SourceFiles], target: float) -> list[Chunk]:
         cost = 0.0
         for f in sf.files:
             c = float(cost_of(f[2], code))
+            parts = round(c / target) if read_in_parts(sf.source, f[1]) else 1
+            if parts >= 2:
+                if group:
+                    chunks.append(Chunk(len(chunks), sf.source, sf.fs, group))
+                    group, cost = [], 0.0
+                for first in range(0, parts, parts_per_chunk):
+                    chunks.append(Chunk(len(chunks), sf.source, sf.fs, [f],
+                                        (first, min(first + parts_per_chunk, parts), parts)))
+                continue
             if group and cost + c > target:
                 chunks.append(Chunk(len(chunks), sf.source, sf.fs, group))
                 group, cost = [], 0.0
@@ -133,19 +150,44 @@ def plan_chunks(listed: Sequence[SourceFiles], target: float) -> list[Chunk]:
     return chunks
 
 
+def needs_scan(chunk: Chunk) -> bool:
+    """Whether the chunk's read task waits for its file's scan (JSON lines parts start where the
+    scan found a line); Parquet parts are row groups, read without it."""
+    return chunk.parts is not None and chunk.source.format == "jsonl"
+
+
 # -- the tasks -------------------------------------------------------------------------------------
 
 
-def read_chunk(chunk: Chunk, target: float) -> tuple[pa.Table, FilesRead, list[int]]:
+def read_chunk(chunk: Chunk, target: float, scan: FileScan | None = None) -> tuple[pa.Table, FilesRead, list[int]]:
     """The chunk's documents, what was read, and the row bounds of its pieces (each about
-    `target` work; a piece is never empty)."""
-    docs, read = read_files(chunk.source, chunk.fs, chunk.files)
-    nbytes = pc.binary_length(docs.column("text").cast(pa.large_binary())).to_numpy()
-    cum = np.cumsum(cost_of(nbytes, chunk.source.format == "code"))
+    `target` work; a piece is never empty). Of a file read in parts, each part is cut on its
+    own, so the pieces are the same however many parts one task reads."""
+    code = chunk.source.format == "code"
+    if chunk.parts is None:
+        docs, read = read_files(chunk.source, chunk.fs, chunk.files)
+        return docs, read, _bounds(docs, code, target)
+    first, end, parts = chunk.parts
+    tables, bounds, dropped = [], [0], {}
+    for part in range(first, end):
+        docs, read = read_part(chunk.source, chunk.fs, chunk.files[0], part, parts, scan)
+        bounds += [bounds[-1] + b for b in _bounds(docs, code, target)[1:]]
+        tables.append(docs)
+        for k, v in read.dropped.items():
+            dropped[k] = dropped.get(k, 0) + v
+    docs = pa.concat_tables(tables)
+    return docs, FilesRead(docs.num_rows, dropped, []), bounds
+
+
+def _bounds(docs: pa.Table, code: bool, target: float) -> list[int]:
+    """Row bounds of the pieces of `docs`: cut where the work so far passes a multiple of `target`."""
     n = docs.num_rows
-    cuts = np.searchsorted(cum, np.arange(1, int(cum[-1] // target) + 1) * target) if n else []
-    bounds = sorted({0, n, *(int(c) for c in cuts if 0 < c < n)})
-    return docs, read, bounds
+    if not n:
+        return [0]
+    nbytes = pc.binary_length(docs.column("text").cast(pa.large_binary())).to_numpy()
+    cum = np.cumsum(cost_of(nbytes, code))
+    cuts = np.searchsorted(cum, np.arange(1, int(cum[-1] // target) + 1) * target)
+    return sorted({0, n, *(int(c) for c in cuts if 0 < c < n)})
 
 
 def process_piece(docs: pa.Table, start: int, stop: int, spec: DataPileSpec) -> tuple[pa.Table, pa.Table, dict]:
