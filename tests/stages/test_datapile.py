@@ -356,3 +356,23 @@ def test_pieces_and_partitions_do_not_change_what_is_kept(first_run):
     dropped = rec["status"]["stats"]["dropped"]
     assert (dropped["duplicateExact"], dropped["duplicateFuzzy"]) == (len(exact), len(fuzzy))
     assert rec["status"]["stats"]["sequences"] > 0 and len(state.read("DataPile", "pydocs")) > 0
+
+
+def test_hashes_do_not_depend_on_where_a_batch_ends(corpus: Path):
+    """A document's exact hash and shingles are the same whichever batch holds it and wherever
+    in the batch it sits (pyarrow's whitespace split once kept a trailing newline of a batch's
+    last text, depending on the memory after its buffer); words are trimmed, no empty word at
+    either end."""
+    from fmforge.api.v1alpha1.datapile import Source
+    from fmforge.stages.datapile.sources import read_source
+
+    assert dd.words(pa.array(["  A b \n", "x", "", " \t"])).to_pylist() == [["a", "b"], ["x"], [""], [""]]
+    texts = pa.concat_tables([read_source(Source(name=n, uri=f"file://corpus/{n}/", format=f), corpus.parent)[0]
+                              for n, f in (("prose", "jsonl"), ("code", "code"))]).column("text")
+    texts = pa.array([t + "\n" for t in texts.to_pylist()], pa.large_string())  # every text ends in a newline
+    whole = dd.content_hashes(texts)
+    one = np.concatenate([dd.content_hashes(pa.array([t], pa.large_string())) for t in texts.to_pylist()])
+    assert (whole == one).all()
+    for width in (7, 50):
+        cut = np.concatenate([dd.content_hashes(texts.slice(a, width)) for a in range(0, len(texts), width)])
+        assert (cut == whole).all(), f"batches of {width}"
