@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from piles import MINI
+from piles import MINI, expected_dedup
 
-from fmforge.api.v1alpha1.datapile import Source
+from fmforge.api.v1alpha1.datapile import DataPileSpec, Source
 from fmforge.runtime.local import run_paths
 from fmforge.runtime.progress import RunConsole
 from fmforge.runtime.state import StateDir
@@ -100,7 +100,9 @@ def test_a_file_read_by_many_tasks_makes_the_version_one_task_makes(corpus: Path
     recs = [r for r in _records(corpus) if isinstance(r["text"], str) and len(r["text"]) < 1_000_000]
     m = json.loads(json.dumps(MINI))
     m["spec"]["sources"] = [{"name": "big", "uri": "file://data/", "format": "jsonl"}]
-    m["spec"]["dedup"]["fuzzy"] = {"enabled": True, "numPerm": 112, "bands": 14, "shingleSize": 5}
+    # fuzzy dedup with verify: its second pass fetches the candidate pairs' signatures from the pieces
+    m["spec"]["dedup"]["fuzzy"] = {"enabled": True, "numPerm": 112, "bands": 14, "shingleSize": 5, "verify": True,
+                                   "threshold": 0.7}
     plan = wk.plan_chunks
     planned = {}
 
@@ -134,6 +136,13 @@ def test_a_file_read_by_many_tasks_makes_the_version_one_task_makes(corpus: Path
                                              strict=True))
     card = json.loads(Path(status["split"]["dataCard"].removeprefix("file://")).with_suffix(".json").read_text())
     assert card["sources"][0]["digest"] == read.digest and card["sources"][0]["documents"] == read.documents
+
+    # and what it kept is what the steps keep over the whole file in this process
+    kept, exact, fuzzy, edges = expected_dedup(DataPileSpec.model_validate(m["spec"]), whole)
+    assert kept == sorted(docs.column("id").to_pylist())
+    dropped = status["split"]["stats"]["dropped"]
+    assert (dropped["duplicateExact"], dropped["duplicateFuzzy"]) == (len(exact), len(fuzzy))
+    assert len(fuzzy) > 0 and card["dedup"]["verifiedPairs"] == edges < card["dedup"]["candidatePairs"]
 
 
 def test_gzip_and_small_files_stay_whole(tmp_path: Path):

@@ -235,20 +235,19 @@ def deduplicate(w: Work) -> None:
     fz = w.spec.dedup.fuzzy
     n_fuzzy, clusters, candidates, edges = 0, 0, 0, 0
     if fz.enabled and reached_fuzzy:
-        import ray
-
         reaches = alive & (w.reason == None)  # noqa: E711 (numpy elementwise comparison)
-        parts = max(1, min(len(w.processed), int(ray.cluster_resources().get("CPU", 1))))
+        parts = wk.band_partitions(int(reaches.sum()) * fz.bands)
         band = wk.remote(wk.band_piece, num_returns=parts)
-        bands = [band.remote(p, reaches[a:b], fz.bands, parts, fz.verify)
-                 for p, (a, b) in zip(w.processed, _rows(w), strict=True)]
+        bands = [band.remote(p, reaches[a:b], fz.bands, parts) for p, (a, b) in zip(w.processed, _rows(w), strict=True)]
         bands = [[b] if parts == 1 else list(b) for b in bands]
         reduce = wk.remote(wk.pairs_of_bands, num_returns=2)
-        out = [reduce.remote(fz.threshold, fz.verify, *[b[p] for b in bands]) for p in range(parts)]
+        out = [reduce.remote(*[b[p] for b in bands]) for p in range(parts)]
         del bands  # the reduce tasks hold what they need
         # a pair found in bands that went to different partitions comes back once from each
         pairs = pa.concat_tables(wk.gather([o[0] for o in out])).group_by(["a", "b"]).aggregate([])
         candidates = sum(wk.gather([o[1] for o in out]))
+        if fz.verify:
+            pairs = _verify(w, pairs, fz.threshold, row_of, parts)
         edges = pairs.num_rows
         dup, of, clusters = dd.components(np.asarray(pairs.column("a").to_pylist(), dtype=object),
                                           np.asarray(pairs.column("b").to_pylist(), dtype=object))
@@ -269,6 +268,25 @@ def deduplicate(w: Work) -> None:
                            fuzzy=n_fuzzy, fuzzy_rate=n_fuzzy / max(reached_fuzzy, 1), clusters=clusters,
                            candidate_pairs=candidates, verified_pairs=edges,
                            params=fz.model_dump(by_alias=True))
+
+
+def _verify(w: Work, pairs: pa.Table, threshold: float, row_of: dict[str, int], parts: int) -> pa.Table:
+    """The candidate pairs whose estimated Jaccard similarity reaches `threshold`: a second pass
+    that fetches the signatures of the documents in a pair only, from the pieces holding them,
+    and checks the pairs in `parts` tasks."""
+    if not pairs.num_rows:
+        return pairs
+    involved = pc.unique(pa.concat_arrays([pairs.column("a").combine_chunks(), pairs.column("b").combine_chunks()]))
+    rows = np.fromiter((row_of[i] for i in involved.to_pylist()), dtype=np.int64, count=len(involved))
+    ends = np.array([b for _, b in _rows(w)])
+    piece = np.searchsorted(ends, rows, side="right")  # the piece holding each row
+    fetch = wk.remote(wk.piece_signatures)
+    sigs = [fetch.remote(w.processed[p], involved.filter(pa.array(piece == p)))
+            for p in np.unique(piece).tolist()]
+    check = wk.remote(wk.verify_pairs)
+    step = -(-pairs.num_rows // parts)
+    out = [check.remote(threshold, pairs.slice(i, step), *sigs) for i in range(0, pairs.num_rows, step)]
+    return pa.concat_tables(wk.gather(out))
 
 
 def _mark(w: Work, row_of: dict[str, int], dup: np.ndarray, of: np.ndarray, reason: str) -> None:

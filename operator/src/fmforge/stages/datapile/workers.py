@@ -13,7 +13,10 @@ candidate pairs of the LSH bands and counters. Text and token ids never reach it
     process_piece   categorize, filter, exact hash, MinHash of one piece → the processed piece
                     (stays on the workers) and its index (compact columns, to the driver)
     band_piece      the LSH band keys of one processed piece, hash-partitioned into P parts
+                    (P from the number of band rows: band_partitions)
     pairs_of_bands  one partition of every piece's band rows → the candidate pairs in it
+    piece_signatures  with `verify`: the signatures of a piece's documents in candidate pairs
+    verify_pairs    with `verify`: the candidate pairs whose estimated similarity is enough
     sample_piece    the texts of a piece that the tokenizer trains on (bounded by sampleBytes)
     train_tokenizer the tokenizer, trained on the sample
     write_piece     keep, split, encode (tiktoken, checked against `tokenizers` on a sample;
@@ -23,10 +26,13 @@ candidate pairs of the LSH bands and counters. Text and token ids never reach it
 The band grouping is a hash shuffle written with Ray tasks: each piece's band rows go to P
 partitions by band key (a task with P returns), and each partition's task sorts its rows and
 emits the pairs of each bucket. Every bucket lands whole in one partition, so the pairs do not
-depend on P or on the pieces. Ray Data's `groupby(...).map_groups` does the same grouping but
-calls the UDF once per bucket, and nearly every bucket holds one document: on 280,000 band rows
-(20,000 documents x 14 bands, 2 CPUs) it took 13.6 s where this shuffle took 2.0 s
-(`python tests/bench/bench_bands.py`).
+depend on P or on the pieces; P follows the number of band rows (band_partitions), not the CPUs.
+With `verify`, the band rows still carry no signature: a second pass fetches those of the
+documents in a candidate pair from their pieces (piece_signatures) and checks the distinct pairs
+(verify_pairs), instead of every band row carrying its document's signature. Ray Data's
+`groupby(...).map_groups` does the same grouping but calls the UDF once per bucket, and nearly
+every bucket holds one document: on 280,000 band rows (20,000 documents x 14 bands, 2 CPUs) it
+took 13.6 s where this shuffle took 2.0 s (`python tests/bench/bench_bands.py`).
 
 A piece is the unit of every task, numbered in the order of the listing, so file names and
 sequence ids are the same on every run and every retry. Tasks are pure or write files named by
@@ -237,10 +243,25 @@ def process_batch(batch: pa.Table, spec: DataPileSpec, seconds: dict[str, float]
     return batch
 
 
-def band_piece(processed: pa.Table, reaches: np.ndarray, bands: int, partitions: int, verify: bool):
-    """The band rows (band, key, id[, minhash]) of the documents of a piece that reach fuzzy
-    dedup (`reaches`, per row: kept by the filters, not an exact duplicate), split into
-    `partitions` parts by key."""
+#: Band rows (one per document and band) per shuffle partition: the number of partitions follows
+#: the data, not the cluster (20 bytes a row plus the id: about 40 MB to sort per partition).
+BAND_ROWS_PER_PARTITION = 1 << 20
+
+#: The most shuffle partitions (each piece's band task returns one object per partition).
+MAX_PARTITIONS = 256
+
+
+def band_partitions(rows: int) -> int:
+    """Shuffle partitions for `rows` band rows: one per BAND_ROWS_PER_PARTITION, at most
+    MAX_PARTITIONS. The pairs do not depend on it (every bucket lands whole in one partition)."""
+    return int(min(max(-(-rows // BAND_ROWS_PER_PARTITION), 1), MAX_PARTITIONS))
+
+
+def band_piece(processed: pa.Table, reaches: np.ndarray, bands: int, partitions: int):
+    """The band rows (band, key, id) of the documents of a piece that reach fuzzy dedup
+    (`reaches`, per row: kept by the filters, not an exact duplicate), split into `partitions`
+    parts by key. Signatures stay out of the shuffle: verification fetches those of the candidate
+    pairs only (piece_signatures)."""
     rows = processed.filter(pa.array(reaches))
     n = rows.num_rows
     num_perm = processed.schema.field("minhash").type.list_size
@@ -249,12 +270,9 @@ def band_piece(processed: pa.Table, reaches: np.ndarray, bands: int, partitions:
     per = num_perm // bands
     keys = np.stack([dd.row_hash(sig[:, b * per:(b + 1) * per]) for b in range(bands)], axis=1) if n else \
         np.zeros((0, bands), dtype=np.uint64)
-    cols = {"band": pa.array(np.tile(np.arange(bands, dtype=np.int16), n)),
-            "key": pa.array(keys.reshape(-1)),
-            "id": rows.column("id").take(pa.array(np.repeat(np.arange(n), bands), pa.int64()))}
-    if verify:
-        cols["minhash"] = rows.column("minhash").take(pa.array(np.repeat(np.arange(n), bands), pa.int64()))
-    table = pa.table(cols)
+    table = pa.table({"band": pa.array(np.tile(np.arange(bands, dtype=np.int16), n)),
+                      "key": pa.array(keys.reshape(-1)),
+                      "id": rows.column("id").take(pa.array(np.repeat(np.arange(n), bands), pa.int64()))})
     # the partition of a row: its key mixed with its band, so that each band spreads over all parts
     with np.errstate(over="ignore"):
         mixed = keys.reshape(-1) ^ (np.tile(np.arange(bands, dtype=np.uint64), n) * np.uint64(0x9E3779B97F4A7C15))
@@ -263,10 +281,10 @@ def band_piece(processed: pa.Table, reaches: np.ndarray, bands: int, partitions:
     return out[0] if partitions == 1 else tuple(out)
 
 
-def pairs_of_bands(threshold: float, verify: bool, *parts: pa.Table) -> tuple[pa.Table, int]:
+def pairs_of_bands(*parts: pa.Table) -> tuple[pa.Table, int]:
     """The candidate pairs of one partition: in every bucket (band and key), each document with
-    the bucket's smallest id; with `verify` only pairs whose estimated Jaccard similarity reaches
-    `threshold`. Returns the pairs (a, b) and the number of candidates before verification."""
+    the bucket's smallest id. Returns the distinct pairs (a, b) and the number of candidates
+    (a pair found in several bands counted in each)."""
     rows = pa.concat_tables([p for p in parts if p.num_rows]) if any(p.num_rows for p in parts) else None
     if rows is None:
         return pa.table({"a": pa.array([], pa.string()), "b": pa.array([], pa.string())}), 0
@@ -277,18 +295,31 @@ def pairs_of_bands(threshold: float, verify: bool, *parts: pa.Table) -> tuple[pa
     new_bucket = np.ones(n, dtype=bool)
     new_bucket[1:] = (band[1:] != band[:-1]) | (key[1:] != key[:-1])
     first = np.maximum.accumulate(np.where(new_bucket, np.arange(n), 0))
-    dup = np.flatnonzero(~new_bucket)
-    src, dst = dup, first[dup]
-    candidates = len(src)
-    if verify and candidates:
-        num_perm = rows.schema.field("minhash").type.list_size
-        sig = rows.column("minhash").combine_chunks().flatten().to_numpy().reshape(n, num_perm)
-        ok = (sig[src] == sig[dst]).mean(axis=1) >= threshold
-        src, dst = src[ok], dst[ok]
+    src = np.flatnonzero(~new_bucket)
     ids = rows.column("id")
-    pairs = pa.table({"a": ids.take(pa.array(src, pa.int64())), "b": ids.take(pa.array(dst, pa.int64()))})
+    pairs = pa.table({"a": ids.take(pa.array(src, pa.int64())), "b": ids.take(pa.array(first[src], pa.int64()))})
     # a pair found in several bands is one edge
-    return pairs.group_by(["a", "b"]).aggregate([]), candidates
+    return pairs.group_by(["a", "b"]).aggregate([]), len(src)
+
+
+def piece_signatures(processed: pa.Table, ids: pa.Array) -> pa.Table:
+    """(id, minhash) of the piece's documents among `ids` (those in a candidate pair)."""
+    return processed.filter(pc.is_in(processed.column("id"), value_set=ids)).select(["id", "minhash"])
+
+
+def verify_pairs(threshold: float, pairs: pa.Table, *signatures: pa.Table) -> pa.Table:
+    """The pairs (a, b) whose estimated Jaccard similarity (the share of equal MinHash values)
+    reaches `threshold`; `signatures` hold (id, minhash) of every document in them."""
+    if not pairs.num_rows:
+        return pairs
+    sigs = pa.concat_tables(signatures)
+    num_perm = sigs.schema.field("minhash").type.list_size
+    matrix = sigs.column("minhash").combine_chunks().flatten().to_numpy().reshape(sigs.num_rows, num_perm)
+    ids = sigs.column("id")
+    a = pc.index_in(pairs.column("a"), value_set=ids).to_numpy(zero_copy_only=False)
+    b = pc.index_in(pairs.column("b"), value_set=ids).to_numpy(zero_copy_only=False)
+    ok = (matrix[a] == matrix[b]).mean(axis=1) >= threshold
+    return pairs.filter(pa.array(ok))
 
 
 def sample_piece(processed: pa.Table, sample: pa.Array) -> pa.Array:
