@@ -189,7 +189,7 @@ def markdown(card: DataCard) -> str:
 
 
 def _encoder_line(e: CardEncoder) -> str:
-    pieces = ", ".join(f"{k} {v}" for k, v in e.pieces.items())
-    line = (f"{e.encoder} ({pieces} pieces; {e.documents_checked} documents checked against tokenizers, "
+    pieces = ", ".join(f"{v} pieces by {k}" for k, v in e.pieces.items())
+    line = (f"{e.encoder} ({pieces}; {e.documents_checked} documents checked against tokenizers, "
             f"{e.fell_back} pieces fell back; {e.seconds:.1f} s on the workers)")
     return f"{line}. Why tokenizers: {e.why}" if e.why else line
