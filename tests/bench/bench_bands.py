@@ -60,14 +60,15 @@ def main() -> None:
     ray_data_s = time.perf_counter() - t
 
     t = time.perf_counter()
-    parts = 2
+    parts = wk.band_partitions(len(rows))
     splits = [wk.remote(split, num_returns=parts).remote(ray.put(p), parts) for p in pieces]
-    out = [wk.remote(wk.pairs_of_bands, num_returns=2).remote(0.8, False, *[s[i] for s in splits])
+    splits = [[s] if parts == 1 else s for s in splits]
+    out = [wk.remote(wk.pairs_of_bands, num_returns=2).remote(*[s[i] for s in splits])
            for i in range(parts)]
     pairs = pa.concat_tables(ray.get([o[0] for o in out])).group_by(["a", "b"]).aggregate([])
     shuffle_s = time.perf_counter() - t
     raysession.shutdown()
-    print(f"{len(rows)} band rows ({args.docs} documents x {args.bands} bands), 2 CPUs")
+    print(f"{len(rows)} band rows ({args.docs} documents x {args.bands} bands), 2 CPUs, {parts} partitions")
     print(f"  Ray Data groupby + map_groups: {ray_data_s:6.2f} s  ({n_ray_data} pairs, one per band)")
     print(f"  fmforge task shuffle:          {shuffle_s:6.2f} s  ({pairs.num_rows} distinct pairs)")
     print(json.dumps({"rows": len(rows), "ray_data_s": round(ray_data_s, 2), "shuffle_s": round(shuffle_s, 2),

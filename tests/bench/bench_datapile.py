@@ -43,6 +43,10 @@ collapses the copies; the table shows the documents kept, which must grow about 
    rules, and datatrove's Gopher filters count spacy tokens as words, so on code they drop far
    more documents than whitespace words do; the comparison keeps to what both sides do alike.
 
+`--single-file`: in part 2, fmforge also runs the same work on the same documents written as one
+JSONL file (the issue's single large file: read in byte ranges by several tasks), with its wall
+time, MB/s per core and driver peak.
+
 `--tokenizer-sample` instead times tokenizer training on samples of 4, 8, 16 MB and all of the
 xlarge corpus, with the held-out bytes per token of each (the figures behind
 tokenizer.train.sampleBytes' default).
@@ -205,12 +209,13 @@ def train_tokenizer(jsonl: Path, out: Path, vocab: int = 2048, sample_bytes: int
     return out / "tokenizer.json"
 
 
-def fmforge_equivalent(d: Path, fuzzy: dict) -> dict:
-    """`fmforge run` of the DataPile that does datatrove's work: read JSONL, dedup, tokenize."""
+def fmforge_equivalent(d: Path, fuzzy: dict, folder: str = "jsonl") -> dict:
+    """`fmforge run` of the DataPile that does datatrove's work: read JSONL (the files under
+    `d`/`folder`), dedup, tokenize."""
     manifest = {
         "apiVersion": "fmforge.io/v1alpha1", "kind": "DataPile", "metadata": {"name": "same-work"},
         "spec": {
-            "sources": [{"name": "docs", "uri": "file://jsonl/", "format": "jsonl"}],
+            "sources": [{"name": "docs", "uri": f"file://{folder}/", "format": "jsonl"}],
             "categorize": {"naturalLanguage": {"enabled": False}, "programmingLanguage": {"enabled": False}},
             "filters": [],
             "dedup": {"exact": True, "fuzzy": fuzzy},
@@ -320,16 +325,31 @@ def _datatrove_tokens(logs: Path) -> int | None:
     return None
 
 
+def one_file(d: Path) -> Path:
+    """The side-by-side JSONL files concatenated into one, `d`/one/all.jsonl (same documents)."""
+    out = d / "one" / "all.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("wb") as f:
+        for p in sorted((d / "jsonl").glob("*.jsonl")):
+            with p.open("rb") as src:
+                shutil.copyfileobj(src, f)
+    return out
+
+
 def side_by_side(corpus: Path, d: Path, n: int, tokenizer: Path | None, fuzzy: dict,
-                 with_datatrove: bool, repeat: int = 1) -> tuple[dict, Path]:
+                 with_datatrove: bool, repeat: int = 1, single_file: bool = False) -> tuple[dict, Path]:
     """Both sides on `corpus` written as JSONL under `d`; the tokenizer is trained on the first
-    size's documents and shared by every size."""
+    size's documents and shared by every size. With `single_file`, fmforge also reads the same
+    documents from one file (read in parts by several tasks)."""
     docs, nbytes = write_jsonl(corpus, d / "jsonl")
     if tokenizer is None:
         tokenizer = train_tokenizer(d / "jsonl", d.parent.parent / "tokenizer")
     shutil.copytree(tokenizer.parent, d / "tokenizer", dirs_exist_ok=True)
     row = {"size": n, "documents": docs, "text_mb": round(nbytes / 1e6, 2)}
     row["fmforge"] = best_of(repeat, fmforge_equivalent, d, fuzzy)
+    if single_file:
+        row["one_file_mb"] = round(one_file(d).stat().st_size / 1e6, 1)
+        row["fmforge_one_file"] = best_of(repeat, fmforge_equivalent, d, fuzzy, "one")
     if with_datatrove:
         row["datatrove"] = dt = best_of(repeat, datatrove, d, d / "tokenizer" / "tokenizer.json", fuzzy)
         row["speedup"] = round(dt["wall_s"] / row["fmforge"]["wall_s"], 2)
@@ -433,6 +453,12 @@ def report_side(rows: list[dict]) -> dict:
             line += f"{'-':>11} {'-':>7} {'-':>10} | {'-':>7} || {f['dedup_steps_s']:21.1f}"
         print(line)
     for r in rows:
+        if "fmforge_one_file" in r:
+            o = r["fmforge_one_file"]
+            print(f"{r['size']:>3}x as one {r['one_file_mb']:.0f} MB JSONL file: fmforge {o['wall_s']:.1f}s "
+                  f"({r['text_mb'] / o['wall_s'] / CORES:.2f} MB/s per core of text), {o['removed']} removed, "
+                  f"driver peak {o['driver_peak_mb']:.0f} MB; load before {o['load_before']}")
+    for r in rows:
         f = r["fmforge"]
         print(f"  {r['size']}x fmforge steps: " + ", ".join(f"{k} {v:.1f}s" for k, v in f["steps_s"].items())
               + f"; outside the steps {f.get('outside_steps_s', 0):.1f}s; load before {f['load_before']}"
@@ -457,6 +483,8 @@ def main() -> int:
     ap.add_argument("--skip-scale", action="store_true", help="leave out part 1 (the quickstart DataPile)")
     ap.add_argument("--skip-side-by-side", action="store_true", help="leave out part 2 (fmforge beside datatrove)")
     ap.add_argument("--skip-datatrove", action="store_true", help="in part 2, run fmforge's side only")
+    ap.add_argument("--single-file", action="store_true",
+                    help="in part 2, fmforge also reads the same documents from one JSONL file")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each measurement this many times and keep the fastest (default: %(default)s)")
     ap.add_argument("--tokenizer-sample", action="store_true",
@@ -496,7 +524,7 @@ def main() -> int:
             rows, tokenizer = [], None
             for n in sizes:
                 row, tokenizer = side_by_side(work / f"x{n}" / "corpus", work / f"x{n}" / "side", n, tokenizer, fuzzy,
-                                              not args.skip_datatrove, args.repeat)
+                                              not args.skip_datatrove, args.repeat, args.single_file)
                 rows.append(row)
             result["side_by_side"] = rows
             result["side_by_side_goals"] = report_side(rows)

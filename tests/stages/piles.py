@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 PILE = {
     "apiVersion": "fmforge.io/v1alpha1",
     "kind": "DataPile",
@@ -54,3 +58,27 @@ MINI = {
         "split": {"validationFraction": 0.1}, "publish": {"tags": ["v1"]},
     },
 }
+
+
+def expected_dedup(spec, table: pa.Table) -> tuple[list[str], list[str], list[str], int]:
+    """The stage's steps in this process, over a whole source table as one piece and one shuffle
+    partition (the shape of the pipeline before it streamed): the kept ids, the exact and the
+    fuzzy duplicates, and the pairs kept as edges."""
+    from fmforge.stages.datapile import dedup as dd
+    from fmforge.stages.datapile import workers as wk
+
+    whole = wk.process_batch(table, spec)
+    alive = whole.filter(pc.is_null(whole.column("dropped")))
+    ids = np.asarray(alive.column("id").to_pylist(), dtype=object)
+    h = np.stack([alive.column("hash_hi").to_numpy(), alive.column("hash_lo").to_numpy()], axis=1)
+    exact, _ = dd.exact_duplicates(ids, h) if spec.dedup.exact else (np.array([], dtype=object), None)
+    fz = spec.dedup.fuzzy
+    reaches = pc.and_(pc.is_null(whole.column("dropped")),
+                      pc.invert(pc.is_in(whole.column("id"), value_set=pa.array(exact, pa.string()))))
+    bands = wk.band_piece(whole, reaches.to_numpy(zero_copy_only=False), fz.bands, 1)
+    pairs, _ = wk.pairs_of_bands(bands)
+    if fz.verify:
+        pairs = wk.verify_pairs(fz.threshold, pairs, whole.select(["id", "minhash"]))
+    fuzzy, _, _ = dd.components(np.asarray(pairs.column("a").to_pylist(), dtype=object),
+                                np.asarray(pairs.column("b").to_pylist(), dtype=object))
+    return sorted(set(ids) - set(exact) - set(fuzzy)), list(exact), list(fuzzy), pairs.num_rows

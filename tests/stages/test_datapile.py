@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pytest
 import yaml
 from paths import STAGE_DATA as DATA
-from piles import PILE
+from piles import PILE, expected_dedup
 
 from fmforge.runtime.local import run_paths
 from fmforge.runtime.progress import RunConsole
@@ -249,6 +249,11 @@ def test_data_card(first_run):
     assert card["version"]["snapshotId"] == rec["status"]["version"]["snapshotId"]
     assert {s["name"] for s in card["sources"]} == {"python-docs", "python-code", "licenses", "extra"}
     assert all(s["digest"].startswith("sha256:") for s in card["sources"])
+    # the trained byte-level BPE is encoded by tiktoken, every piece checked against tokenizers
+    enc = card["encoder"]
+    assert enc["encoder"] == "tiktoken" and enc["fellBack"] == 0 and enc["why"] == "", enc
+    assert enc["documentsChecked"] >= sum(enc["pieces"].values()) > 0
+    assert "- Encoder: tiktoken" in text
 
 
 def test_rerun_unchanged_publishes_nothing(first_run):
@@ -326,28 +331,80 @@ def test_keep_dropped_publishes_each_dropped_document_with_its_reason(corpus: Pa
 def test_pieces_and_partitions_do_not_change_what_is_kept(first_run):
     """The same steps in this process, over the whole corpus as one table and one shuffle
     partition (the shape of the pipeline before it streamed), keep exactly the documents and
-    count exactly the drops of the Ray run, which cut the corpus into pieces and shuffled the
-    band keys over several partitions."""
+    count exactly the drops of the Ray run, which cut the corpus into pieces (and its larger JSON
+    lines file into parts). That the shuffle's partitions do not change the pairs:
+    test_band_partitions_follow_the_rows_not_the_pairs."""
     from fmforge.api.v1alpha1.datapile import DataPileSpec
-    from fmforge.stages.datapile import workers as wk
     from fmforge.stages.datapile.sources import read_source
 
     d, state, rec = first_run
     spec = DataPileSpec.model_validate(PILE["spec"])
-    whole = wk.process_batch(pa.concat_tables([read_source(s, d)[0] for s in spec.sources]), spec)
-    alive = whole.filter(pc.is_null(whole.column("dropped")))
-    ids = np.asarray(alive.column("id").to_pylist(), dtype=object)
-    h = np.stack([alive.column("hash_hi").to_numpy(), alive.column("hash_lo").to_numpy()], axis=1)
-    exact, _ = dd.exact_duplicates(ids, h)
-    fz = spec.dedup.fuzzy
-    reaches = pc.and_(pc.is_null(whole.column("dropped")),
-                      pc.invert(pc.is_in(whole.column("id"), value_set=pa.array(exact, pa.string()))))
-    bands = wk.band_piece(whole, reaches.to_numpy(zero_copy_only=False), fz.bands, 1, fz.verify)
-    pairs, _ = wk.pairs_of_bands(fz.threshold, fz.verify, bands)
-    fuzzy, _, _ = dd.components(np.asarray(pairs.column("a").to_pylist(), dtype=object),
-                                np.asarray(pairs.column("b").to_pylist(), dtype=object))
-    kept = sorted(set(ids) - set(exact) - set(fuzzy))
+    kept, exact, fuzzy, _ = expected_dedup(spec, pa.concat_tables([read_source(s, d)[0] for s in spec.sources]))
     assert kept == sorted(docs_of(state, "v1").column("id").to_pylist())
     dropped = rec["status"]["stats"]["dropped"]
     assert (dropped["duplicateExact"], dropped["duplicateFuzzy"]) == (len(exact), len(fuzzy))
     assert rec["status"]["stats"]["sequences"] > 0 and len(state.read("DataPile", "pydocs")) > 0
+
+
+def test_band_partitions_follow_the_rows_not_the_pairs():
+    """The shuffle's partitions are sized by the band rows (not the CPUs), and whatever their
+    number the candidate pairs are the same; with verify, the second pass over the candidate
+    pairs' signatures keeps exactly the pairs whose estimated similarity reaches the threshold."""
+    from fmforge.stages.datapile import workers as wk
+
+    per = wk.BAND_ROWS_PER_PARTITION
+    assert [wk.band_partitions(r) for r in (0, 1, per, per + 1, 10 * per)] == [1, 1, 1, 2, 10]
+    assert wk.band_partitions(10**12) == wk.MAX_PARTITIONS
+
+    rng = np.random.default_rng(3)
+    n, num_perm, bands = 3000, 112, 14
+    sig = rng.integers(0, 2**63, size=(n, num_perm), dtype=np.uint64)
+    for i, changed in ((i, 0.1 if i % 2 else 0.5) for i in range(200)):  # near copies of documents 1000..1199
+        sig[i] = sig[1000 + i]
+        at = rng.random(num_perm) < changed
+        sig[i, at] = rng.integers(0, 2**63, size=int(at.sum()), dtype=np.uint64)
+    ids = pa.array([f"{(i * 7919) % n:05d}" for i in range(n)])
+    table = pa.table({"id": ids, "minhash": pa.FixedSizeListArray.from_arrays(pa.array(sig.reshape(-1)), num_perm)})
+    pieces = [table.slice(a, 750) for a in range(0, n, 750)]
+    results = {}
+    for parts in (1, 3, 8):
+        split = [wk.band_piece(p, np.ones(p.num_rows, dtype=bool), bands, parts) for p in pieces]
+        split = [[s] if parts == 1 else list(s) for s in split]
+        out = [wk.pairs_of_bands(*[s[k] for s in split]) for k in range(parts)]
+        pairs = pa.concat_tables([o[0] for o in out]).group_by(["a", "b"]).aggregate([])
+        results[parts] = (sorted(zip(pairs.column("a").to_pylist(), pairs.column("b").to_pylist(), strict=True)),
+                          sum(o[1] for o in out))
+    assert results[1] == results[3] == results[8]
+    pairs_list, _ = results[1]
+    assert len(pairs_list) >= 100
+
+    pairs = pa.table({"a": [a for a, _ in pairs_list], "b": [b for _, b in pairs_list]})
+    involved = pc.unique(pa.concat_arrays([pairs.column("a").combine_chunks(), pairs.column("b").combine_chunks()]))
+    sigs = [wk.piece_signatures(p, involved) for p in pieces]
+    assert sum(s.num_rows for s in sigs) == len(involved) < n
+    kept = wk.verify_pairs(0.8, pairs, *sigs)
+    row = {x: i for i, x in enumerate(ids.to_pylist())}
+    want = [(a, b) for a, b in pairs_list if (sig[row[a]] == sig[row[b]]).mean() >= 0.8]
+    assert sorted(zip(kept.column("a").to_pylist(), kept.column("b").to_pylist(), strict=True)) == want
+    assert 0 < len(want) < len(pairs_list), "some candidates pass, some do not"
+
+
+
+def test_hashes_do_not_depend_on_where_a_batch_ends(corpus: Path):
+    """A document's exact hash and shingles are the same whichever batch holds it and wherever
+    in the batch it sits (pyarrow's whitespace split once kept a trailing newline of a batch's
+    last text, depending on the memory after its buffer); words are trimmed, no empty word at
+    either end."""
+    from fmforge.api.v1alpha1.datapile import Source
+    from fmforge.stages.datapile.sources import read_source
+
+    assert dd.words(pa.array(["  A b \n", "x", "", " \t"])).to_pylist() == [["a", "b"], ["x"], [""], [""]]
+    texts = pa.concat_tables([read_source(Source(name=n, uri=f"file://corpus/{n}/", format=f), corpus.parent)[0]
+                              for n, f in (("prose", "jsonl"), ("code", "code"))]).column("text")
+    texts = pa.array([t + "\n" for t in texts.to_pylist()], pa.large_string())  # every text ends in a newline
+    whole = dd.content_hashes(texts)
+    one = np.concatenate([dd.content_hashes(pa.array([t], pa.large_string())) for t in texts.to_pylist()])
+    assert (whole == one).all()
+    for width in (7, 50):
+        cut = np.concatenate([dd.content_hashes(texts.slice(a, width)) for a in range(0, len(texts), width)])
+        assert (cut == whole).all(), f"batches of {width}"

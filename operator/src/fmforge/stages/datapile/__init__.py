@@ -5,7 +5,7 @@
     → exact dedup (driver: ids and hashes) → fuzzy dedup (band keys shuffled on Ray, candidate
       pairs and components on the driver)
     → tokenizer (trained on a bounded sample on one worker, or loaded)
-    → keep, split, encode, pack, write Parquet (Ray tasks)
+    → keep, split, encode (tiktoken, checked against tokenizers), pack, write Parquet (Ray tasks)
     → publish (the driver commits the files' metadata: Iceberg snapshots and tags) → data card
 
 `run()` runs STEPS in order; each is `step(work: Work) -> None` and reads what the steps before it
@@ -43,7 +43,7 @@ from . import publish as pub
 from . import tokenize as tk
 from . import workers as wk
 from .filters import effective_rules
-from .sources import SourceFiles, SourceRead, list_source, summarize
+from .sources import FilesRead, SourceFiles, SourceRead, list_source, scan_file, summarize
 
 
 @dataclass
@@ -57,7 +57,7 @@ class Work:
     listed: list[SourceFiles] = field(default_factory=list)
     """Each source's files and sizes."""
     chunks: list[wk.Chunk] = field(default_factory=list)
-    """Groups of files, one read task each."""
+    """Groups of files or parts of a large file, one read task each."""
     target: float = 0.0
     """Work per piece (workers.piece_target)."""
     docs: list = field(default_factory=list)
@@ -100,6 +100,8 @@ class Work:
     """The attempt's folder name under each table's data folder."""
     written: list[wk.Written] = field(default_factory=list)
     """What each piece's write task wrote."""
+    encoder: dc.CardEncoder | None = None
+    """Which encoder made the token ids, summed over the pieces."""
     committing: bool = False
     """Whether commit_version has begun committing (the attempt's files are no longer ours to drop)."""
     published: pub.Published | None = None
@@ -129,14 +131,24 @@ def read(w: Work) -> None:
     """Read the chunks on the workers; sum what was read per source; the version's digest. If
     that version is published already, end here."""
     raysession.start(w.ctx.state_dir, w.spec.resources.workers * w.spec.resources.cpus_per_worker)
+    # a file read in parts is hashed (and for JSON lines its parts' starts found) by one pass
+    scan = wk.remote(scan_file)
+    scans = {}
+    for c in w.chunks:
+        if c.parts is not None and (c.source.name, c.files[0][1]) not in scans:
+            scans[c.source.name, c.files[0][1]] = scan.remote(c.source, c.fs, c.files[0], c.parts[2])
     task = wk.remote(wk.read_chunk, num_returns=3)
-    refs = [task.remote(c, w.target) for c in w.chunks]
+    refs = [task.remote(c, w.target, scans[c.source.name, c.files[0][1]] if wk.needs_scan(c) else None)
+            for c in w.chunks]
     w.docs = [r[0] for r in refs]
     parts = wk.gather([r[1] for r in refs], w.ctx.reporter.advance)
     bounds = wk.gather([r[2] for r in refs])
+    scanned = dict(zip(scans, wk.gather(list(scans.values())), strict=True))
     w.pieces = [(c, a, b) for c, bs in enumerate(bounds) for a, b in zip(bs, bs[1:], strict=False)]
     for sf in w.listed:
-        r = summarize(sf, [p for c, p in zip(w.chunks, parts, strict=True) if c.source.name == sf.source.name])
+        name = sf.source.name
+        files = [FilesRead(0, {}, [(f.rel, f.sha256, f.size)]) for (src, _), f in scanned.items() if src == name]
+        r = summarize(sf, [p for c, p in zip(w.chunks, parts, strict=True) if c.source.name == name] + files)
         w.reads.append(r)
         w.at_read.update(r.dropped)
         w.ctx.reporter.log("Read source", source=r.name, documents=r.documents, mb=f"{r.bytes / 1e6:.1f}",
@@ -223,20 +235,19 @@ def deduplicate(w: Work) -> None:
     fz = w.spec.dedup.fuzzy
     n_fuzzy, clusters, candidates, edges = 0, 0, 0, 0
     if fz.enabled and reached_fuzzy:
-        import ray
-
         reaches = alive & (w.reason == None)  # noqa: E711 (numpy elementwise comparison)
-        parts = max(1, min(len(w.processed), int(ray.cluster_resources().get("CPU", 1))))
+        parts = wk.band_partitions(int(reaches.sum()) * fz.bands)
         band = wk.remote(wk.band_piece, num_returns=parts)
-        bands = [band.remote(p, reaches[a:b], fz.bands, parts, fz.verify)
-                 for p, (a, b) in zip(w.processed, _rows(w), strict=True)]
+        bands = [band.remote(p, reaches[a:b], fz.bands, parts) for p, (a, b) in zip(w.processed, _rows(w), strict=True)]
         bands = [[b] if parts == 1 else list(b) for b in bands]
         reduce = wk.remote(wk.pairs_of_bands, num_returns=2)
-        out = [reduce.remote(fz.threshold, fz.verify, *[b[p] for b in bands]) for p in range(parts)]
+        out = [reduce.remote(*[b[p] for b in bands]) for p in range(parts)]
         del bands  # the reduce tasks hold what they need
         # a pair found in bands that went to different partitions comes back once from each
         pairs = pa.concat_tables(wk.gather([o[0] for o in out])).group_by(["a", "b"]).aggregate([])
         candidates = sum(wk.gather([o[1] for o in out]))
+        if fz.verify:
+            pairs = _verify(w, pairs, fz.threshold, row_of, parts)
         edges = pairs.num_rows
         dup, of, clusters = dd.components(np.asarray(pairs.column("a").to_pylist(), dtype=object),
                                           np.asarray(pairs.column("b").to_pylist(), dtype=object))
@@ -257,6 +268,25 @@ def deduplicate(w: Work) -> None:
                            fuzzy=n_fuzzy, fuzzy_rate=n_fuzzy / max(reached_fuzzy, 1), clusters=clusters,
                            candidate_pairs=candidates, verified_pairs=edges,
                            params=fz.model_dump(by_alias=True))
+
+
+def _verify(w: Work, pairs: pa.Table, threshold: float, row_of: dict[str, int], parts: int) -> pa.Table:
+    """The candidate pairs whose estimated Jaccard similarity reaches `threshold`: a second pass
+    that fetches the signatures of the documents in a pair only, from the pieces holding them,
+    and checks the pairs in `parts` tasks."""
+    if not pairs.num_rows:
+        return pairs
+    involved = pc.unique(pa.concat_arrays([pairs.column("a").combine_chunks(), pairs.column("b").combine_chunks()]))
+    rows = np.fromiter((row_of[i] for i in involved.to_pylist()), dtype=np.int64, count=len(involved))
+    ends = np.array([b for _, b in _rows(w)])
+    piece = np.searchsorted(ends, rows, side="right")  # the piece holding each row
+    fetch = wk.remote(wk.piece_signatures)
+    sigs = [fetch.remote(w.processed[p], involved.filter(pa.array(piece == p)))
+            for p in np.unique(piece).tolist()]
+    check = wk.remote(wk.verify_pairs)
+    step = -(-pairs.num_rows // parts)
+    out = [check.remote(threshold, pairs.slice(i, step), *sigs) for i in range(0, pairs.num_rows, step)]
+    return pa.concat_tables(wk.gather(out))
 
 
 def _mark(w: Work, row_of: dict[str, int], dup: np.ndarray, of: np.ndarray, reason: str) -> None:
@@ -326,9 +356,24 @@ def write(w: Work) -> None:
         kept_per_piece.append(int(w.kept[a:b].sum()))
     w.written = wk.gather(refs, w.ctx.reporter.advance, kept_per_piece)
     w.processed = []
+    w.encoder = encoder_summary([x.encoding for x in w.written if x.encoding is not None])
+    if w.encoder.fell_back:
+        # loud: the pile is right (tokenizers' ids), but tiktoken and tokenizers disagree on this data
+        w.ctx.reporter.log("Encoded pieces with tokenizers after tiktoken's ids differed", pieces=w.encoder.fell_back,
+                           first=w.encoder.why)
     if sum(x.kept for x in w.written) != int(w.kept.sum()):  # the workers must keep what the driver decided
         raise RuntimeError(f"the workers wrote {sum(x.kept for x in w.written)} documents, the driver kept "
                            f"{int(w.kept.sum())}")
+
+
+def encoder_summary(encodings: list[tk.Encoding]) -> dc.CardEncoder:
+    """The data card's encoder section from what each piece's encoding reported."""
+    pieces = dict(Counter(e.encoder for e in encodings))
+    fell_back = [e for e in encodings if e.differed]
+    why = fell_back[0].why if fell_back else next((e.why for e in encodings if e.why), "")
+    return dc.CardEncoder(encoder=" and ".join(sorted(pieces)) or "none", pieces=pieces,
+                          documents_checked=sum(e.checked for e in encodings), fell_back=len(fell_back), why=why,
+                          seconds=round(sum(e.seconds for e in encodings), 3))
 
 
 def commit_version(w: Work) -> None:
@@ -382,7 +427,8 @@ def write_card(w: Work) -> Path:
         dedup=w.dedup, licenses=counts("license"), pii_redacted=int(pc.sum(pii).as_py() or 0),
         lines_removed=dc.LinesRemoved(lines=int(pc.sum(removed).as_py() or 0),
                                       documents=int(pc.sum(pc.greater(removed, 0)).as_py() or 0)),
-        tokenizer=w.tokenizer_source, tokens_by_split=_tokens(w), sequence_length=spec.tokenize.sequence_length,
+        tokenizer=w.tokenizer_source, encoder=w.encoder, tokens_by_split=_tokens(w),
+        sequence_length=spec.tokenize.sequence_length,
         timings={k: round(v, 3) for k, v in w.timings.items()},
         filters=[f.model_dump(by_alias=True) | ({"effectiveRules": effective_rules(f).model_dump(
             by_alias=True, exclude_none=True)} if f.type == "quality" else {}) for f in spec.filters],

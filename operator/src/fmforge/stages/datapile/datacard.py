@@ -65,6 +65,25 @@ class LinesRemoved(Status):
     """Kept documents that lost at least one line."""
 
 
+class CardEncoder(Status):
+    """Which encoder turned the documents into token ids."""
+
+    encoder: str
+    """tiktoken (every piece, each checked against `tokenizers` on a sample), tokenizers (every
+    piece), or "tiktoken and tokenizers" (some pieces fell back)."""
+    pieces: dict[str, int]
+    """Pieces encoded by each encoder."""
+    documents_checked: int
+    """Documents encoded by both encoders and compared."""
+    fell_back: int
+    """Pieces where tiktoken's ids differed from `tokenizers`' on the sample, encoded again by
+    `tokenizers` (what was published is `tokenizers`' ids)."""
+    why: str = ""
+    """Why `tokenizers` encoded: what tiktoken cannot reproduce, or the first difference found."""
+    seconds: float = 0.0
+    """Seconds spent encoding and checking on the workers, summed."""
+
+
 class DataCard(Status):
     """The data card of one version."""
 
@@ -90,6 +109,8 @@ class DataCard(Status):
     """Line cleaning in kept documents."""
     tokenizer: str
     """How the tokenizer was made (trained on what, or loaded from where)."""
+    encoder: CardEncoder | None = None
+    """Which encoder made the token ids (cards before tiktoken have none)."""
     tokens_by_split: dict[str, int]
     """Tokens per split, end-of-text tokens included."""
     sequence_length: int
@@ -124,6 +145,7 @@ def markdown(card: DataCard) -> str:
         f"- Tokens: {st.tokens} in {st.sequences} sequences of {card.sequence_length} "
         f"(train {card.tokens_by_split.get('train', 0)}, validation {card.tokens_by_split.get('validation', 0)})",
         f"- Tokenizer: {card.tokenizer}",
+        *([f"- Encoder: {_encoder_line(card.encoder)}"] if card.encoder else []),
         "",
         "## Sources",
         "",
@@ -164,3 +186,10 @@ def markdown(card: DataCard) -> str:
     lines += [f"| {k} | {v:.2f} |" for k, v in card.timings.items()]
     lines += [""]
     return "\n".join(lines)
+
+
+def _encoder_line(e: CardEncoder) -> str:
+    pieces = ", ".join(f"{v} pieces by {k}" for k, v in e.pieces.items())
+    line = (f"{e.encoder} ({pieces}; {e.documents_checked} documents checked against tokenizers, "
+            f"{e.fell_back} pieces fell back; {e.seconds:.1f} s on the workers)")
+    return f"{line}. Why tokenizers: {e.why}" if e.why else line

@@ -25,8 +25,14 @@ _SEED = 1337
 
 def words(texts: pa.ChunkedArray | pa.Array) -> pa.ListArray:
     """The lower-cased, whitespace-split words of each text (Arrow kernels, no Python strings).
-    Computed once per batch and shared by the exact hash and the shingles."""
-    w = pc.utf8_split_whitespace(pc.utf8_lower(texts))
+    Computed once per batch and shared by the exact hash and the shingles.
+
+    Trimmed before the split: besides the trim the normalisation promises, utf8_split_whitespace
+    (pyarrow 26) reads past the end of its data buffer when the batch's last text ends in
+    whitespace, and then keeps that whitespace in the last word or not depending on the bytes
+    that follow in memory: the same document hashed differently depending on where a piece
+    ended (found as a DataPile whose duplicate counts changed with the read's task layout)."""
+    w = pc.utf8_split_whitespace(pc.utf8_trim_whitespace(pc.utf8_lower(texts)))
     return w.combine_chunks() if isinstance(w, pa.ChunkedArray) else w
 
 

@@ -81,7 +81,9 @@ def language_step(f: LanguageFilter) -> Step:
 
 def length_step(f: LengthFilter) -> Step:
     def fn(batch: pa.Table) -> pa.Table:
-        words = pc.list_value_length(pc.utf8_split_whitespace(batch.column("text"))).to_numpy(zero_copy_only=False)
+        # trimmed first: no empty word at either end, and no read past the buffer (dedup.words says why)
+        text = pc.utf8_trim_whitespace(batch.column("text"))
+        words = pc.list_value_length(pc.utf8_split_whitespace(text)).to_numpy(zero_copy_only=False)
         drop = words < f.min_words
         if f.max_words is not None:
             drop |= words > f.max_words

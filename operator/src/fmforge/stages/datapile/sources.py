@@ -7,6 +7,13 @@ jsonl (also .gz), parquet, text (one document per file) and code (one document p
 source tree, its path kept). Every document gets a stable id (source, path, line) and every
 source a content digest over its files, recorded in the pile's lineage.
 
+A large file is read in parts by several workers: JSON lines (not `.gz`) in byte ranges that start
+at a line (one pass, `scan_file`, hashes the file and finds where each range starts and how many
+lines come before it), Parquet by row groups. Ids are the same as when the file is read whole (the
+line or row number counts from the file's start), and so is the source's digest (the scan hashes
+the whole file). A `.gz` file stays whole (gzip cannot be entered in the middle), and so do text
+and code files (one document each).
+
 What is read stays where the user pointed: `file://` paths stay inside the manifest's folder
 unless the runner allows otherwise (`fmforge run --allow-outside-paths`), `pvc://` paths inside
 their claim, and directory links in a local tree are not followed (a link loop would read the
@@ -195,8 +202,12 @@ def read_files(source: Source, fs: pafs.FileSystem, files: list[tuple[str, str, 
             ids.append(_doc_id(source.name, rel, key))
             paths.append(rel)
             texts.append(text)
+    return _table(source, ids, paths, texts), FilesRead(len(ids), {k: v for k, v in dropped.items() if v}, done)
+
+
+def _table(source: Source, ids: list[str], paths: list[str], texts: list[str]) -> pa.Table:
     n = len(ids)
-    table = pa.table(
+    return pa.table(
         {
             "id": ids,
             "source": [source.name] * n,
@@ -207,7 +218,107 @@ def read_files(source: Source, fs: pafs.FileSystem, files: list[tuple[str, str, 
         },
         schema=READ_SCHEMA,
     )
-    return table, FilesRead(n, {k: v for k, v in dropped.items() if v}, done)
+
+
+#: Bytes the scan of a file read in parts reads at a time.
+SCAN_BLOCK = 8 << 20
+
+
+def read_in_parts(source: Source, rel: str) -> bool:
+    """Whether a file of this source may be read in parts: JSON lines (not gzip) and Parquet."""
+    return (source.format == "jsonl" and not rel.endswith(".gz")) or source.format == "parquet"
+
+
+@dataclass(frozen=True)
+class FileScan:
+    """One pass over a file read in parts: its content hash, and for JSON lines where each part
+    starts and how many lines come before it."""
+
+    rel: str
+    """The file's path relative to the source root."""
+    sha256: str
+    """sha256 hex of the whole file (what reading it whole records)."""
+    size: int
+    """Bytes."""
+    starts: list[int]
+    """JSON lines: the byte offset of each part's first line, then the file's size (parts whose
+    planned start fell inside one long line are merged: fewer parts than planned). Empty for
+    Parquet, whose parts are row groups."""
+    lines: list[int]
+    """JSON lines: lines (empty ones included) before each part's first line."""
+
+
+def scan_file(source: Source, fs: pafs.FileSystem, file: tuple[str, str, int], parts: int) -> FileScan:
+    """Hash a file read in `parts` parts, streaming; for JSON lines, move each part's planned
+    start (k × size / parts) to the start of the next line and count the lines before it."""
+    path, rel, size = file
+    planned = [k * size // parts for k in range(1, parts)] if source.format == "jsonl" else []
+    h = hashlib.sha256()
+    starts, lines = [0], [0]
+    pos = seen = 0  # bytes and newlines before the current block
+    try:
+        with fs.open_input_stream(path) as f:
+            while block := f.read(SCAN_BLOCK):
+                h.update(block)
+                while planned and planned[0] - 1 < pos + len(block):
+                    # the first line that starts at or after the planned offset
+                    j = block.find(b"\n", max(planned[0] - 1 - pos, 0))
+                    if j < 0:
+                        break  # inside a line that goes on in the next block
+                    start = pos + j + 1
+                    starts.append(start)
+                    lines.append(seen + block.count(b"\n", 0, j + 1))
+                    planned = [o for o in planned if o > start]
+                seen += block.count(b"\n")
+                pos += len(block)
+    except OSError as e:
+        raise InputError(f"source {source.name}: cannot read {rel}: {e}{_hint(e)}") from e
+    keep = [i for i, st in enumerate(starts) if st < pos or i == 0]
+    return FileScan(rel, h.hexdigest(), pos, [starts[i] for i in keep] + [pos], [lines[i] for i in keep])
+
+
+def read_part(source: Source, fs: pafs.FileSystem, file: tuple[str, str, int], part: int, parts: int,
+              scan: FileScan | None) -> tuple[pa.Table, FilesRead]:
+    """The documents of part `part` of `parts` of one file: for JSON lines the byte range the scan
+    found, for Parquet the row groups [part × G / parts, (part + 1) × G / parts). Ids and drops
+    are those of reading the file whole; the file itself is recorded by its scan, not here."""
+    path, rel, _ = file
+    dropped = {"invalidText": 0, "tooLarge": 0}
+    limit = int(quantity_value(source.max_document_bytes))
+    try:
+        with fs.open_input_file(path) as f:
+            if source.format == "jsonl":
+                if scan is None:
+                    raise ValueError(f"{rel}: a JSON lines part needs its file's scan")
+                if part + 1 < len(scan.starts):
+                    a, b = scan.starts[part], scan.starts[part + 1]
+                    docs = list(_jsonl_documents(source, rel, f.read_at(b - a, a), limit, dropped,
+                                                 first_line=scan.lines[part]))
+                else:  # merged into an earlier part (one long line spanned the planned start)
+                    docs = []
+            else:
+                docs = list(_parquet_part(source, rel, f, part, parts, limit, dropped))
+    except OSError as e:
+        raise InputError(f"source {source.name}: cannot read {rel}: {e}{_hint(e)}") from e
+    table = _table(source, [_doc_id(source.name, rel, k) for k, _ in docs], [rel] * len(docs), [t for _, t in docs])
+    return table, FilesRead(len(docs), {k: v for k, v in dropped.items() if v}, [])
+
+
+def _parquet_part(source: Source, rel: str, f, part: int, parts: int, limit: int, dropped: dict[str, int]):
+    """(id key, text) of the documents in one part's row groups of a Parquet file."""
+    try:
+        pf = pq.ParquetFile(f)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"source {source.name}: {rel} is not a readable Parquet file ({e}); "
+                         f"fix or remove it, or set the source's format") from e
+    groups = pf.num_row_groups
+    lo, hi = part * groups // parts, (part + 1) * groups // parts
+    first_row = sum(pf.metadata.row_group(g).num_rows for g in range(lo))
+    names = pf.schema_arrow.names
+    columns = [c for c in dict.fromkeys([source.text_field, source.id_field]) if c and c in names]
+    t = pf.read_row_groups(list(range(lo, hi)), columns=columns) if hi > lo else \
+        pf.schema_arrow.empty_table().select(columns)
+    yield from _parquet_rows(source, rel, t, names, limit, dropped, first_row)
 
 
 def summarize(listed: SourceFiles, parts: list[FilesRead]) -> SourceRead:
@@ -252,14 +363,17 @@ def _documents(source: Source, rel: str, data: bytes, limit: int, dropped: dict[
         yield from _parquet_documents(source, rel, data, limit, dropped)
 
 
-def _jsonl_documents(source: Source, rel: str, data: bytes, limit: int, dropped: dict[str, int]):
+def _jsonl_documents(source: Source, rel: str, data: bytes, limit: int, dropped: dict[str, int],
+                     first_line: int = 0):
+    """(id key, text) of each record; line numbers (the id key without idField) count from
+    `first_line`, the lines before `data` in its file."""
     if rel.endswith(".gz"):
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError) as e:
             raise InputError(f"source {source.name}: {rel} is not a readable gzip file ({e}); "
                              f"fix or remove it, or drop the .gz suffix if it is plain JSON lines") from e
-    for n, line in enumerate(io.BytesIO(data)):
+    for n, line in enumerate(io.BytesIO(data), start=first_line):
         if not line.strip():
             continue
         try:
@@ -291,19 +405,26 @@ def _parquet_documents(source: Source, rel: str, data: bytes, limit: int, droppe
     except (pa.ArrowInvalid, OSError) as e:
         raise InputError(f"source {source.name}: {rel} is not a readable Parquet file ({e}); "
                          f"fix or remove it, or set the source's format") from e
-    if source.text_field not in t.column_names:
+    yield from _parquet_rows(source, rel, t, t.column_names, limit, dropped)
+
+
+def _parquet_rows(source: Source, rel: str, t: pa.Table, names: list[str], limit: int, dropped: dict[str, int],
+                  first_row: int = 0):
+    """(id key, text) of each row of `t` (rows of a file whose columns are `names`); row numbers
+    (the id key without idField) count from `first_row`."""
+    if source.text_field not in names:
         raise InputError(f"source {source.name}: {rel} has no column {source.text_field!r} "
-                         f"(it has {t.column_names[:10]}); set textField")
+                         f"(it has {names[:10]}); set textField")
     column = t.column(source.text_field)
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         raise InputError(f"source {source.name}: {rel}: column {source.text_field!r} holds {column.type}, "
                          f"not text; set textField to the text column")
     col = column.to_pylist()
-    if source.id_field and source.id_field not in t.column_names:
+    if source.id_field and source.id_field not in names:
         raise InputError(f"source {source.name}: {rel} has no column {source.id_field!r} for idField "
-                         f"(it has {t.column_names[:10]}); fix idField or remove it to number the rows")
-    keys = t.column(source.id_field).to_pylist() if source.id_field else range(len(col))
-    for row, (key, text) in enumerate(zip(keys, col, strict=True)):
+                         f"(it has {names[:10]}); fix idField or remove it to number the rows")
+    keys = t.column(source.id_field).to_pylist() if source.id_field else range(first_row, first_row + len(col))
+    for row, (key, text) in enumerate(zip(keys, col, strict=True), start=first_row):
         if text is None:
             if source.invalid_text == "fail":
                 raise InputError(_not_text(source, f"{rel} row {row}", text))

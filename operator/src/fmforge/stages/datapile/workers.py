@@ -5,24 +5,34 @@ only ObjectRefs of the documents (which stay in Ray's object store, spilled to d
 fills) and the compact columns it needs for its decisions: ids, lengths, exact hashes, the
 candidate pairs of the LSH bands and counters. Text and token ids never reach it.
 
-    read_chunk      one chunk of a source's files → its documents, per-file digests, and the
-                    row ranges of its pieces (each piece about `target` bytes of work)
+    scan_file       one pass over a file read in parts: its hash, and for JSON lines where each
+                    part starts and the lines before it (sources.py)
+    read_chunk      one chunk of a source's files, or parts of one large file → its documents,
+                    per-file digests, and the row ranges of its pieces (each piece about
+                    `target` bytes of work; a part of a file always starts a piece)
     process_piece   categorize, filter, exact hash, MinHash of one piece → the processed piece
                     (stays on the workers) and its index (compact columns, to the driver)
     band_piece      the LSH band keys of one processed piece, hash-partitioned into P parts
+                    (P from the number of band rows: band_partitions)
     pairs_of_bands  one partition of every piece's band rows → the candidate pairs in it
+    piece_signatures  with `verify`: the signatures of a piece's documents in candidate pairs
+    verify_pairs    with `verify`: the candidate pairs whose estimated similarity is enough
     sample_piece    the texts of a piece that the tokenizer trains on (bounded by sampleBytes)
     train_tokenizer the tokenizer, trained on the sample
-    write_piece     keep, split, encode, pack and write one piece's Parquet files (documents,
+    write_piece     keep, split, encode (tiktoken, checked against `tokenizers` on a sample;
+                    tokenize.py), pack and write one piece's Parquet files (documents,
                     sequences, and with keepDropped the dropped documents)
 
 The band grouping is a hash shuffle written with Ray tasks: each piece's band rows go to P
 partitions by band key (a task with P returns), and each partition's task sorts its rows and
 emits the pairs of each bucket. Every bucket lands whole in one partition, so the pairs do not
-depend on P or on the pieces. Ray Data's `groupby(...).map_groups` does the same grouping but
-calls the UDF once per bucket, and nearly every bucket holds one document: on 280,000 band rows
-(20,000 documents x 14 bands, 2 CPUs) it took 13.6 s where this shuffle took 2.0 s
-(`python tests/bench/bench_bands.py`).
+depend on P or on the pieces; P follows the number of band rows (band_partitions), not the CPUs.
+With `verify`, the band rows still carry no signature: a second pass fetches those of the
+documents in a candidate pair from their pieces (piece_signatures) and checks the distinct pairs
+(verify_pairs), instead of every band row carrying its document's signature. Ray Data's
+`groupby(...).map_groups` does the same grouping but calls the UDF once per bucket, and nearly
+every bucket holds one document: on 280,000 band rows (20,000 documents x 14 bands, 2 CPUs) it
+took 13.6 s where this shuffle took 2.0 s (`python tests/bench/bench_bands.py`).
 
 A piece is the unit of every task, numbered in the order of the listing, so file names and
 sequence ids are the same on every run and every retry. Tasks are pure or write files named by
@@ -50,7 +60,7 @@ from . import dedup as dd
 from . import tokenize as tk
 from .annotate import annotate
 from .filters import build_steps
-from .sources import FilesRead, SourceFiles, read_files
+from .sources import FileScan, FilesRead, SourceFiles, read_files, read_in_parts, read_part
 
 #: Relative cost per byte of a prose document against a code file in process_piece (measured on
 #: the quickstart corpus: 0.9 s/MB against 0.18 s/MB on one core).
@@ -104,17 +114,22 @@ def piece_target(total_cost: float) -> float:
 
 @dataclass(frozen=True)
 class Chunk:
-    """Files of one source that one read task reads."""
+    """Files of one source that one read task reads, or parts of one large file."""
 
     index: int
     source: Source
     fs: Any
     files: list[tuple[str, str, int]]
+    parts: tuple[int, int, int] | None = None
+    """Of a file read in parts (the only one in `files`): the first and end part this chunk
+    reads, and how many parts the file has."""
 
 
-def plan_chunks(listed: Sequence[SourceFiles], target: float) -> list[Chunk]:
-    """Each source's files in order, grouped into chunks of about `target` work (a larger file is
-    a chunk of its own; read_chunk cuts it into pieces)."""
+def plan_chunks(listed: Sequence[SourceFiles], target: float, parts_per_chunk: int = 1) -> list[Chunk]:
+    """Each source's files in order, grouped into chunks of about `target` work. A file of about
+    two pieces' work or more that can be read in parts (sources.read_in_parts) is cut into parts
+    of about `target`, `parts_per_chunk` to a chunk (1: each its own read task); any other larger
+    file is a chunk of its own, which read_chunk cuts into pieces."""
     chunks: list[Chunk] = []
     for sf in listed:
         code = sf.source.format == "code"
@@ -122,6 +137,15 @@ def plan_chunks(listed: Sequence[SourceFiles], target: float) -> list[Chunk]:
         cost = 0.0
         for f in sf.files:
             c = float(cost_of(f[2], code))
+            parts = round(c / target) if read_in_parts(sf.source, f[1]) else 1
+            if parts >= 2:
+                if group:
+                    chunks.append(Chunk(len(chunks), sf.source, sf.fs, group))
+                    group, cost = [], 0.0
+                for first in range(0, parts, parts_per_chunk):
+                    chunks.append(Chunk(len(chunks), sf.source, sf.fs, [f],
+                                        (first, min(first + parts_per_chunk, parts), parts)))
+                continue
             if group and cost + c > target:
                 chunks.append(Chunk(len(chunks), sf.source, sf.fs, group))
                 group, cost = [], 0.0
@@ -132,19 +156,44 @@ def plan_chunks(listed: Sequence[SourceFiles], target: float) -> list[Chunk]:
     return chunks
 
 
+def needs_scan(chunk: Chunk) -> bool:
+    """Whether the chunk's read task waits for its file's scan (JSON lines parts start where the
+    scan found a line); Parquet parts are row groups, read without it."""
+    return chunk.parts is not None and chunk.source.format == "jsonl"
+
+
 # -- the tasks -------------------------------------------------------------------------------------
 
 
-def read_chunk(chunk: Chunk, target: float) -> tuple[pa.Table, FilesRead, list[int]]:
+def read_chunk(chunk: Chunk, target: float, scan: FileScan | None = None) -> tuple[pa.Table, FilesRead, list[int]]:
     """The chunk's documents, what was read, and the row bounds of its pieces (each about
-    `target` work; a piece is never empty)."""
-    docs, read = read_files(chunk.source, chunk.fs, chunk.files)
-    nbytes = pc.binary_length(docs.column("text").cast(pa.large_binary())).to_numpy()
-    cum = np.cumsum(cost_of(nbytes, chunk.source.format == "code"))
+    `target` work; a piece is never empty). Of a file read in parts, each part is cut on its
+    own, so the pieces are the same however many parts one task reads."""
+    code = chunk.source.format == "code"
+    if chunk.parts is None:
+        docs, read = read_files(chunk.source, chunk.fs, chunk.files)
+        return docs, read, _bounds(docs, code, target)
+    first, end, parts = chunk.parts
+    tables, bounds, dropped = [], [0], {}
+    for part in range(first, end):
+        docs, read = read_part(chunk.source, chunk.fs, chunk.files[0], part, parts, scan)
+        bounds += [bounds[-1] + b for b in _bounds(docs, code, target)[1:]]
+        tables.append(docs)
+        for k, v in read.dropped.items():
+            dropped[k] = dropped.get(k, 0) + v
+    docs = pa.concat_tables(tables)
+    return docs, FilesRead(docs.num_rows, dropped, []), bounds
+
+
+def _bounds(docs: pa.Table, code: bool, target: float) -> list[int]:
+    """Row bounds of the pieces of `docs`: cut where the work so far passes a multiple of `target`."""
     n = docs.num_rows
-    cuts = np.searchsorted(cum, np.arange(1, int(cum[-1] // target) + 1) * target) if n else []
-    bounds = sorted({0, n, *(int(c) for c in cuts if 0 < c < n)})
-    return docs, read, bounds
+    if not n:
+        return [0]
+    nbytes = pc.binary_length(docs.column("text").cast(pa.large_binary())).to_numpy()
+    cum = np.cumsum(cost_of(nbytes, code))
+    cuts = np.searchsorted(cum, np.arange(1, int(cum[-1] // target) + 1) * target)
+    return sorted({0, n, *(int(c) for c in cuts if 0 < c < n)})
 
 
 def process_piece(docs: pa.Table, start: int, stop: int, spec: DataPileSpec) -> tuple[pa.Table, pa.Table, dict]:
@@ -194,10 +243,25 @@ def process_batch(batch: pa.Table, spec: DataPileSpec, seconds: dict[str, float]
     return batch
 
 
-def band_piece(processed: pa.Table, reaches: np.ndarray, bands: int, partitions: int, verify: bool):
-    """The band rows (band, key, id[, minhash]) of the documents of a piece that reach fuzzy
-    dedup (`reaches`, per row: kept by the filters, not an exact duplicate), split into
-    `partitions` parts by key."""
+#: Band rows (one per document and band) per shuffle partition: the number of partitions follows
+#: the data, not the cluster (20 bytes a row plus the id: about 40 MB to sort per partition).
+BAND_ROWS_PER_PARTITION = 1 << 20
+
+#: The most shuffle partitions (each piece's band task returns one object per partition).
+MAX_PARTITIONS = 256
+
+
+def band_partitions(rows: int) -> int:
+    """Shuffle partitions for `rows` band rows: one per BAND_ROWS_PER_PARTITION, at most
+    MAX_PARTITIONS. The pairs do not depend on it (every bucket lands whole in one partition)."""
+    return int(min(max(-(-rows // BAND_ROWS_PER_PARTITION), 1), MAX_PARTITIONS))
+
+
+def band_piece(processed: pa.Table, reaches: np.ndarray, bands: int, partitions: int):
+    """The band rows (band, key, id) of the documents of a piece that reach fuzzy dedup
+    (`reaches`, per row: kept by the filters, not an exact duplicate), split into `partitions`
+    parts by key. Signatures stay out of the shuffle: verification fetches those of the candidate
+    pairs only (piece_signatures)."""
     rows = processed.filter(pa.array(reaches))
     n = rows.num_rows
     num_perm = processed.schema.field("minhash").type.list_size
@@ -206,12 +270,9 @@ def band_piece(processed: pa.Table, reaches: np.ndarray, bands: int, partitions:
     per = num_perm // bands
     keys = np.stack([dd.row_hash(sig[:, b * per:(b + 1) * per]) for b in range(bands)], axis=1) if n else \
         np.zeros((0, bands), dtype=np.uint64)
-    cols = {"band": pa.array(np.tile(np.arange(bands, dtype=np.int16), n)),
-            "key": pa.array(keys.reshape(-1)),
-            "id": rows.column("id").take(pa.array(np.repeat(np.arange(n), bands), pa.int64()))}
-    if verify:
-        cols["minhash"] = rows.column("minhash").take(pa.array(np.repeat(np.arange(n), bands), pa.int64()))
-    table = pa.table(cols)
+    table = pa.table({"band": pa.array(np.tile(np.arange(bands, dtype=np.int16), n)),
+                      "key": pa.array(keys.reshape(-1)),
+                      "id": rows.column("id").take(pa.array(np.repeat(np.arange(n), bands), pa.int64()))})
     # the partition of a row: its key mixed with its band, so that each band spreads over all parts
     with np.errstate(over="ignore"):
         mixed = keys.reshape(-1) ^ (np.tile(np.arange(bands, dtype=np.uint64), n) * np.uint64(0x9E3779B97F4A7C15))
@@ -220,10 +281,10 @@ def band_piece(processed: pa.Table, reaches: np.ndarray, bands: int, partitions:
     return out[0] if partitions == 1 else tuple(out)
 
 
-def pairs_of_bands(threshold: float, verify: bool, *parts: pa.Table) -> tuple[pa.Table, int]:
+def pairs_of_bands(*parts: pa.Table) -> tuple[pa.Table, int]:
     """The candidate pairs of one partition: in every bucket (band and key), each document with
-    the bucket's smallest id; with `verify` only pairs whose estimated Jaccard similarity reaches
-    `threshold`. Returns the pairs (a, b) and the number of candidates before verification."""
+    the bucket's smallest id. Returns the distinct pairs (a, b) and the number of candidates
+    (a pair found in several bands counted in each)."""
     rows = pa.concat_tables([p for p in parts if p.num_rows]) if any(p.num_rows for p in parts) else None
     if rows is None:
         return pa.table({"a": pa.array([], pa.string()), "b": pa.array([], pa.string())}), 0
@@ -234,18 +295,31 @@ def pairs_of_bands(threshold: float, verify: bool, *parts: pa.Table) -> tuple[pa
     new_bucket = np.ones(n, dtype=bool)
     new_bucket[1:] = (band[1:] != band[:-1]) | (key[1:] != key[:-1])
     first = np.maximum.accumulate(np.where(new_bucket, np.arange(n), 0))
-    dup = np.flatnonzero(~new_bucket)
-    src, dst = dup, first[dup]
-    candidates = len(src)
-    if verify and candidates:
-        num_perm = rows.schema.field("minhash").type.list_size
-        sig = rows.column("minhash").combine_chunks().flatten().to_numpy().reshape(n, num_perm)
-        ok = (sig[src] == sig[dst]).mean(axis=1) >= threshold
-        src, dst = src[ok], dst[ok]
+    src = np.flatnonzero(~new_bucket)
     ids = rows.column("id")
-    pairs = pa.table({"a": ids.take(pa.array(src, pa.int64())), "b": ids.take(pa.array(dst, pa.int64()))})
+    pairs = pa.table({"a": ids.take(pa.array(src, pa.int64())), "b": ids.take(pa.array(first[src], pa.int64()))})
     # a pair found in several bands is one edge
-    return pairs.group_by(["a", "b"]).aggregate([]), candidates
+    return pairs.group_by(["a", "b"]).aggregate([]), len(src)
+
+
+def piece_signatures(processed: pa.Table, ids: pa.Array) -> pa.Table:
+    """(id, minhash) of the piece's documents among `ids` (those in a candidate pair)."""
+    return processed.filter(pc.is_in(processed.column("id"), value_set=ids)).select(["id", "minhash"])
+
+
+def verify_pairs(threshold: float, pairs: pa.Table, *signatures: pa.Table) -> pa.Table:
+    """The pairs (a, b) whose estimated Jaccard similarity (the share of equal MinHash values)
+    reaches `threshold`; `signatures` hold (id, minhash) of every document in them."""
+    if not pairs.num_rows:
+        return pairs
+    sigs = pa.concat_tables(signatures)
+    num_perm = sigs.schema.field("minhash").type.list_size
+    matrix = sigs.column("minhash").combine_chunks().flatten().to_numpy().reshape(sigs.num_rows, num_perm)
+    ids = sigs.column("id")
+    a = pc.index_in(pairs.column("a"), value_set=ids).to_numpy(zero_copy_only=False)
+    b = pc.index_in(pairs.column("b"), value_set=ids).to_numpy(zero_copy_only=False)
+    ok = (matrix[a] == matrix[b]).mean(axis=1) >= threshold
+    return pairs.filter(pa.array(ok))
 
 
 def sample_piece(processed: pa.Table, sample: pa.Array) -> pa.Array:
@@ -283,6 +357,8 @@ class Written:
     tokens: dict[str, int]
     """Tokens per split, end-of-text tokens included."""
     sequence_count: int
+    encoding: tk.Encoding | None = None
+    """Which encoder encoded the piece, and what its check found (None: nothing kept to encode)."""
 
 
 def write_piece(processed: pa.Table, piece: int, decisions: pa.Table, tokenizer_json: str, validation_fraction: float,
@@ -296,11 +372,13 @@ def write_piece(processed: pa.Table, piece: int, decisions: pa.Table, tokenizer_
     docs_path = seq_path = dropped_path = None
     tokens = {"train": 0, "validation": 0}
     nseq = 0
+    encoding = None
     if kept.num_rows:
         splits = tk.split_of(kept.column("id").to_pylist(), validation_fraction)
         kept = kept.append_column("split", pa.array(splits.tolist(), pa.string()))
         docs_path = _write(kept.select(list(DOC_COLUMNS)), docs_out, name)
-        ids = tk.encode(kept.select(["text"]), tokenizer_json).column("ids")
+        encoded, encoding = tk.encode(kept.select(["text"]), tokenizer_json)
+        ids = encoded.column("ids")
         tok = tk.from_json(tokenizer_json)
         eos, pad = tk.special_ids(tok)
         seqs, tokens = tk.pack(ids, splits, eos, pad, seq_len, first_seq=piece << SEQ_BITS)
@@ -316,7 +394,7 @@ def write_piece(processed: pa.Table, piece: int, decisions: pa.Table, tokenizer_
                               "text": gone.column("text"), "reason": reason, "rule": gone.column("quality_rule"),
                               "duplicate_of": why.column("duplicate_of")})
             dropped_path = _write(table, dropped_out, name)
-    return Written(docs_path, seq_path, dropped_path, kept.num_rows, tokens, nseq)
+    return Written(docs_path, seq_path, dropped_path, kept.num_rows, tokens, nseq, encoding)
 
 
 def _write(table: pa.Table, out: Output, name: str) -> str:
