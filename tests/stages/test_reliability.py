@@ -369,8 +369,10 @@ def test_a_worker_killed_mid_run_is_retried_and_the_version_is_exact(tmp_path: P
     assert _run(calm).ok
     d = _workdir(tmp_path / "killed", corpus, pile)
     shutil.copytree(corpus / "code", d / "corpus" / "code")
-    # the driver waits at its first gather of the processed pieces; the tasks run meanwhile
-    run, marker, go = _start(d, ("fmforge.stages.datapile.workers", "gather", 3, "wait"))
+    # the driver waits at its first gather of the processed pieces (its fourth gather: reading
+    # gathers the chunks' parts, their piece bounds and the scans of files read in parts); the
+    # tasks run meanwhile
+    run, marker, go = _start(d, ("fmforge.stages.datapile.workers", "gather", 4, "wait"))
     _wait_for(marker, run)
     state_root = d / ".fmforge"
     deadline = time.monotonic() + 60
