@@ -17,10 +17,11 @@ from tools import build, unavailable
 from fmforge.api.v1alpha1 import KINDS
 from fmforge.kube.builders import plan_configmap
 
-# examples/gitops holds a Kustomize base and Argo CD Applications, not plain manifests:
-# test_gitops.py renders and applies them.
+# examples/gitops holds a Kustomize base and Argo CD Applications, and examples/quickstart/node a
+# Kustomize overlay, not plain manifests: test_gitops.py renders and applies them.
 EXAMPLE_FILES = sorted(p for p in (ROOT / "examples").rglob("*.yaml")
-                       if ".fmforge" not in p.parts and p.relative_to(ROOT / "examples").parts[0] != "gitops")
+                       if ".fmforge" not in p.parts and p.relative_to(ROOT / "examples").parts[0] != "gitops"
+                       and p.name != "kustomization.yaml")
 
 
 def _ns(cluster: ControlPlane, prefix: str, labels: dict[str, str] | None = None) -> str:

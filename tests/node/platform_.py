@@ -215,8 +215,10 @@ def install(node: N.Node, corpus_files: int | None = 30) -> Platform:
             "catalog": {"type": "sql", "uri": f"sqlite:////mnt/pvc/{CLAIM}/catalog.db",
                         "warehouse": f"pvc://{CLAIM}/warehouse"},
             "resyncSeconds": 30,
-            # A 2-core node: the head (driver only) with half a CPU, one worker with one.
-            "jobs": {"headCpu": "500m", "ttlSecondsAfterFinished": 0, "backoffLimit": 0},
+            # A 2-core node: the head (driver only) with 400m, one worker with one CPU. Two Ray
+            # clusters start at once in the quickstart (the pile and the tuning): their heads
+            # must leave a whole CPU for one worker, or both wait for ever (at 500m they did).
+            "jobs": {"headCpu": "400m", "ttlSecondsAfterFinished": 0, "backoffLimit": 0},
         },
         # KServe's CRDs are there: the chart's ClusterServingRuntime `fmforge` (the runtime image).
         "servingRuntime": {"create": True},
