@@ -7,10 +7,11 @@
 - The CRDs of config/crd/full (the InferenceService, serving runtimes, TrainedModel,
   InferenceGraph, ClusterStorageContainer and the local-model kinds the controller reads), its
   ClusterRole (config/rbac/role.yaml), and its `inferenceservice-config` ConfigMap
-  (config/configmap/inferenceservice.yaml) with three changes: Standard the default deployment
-  mode, no Ingress objects (there is no ingress controller; requests go to the predictor's
-  Service, whose cluster name `<name>-predictor.<namespace>.svc.cluster.local` is the URL), and the storage initializer's image named but never used (fmforge's models are on a
-  claim: `pvc://` storage URIs are mounted into the predictor, nothing is downloaded).
+  (config/configmap/inferenceservice.yaml) with two changes: Standard the default deployment
+  mode, and no Ingress objects (there is no ingress controller; requests go to the predictor's
+  Service, whose cluster name `<name>-predictor.<namespace>.svc.cluster.local` is the URL). The
+  storage initializer's image stays as shipped and is never started: fmforge's models are on a
+  claim, and `pvc://` storage URIs are mounted into the predictor, nothing is downloaded.
 - Its webhooks (config/webhook/manifests.yaml: the InferenceService defaulter and validator, the
   pod mutator that mounts the model's claim, the serving-runtime validators) with a certificate
   made here in place of cert-manager's: a CA of its own that signs the serving certificate of
@@ -78,7 +79,7 @@ def webhook_certificate(workdir: Path) -> tuple[bytes, bytes, bytes]:
 
 
 def inferenceservice_config() -> dict:
-    """KServe's `inferenceservice-config`, as shipped, with the node's three changes."""
+    """KServe's `inferenceservice-config`, as shipped, with the node's two changes."""
     cm = yaml.safe_load((config_dir() / "configmap" / "inferenceservice.yaml").read_text())
     data = cm["data"]
     deploy = json.loads(data["deploy"])
