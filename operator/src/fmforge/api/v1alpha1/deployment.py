@@ -48,7 +48,8 @@ class KServe(Spec):
     """Most replicas."""
     canary_traffic_percent: Annotated[int, Field(ge=0, le=100)] = 0
     """Share of traffic sent to a new model revision while the previous one keeps the rest;
-    0 switches at once."""
+    0 switches at once. Only KServe's Knative mode splits traffic; its Standard mode (v0.17)
+    ignores it and rolls the new model out in place of the old."""
     resources: ServingResources = ServingResources()
     """Per-replica resources."""
     expose: Literal["route", "none"] = "none"
