@@ -136,7 +136,7 @@ def ready(pod: dict) -> bool:
 
 
 @pytest.fixture(scope="module")
-def tuned(platform: Platform) -> dict:
+def tuned(platform: Platform):
     """The tuned model, trained once for the module: its status."""
     p = platform
     t = time.monotonic()
@@ -148,7 +148,11 @@ def tuned(platform: Platform) -> dict:
     assert st["phase"] == "Succeeded", json.dumps(st, indent=1)[-3000:]
     assert "Running" in w.phases and running == "Progressing", (w.phases, running)
     print(f"\nTunedModel {MODEL} on the node: {time.monotonic() - t:.0f}s, digest {st['model']['digest']}")
-    return st
+    yield st
+    # The predictor's CPU back to the tests after these: beside it, a Ray head, worker and
+    # submitter do not fit the node's two cores, and a RayJob's submitter waits for ever.
+    p.kubectl("delete", "deployments.fmforge.io,modelcards,tunedmodels", "--all", "-n", WORK_NS, "--wait=true",
+              "--timeout=120s", check=False)
 
 
 def test_a_rejecting_card_leaves_the_deployment_without_an_inference_service(platform: Platform, tuned: dict):
