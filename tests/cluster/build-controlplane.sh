@@ -6,7 +6,7 @@
 # KubeRay's operator (the real controller that turns our RayJobs into RayClusters); and for the
 # node tier (tests/node) the node's own parts: kubelet, kube-proxy and kube-scheduler from the
 # same k8s.io/kubernetes, the CNI plugins, CoreDNS, and the pause binary (gcc, from the
-# kubernetes module's own build/pause/linux/pause.c).
+# kubernetes module's own build/pause/linux/pause.c), and KServe's controller (cmd/manager).
 # Called by the test fixtures, by `make controlplane` and by `make helm`; a warm call returns
 # at once.
 #
@@ -20,6 +20,7 @@ ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
 HELM_VERSION=${HELM_VERSION:-v3.19.5}
 VERSITYGW_VERSION=${VERSITYGW_VERSION:-v1.8.0}
 KUBERAY_VERSION=${KUBERAY_VERSION:-v1.5.0}
+KSERVE_VERSION=${KSERVE_VERSION:-v0.17.0}
 CNI_VERSION=${CNI_VERSION:-v1.10.0}
 COREDNS_VERSION=${COREDNS_VERSION:-v1.15.0}
 CACHE=${FMFORGE_CACHE:-$HOME/.cache/fmforge}
@@ -175,18 +176,42 @@ build_kuberay() {
   echo "$out"
 }
 
+# KServe's controller (cmd/manager: the InferenceService, ServingRuntime and TrainedModel
+# reconcilers and their webhooks). The proxy serves the exact version but lists none; its go.mod
+# has replace directives, which `go install pkg@version` refuses, so it is built inside a copy of
+# the module itself, with the module's own go.mod and go.sum.
+build_kserve() {
+  local out="$CACHE/kserve-$KSERVE_VERSION"
+  if [[ -x $out/manager ]]; then echo "$out"; return; fi
+  mkdir -p "$out"
+  local dir work
+  dir=$(go mod download -json "github.com/kserve/kserve@$KSERVE_VERSION" | sed -n 's#^[[:space:]]*"Dir": "\(.*\)",#\1#p')
+  work=$(mktemp -d)
+  # only what the Go build reads (the module also ships 200 MB of Python, docs and charts)
+  cp -r "$dir/go.mod" "$dir/go.sum" "$dir/cmd" "$dir/pkg" "$work/"
+  chmod -R u+w "$work"
+  echo "Building KServe's manager from github.com/kserve/kserve@$KSERVE_VERSION" >&2
+  (cd "$work" && go build -trimpath -ldflags "-s -w" -o "$out/manager.tmp" ./cmd/manager >&2)
+  local rc=$?
+  rm -rf "$work"
+  ((rc == 0)) || return $rc
+  mv "$out/manager.tmp" "$out/manager"
+  echo "$out"
+}
+
 case "$what" in
   k8s) build_k8s ;;
   etcd) build_etcd ;;
   helm) build_helm ;;
   versitygw) build_versitygw ;;
   kuberay) build_kuberay ;;
+  kserve) build_kserve ;;
   k8s-node) build_k8s_node ;;
   cni) build_cni ;;
   coredns) build_coredns ;;
   pause) build_pause ;;
   all) build_etcd; build_k8s; build_helm ;;
   # One at a time: each Go build takes both cores of a small machine.
-  node) build_etcd; build_k8s; build_helm; build_kuberay; build_k8s_node; build_cni; build_coredns; build_pause ;;
-  *) echo "usage: $0 [k8s|etcd|helm|versitygw|kuberay|k8s-node|cni|coredns|pause|all|node]" >&2; exit 2 ;;
+  node) build_etcd; build_k8s; build_helm; build_kuberay; build_k8s_node; build_cni; build_coredns; build_pause; build_kserve ;;
+  *) echo "usage: $0 [k8s|etcd|helm|versitygw|kuberay|kserve|k8s-node|cni|coredns|pause|all|node]" >&2; exit 2 ;;
 esac

@@ -17,10 +17,11 @@ from tools import build, unavailable
 from fmforge.api.v1alpha1 import KINDS
 from fmforge.kube.builders import plan_configmap
 
-# examples/gitops holds a Kustomize base and Argo CD Applications, not plain manifests:
-# test_gitops.py renders and applies them.
+# examples/gitops holds a Kustomize base and Argo CD Applications, and examples/quickstart/node a
+# Kustomize overlay, not plain manifests: test_gitops.py renders and applies them.
 EXAMPLE_FILES = sorted(p for p in (ROOT / "examples").rglob("*.yaml")
-                       if ".fmforge" not in p.parts and p.relative_to(ROOT / "examples").parts[0] != "gitops")
+                       if ".fmforge" not in p.parts and p.relative_to(ROOT / "examples").parts[0] != "gitops"
+                       and p.name != "kustomization.yaml")
 
 
 def _ns(cluster: ControlPlane, prefix: str, labels: dict[str, str] | None = None) -> str:
@@ -106,7 +107,10 @@ def test_base_manifests_are_accepted(cluster: ControlPlane, crds):
 def rendered_chart() -> str:
     helm = build("helm") / "helm"
     r = subprocess.run([str(helm), "template", "fmforge", str(ROOT / "charts" / "fmforge"), "--namespace",
-                        "fmforge-system", "--include-crds"], capture_output=True, text=True)
+                        "fmforge-system", "--include-crds",
+                        # as `helm install` renders it where KServe's CRDs are installed
+                        "--api-versions", "serving.kserve.io/v1alpha1/ClusterServingRuntime"],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -115,7 +119,8 @@ def test_chart_is_accepted_by_a_server_dry_run(cluster: ControlPlane, crds, rend
     cluster.kubectl("create", "namespace", "fmforge-system", check=False)
     r = cluster.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-", input=rendered_chart)
     for kind in ("serviceaccount/", "clusterrole.rbac.authorization.k8s.io/", "configmap/", "service/",
-                 "deployment.apps/", "customresourcedefinition.apiextensions.k8s.io/datapiles.fmforge.io"):
+                 "deployment.apps/", "customresourcedefinition.apiextensions.k8s.io/datapiles.fmforge.io",
+                 "clusterservingruntime.serving.kserve.io/fmforge"):
         assert kind in r.stdout, r.stdout
 
 

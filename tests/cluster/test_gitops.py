@@ -128,6 +128,40 @@ def test_pipeline_is_accepted_by_the_api_server(cluster: ControlPlane, crds, pip
         (d["kind"], d["metadata"]["annotations"][WAVE]) for d in pipeline}
 
 
+def test_node_quickstart_overlay_moves_the_data_and_shrinks_the_resources(cluster: ControlPlane, crds,
+                                                                         pipeline: list[dict], tmp_path):
+    """examples/quickstart/node: the pipeline in the work namespace of the node, its file:// data
+    on the claim, Ray clusters of one 1-CPU worker, the Deployment on the fmforge runtime; valid
+    for fmforge and accepted by the API server."""
+    from fmforge.api.manifests import load
+
+    node = {(d["kind"], d["metadata"]["name"]): d
+            for d in _docs(cluster.kubectl("kustomize", str(ROOT / "examples" / "quickstart" / "node")).stdout)}
+    base = {(d["kind"], d["metadata"]["name"]): d for d in pipeline}
+    assert set(node) == set(base)
+    uris = []
+    for key, d in node.items():
+        assert d["metadata"]["namespace"] == "fmforge-work"
+        if "resources" in d["spec"] and key[0] != "Deployment":
+            assert d["spec"]["resources"]["cpusPerWorker"] == 1 and d["spec"]["resources"]["workers"] == 1, key
+        text = json.dumps(d["spec"])
+        assert "file://" not in text, key
+        uris += [u for u in text.split('"') if u.startswith("pvc://")]
+    assert uris and all(u.startswith("pvc://fmforge-data/") for u in uris), uris
+    ks = node[("Deployment", "pydocs-qa")]["spec"]["kserve"]
+    assert ks["runtime"] == "fmforge" and ks["expose"] == "none"
+    for key, d in node.items():  # the sync waves kept
+        assert d["metadata"]["annotations"] == base[key]["metadata"]["annotations"]
+    path = tmp_path / "node.yaml"
+    path.write_text("\n---\n".join(yaml.safe_dump(d) for d in node.values()))
+    r = load([path])
+    assert r.errors == [] and len(r.manifests) == 5, r.errors
+    cluster.kubectl("create", "namespace", "fmforge-work", check=False)
+    r = cluster.kubectl("apply", "--server-side", "--validate=strict", "--dry-run=server", "-f", "-",
+                        input="\n---\n".join(yaml.safe_dump(d) for d in node.values()))
+    assert r.stdout.count("serverside-applied") == 5, r.stdout
+
+
 def test_applications_are_accepted_with_every_field_kept(cluster: ControlPlane, application_crd: str):
     if application_crd == "stand-in":
         unavailable("a stand-in Application CRD accepts anything; it proves nothing")

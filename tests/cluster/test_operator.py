@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 
 import pytest
-from controlplane import ROOT, ControlPlane
+from controlplane import ROOT, ControlPlane, build
 from operatorproc import (
     MODEL_RESULTS,
     PILE_RESULTS,
@@ -190,16 +191,32 @@ def test_canary_change_updates_the_inference_service_in_place(cluster, operator)
 
 
 def test_the_fmforge_runtime_is_accepted_by_the_real_kserve_schema(cluster, operator):
+    """The chart's ClusterServingRuntime `fmforge` and an InferenceService naming it, both through
+    KServe's real CRD schemas (KServe's controller runs on the node tier, tests/node)."""
+    helm = build("helm") / "helm"
+    r = subprocess.run([str(helm), "template", "fmforge", str(ROOT / "charts" / "fmforge"),
+                        "--show-only", "templates/servingruntime.yaml",
+                        "--api-versions", "serving.kserve.io/v1alpha1/ClusterServingRuntime",
+                        "--set", "config.runtimeImage=registry.example.com/fmforge/runtime:1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    cluster.kubectl("apply", "--server-side", "-f", "-", input=r.stdout)
+    # cluster-scoped: gone again before the helm install of test_operator_lifecycle makes its own
+    runtime = json.loads(cluster.kubectl("get", "clusterservingruntime", "fmforge", "-o", "json").stdout)
+    cluster.kubectl("delete", "clusterservingruntime", "fmforge")
+    [c] = runtime["spec"]["containers"]
+    assert c["image"] == "registry.example.com/fmforge/runtime:1" and "--name={{.Name}}" in c["args"]
     n = ns(cluster, "fmruntime")
     apply(cluster, n, manifest("DataPile", "pydocs"), manifest("TrainingRun", "gpt", dataPileRef={"name": "pydocs"}))
     succeed(cluster, n, "DataPile", "pydocs", results=PILE_RESULTS)
     succeed(cluster, n, "TrainingRun", "gpt", results=MODEL_RESULTS)
     apply(cluster, n, manifest("Deployment", "serve", modelRef={"kind": "TrainingRun", "name": "gpt"},
-                               requireApprovedModelCard=False, kserve={"runtime": "fmforge", "port": 9000}))
+                               requireApprovedModelCard=False, kserve={"runtime": "fmforge"}))
     isvc = wait_for("the InferenceService", lambda: get(cluster, n, "inferenceservices", "serve"))
-    [c] = isvc["spec"]["predictor"]["containers"]
-    assert c["name"] == "kserve-container" and c["ports"] == [{"containerPort": 9000, "protocol": "TCP"}]
-    assert c["args"][4:] == ["--port", "9000", "--host", "0.0.0.0", "--model-digest", "sha256:model1"]
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["runtime"] == "fmforge" and model["modelFormat"] == {"name": "fmforge"}
+    assert model["args"] == ["--model-digest", "sha256:model1"]
+    assert model["storageUri"] == MODEL_RESULTS["model"]["uri"]
 
 
 @pytest.fixture(scope="module")

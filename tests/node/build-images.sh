@@ -10,6 +10,7 @@
 #             build-controlplane.sh pause, alone in a one-layer image.
 #   coredns   the cluster DNS: the CoreDNS binary alone in a one-layer image.
 #   kuberay   KubeRay's operator (built by build-controlplane.sh kuberay) alone in a one-layer image.
+#   kserve    KServe's controller (cmd/manager, built by build-controlplane.sh kserve) likewise.
 #   runtime   images/runtime/Containerfile, `--pull=never`
 #   operator  images/operator/Containerfile, `--pull=never`
 #
@@ -17,7 +18,7 @@
 # mmdebstrap, iptables, conntrack). Prints one line per image: NAME ARCHIVE SECONDS. pip's cache
 # is a cache mount of the Containerfiles, kept under $FMFORGE_CACHE/buildah-tmp between builds.
 #
-#   tests/node/build-images.sh [base|pause|coredns|runtime|operator|all]
+#   tests/node/build-images.sh [base|pause|coredns|kuberay|kserve|runtime|operator|all]
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -29,6 +30,8 @@ PAUSE_NAME=localhost/fmforge/pause:$K8S_VERSION
 COREDNS_NAME=localhost/fmforge/coredns:$COREDNS_VERSION
 KUBERAY_VERSION=${KUBERAY_VERSION:-v1.5.0}
 KUBERAY_NAME=localhost/fmforge/kuberay-operator:$KUBERAY_VERSION
+KSERVE_VERSION=${KSERVE_VERSION:-v0.17.0}
+KSERVE_NAME=localhost/fmforge/kserve-controller:$KSERVE_VERSION
 RUNTIME_NAME=${RUNTIME_IMAGE:-localhost/fmforge/runtime:dev}
 OPERATOR_NAME=${OPERATOR_IMAGE:-localhost/fmforge/operator:dev}
 STORE=$CACHE/containers
@@ -135,6 +138,12 @@ build_kuberay() {
   one_binary "$KUBERAY_NAME" "$dir/ray-operator" /ray-operator
 }
 
+build_kserve() {
+  apt_install buildah
+  local dir; dir=$("$ROOT/tests/cluster/build-controlplane.sh" kserve)
+  one_binary "$KSERVE_NAME" "$dir/manager" /manager
+}
+
 # containerfile NAME FILE: `podman build -f FILE .` from the repository root, as users do.
 containerfile() {
   local name=$1 file=$2 t0; t0=$(date +%s)
@@ -153,6 +162,7 @@ case "$what" in
   pause) build_pause ;;
   coredns) build_coredns ;;
   kuberay) build_kuberay ;;
+  kserve) build_kserve ;;
   runtime) containerfile "$RUNTIME_NAME" images/runtime/Containerfile ;;
   operator) containerfile "$OPERATOR_NAME" images/operator/Containerfile ;;
   # Disk: every change of the runtime's dependencies leaves a 7.6 GB layer behind in the storage,
@@ -163,8 +173,8 @@ case "$what" in
          rm -rf "$CACHE/node/containerd"; du -sh "$STORE" ;;
   tools) apt_install containerd runc buildah mmdebstrap iptables conntrack ;;
   all) apt_install containerd runc buildah mmdebstrap iptables conntrack
-       build_base; build_pause; build_coredns; build_kuberay
+       build_base; build_pause; build_coredns; build_kuberay; build_kserve
        containerfile "$OPERATOR_NAME" images/operator/Containerfile
        containerfile "$RUNTIME_NAME" images/runtime/Containerfile ;;
-  *) echo "usage: $0 [base|pause|coredns|kuberay|runtime|operator|tools|all|prune]" >&2; exit 2 ;;
+  *) echo "usage: $0 [base|pause|coredns|kuberay|kserve|runtime|operator|tools|all|prune]" >&2; exit 2 ;;
 esac

@@ -5,8 +5,8 @@ kube-controller-manager with every default controller) listening on the node's b
 node itself: kube-scheduler, containerd and runc (Debian's), kubelet and kube-proxy (iptables
 mode) built from k8s.io/kubernetes at the control plane's version, the CNI plugins (bridge,
 host-local, loopback, portmap) and CoreDNS as a pod behind the cluster DNS Service. The images
-(pause, CoreDNS, fmforge's runtime and operator) are built by build-images.sh and imported into
-containerd's `k8s.io` namespace; nothing is pulled.
+(pause, CoreDNS, KubeRay's and KServe's controllers, fmforge's runtime and operator) are built by
+build-images.sh and imported into containerd's `k8s.io` namespace; nothing is pulled.
 
 Everything it starts is its own: processes by pid (and the containers' by their cgroups under
 /fmforge-node), mounts under its directories, the bridge `fmforge0`, iptables chains KUBE-* and
@@ -246,7 +246,7 @@ class Node:
     images: dict[str, tuple[Path, float]] = field(default_factory=dict)
     record: dict = field(default_factory=dict)
     #: what build-images.sh builds and containerd imports (the base is only the Containerfiles' FROM)
-    build_targets: tuple[str, ...] = ("pause", "coredns", "kuberay", "operator", "runtime")
+    build_targets: tuple[str, ...] = ("pause", "coredns", "kuberay", "kserve", "operator", "runtime")
 
     # paths
     @property
@@ -272,7 +272,8 @@ class Node:
         self._lock()
         self._clean_leftovers()
         t = time.monotonic()
-        self.bins = {w: build(w) for w in ("etcd", "k8s", "k8s-node", "cni", "coredns", "pause", "kuberay", "helm")}
+        self.bins = {w: build(w) for w in ("etcd", "k8s", "k8s-node", "cni", "coredns", "pause", "kuberay", "kserve",
+                                           "helm")}
         self.timings["build binaries"] = time.monotonic() - t
         t = time.monotonic()
         self.images = {}

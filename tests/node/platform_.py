@@ -1,6 +1,8 @@
 """fmforge installed on the real node as a user installs it: the CRDs and the chart with helm (the
-operator as the chart's pod, from the operator image), KubeRay's operator as a pod from its own
-image, OpenShift's arbitrary UIDs, and a work namespace with its PersistentVolumeClaim.
+operator as the chart's pod, from the operator image, and the chart's `fmforge`
+ClusterServingRuntime), KubeRay's operator and KServe's controller (tests/node/kserve_.py) as pods
+from their own images, OpenShift's arbitrary UIDs, and a work namespace with its
+PersistentVolumeClaim.
 
 - OpenShift's restricted-v2 SCC gives every pod of a namespace a UID from the namespace's range
   and GID 0. Here a MutatingAdmissionPolicy (CEL, in the API server) does the same for the
@@ -9,13 +11,15 @@ image, OpenShift's arbitrary UIDs, and a work namespace with its PersistentVolum
   mutation, as OpenShift's SCC admission runs before it).
 - Storage: a hostPath PersistentVolume (the node's directory `pv/`) bound to the claim
   `fmforge-data` of the work namespace; the chart's storage, catalog and warehouse live on it,
-  and so does the corpus the DataPiles read (`pvc://fmforge-data/corpus/`), group 0 and
-  group-writable as OpenShift volumes are.
+  and so does the corpus the DataPiles read (`pvc://fmforge-data/corpus/`) and the quickstart's
+  tuning pairs and eval questions (`pvc://fmforge-data/quickstart/`), group 0 and group-writable
+  as OpenShift volumes are.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +31,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "cluster"))
+import kserve_ as K  # noqa: E402
 import node as N  # noqa: E402
 from controlplane import KUBERAY_MODULE, KUBERAY_VERSION, ROOT, module_dir  # noqa: E402
 
@@ -89,6 +94,32 @@ def kuberay_manifests() -> list[dict]:
     ]
 
 
+def install_kserve(node: N.Node) -> None:
+    """KServe's controller, then its webhooks once it serves them (they fail closed: a webhook
+    configured before its server is up refuses every InferenceService and serving runtime)."""
+    ca, cert, key = K.webhook_certificate(node.workdir / "kserve")
+    _apply(node, K.manifests(ca, cert, key))
+    r = node.kubectl("rollout", "status", "deployment/kserve-controller-manager", "-n", K.KSERVE_NS,
+                     "--timeout=180s", check=False)
+    if r.returncode:
+        raise RuntimeError("KServe's controller did not become ready:\n"
+                           + node.kubectl("get", "pods", "-n", K.KSERVE_NS, "-o", "wide", check=False).stdout
+                           + node.kubectl("logs", "-n", K.KSERVE_NS, "deployment/kserve-controller-manager",
+                                          "--tail=40", check=False).stdout)
+    _apply(node, K.webhooks(ca))
+    # The API server reaches the webhook through the Service's ClusterIP (kube-proxy's rules on the
+    # host): a server-side dry run of an InferenceService goes through the defaulter and validator.
+    probe = {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
+             "metadata": {"name": "webhook-probe", "namespace": K.KSERVE_NS},
+             "spec": {"predictor": {"model": {"modelFormat": {"name": "sklearn"}, "storageUri": "pvc://none/x"}}}}
+    def answered() -> bool:
+        r = node.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(probe), check=False)
+        if r.returncode:
+            raise RuntimeError(r.stderr.strip())  # what wait_for reports if it never answers
+        return True
+    node.wait_for("KServe's webhooks to answer the API server", answered, timeout=120)
+
+
 @dataclass
 class Platform:
     node: N.Node
@@ -130,13 +161,20 @@ def install(node: N.Node, corpus_files: int | None = 30) -> Platform:
     bases = module_dir(KUBERAY_MODULE, KUBERAY_VERSION) / "config" / "crd" / "bases"
     for crd in ("rayjobs", "rayclusters", "rayservices"):
         node.kubectl("apply", "--server-side", "-f", str(bases / f"ray.io_{crd}.yaml"))
-    for crd in ("rayjobs", "rayclusters", "rayservices"):
+    for path in K.crd_paths():
+        node.kubectl("apply", "--server-side", "-f", str(path))
+    for crd in ("rayjobs.ray.io", "rayclusters.ray.io", "rayservices.ray.io", "inferenceservices.serving.kserve.io",
+                "clusterservingruntimes.serving.kserve.io"):
         node.wait_for(f"crd {crd}", lambda c=crd: node.kubectl(
-            "wait", "--for=condition=Established", f"crd/{c}.ray.io", "--timeout=5s", check=False).returncode == 0)
+            "wait", "--for=condition=Established", f"crd/{c}", "--timeout=5s", check=False).returncode == 0)
     _apply(node, arbitrary_uid_policy(_served(node, "mutatingadmissionpolicies", "admissionregistration.k8s.io")))
-    for ns in (RELEASE_NS, RAY_NS, WORK_NS):
+    for ns in (RELEASE_NS, RAY_NS, K.KSERVE_NS, WORK_NS):
         _namespace(node, ns)
     timings["crds, policy, namespaces"] = time.monotonic() - t
+
+    t = time.monotonic()
+    install_kserve(node)
+    timings["KServe"] = time.monotonic() - t
 
     t = time.monotonic()
     _apply(node, kuberay_manifests())
@@ -147,6 +185,9 @@ def install(node: N.Node, corpus_files: int | None = 30) -> Platform:
     if corpus_files:
         args += ["--max-files", str(corpus_files)]
     subprocess.run(args, check=True, capture_output=True)
+    # The quickstart's tuning pairs and eval questions (examples/quickstart/node reads them here).
+    for sub in ("tuning", "evals"):
+        shutil.copytree(ROOT / "examples" / "quickstart" / sub, pv_dir / "quickstart" / sub, dirs_exist_ok=True)
     # As OpenShift's volumes are: group 0, group-writable, whatever UID the pods get.
     subprocess.run(["chgrp", "-R", "0", str(pv_dir)], check=True)
     subprocess.run(["chmod", "-R", "g+rwX", str(pv_dir)], check=True)
@@ -174,9 +215,13 @@ def install(node: N.Node, corpus_files: int | None = 30) -> Platform:
             "catalog": {"type": "sql", "uri": f"sqlite:////mnt/pvc/{CLAIM}/catalog.db",
                         "warehouse": f"pvc://{CLAIM}/warehouse"},
             "resyncSeconds": 30,
-            # A 2-core node: the head (driver only) with half a CPU, one worker with one.
-            "jobs": {"headCpu": "500m", "ttlSecondsAfterFinished": 0, "backoffLimit": 0},
+            # A 2-core node: the head (driver only) with 400m, one worker with one CPU. Two Ray
+            # clusters start at once in the quickstart (the pile and the tuning): their heads
+            # must leave a whole CPU for one worker, or both wait for ever (at 500m they did).
+            "jobs": {"headCpu": "400m", "ttlSecondsAfterFinished": 0, "backoffLimit": 0},
         },
+        # KServe's CRDs are there: the chart's ClusterServingRuntime `fmforge` (the runtime image).
+        "servingRuntime": {"create": True},
     }
     vfile = node.workdir / "values.yaml"
     vfile.write_text(yaml.safe_dump(values))

@@ -16,6 +16,7 @@ from node import OPERATOR_IMAGE
 from platform_ import CLAIM, RELEASE_NS, UID, WORK_NS, Platform
 
 from fmforge.stages.artifacts import TRAINING_LOG
+from fmforge.stages.raytrain import RUN_RECORD
 
 API = "fmforge.io/v1alpha1"
 # 4Gi: the head runs the driver and Ray Train's controller; at 2Gi Ray's memory monitor kills them.
@@ -242,8 +243,48 @@ def test_a_worker_pod_deleted_mid_training_is_replaced_and_the_run_resumes(platf
     workers = {name for name, pod in w.pods.items() if pod["metadata"]["labels"].get("ray.io/node-type") == "worker"}
     assert len(workers) >= 2, f"no new worker pod: {sorted(w.pods)}"
     model_dir = p.pv_dir / st["model"]["uri"].removeprefix(f"file:///mnt/pvc/{CLAIM}/")
-    log = json.loads((model_dir / TRAINING_LOG).read_text())
-    assert log["restarts"] >= 1 and log["resumedFromStep"] and log["resumedFromStep"] >= 100, \
-        {k: log.get(k) for k in ("restarts", "resumedFromStep")}
-    print(f"\nworker {victim['metadata']['name']} deleted; resumed from step {log['resumedFromStep']}, "
-          f"{log['restarts']} restart(s); progress seen {[x.get('step') for x in w.progress]}")
+    assert (model_dir / TRAINING_LOG).is_file()
+    # Restarts and the step resumed from differ between runs that make the same model, so they
+    # are in the attempt's run record beside its checkpoints, not in the model's training log.
+    [record] = [json.loads(f.read_text()) for f in (p.pv_dir / "artifacts").rglob(RUN_RECORD)
+                if "/trainingrun/killed/" in str(f)]
+    assert record["restarts"] >= 1 and (record["resumedFromStep"] or 0) >= 100, \
+        {k: record.get(k) for k in ("restarts", "resumedFromStep")}
+    assert st["progress"]["resumedFromStep"] == record["resumedFromStep"], st["progress"]
+    print(f"\nworker {victim['metadata']['name']} deleted; resumed from step {record['resumedFromStep']}, "
+          f"{record['restarts']} restart(s); progress seen {[x.get('step') for x in w.progress]}")
+
+
+def test_a_spec_change_starts_a_new_generations_rayjob_and_stops_the_old_ones_pods(platform: Platform):
+    """A spec changed while generation 1 runs: the operator starts generation 2's RayJob and stops
+    generation 1's (its RayJob, Ray cluster and pods go), and the object ends with generation 2's
+    outcome."""
+    p = platform
+    apply(p, pile("regen", publish={"tags": ["regen"]}))
+    w = Watch(p, "datapile", "regen")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        w.poll()
+        if any(pod["status"].get("phase") == "Running" for pod in ray_pods(p, "regen-g1-prepare")):
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"no Ray pod ran for regen-g1-prepare; phases {w.phases}")
+    old_cluster = get(p, "rayjob", "regen-g1-prepare")["status"]["rayClusterName"]
+    old_pods = {pod["metadata"]["name"] for pod in ray_pods(p, "regen-g1-prepare")}
+    changed = pile("regen", publish={"tags": ["regen"]}, filters=[{"type": "length", "minWords": 6}])
+    apply(p, changed)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        w.poll()
+        left = (get(p, "rayjob", "regen-g1-prepare"), get(p, "raycluster", old_cluster),
+                [q for q in pods(p, "ray.io/node-type") if q["metadata"]["name"] in old_pods])
+        if get(p, "rayjob", "regen-g2-prepare") and not any(left):
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"generation 1 left {left!r:.1500}; generation 2's RayJob: "
+                    f"{get(p, 'rayjob', 'regen-g2-prepare') is not None}")
+    st = w.until({"Succeeded", "Failed"})
+    assert st["phase"] == "Succeeded" and st["outcome"]["generation"] == 2, json.dumps(st, indent=1)[-2000:]
+    assert st["rayJob"] == "regen-g2-prepare"

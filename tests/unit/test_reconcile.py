@@ -13,6 +13,7 @@ import pytest
 from badmanifests import BASE
 
 from fmforge.api.v1alpha1 import RayResources
+from fmforge.kube import builders
 from fmforge.kube.settings import Settings
 from fmforge.reconcile import deployment, jobs
 from fmforge.reconcile.decision import status_patch
@@ -281,18 +282,25 @@ def test_deployment_applies_its_inference_service_once_and_mirrors_ready():
     assert again["metadata"]["name"] == "serve" and again["spec"]["predictor"]["canaryTrafficPercent"] == 20
 
 
-def test_the_fmforge_runtime_serves_with_the_predictor_image():
+def test_the_fmforge_runtime_serves_through_the_charts_cluster_serving_runtime():
     dep, w = _serving({"approved": True, "modelDigest": "sha256:a"})
     dep["spec"]["kserve"]["runtime"] = "fmforge"
     [isvc] = deployment.decide(dep, w, [], SETTINGS).apply
     pred = isvc["spec"]["predictor"]
-    [c] = pred["containers"]
-    assert "model" not in pred and c["name"] == "kserve-container" and c["image"] == SETTINGS.runtime_image
-    assert c["command"] == ["python", "-m", "fmforge.stages.deploy.predictor"]
-    assert c["args"] == ["--model-dir", "/mnt/models", "--name", "serve", "--port", "8080", "--host", "0.0.0.0",
-                         "--model-digest", "sha256:a"]
-    assert {"name": "STORAGE_URI", "value": "pvc://m/gpt"} in c["env"]  # KServe's storage initializer
-    assert c["securityContext"]["allowPrivilegeEscalation"] is False and c["readinessProbe"]["httpGet"]["port"] == 8080
+    m = pred["model"]
+    assert "containers" not in pred and m["runtime"] == "fmforge" and m["modelFormat"] == {"name": "fmforge"}
+    # appended by KServe to the runtime's args: the predictor refuses files of any other digest
+    assert m["args"] == ["--model-digest", "sha256:a"] and m["storageUri"] == "pvc://m/gpt"
+    assert m["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_a_model_a_stage_wrote_on_a_claim_is_given_to_kserve_as_a_pvc_uri():
+    """A stage reports the path its Ray pod saw (file:///mnt/pvc/CLAIM/...): KServe cannot read
+    file:// URIs, and mounts a claim only for pvc://CLAIM/PATH."""
+    assert builders.serving_uri("file:///mnt/pvc/data/artifacts/TrainingRun/gpt/ab/model") == \
+        "pvc://data/artifacts/TrainingRun/gpt/ab/model"
+    for kept in ("s3://b/m", "pvc://data/m", "file:///elsewhere/m", "file:///mnt/pvc/data"):
+        assert builders.serving_uri(kept) == kept
 
 
 def test_expose_route_applies_a_route_before_the_inference_service_and_deletes_it_when_turned_off():

@@ -273,6 +273,20 @@ def stage_rbac(namespace: str) -> list[dict[str, Any]]:
 # -- InferenceService -------------------------------------------------------------------------------
 
 
+#: The ClusterServingRuntime the chart installs (charts/fmforge/templates/servingruntime.yaml).
+SERVING_RUNTIME = "fmforge"
+
+
+def serving_uri(uri: str) -> str:
+    """The model's URI as KServe reads it. A stage in a Ray pod reports a model on a claim as
+    the path it has there (file:///mnt/pvc/CLAIM/PATH); KServe mounts a claim only for a
+    pvc://CLAIM/PATH storage URI (and has no file:// at all), so that is what it is given back."""
+    prefix = f"file://{PVC_ROOT}/"
+    if uri.startswith(prefix) and "/" in uri.removeprefix(prefix).strip("/"):
+        return "pvc://" + uri.removeprefix(prefix)
+    return uri
+
+
 def inference_service(obj: dict[str, Any], spec: Any, model_uri: str, model_digest: str | None,
                       settings: Settings) -> dict[str, Any]:
     """The KServe InferenceService (serving.kserve.io/v1beta1) of a Deployment with target kserve.
@@ -283,8 +297,10 @@ def inference_service(obj: dict[str, Any], spec: Any, model_uri: str, model_dige
 
     `runtime: huggingface` is KServe's Hugging Face runtime (`model` with its format);
     `runtime: fmforge` is fmforge's predictor (`fmforge.stages.deploy.predictor`, in the runtime
-    image) as KServe's custom container `kserve-container`: with `STORAGE_URI` set, KServe's
-    storage initializer fetches the model to /mnt/models, as it does for its own runtimes."""
+    image) through the chart's ClusterServingRuntime `fmforge`, given the approved digest: it
+    refuses model files that are not those bytes. Either way the model is the `storageUri`: a
+    pvc:// one is mounted at /mnt/models as it is (nothing copied), an s3:// one is fetched there
+    by KServe's storage initializer."""
     ks = spec.kserve
     res: dict[str, Any] = {"cpu": ks.resources.cpu, "memory": ks.resources.memory}
     if ks.resources.gpu:
@@ -293,25 +309,20 @@ def inference_service(obj: dict[str, Any], spec: Any, model_uri: str, model_dige
     predictor: dict[str, Any] = {"minReplicas": ks.min_replicas, "maxReplicas": ks.max_replicas,
                                  "securityContext": POD_SECURITY}
     if ks.runtime == "fmforge":
-        predictor["containers"] = [{
-            "name": "kserve-container",
-            "image": settings.runtime_image,
-            "command": ["python", "-m", "fmforge.stages.deploy.predictor"],
-            # Every address of the pod (the Service and the readiness probe reach it there), and
-            # the approved digest: the predictor refuses model files that are not those bytes.
-            "args": ["--model-dir", "/mnt/models", "--name", name, "--port", str(ks.port), "--host", "0.0.0.0",
-                     *(["--model-digest", model_digest] if model_digest else [])],
-            "env": [{"name": "STORAGE_URI", "value": model_uri}],
-            "ports": [{"containerPort": ks.port, "protocol": "TCP"}],
-            "readinessProbe": {"httpGet": {"path": f"/v1/models/{name}", "port": ks.port}},
+        predictor["model"] = {
+            "modelFormat": {"name": "fmforge"},
+            "runtime": SERVING_RUNTIME,
+            "storageUri": serving_uri(model_uri),
+            # appended to the runtime's args by KServe
+            "args": ["--model-digest", model_digest] if model_digest else [],
             "resources": {"requests": res, "limits": res},
             "securityContext": CONTAINER_SECURITY,
-        }]
+        }
     else:
         predictor["model"] = {
             "modelFormat": {"name": "huggingface"},
             "protocolVersion": "v2" if ks.protocol == "v2" else "v1",
-            "storageUri": model_uri,
+            "storageUri": serving_uri(model_uri),
             "args": [f"--model_name={name}"],
             "resources": {"requests": res, "limits": res},
             "securityContext": CONTAINER_SECURITY,

@@ -38,7 +38,8 @@ class KServe(Spec):
     )
 
     runtime: Literal["huggingface", "fmforge"] = "huggingface"
-    """huggingface (KServe's Hugging Face runtime) or fmforge (our predictor image)."""
+    """huggingface (KServe's Hugging Face runtime) or fmforge (fmforge's predictor in the runtime
+    image, through the chart's ClusterServingRuntime `fmforge`; it checks the approved digest)."""
     protocol: Literal["v1", "v2", "openai"] = "openai"
     """Inference protocol: v1, v2 (Open Inference Protocol) or openai (completions)."""
     min_replicas: Annotated[int, Field(ge=0, le=1000)] = 1
@@ -47,7 +48,8 @@ class KServe(Spec):
     """Most replicas."""
     canary_traffic_percent: Annotated[int, Field(ge=0, le=100)] = 0
     """Share of traffic sent to a new model revision while the previous one keeps the rest;
-    0 switches at once."""
+    0 switches at once. Only KServe's Knative mode splits traffic; its Standard mode (v0.17)
+    ignores it and rolls the new model out in place of the old."""
     resources: ServingResources = ServingResources()
     """Per-replica resources."""
     expose: Literal["route", "none"] = "none"
@@ -57,7 +59,8 @@ class KServe(Spec):
     """TLS of the Route (expose: route): edge (the router terminates TLS with its certificate and
     redirects plain HTTP to HTTPS) or none (plain HTTP)."""
     port: Annotated[int, Field(ge=1024, le=65535)] = 8080
-    """Port of the model server locally and in the container (unprivileged)."""
+    """Port of the model server run locally (`fmforge serve`); on a cluster the serving runtime's
+    port applies (the chart's servingRuntime.port for fmforge)."""
 
 
 class Edge(Spec):
