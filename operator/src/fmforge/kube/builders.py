@@ -18,6 +18,7 @@ from typing import Any
 
 from ..api.status import now
 from ..api.v1alpha1 import KINDS, RayResources
+from ..api.v1alpha1.common import WORKER_SLOT
 from .names import child_name_for, labels, owner_reference
 from .settings import Settings
 
@@ -241,6 +242,8 @@ def rayjob(obj: dict[str, Any], settings: Settings, resources: RayResources, que
                 "minReplicas": resources.workers,
                 "maxReplicas": resources.workers,
                 "rayStartParams": {},
+                # KubeRay passes these to `ray start --resources` (v1.5's group `resources`).
+                "resources": {WORKER_SLOT: "1"},
                 "template": pod(worker),
             }],
         },

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..api.v1alpha1.common import WORKER_SLOT
 from . import piles
 from .artifacts import model_digest
 from .base import StageContext, StageError
@@ -94,12 +95,17 @@ def progress_queue():
 
 
 def scaling(resources):
-    """Ray Train's ScalingConfig for a spec's `resources` (RayResources)."""
+    """Ray Train's ScalingConfig for a spec's `resources` (RayResources). On a RayJob's cluster
+    each training worker also takes a worker pod's slot (`WORKER_SLOT`), so that none lands on the
+    head; a local Ray has no such resource and is asked for none."""
+    import ray
     from ray.train import ScalingConfig
 
     gpus = resources.gpus_per_worker
-    return ScalingConfig(num_workers=resources.workers, use_gpu=gpus > 0,
-                         resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": gpus} if gpus else {})})
+    per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+    if ray.cluster_resources().get(WORKER_SLOT):
+        per_worker[WORKER_SLOT] = 1
+    return ScalingConfig(num_workers=resources.workers, use_gpu=gpus > 0, resources_per_worker=per_worker)
 
 
 def eta(seconds: float) -> str:

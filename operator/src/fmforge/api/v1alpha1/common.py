@@ -286,6 +286,13 @@ class Threshold(Spec):
     """The metric must be at most this."""
 
 
+#: The Ray resource each worker pod of a RayJob advertises, one per pod, and that each Ray Train
+#: worker asks for where the cluster has it: the head offers a CPU of its own (for the Ray Data
+#: tasks that feed training), and without this a training worker could land on the head, inside
+#: the head's small CPU budget and beyond the reach of a worker pod's failure.
+WORKER_SLOT = "fmforge-worker"
+
+
 class RayResources(Spec):
     """The Ray cluster a stage runs on (KubeRay on a cluster; ignored locally but for `workers`)."""
 
