@@ -20,6 +20,7 @@ import urllib.request
 
 import pytest
 from argocd import evaluate, luahealth, script
+from operatorproc import wait_for
 from platform_ import CLAIM, UID, WORK_NS, Platform
 from test_node import API, Watch, apply, assert_restricted_and_arbitrary_uid, get, pods
 
@@ -63,14 +64,8 @@ def fmdeploy(p: Platform) -> dict:
 
 
 def until(what: str, fn, timeout: float = 300, every: float = 2.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    """The cluster tier's `wait_for`, at the node's pace."""
+    return wait_for(what, fn, timeout, every)
 
 
 def service_url(p: Platform) -> str:
