@@ -184,18 +184,22 @@ def test_a_stage_that_fails_in_its_pod_says_why(platform: Platform):
         [(e["reason"], e["message"]) for e in events]
 
 
-def test_deleting_the_object_removes_its_rayjob_raycluster_and_pods(platform: Platform):
-    p = platform
-    apply(p, pile("gone", publish={"tags": ["gone"]}))
-    w = Watch(p, "datapile", "gone")
+def running_ray_pod(p: Platform, name: str) -> Watch:
+    """A Watch of DataPile `name`, once a Ray pod of its generation 1 RayJob runs."""
+    w = Watch(p, "datapile", name)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         w.poll()
-        if any(pod["status"].get("phase") == "Running" for pod in ray_pods(p, "gone-g1-prepare")):
-            break
+        if any(pod["status"].get("phase") == "Running" for pod in ray_pods(p, f"{name}-g1-prepare")):
+            return w
         time.sleep(1)
-    else:
-        pytest.fail(f"no Ray pod ran for gone-g1-prepare; phases {w.phases}")
+    pytest.fail(f"no Ray pod ran for {name}-g1-prepare; phases {w.phases}")
+
+
+def test_deleting_the_object_removes_its_rayjob_raycluster_and_pods(platform: Platform):
+    p = platform
+    apply(p, pile("gone", publish={"tags": ["gone"]}))
+    running_ray_pod(p, "gone")
     rj = get(p, "rayjob", "gone-g1-prepare")
     cluster = rj["status"]["rayClusterName"]
     assert get(p, "raycluster", cluster) is not None
@@ -261,15 +265,7 @@ def test_a_spec_change_starts_a_new_generations_rayjob_and_stops_the_old_ones_po
     outcome."""
     p = platform
     apply(p, pile("regen", publish={"tags": ["regen"]}))
-    w = Watch(p, "datapile", "regen")
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        w.poll()
-        if any(pod["status"].get("phase") == "Running" for pod in ray_pods(p, "regen-g1-prepare")):
-            break
-        time.sleep(1)
-    else:
-        pytest.fail(f"no Ray pod ran for regen-g1-prepare; phases {w.phases}")
+    w = running_ray_pod(p, "regen")
     old_cluster = get(p, "rayjob", "regen-g1-prepare")["status"]["rayClusterName"]
     old_pods = {pod["metadata"]["name"] for pod in ray_pods(p, "regen-g1-prepare")}
     changed = pile("regen", publish={"tags": ["regen"]}, filters=[{"type": "length", "minWords": 6}])
