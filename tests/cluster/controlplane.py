@@ -241,9 +241,11 @@ class ControlPlane:
             "--leader-elect=false", "--authentication-skip-lookup=true",
             f"--service-account-private-key-file={pki['sa.key']}", f"--root-ca-file={pki['ca.crt']}",
             "--use-service-account-credentials=false",
-            # The controllers the tests rely on, and nothing that needs nodes or a cloud; with a
+            # The controllers the tests rely on (resourcequota: a quota on RayJobs holds the
+            # operator at a known point in a fault test), and nothing that needs nodes or a cloud; with a
             # node, every default one.
-            "--controllers=" + ("*" if self.node else "garbagecollector,namespace,serviceaccount,serviceaccount-token"),
+            "--controllers=" + ("*" if self.node else
+                                "garbagecollector,namespace,resourcequota,serviceaccount,serviceaccount-token"),
             "--concurrent-gc-syncs=5",
             "--v=1",
         ])

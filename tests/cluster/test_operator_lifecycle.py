@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -36,32 +37,51 @@ from tools import build
 
 def test_sigkill_in_the_middle_of_20_objects_leaves_exactly_one_child_each(cluster, crds, tmp_path):
     n = ns(cluster, "restart")
-    # two workers, so that the kill lands while most objects are still to do
+    # A quota of 3 RayJobs holds the operator at a known point: 3 objects have their child, the
+    # other 17 are refused (403, retried later) when it is killed. Killing it on a log line
+    # instead raced the operator on a loaded machine, which had sometimes made all 20 by then.
+    quota = yaml.safe_dump({"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "rayjobs"},
+                            "spec": {"hard": {"count/rayjobs.ray.io": "3"}}})
+
+    def counted() -> bool:
+        # The quota admits nothing until its controller has counted RayJobs in it, and the
+        # controller counts a quota again only when it changes (or every 5 minutes): one made
+        # before the controller found the RayJob CRD (it looks every 30 s) is made again.
+        cluster.kubectl("delete", "resourcequota", "rayjobs", "-n", n, "--ignore-not-found")
+        cluster.kubectl("apply", "-n", n, "-f", "-", input=quota)
+        time.sleep(3)
+        return "count/rayjobs.ray.io" in (json.loads(cluster.kubectl(
+            "get", "resourcequota", "rayjobs", "-n", n, "-o", "json").stdout).get("status") or {}).get("used", {})
+    wait_for("the quota on RayJobs counted", counted, timeout=90, every=0.1)
     config = tmp_path / "config.yaml"
     config.write_text("workers: 2\n")
     op = OperatorProcess(cluster, config=config, name="operator-restart", args=["--namespace", n]).start()
     try:
         piles = [manifest("DataPile", f"p{i:02d}") for i in range(20)]
         apply(cluster, n, *piles)
-        # kill it as soon as it says it created a first RayJob
-        wait_for("a first RayJob", lambda: "Created RayJob" in op.log.read_text(), every=0.005)
+
+        def rayjobs():
+            return {j["metadata"]["name"]: j["metadata"]["uid"] for j in json.loads(cluster.kubectl(
+                "get", "rayjobs", "-n", n, "-o", "json").stdout)["items"]}
+        wait_for("3 RayJobs and a refusal", lambda: len(rayjobs()) >= 3 and "exceeded quota" in op.log.read_text(),
+                 timeout=60)
         op.kill()
-        before = {j["metadata"]["name"]: j["metadata"]["uid"] for j in json.loads(cluster.kubectl(
-            "get", "rayjobs", "-n", n, "-o", "json").stdout)["items"]}
-        made = len(before)
+        before = rayjobs()
+        # 3, or a few more where a recount of the quota lagged behind a create: never all of them
+        assert 3 <= len(before) < 20, before
+        cluster.kubectl("delete", "resourcequota", "rayjobs", "-n", n)
         op.start()
 
         def all_pending():
             items = json.loads(cluster.kubectl("get", "datapiles", "-n", n, "-o", "json").stdout)["items"]
             return all((i.get("status") or {}).get("phase") == "Pending" for i in items) and len(items) == 20
-        wait_for("20 Pending DataPiles", all_pending, timeout=60)
+        # 120 s: a request that still meets the deleted quota in the API server's cache is retried after 30 s
+        wait_for("20 Pending DataPiles", all_pending, timeout=120)
         jobs = json.loads(cluster.kubectl("get", "rayjobs", "-n", n, "-o", "json").stdout)["items"]
         names = sorted(j["metadata"]["name"] for j in jobs)
         assert names == sorted(f"p{i:02d}-g1-prepare" for i in range(20)), names
         # the ones made before the kill were found, not made again
         assert {j["metadata"]["name"]: j["metadata"]["uid"] for j in jobs if j["metadata"]["name"] in before} == before
-        assert made < 20, "the operator was killed too late to test anything"
-        print(f"{made} of 20 RayJobs existed when the operator was killed")
         # every object reaches the right phase after the restart
         for i in range(20):
             if i % 2:
