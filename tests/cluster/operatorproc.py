@@ -195,6 +195,17 @@ def events(cluster: ControlPlane, namespace: str, name: str) -> list[dict[str, A
     return json.loads(out)["items"]
 
 
+def wait_events(cluster: ControlPlane, namespace: str, name: str, *reasons: str,
+                timeout: float = 60.0) -> list[dict[str, Any]]:
+    """The Events of `name` once every one of `reasons` is among them. The operator posts an
+    Event after the status write it goes with (a task of its own), so a test that has just seen
+    the phase may list the Events before the one it looks for has landed."""
+    def have() -> list[dict[str, Any]] | None:
+        evs = events(cluster, namespace, name)
+        return evs if set(reasons) <= {e["reason"] for e in evs} else None
+    return wait_for(f"the Events {', '.join(reasons)} of {name}", have, timeout=timeout)
+
+
 def stage_outcome(cluster: ControlPlane, namespace: str, kind: str, name: str, gen: int = 1,
                   verdict: str = "Succeeded", results: dict[str, Any] | None = None) -> None:
     """Play the stage's last write from its pod (`fmforge.runtime.job.execute`): its results and

@@ -51,6 +51,8 @@ def _run_stage(cluster: ControlPlane, n: str, name: str, job: str, root: Path) -
     writer = StatusWriter(plan["status"], cluster.url, token, str(cluster.workdir / "pki" / "ca.crt"))
     out, code = execute(plan, writer)
     assert code == 0, out
+    # the operator makes the RayJob after its plan's ConfigMap
+    wait_for("the RayJob", lambda: get(cluster, n, "rayjobs", job))
     rayjob_status(cluster, n, job, "Complete", "SUCCEEDED")
     return out
 

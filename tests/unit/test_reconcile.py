@@ -407,7 +407,12 @@ def test_queue_coalesces_reruns_after_a_change_and_retries_by_error_type():
         gate.set()
         q.add("temp")
         q.add("perm")
-        await asyncio.sleep(0.2)
+
+        async def settled():  # polled, not slept: a loaded machine may run the retry late
+            while not (calls.count("slow") >= 2 and calls.count("temp") >= 2 and "perm" in calls):
+                await asyncio.sleep(0.01)
+        await asyncio.wait_for(settled(), 30)
+        await asyncio.sleep(0.05)  # a third run, if the queue wrongly made one, would come now
         await q.stop()
         return calls
 

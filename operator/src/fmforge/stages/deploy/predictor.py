@@ -27,7 +27,9 @@ most MAX_INSTANCES prompts, each checked for its length in characters before it 
 Bad input gets a 4xx naming the field and never stops the server: `InvalidInput` (400) on v1/v2,
 an OpenAI-shaped error on the OpenAI routes (422 for a body that is not the request's shape,
 400 for a request the model cannot answer). Work stops when its client disconnects, streams
-included, and a stream whose generation fails ends with an error event.
+included, and a stream whose generation fails ends with an error event. kserve's `GET /metrics`
+carries `fmforge_generated_tokens_total{model}`, counted token by token as they are made (a
+request whose client left stops adding to it).
 
 With `--model-digest` (or FMFORGE_MODEL_DIGEST) the server first checks that the model files
 are the ones approved and exits with code 3 when they are not.
@@ -61,6 +63,7 @@ from kserve.logging import logger
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from kserve.protocol.rest.server import RESTServer
+from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 #: The most new tokens one request may ask for, whatever the context leaves.
@@ -85,6 +88,12 @@ MAX_CONNECTIONS = 64
 MIN_TEMPERATURE = 1e-4
 #: The exit code when the model files are not the approved ones (`--model-digest`).
 EXIT_DIGEST_MISMATCH = 3
+
+#: Tokens generated, counted at each decoding step (kserve's /metrics serves prometheus_client's
+#: default registry): the throughput a dashboard plots, and the proof that work stops for a
+#: client that left.
+GENERATED_TOKENS = Counter("fmforge_generated_tokens", "Tokens the model generated, counted as they are made",
+                           ["model"])
 
 # The disconnect event of the request being served (set by RequestGuard), for work that kserve
 # calls without the request object (`predict`).
@@ -282,10 +291,14 @@ class GenerativePredictor(kserve.Model):
         and does nothing for a client that left while it waited."""
         from transformers import StoppingCriteria, StoppingCriteriaList
 
+        made = GENERATED_TOKENS.labels(self.name)
+
         class _Gone(StoppingCriteria):
+            # Called once per decoding step, after the step's token is made.
             def __call__(self, input_ids, scores, **kwargs):
                 import torch
 
+                made.inc(input_ids.shape[0])
                 return torch.full((input_ids.shape[0],), gone.is_set(), dtype=torch.bool, device=input_ids.device)
 
         with self._lock:
