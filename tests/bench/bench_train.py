@@ -20,7 +20,14 @@ Steady-state tokens/s is measured in each run over the steps after the first `--
 and from the median step. The overhead is taken between the two sides' medians over the rounds,
 with each side's spread (lowest to highest run) and the load average printed beside it. Prints
 a table and one JSON line. Goal on 2 CPU workers: fmforge's
-overhead <= 5% of the peer's tokens/s. With --device cuda:
+overhead <= 5% of the peer's tokens/s.
+
+Where fmforge's time goes: during each fmforge run's steady state the bench reads every
+process's CPU time from /proc and prints the cores the training workers, Ray's own processes
+with the driver (raylet, GCS, the progress queue, Ray Train's controller and Ray Data's actors)
+and the rest of the machine used. On a machine the workers fill (2 workers of 1 CPU on 2
+cores, the default here) Ray's share comes out of the workers' time; `--workers 1` leaves Ray a
+core and measures the training loop's own overhead. With --device cuda:
 MFU >= 40% (model FLOPs: 6 x parameters + attention per token, over the GPU's bf16 peak).
 """
 
@@ -94,6 +101,59 @@ def steady(curve: list[dict], warmup: int) -> dict[str, float]:
     median = times[len(times) // 2]
     tokens = sum(p["tokens"] for p in pts)
     return {"mean": tokens / secs, "median": tokens / len(pts) / median, "step": secs / len(pts)}
+
+
+class CpuSampler:
+    """Every process's CPU time, read from /proc once a second in a thread: what the training
+    workers, Ray's own processes (raylet, GCS, the progress queue, Ray Train's and Ray Data's
+    actors) and the rest of the machine used during a window of the run."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.snaps: list[tuple[float, dict[int, tuple[int, str]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _snap() -> dict[int, tuple[int, str]]:
+        out = {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            out[int(pid)] = (int(fields[11]) + int(fields[12]), cmd or stat[stat.index("(") + 1:stat.rindex(")")])
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.snaps.append((time.time(), self._snap()))
+            self._stop.wait(1.0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def cores(self, t0: float, t1: float) -> dict[str, float]:
+        """Cores used between unix times t0 and t1 (the snapshots inside), by group."""
+        inside = [s for s in self.snaps if t0 <= s[0] <= t1]
+        if len(inside) < 2:
+            return {}
+        (ta, a), (tb, b) = inside[0], inside[-1]
+        hz = os.sysconf("SC_CLK_TCK")
+        groups = {"workers": 0.0, "ray": 0.0, "other": 0.0}
+        for pid, (ticks, cmd) in b.items():
+            used = (ticks - a[pid][0]) if pid in a else 0
+            if used <= 0:
+                continue
+            group = "workers" if "RayTrainWorker" in cmd else ("ray" if "ray" in cmd or pid == os.getpid()
+                                                                 else "other")
+            groups[group] += used / hz / (tb - ta)
+        return {k: round(v, 3) for k, v in groups.items()}
 
 
 # -- the peer: plain torch.distributed ------------------------------------------------------------
@@ -185,6 +245,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=None, help="steps left out of the steady state")
     ap.add_argument("--compile", action="store_true", help="torch.compile the peer (cuda)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating runs of each side (A B A B ...)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="training workers of 1 CPU each (CPU: 2 by default, the whole machine here)")
     args = ap.parse_args()
     if args.device == "cuda":  # ~125M llama (12 x 768, GPT-2 small sizes), one GPU
         args.layers, args.hidden, args.heads, args.seq, args.vocab = 12, 768, 12, 1024, 32768
@@ -192,7 +254,8 @@ def main() -> int:
         args.steps, args.warmup = args.steps or 60, args.warmup or 20
     else:  # the quickstart's tiny llama on 2 CPU workers
         args.layers, args.hidden, args.heads, args.seq, args.vocab = 4, 256, 4, 256, 8192
-        args.workers, args.cpus_per_worker, args.micro_batch, args.global_batch = 2, 1, 8, 32
+        args.cpus_per_worker, args.micro_batch, args.global_batch = 1, 8, 32
+        args.workers = args.workers or 2
         args.steps, args.warmup = args.steps or 40, args.warmup or 10
 
     from fmforge.runtime.local import run_paths
@@ -211,8 +274,12 @@ def main() -> int:
     def fmforge_side(n: int) -> dict:
         name = f"bench-gpt-{n}"
         t = time.monotonic()
-        report = run_paths([work / "datapile.yaml", training_manifest(work, args, name)], state_dir=state,
-                           console=RunConsole(rich=False))
+        sampler = CpuSampler()
+        try:
+            report = run_paths([work / "datapile.yaml", training_manifest(work, args, name)], state_dir=state,
+                               console=RunConsole(rich=False))
+        finally:
+            sampler.stop()
         wall = time.monotonic() - t
         assert report.ok, report.outcomes
         raysession.shutdown()  # the peer gets the machine to itself
@@ -223,7 +290,9 @@ def main() -> int:
         [record] = StateDir(state).artifacts_dir("TrainingRun", name).glob(f"attempts/*/{RUN_RECORD}")
         times = {p["step"]: p["unixTime"] for p in json.loads(record.read_text())["stepTimes"]}
         fm = steady([{**p, "unixTime": times[p["step"]]} for p in log["lossCurve"]], args.warmup)
-        return {**fm, "load": os.getloadavg()[0], "wall": wall, "loss": log["lossCurve"][-1]["loss"],
+        # what each group of processes used in the steady state (the steps after the warm-up)
+        cores = sampler.cores(times[args.warmup], times[max(times)])
+        return {**fm, "cores": cores, "load": os.getloadavg()[0], "wall": wall, "loss": log["lossCurve"][-1]["loss"],
                 "parameters": rec["status"]["model"]["parameters"],
                 "config": json.loads((model / "config.json").read_text())}
 
@@ -235,7 +304,10 @@ def main() -> int:
     for n in range(1, args.rounds + 1):
         fms.append(fmforge_side(n))
         peers.append(peer_side(fms[0]["config"]))
-        print(f"round {n}/{args.rounds}: fmforge {fms[-1]['mean']:.1f} tokens/s (load {fms[-1]['load']:.1f}), "
+        c = fms[-1]["cores"]
+        print(f"round {n}/{args.rounds}: fmforge {fms[-1]['mean']:.1f} tokens/s (load {fms[-1]['load']:.1f}; "
+              f"cores in its steady state: workers {c.get('workers', 0):.2f}, Ray and the driver "
+              f"{c.get('ray', 0):.2f}, other {c.get('other', 0):.2f}), "
               f"plain torch {peers[-1]['mean']:.1f} tokens/s (load {peers[-1]['load']:.1f})", flush=True)
 
     def med(runs: list[dict], key: str) -> float:
@@ -254,6 +326,7 @@ def main() -> int:
         "overhead": round(1 - fm_tps / peer_tps, 4), "overheadMedianStep": round(1 - fm_med / peer_med, 4),
         "loadAverage1m": {"fmforge": [round(r["load"], 2) for r in fms], "peer": [round(r["load"], 2) for r in peers]},
         "fmforgeWallSeconds": [round(r["wall"], 1) for r in fms],
+        "fmforgeSteadyCores": [r["cores"] for r in fms],
         "fmforgeFinalLoss": round(fms[0]["loss"], 4), "peerFinalLoss": round(peers[0]["loss"], 4),
     }
     if args.device == "cuda":
@@ -279,6 +352,8 @@ def main() -> int:
     peer_loads = "/".join(f"{r['load']:.1f}" for r in peers)
     print(f"{'load average (1 min), runs':30}{fm_loads:>14}{peer_loads:>14}")
     print(f"{'final loss (round 1)':30}{figures['fmforgeFinalLoss']:14.4f}{figures['peerFinalLoss']:14.4f}")
+    ray_cores = statistics.median(r["cores"].get("ray", 0) for r in fms)
+    print(f"{'Ray and driver cores (median)':30}{ray_cores:14.2f}{'0':>14}  of {os.cpu_count()} on this machine")
     print(f"fmforge overhead: {100 * figures['overhead']:.1f}% between the medians of {args.rounds} alternating runs, "
           f"{100 * figures['overheadMedianStep']:.1f}% by median step (goal <= 5%)")
     print(json.dumps(figures))
