@@ -32,7 +32,7 @@ collapses the copies; the table shows the documents kept, which must grow about 
      exact + fuzzy dedup with the same parameters, `tokenizer.uri` pointing at that tokenizer.json,
      sequence length 128 (the DataPile also packs the tokens into sequences, splits train and
      validation, and publishes Iceberg tables and a data card: more work, not less).
-   Goal: fmforge >= 5x faster on 2 cores at both sizes. Also the MinHash-only comparison:
+   Goal: fmforge >= 5x faster on 2 cores at 4x, >= 3x at 1x (issue 21). Also the MinHash-only comparison:
    datatrove's 4 stages with a JsonlWriter of the kept documents instead of the tokenizer,
    against the DataPile's own steps before its tokenizer (read, hash and MinHash, dedup: the data
    card's timings, without the tokenizer, tokenize/pack and publish steps; Ray's start is outside
@@ -94,6 +94,13 @@ NOT_DEDUP = re.compile(r"token|pack|publish|commit|write|card", re.I)
 GOAL_DRIVER_GROWTH = 0.25
 GOAL_MB_PER_S_PER_CORE = 4.0
 GOAL_SPEEDUP = 5.0
+#: At 1x Ray's start is a floor a 42 MB run cannot hide: issue 21 asks 3x there.
+GOAL_SPEEDUP_1X = 3.0
+
+
+def goal_speedup(size: int) -> float:
+    """The speed-up over datatrove asked at `size` copies of the corpus."""
+    return GOAL_SPEEDUP_1X if size == 1 else GOAL_SPEEDUP
 
 
 def build_corpus(out: Path, corpus: str) -> Path:
@@ -448,7 +455,7 @@ def report_side(rows: list[dict]) -> dict:
         if dt:
             line += (f"{dt['wall_s']:11.1f} {dt['removed']:7d} {dt['tokens'] or 0:10d} | {r['speedup']:6.2f}x || "
                      f"{f['dedup_steps_s']:21.1f} {dt['dedup_only_s']:11.1f} {r['dedup_only_speedup']:6.1f}x")
-            goals[f"speedup_{r['size']}x_ok"] = r["speedup"] >= GOAL_SPEEDUP
+            goals[f"speedup_{r['size']}x_ok"] = r["speedup"] >= goal_speedup(r["size"])
         else:
             line += f"{'-':>11} {'-':>7} {'-':>10} | {'-':>7} || {f['dedup_steps_s']:21.1f}"
         print(line)
@@ -467,9 +474,11 @@ def report_side(rows: list[dict]) -> dict:
             print(f"  {r['size']}x datatrove stages: "
                   + ", ".join(f"{k} {v:.1f}s" for k, v in r["datatrove"]["stages_s"].items())
                   + f"; load before {r['datatrove']['load_before']}")
-    if goals:
-        print(f"goal: fmforge >= {GOAL_SPEEDUP:g}x faster than datatrove at every size: "
-              f"{'met' if all(goals.values()) else 'NOT met'}")
+    for r in rows:
+        if "speedup" in r:
+            met = goals[f"speedup_{r['size']}x_ok"]
+            print(f"goal at {r['size']}x: fmforge >= {goal_speedup(r['size']):g}x faster than datatrove: "
+                  f"{'met' if met else 'NOT met'}")
     return goals
 
 
