@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The node tier's images, built the way users build them (`podman build -f images/X/Containerfile .`;
 # here with buildah, the same engine, from Debian's package), into a container storage of our own
-# under $FMFORGE_CACHE, and saved as archives that containerd imports:
+# under $FMFORGE_CACHE. The node streams each into containerd (`stream NAME | ctr images import -`)
+# when containerd lacks that build: no archive is written (the runtime's was 7.6 GB).
 #
 #   base      the FROM image of both Containerfiles (docker.io/library/python:3.11-slim) cannot
 #             be pulled here, so it is made locally: a Debian bookworm root filesystem from
@@ -15,10 +16,11 @@
 #   operator  images/operator/Containerfile, `--pull=never`
 #
 # Installs what it needs from Debian's packages when missing (containerd, runc, buildah,
-# mmdebstrap, iptables, conntrack). Prints one line per image: NAME ARCHIVE SECONDS. pip's cache
+# mmdebstrap, iptables, conntrack). Prints one line per image: NAME IMAGE-ID SECONDS. pip's cache
 # is a cache mount of the Containerfiles, kept under $FMFORGE_CACHE/buildah-tmp between builds.
 #
-#   tests/node/build-images.sh [base|pause|coredns|kuberay|kserve|runtime|operator|all]
+#   tests/node/build-images.sh [base|pause|coredns|kuberay|kserve|runtime|operator|all|prune]
+#   tests/node/build-images.sh stream NAME     the image as a docker-archive on stdout
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -35,8 +37,7 @@ KSERVE_NAME=localhost/fmforge/kserve-controller:$KSERVE_VERSION
 RUNTIME_NAME=${RUNTIME_IMAGE:-localhost/fmforge/runtime:dev}
 OPERATOR_NAME=${OPERATOR_IMAGE:-localhost/fmforge/operator:dev}
 STORE=$CACHE/containers
-ARCHIVES=$CACHE/images
-mkdir -p "$STORE" "$ARCHIVES" "$CACHE/buildah-tmp"
+mkdir -p "$STORE" "$CACHE/buildah-tmp"
 # buildah keeps cache mounts (pip's cache) and its temporary files under $TMPDIR.
 export TMPDIR=$CACHE/buildah-tmp
 BUILDAH=(buildah --root "$STORE/storage" --runroot "$STORE/run" --storage-driver overlay)
@@ -54,22 +55,7 @@ apt_install() {
 
 image_id() { "${BUILDAH[@]}" images --noheading --no-trunc --format '{{.ID}}' "$1" 2>/dev/null | head -1; }
 
-# save NAME: the image as a docker-archive (uncompressed: containerd unpacks it at once), written
-# again only when the image changed.
-save() {
-  local name=$1 file id
-  file="$ARCHIVES/$(echo "${name#localhost/}" | tr '/:' '__').tar"
-  id=$(image_id "$name")
-  if [[ ! -f $file || $(cat "$file.id" 2>/dev/null) != "$id" ]]; then
-    rm -f "$file"
-    "${BUILDAH[@]}" push -q --disable-compression "$name" "docker-archive:$file.tmp:$name" >&2
-    mv "$file.tmp" "$file"
-    echo "$id" > "$file.id"
-  fi
-  echo "$file"
-}
-
-report() { local name=$1 t0=$2; echo "$name $(save "$name") $(( $(date +%s) - t0 ))"; }
+report() { local name=$1 t0=$2; echo "$name $(image_id "$name") $(( $(date +%s) - t0 ))"; }
 
 # The recipe of the base is in its label: a changed recipe makes it again.
 BASE_PACKAGES="python3 python3-venv python-is-python3 ca-certificates"
@@ -168,13 +154,17 @@ case "$what" in
   # Disk: every change of the runtime's dependencies leaves a 7.6 GB layer behind in the storage,
   # and containerd keeps every runtime it imported. This removes the build containers, the
   # untagged images (buildah's layer cache too: the next build installs the dependencies again,
-  # from pip's kept files) and the node's containerd root (imported again on the next start).
+  # from pip's kept files), the node's containerd root (imported again on the next start) and
+  # the archives earlier versions of this script wrote.
   prune) "${BUILDAH[@]}" rm --all >/dev/null; "${BUILDAH[@]}" rmi --prune >/dev/null
-         rm -rf "$CACHE/node/containerd"; du -sh "$STORE" ;;
+         rm -rf "$CACHE/node/containerd" "$CACHE/images"; du -sh "$STORE" ;;
+  # Uncompressed (containerd unpacks it at once), straight into the reader: never on disk.
+  stream) [[ -n ${2:-} ]] || { echo "usage: $0 stream NAME" >&2; exit 2; }
+          exec "${BUILDAH[@]}" push -q --disable-compression "$2" "docker-archive:/dev/stdout:$2" ;;
   tools) apt_install containerd runc buildah mmdebstrap iptables conntrack ;;
   all) apt_install containerd runc buildah mmdebstrap iptables conntrack
        build_base; build_pause; build_coredns; build_kuberay; build_kserve
        containerfile "$OPERATOR_NAME" images/operator/Containerfile
        containerfile "$RUNTIME_NAME" images/runtime/Containerfile ;;
-  *) echo "usage: $0 [base|pause|coredns|kuberay|kserve|runtime|operator|tools|all|prune]" >&2; exit 2 ;;
+  *) echo "usage: $0 [base|pause|coredns|kuberay|kserve|runtime|operator|tools|all|prune|stream NAME]" >&2; exit 2 ;;
 esac

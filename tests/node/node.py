@@ -72,15 +72,15 @@ def _run(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return r
 
 
-def build_images(what: str) -> dict[str, tuple[Path, float]]:
-    """Build (or find) the images; {name: (archive, seconds)}."""
+def build_images(what: str) -> dict[str, tuple[str, float]]:
+    """Build (or find) the images; {name: (image id, seconds)}."""
     r = subprocess.run([str(BUILD_IMAGES), what], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{BUILD_IMAGES.name} {what} failed:\n{r.stderr[-6000:]}")
     out = {}
     for line in r.stdout.splitlines():
-        name, archive, secs = line.split()
-        out[name] = (Path(archive), float(secs))
+        name, image_id, secs = line.split()
+        out[name] = (image_id, float(secs))
     return out
 
 
@@ -439,19 +439,31 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                       timeout=60)
 
     def _import_images(self) -> None:
-        """Import each image archive unless containerd has that very image already (its build id
-        recorded beside the containerd root)."""
+        """Stream each image from buildah's storage into containerd, unless containerd has that
+        very build already (its image id recorded beside the containerd root)."""
         marks = self.containerd_root / "fmforge-imported"
         marks.mkdir(exist_ok=True)
         have = set(self.ctr("images", "ls", "-q").stdout.split())
-        for name, (archive, _) in self.images.items():
-            image_id = Path(f"{archive}.id").read_text().strip()
-            mark = marks / archive.name
+        for name, (image_id, _) in self.images.items():
+            mark = marks / name.replace("/", "_").replace(":", "_")
             if name in have and mark.exists() and mark.read_text() == image_id:
                 continue
             t = time.monotonic()
-            # unpacked into the overlayfs snapshots the CRI plugin uses
-            self.ctr("images", "import", str(archive))
+            # buildah's docker-archive piped into ctr (unpacked into the overlayfs snapshots the
+            # CRI plugin uses): the image is never written out as a file between them
+            push = subprocess.Popen([str(BUILD_IMAGES), "stream", name], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+            try:
+                imported = subprocess.run(["ctr", "--address", str(self.sock), "--namespace", "k8s.io", "images",
+                                           "import", "-"], stdin=push.stdout, capture_output=True, text=True,
+                                          timeout=1800)
+            finally:
+                push.stdout.close()
+                pushed = push.wait(timeout=60)
+            if pushed != 0 or imported.returncode != 0:
+                raise RuntimeError(f"importing {name} into containerd failed: build-images.sh stream exited "
+                                   f"{pushed} ({push.stderr.read().decode()[-2000:]}), ctr images import "
+                                   f"exited {imported.returncode} ({imported.stderr[-2000:]})")
             # pinned: kubelet's image garbage collection keeps it (it cannot be pulled again)
             self.ctr("images", "label", name, "io.cri-containerd.pinned=pinned", check=False)
             mark.write_text(image_id)
