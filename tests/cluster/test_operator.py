@@ -19,6 +19,7 @@ from controlplane import ROOT, ControlPlane, build
 from operatorproc import (
     MODEL_RESULTS,
     PILE_RESULTS,
+    STAGE,
     apply,
     condition,
     get,
@@ -150,26 +151,72 @@ def test_the_quickstart_chain_waits_for_each_producer_and_proceeds(cluster, oper
     assert f"http://pydocs-qa.{n}.example.com" in out and "Ready" in out
 
 
-def test_deployment_refuses_a_digest_no_card_approved(cluster, operator):
+def test_a_model_made_again_is_evaluated_again_and_needs_its_own_approval(cluster, operator):
+    """An approval names a digest: the card of a model made again is evaluated again (as `fmforge
+    run` does), the Deployment goes on serving the approved model meanwhile, and the new model is
+    served once a person approves exactly it."""
     n = ns(cluster, "gate")
     apply(cluster, n, manifest("DataPile", "pydocs"), manifest("TrainingRun", "gpt", dataPileRef={"name": "pydocs"}))
     succeed(cluster, n, "DataPile", "pydocs", results=PILE_RESULTS)
     succeed(cluster, n, "TrainingRun", "gpt", results=MODEL_RESULTS)
-    card = manifest("ModelCard", "gpt-card", modelRef={"kind": "TrainingRun", "name": "gpt"})
-    dep = manifest("Deployment", "serve", modelRef={"kind": "TrainingRun", "name": "gpt"})
-    apply(cluster, n, card, dep)
-    # the card approved a different digest than the one the TrainingRun now reports
-    succeed(cluster, n, "ModelCard", "gpt-card", results={"approved": True, "modelDigest": "sha256:older"})
-    st = wait_for("the gate's message", lambda: (s := status(cluster, n, "Deployment", "serve")).get("message", "")
-                  .count("sha256:older") and s)
-    assert st["phase"] == "Waiting" and condition(st, "Ready")["reason"] == "WaitingForApprovedModelCard"
-    assert "ModelCard/gpt-card evaluated model sha256:older, not sha256:model1" in st["message"]
-    assert get(cluster, n, "inferenceservices", "serve") is None
-    wait_events(cluster, n, "serve", "WaitingForApprovedModelCard")
-    # the same Deployment without the gate serves at once
-    apply(cluster, n, manifest("Deployment", "serve", modelRef={"kind": "TrainingRun", "name": "gpt"},
-                               requireApprovedModelCard=False))
-    wait_for("the InferenceService", lambda: get(cluster, n, "inferenceservices", "serve"))
+    apply(cluster, n, manifest("ModelCard", "gpt-card", modelRef={"kind": "TrainingRun", "name": "gpt"},
+                               approval="manual"),
+          manifest("Deployment", "serve", modelRef={"kind": "TrainingRun", "name": "gpt"}))
+    job = f"gpt-card-g1-{STAGE['ModelCard']}"
+
+    def evaluated(digest: str) -> dict:
+        """Play the card's stage on `digest`: its results, outcome, and KubeRay's report."""
+        rj = wait_for(f"RayJob {job}", lambda: get(cluster, n, "rayjobs", job))
+        stage_outcome(cluster, n, "ModelCard", "gpt-card", verdict="WaitingForApproval",
+                      results={"modelDigest": digest, "results": []})
+        rayjob_status(cluster, n, job, "Complete", "SUCCEEDED")
+        return rj
+
+    def approve(digest: str) -> None:
+        cluster.kubectl("annotate", "--overwrite", "modelcard", "gpt-card", "-n", n,
+                        "fmforge.io/approved-by=ana", f"fmforge.io/approved-digest={digest}")
+
+    first = evaluated("sha256:model1")
+    wait_phase(cluster, n, "ModelCard", "gpt-card", "Waiting")
+    approve("sha256:model1")
+    wait_phase(cluster, n, "ModelCard", "gpt-card", "Succeeded")
+    st = wait_for("model1 served", lambda: (s := status(cluster, n, "Deployment", "serve")).get("servedModel") and s)
+    assert st["servedModel"]["digest"] == "sha256:model1"
+    isvc = get(cluster, n, "inferenceservices", "serve")
+    assert isvc["metadata"]["annotations"]["fmforge.io/model-digest"] == "sha256:model1"
+
+    # the TrainingRun changed and made another model
+    apply(cluster, n, manifest("TrainingRun", "gpt", dataPileRef={"name": "pydocs"},
+                               training={"maxSteps": 20, "globalBatchSize": 32, "microBatchSize": 8}))
+    succeed(cluster, n, "TrainingRun", "gpt", gen=2,
+            results={"model": {"uri": "pvc://fmforge-artifacts/models/m2", "digest": "sha256:model2"}})
+    second = wait_for("a new attempt", lambda: (rj := get(cluster, n, "rayjobs", job))
+                      and rj["metadata"]["uid"] != first["metadata"]["uid"] and rj)
+    # Pending/ModelChanged lasts as long as deleting the old attempt: its Event stays
+    [ev] = [e for e in wait_events(cluster, n, "gpt-card", "ModelChanged") if e["reason"] == "ModelChanged"]
+    assert "the model is now sha256:model2, not the sha256:model1 this card evaluated" in ev["message"]
+    st = status(cluster, n, "ModelCard", "gpt-card")
+    assert st["phase"] == "Pending" and st["approved"] is False and "outcome" not in st, st
+    plan = json.loads(get(cluster, n, "configmaps", job)["data"]["plan.json"])
+    assert plan["inputs"]["TrainingRun/gpt"]["model"]["digest"] == "sha256:model2"
+    # meanwhile the approved model is still served
+    dep = wait_phase(cluster, n, "Deployment", "serve", "Waiting")
+    assert dep["servedModel"]["digest"] == "sha256:model1"
+    assert get(cluster, n, "inferenceservices", "serve")["metadata"]["annotations"]["fmforge.io/model-digest"] \
+        == "sha256:model1"
+
+    # the new model evaluated: ana's approval of model1 does not carry over
+    assert evaluated("sha256:model2")["metadata"]["uid"] == second["metadata"]["uid"]
+    st = wait_for("the card to wait for a new approval", lambda: (s := status(cluster, n, "ModelCard", "gpt-card"))
+                  .get("modelDigest") == "sha256:model2" and s.get("phase") == "Waiting" and s)
+    assert "the approval by ana was for sha256:model1" in st["message"], st["message"]
+    assert status(cluster, n, "Deployment", "serve")["servedModel"]["digest"] == "sha256:model1"
+    approve("sha256:model2")
+    st = wait_for("model2 served", lambda: (s := status(cluster, n, "Deployment", "serve")).get(
+        "servedModel", {}).get("digest") == "sha256:model2" and s)
+    isvc = get(cluster, n, "inferenceservices", "serve")
+    assert isvc["metadata"]["annotations"]["fmforge.io/model-digest"] == "sha256:model2"
+    assert st["servedModel"]["modelCard"] == "gpt-card"
 
 
 def test_canary_change_updates_the_inference_service_in_place(cluster, operator):

@@ -139,6 +139,55 @@ def test_an_automatic_card_that_passes_is_approved():
     assert d.status["phase"] == "Succeeded" and d.status["approvedBy"] == "automatic"
 
 
+def _card_and_a_new_model(verdict: str = "Succeeded", producer_ready: bool = True):
+    """A card done for its generation that evaluated sha256:old, its producer now at sha256:new."""
+    name = jobs.child_name_for("ModelCard", "card", 1)
+    st = {"phase": "Succeeded", "observedGeneration": 1, "results": RESULTS_PASS, "modelDigest": "sha256:old",
+          "approved": True, "approvedBy": "automatic", "rayJob": name,
+          "outcome": {"generation": 1, "verdict": verdict, "message": "measured"}}
+    card = obj("ModelCard", "card", status=st)
+    tuned = done(obj("TunedModel", "pydocs-qa"), model={"uri": "pvc://c/m2", "digest": "sha256:new"})
+    if not producer_ready:
+        tuned["status"]["phase"] = "Running"
+    pile = done(obj("DataPile", "pydocs"), version={"snapshotId": "1", "digest": "sha256:p"}, tags=["v1"])
+    return card, world(card, tuned, pile), name
+
+
+def test_a_card_whose_model_was_made_again_is_evaluated_again():
+    """As `fmforge run` does: an approval names a digest, so the new model gets its own verdict."""
+    card, w, name = _card_and_a_new_model()
+    old = rayjob(name, 1, "Complete", "SUCCEEDED")
+    d = jobs.decide(card, w, [old], SETTINGS)
+    assert (d.status["phase"], cond(d.status, "Ready")["reason"]) == ("Pending", "ModelChanged")
+    assert "sha256:new, not the sha256:old this card evaluated" in d.status["message"]
+    assert {(r.kind, n) for r, n, _ in d.delete} == {("RayJob", name), ("ConfigMap", name)} and d.create == []
+    patch = status_patch(card["status"], d.status, d.owned)
+    assert patch["outcome"] is None and patch["approved"] is False and patch["approvedBy"] is None
+    # the old attempt still in the store (its deletion not seen yet): nothing more, no status moved
+    card["status"] = d.status
+    d = jobs.decide(card, w, [old], SETTINGS)
+    assert d.create == [] and status_patch(card["status"], d.status, d.owned) == {}
+    # gone: the attempt for the new model, its plan naming it
+    d = jobs.decide(card, w, [], SETTINGS)
+    plan = next(c for c in d.create if c["kind"] == "ConfigMap")["data"]["plan.json"]
+    assert [c["kind"] for c in d.create] == ["ConfigMap", "RayJob"] and "sha256:new" in plan
+    assert "sha256:old" not in plan
+    # once evaluated, the new model's verdict stands
+    card["status"] = {**d.status, "modelDigest": "sha256:new", "results": RESULTS_PASS,
+                      "outcome": {"generation": 1, "verdict": "Succeeded", "message": "measured"}}
+    d = jobs.decide(card, w, [rayjob(name, 1, "Complete", "SUCCEEDED")], SETTINGS)
+    assert d.status["phase"] == "Succeeded" and d.delete == [] and d.status["approved"] is True
+
+
+def test_a_card_is_not_evaluated_again_while_its_model_is_made_or_after_its_stage_failed():
+    card, w, name = _card_and_a_new_model(producer_ready=False)
+    d = jobs.decide(card, w, [rayjob(name, 1, "Complete", "SUCCEEDED")], SETTINGS)
+    assert d.status["phase"] == "Succeeded" and d.delete == []
+    card, w, name = _card_and_a_new_model(verdict="Failed")
+    d = jobs.decide(card, w, [], SETTINGS)
+    assert d.delete == [] and d.create == []
+
+
 def test_a_failed_job_says_why_and_where_the_output_is():
     pile = obj("DataPile", "docs")
     rj = rayjob("docs-g1-prepare", 1, "Failed", "FAILED", reason="DeadlineExceeded", message="took too long")

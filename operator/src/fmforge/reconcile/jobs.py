@@ -10,7 +10,11 @@ ModelCard's verdict is decided here from its results, its model digest and its a
 they are now (`card_verdict`, the function the stage uses): rejected → Failed/Rejected, a
 manual approval missing → Waiting/WaitingForApproval until `kubectl annotate` names the digest,
 then Succeeded/Approved. An attempt that finished for the current generation stays finished:
-nothing is created again, even after a restart or after KubeRay deleted the job.
+nothing is created again, even after a restart or after KubeRay deleted the job. One exception,
+as `fmforge run` has it: a ModelCard whose model was made again (its producer reports another
+digest than the one the card evaluated) is evaluated again in the same generation, its finished
+RayJob and plan replaced (Pending/ModelChanged): an approval names a digest, so the new model
+waits for its own verdict and approval while a Deployment goes on serving the approved one.
 """
 
 from __future__ import annotations
@@ -21,17 +25,23 @@ from ..api.status import FINISHED, Phase
 from ..api.v1alpha1 import KINDS, RayResources
 from ..api.v1alpha1.modelcard import WAITING_FOR_APPROVAL, card_verdict
 from ..kube import builders
-from ..kube.client import RAYJOBS
+from ..kube.client import CONFIGMAPS, RAYJOBS
 from ..kube.names import LABEL_GENERATION, child_name_for
 from ..kube.settings import Settings
 from .decision import COMMON_OWNED, Decision, phase_status, reason_of
-from .refs import resolve
+from .refs import is_ready, resolve
 from .store import World, spec_of
 
 #: Failures decided before any RayJob ran: a change elsewhere (a reference fixed) can undo them.
 DECIDED_HERE = ("ReferenceCycle", "ChildRejected", "InvalidSpec")
 #: Ready's reason while the RayJob has ended and the stage's outcome is not in the store yet.
 AWAITING_OUTCOME = "AwaitingStageOutcome"
+#: Ready's reason while a ModelCard's model, made again, waits to be evaluated.
+MODEL_CHANGED = "ModelChanged"
+#: The stage verdicts of a card that evaluated its model to the end: one of these evaluated an
+#: older model and is evaluated again; a stage that failed (a bad prompts file) is not retried
+#: for every new model, it needs a change of the card.
+EVALUATED = ("Succeeded", "Rejected", WAITING_FOR_APPROVAL)
 
 
 def owned(kind: str) -> tuple[str, ...]:
@@ -84,6 +94,24 @@ def outcome_of(obj: dict[str, Any]) -> dict[str, Any] | None:
     an older generation)."""
     out = (obj.get("status") or {}).get("outcome") or {}
     return out if out.get("generation") == int(obj["metadata"]["generation"]) else None
+
+
+def model_changed(obj: dict[str, Any], spec: Any, world: World, mine: dict[str, Any] | None) -> str | None:
+    """The digest a ModelCard's model has now, when the card evaluated another one to a verdict
+    for its current generation (its producer made the model again); None otherwise, and while an
+    attempt runs (its own result says which model it evaluated)."""
+    st = obj.get("status") or {}
+    evaluated = st.get("modelDigest")
+    outcome = outcome_of(obj)
+    if not evaluated or outcome is None or outcome.get("verdict") not in EVALUATED:
+        return None
+    if mine is not None and not _finished(mine):
+        return None
+    producer = world.get(spec.model_ref.kind, spec.model_ref.name)
+    if producer is None or not is_ready(producer):
+        return None  # being made again: the card is evaluated once it is done
+    now = ((producer.get("status") or {}).get("model") or {}).get("digest")
+    return now if now and now != evaluated else None
 
 
 def settle(obj: dict[str, Any], spec: Any, job: tuple[str, str, str], name: str) -> tuple[str, str, str, dict]:
@@ -144,6 +172,20 @@ def decide(obj: dict[str, Any], world: World, children: list[dict[str, Any]], se
         return Decision(status(Phase.FAILED, "InvalidSpec", msg), fields, delete=stale, requeue=False, permanent=True)
 
     mine = next((c for c in rayjobs if c["metadata"]["name"] == name), None)
+    if mine is not None and (mine["metadata"].get("deletionTimestamp")
+                             or (reason_of(current) == MODEL_CHANGED and _finished(mine))):
+        # Being deleted (by hand, or the finished attempt of a card whose model changed, which
+        # the store may still hold): decided again once it is gone.
+        return Decision(current, fields, delete=stale, requeue=True)
+    changed = model_changed(obj, spec, world, mine) if kind == "ModelCard" else None
+    if changed is not None:
+        # Its finished RayJob and plan go (the plan names the old model), and the old outcome
+        # with them; once both are gone the next reconcile makes the attempt for the new model.
+        why = f"its model is now {changed}"
+        msg = (f"the model is now {changed}, not the {current.get('modelDigest')} this card evaluated: "
+               f"evaluating it again (RayJob {name})")
+        return Decision(status(Phase.PENDING, MODEL_CHANGED, msg, outcome=None, approved=False, approvedBy=None),
+                        fields + ("outcome",), delete=[*stale, (RAYJOBS, name, why), (CONFIGMAPS, name, why)])
     if mine is not None:
         phase, reason, message = mirror(mine)
         more: dict[str, Any] = {}
