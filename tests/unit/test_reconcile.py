@@ -153,39 +153,73 @@ def _card_and_a_new_model(verdict: str = "Succeeded", producer_ready: bool = Tru
     return card, world(card, tuned, pile), name
 
 
+def _attempt(name: str, digest: str | None, *state: str) -> dict:
+    """The card's RayJob, planned with `digest` (None: made before RayJobs carried it)."""
+    rj = rayjob(name, 1, *state)
+    if digest:
+        rj["metadata"]["annotations"] = {"fmforge.io/model-digest": digest}
+    return rj
+
+
 def test_a_card_whose_model_was_made_again_is_evaluated_again():
     """As `fmforge run` does: an approval names a digest, so the new model gets its own verdict."""
     card, w, name = _card_and_a_new_model()
-    old = rayjob(name, 1, "Complete", "SUCCEEDED")
+    old = _attempt(name, "sha256:old", "Complete", "SUCCEEDED")
     d = jobs.decide(card, w, [old], SETTINGS)
     assert (d.status["phase"], cond(d.status, "Ready")["reason"]) == ("Pending", "ModelChanged")
-    assert "sha256:new, not the sha256:old this card evaluated" in d.status["message"]
+    assert "the model is now sha256:new, not the sha256:old of this card's last attempt" in d.status["message"]
     assert {(r.kind, n) for r, n, _ in d.delete} == {("RayJob", name), ("ConfigMap", name)} and d.create == []
     patch = status_patch(card["status"], d.status, d.owned)
     assert patch["outcome"] is None and patch["approved"] is False and patch["approvedBy"] is None
-    # the old attempt still in the store (its deletion not seen yet): nothing more, no status moved
+    # the old attempt still in the store (its deletion not seen yet): the same decision, no status moved
     card["status"] = d.status
     d = jobs.decide(card, w, [old], SETTINGS)
     assert d.create == [] and status_patch(card["status"], d.status, d.owned) == {}
-    # gone: the attempt for the new model, its plan naming it
+    # being deleted (KubeRay's finalizer): waits
+    deleting = copy.deepcopy(old)
+    deleting["metadata"]["deletionTimestamp"] = "2026-12-06T00:00:00Z"
+    d = jobs.decide(card, w, [deleting], SETTINGS)
+    assert d.create == [] and d.delete == [] and status_patch(card["status"], d.status, d.owned) == {}
+    # gone: the attempt for the new model, its plan and its RayJob naming it
     d = jobs.decide(card, w, [], SETTINGS)
     plan = next(c for c in d.create if c["kind"] == "ConfigMap")["data"]["plan.json"]
+    job = next(c for c in d.create if c["kind"] == "RayJob")
     assert [c["kind"] for c in d.create] == ["ConfigMap", "RayJob"] and "sha256:new" in plan
-    assert "sha256:old" not in plan
-    # once evaluated, the new model's verdict stands
-    card["status"] = {**d.status, "modelDigest": "sha256:new", "results": RESULTS_PASS,
+    assert "sha256:old" not in plan and job["metadata"]["annotations"]["fmforge.io/model-digest"] == "sha256:new"
+    # the new attempt finished, even with the status write of its start lost (still ModelChanged):
+    # the new model's verdict stands, nothing is made again
+    card["status"] = {**card["status"], "modelDigest": "sha256:new", "results": RESULTS_PASS,
                       "outcome": {"generation": 1, "verdict": "Succeeded", "message": "measured"}}
-    d = jobs.decide(card, w, [rayjob(name, 1, "Complete", "SUCCEEDED")], SETTINGS)
+    d = jobs.decide(card, w, [_attempt(name, "sha256:new", "Complete", "SUCCEEDED")], SETTINGS)
     assert d.status["phase"] == "Succeeded" and d.delete == [] and d.status["approved"] is True
 
 
-def test_a_card_is_not_evaluated_again_while_its_model_is_made_or_after_its_stage_failed():
-    card, w, name = _card_and_a_new_model(producer_ready=False)
-    d = jobs.decide(card, w, [rayjob(name, 1, "Complete", "SUCCEEDED")], SETTINGS)
-    assert d.status["phase"] == "Succeeded" and d.delete == []
+def test_a_card_made_before_rayjobs_carried_their_digest_is_judged_by_its_recorded_one():
+    card, w, name = _card_and_a_new_model()
+    d = jobs.decide(card, w, [_attempt(name, None, "Complete", "SUCCEEDED")], SETTINGS)
+    assert cond(d.status, "Ready")["reason"] == "ModelChanged" and "not the sha256:old" in d.status["message"]
+    d = jobs.decide(card, w, [], SETTINGS)  # its RayJob gone too
+    assert cond(d.status, "Ready")["reason"] == "ModelChanged"
+
+
+def test_a_failed_card_is_evaluated_once_more_for_a_new_model_then_left_alone():
+    # its stage failed on the old model (the producer's files had changed under it, say)
     card, w, name = _card_and_a_new_model(verdict="Failed")
-    d = jobs.decide(card, w, [], SETTINGS)
-    assert d.delete == [] and d.create == []
+    card["status"]["phase"] = "Failed"
+    d = jobs.decide(card, w, [_attempt(name, "sha256:old", "Failed", "FAILED")], SETTINGS)
+    assert cond(d.status, "Ready")["reason"] == "ModelChanged"
+    # failed again on the new model: no loop
+    d = jobs.decide(card, w, [_attempt(name, "sha256:new", "Failed", "FAILED")], SETTINGS)
+    assert d.status["phase"] == "Failed" and d.delete == [] and d.create == []
+
+
+def test_a_card_is_not_evaluated_again_while_its_model_is_made_or_its_attempt_runs():
+    card, w, name = _card_and_a_new_model(producer_ready=False)
+    d = jobs.decide(card, w, [_attempt(name, "sha256:old", "Complete", "SUCCEEDED")], SETTINGS)
+    assert d.status["phase"] == "Succeeded" and d.delete == []
+    card, w, name = _card_and_a_new_model()
+    d = jobs.decide(card, w, [_attempt(name, "sha256:old", "Running", "RUNNING")], SETTINGS)
+    assert d.delete == [] and d.status["phase"] == "Running"
 
 
 def test_a_failed_job_says_why_and_where_the_output_is():

@@ -19,7 +19,7 @@ from typing import Any
 from ..api.status import now
 from ..api.v1alpha1 import KINDS, RayResources
 from ..api.v1alpha1.common import WORKER_SLOT
-from .names import child_name_for, labels, owner_reference
+from .names import ANNOTATION_MODEL_DIGEST, child_name_for, labels, owner_reference
 from .settings import Settings
 
 PLAN_DIR = "/etc/fmforge/plan"
@@ -333,7 +333,7 @@ def inference_service(obj: dict[str, Any], spec: Any, model_uri: str, model_dige
     if ks.canary_traffic_percent:
         predictor["canaryTrafficPercent"] = ks.canary_traffic_percent
     meta = _meta(obj, name)
-    meta["annotations"] = {"fmforge.io/model-digest": model_digest or ""}
+    meta["annotations"] = {ANNOTATION_MODEL_DIGEST: model_digest or ""}
     return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": meta,
             "spec": {"predictor": predictor}}
 

@@ -15,6 +15,8 @@ DNS_LABEL_MAX = 63
 LABEL_KIND = "fmforge.io/kind"
 LABEL_NAME = "fmforge.io/name"
 LABEL_GENERATION = "fmforge.io/generation"
+#: The model digest an InferenceService serves, and a ModelCard's RayJob was planned to evaluate.
+ANNOTATION_MODEL_DIGEST = "fmforge.io/model-digest"
 
 
 def child_name(name: str, generation: int, stage: str) -> str:

@@ -12,9 +12,10 @@ manual approval missing → Waiting/WaitingForApproval until `kubectl annotate` 
 then Succeeded/Approved. An attempt that finished for the current generation stays finished:
 nothing is created again, even after a restart or after KubeRay deleted the job. One exception,
 as `fmforge run` has it: a ModelCard whose model was made again (its producer reports another
-digest than the one the card evaluated) is evaluated again in the same generation, its finished
-RayJob and plan replaced (Pending/ModelChanged): an approval names a digest, so the new model
-waits for its own verdict and approval while a Deployment goes on serving the approved one.
+digest than the one its last attempt was planned with, recorded on that RayJob) is evaluated
+again in the same generation, whatever that attempt's verdict, its finished RayJob and plan
+replaced (Pending/ModelChanged): an approval names a digest, so the new model waits for its own
+verdict and approval while a Deployment goes on serving the approved one.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..api.v1alpha1 import KINDS, RayResources
 from ..api.v1alpha1.modelcard import WAITING_FOR_APPROVAL, card_verdict
 from ..kube import builders
 from ..kube.client import CONFIGMAPS, RAYJOBS
-from ..kube.names import LABEL_GENERATION, child_name_for
+from ..kube.names import ANNOTATION_MODEL_DIGEST, LABEL_GENERATION, child_name_for
 from ..kube.settings import Settings
 from .decision import COMMON_OWNED, Decision, phase_status, reason_of
 from .refs import is_ready, resolve
@@ -38,10 +39,6 @@ DECIDED_HERE = ("ReferenceCycle", "ChildRejected", "InvalidSpec")
 AWAITING_OUTCOME = "AwaitingStageOutcome"
 #: Ready's reason while a ModelCard's model, made again, waits to be evaluated.
 MODEL_CHANGED = "ModelChanged"
-#: The stage verdicts of a card that evaluated its model to the end: one of these evaluated an
-#: older model and is evaluated again; a stage that failed (a bad prompts file) is not retried
-#: for every new model, it needs a change of the card.
-EVALUATED = ("Succeeded", "Rejected", WAITING_FOR_APPROVAL)
 
 
 def owned(kind: str) -> tuple[str, ...]:
@@ -96,22 +93,24 @@ def outcome_of(obj: dict[str, Any]) -> dict[str, Any] | None:
     return out if out.get("generation") == int(obj["metadata"]["generation"]) else None
 
 
-def model_changed(obj: dict[str, Any], spec: Any, world: World, mine: dict[str, Any] | None) -> str | None:
-    """The digest a ModelCard's model has now, when the card evaluated another one to a verdict
-    for its current generation (its producer made the model again); None otherwise, and while an
-    attempt runs (its own result says which model it evaluated)."""
-    st = obj.get("status") or {}
-    evaluated = st.get("modelDigest")
-    outcome = outcome_of(obj)
-    if not evaluated or outcome is None or outcome.get("verdict") not in EVALUATED:
-        return None
+def model_changed(obj: dict[str, Any], spec: Any, world: World,
+                  mine: dict[str, Any] | None) -> tuple[str, str] | None:
+    """(the digest a ModelCard's model has now, the one its last attempt of this generation was
+    planned with) when they differ (its producer made the model again); None otherwise, and while
+    an attempt runs. The digest an attempt was planned with is on its RayJob, so an attempt for the
+    new model is never taken for the old one; a card with no RayJob left (or one made before
+    RayJobs carried it) is judged by the digest its stage recorded."""
     if mine is not None and not _finished(mine):
         return None
     producer = world.get(spec.model_ref.kind, spec.model_ref.name)
     if producer is None or not is_ready(producer):
         return None  # being made again: the card is evaluated once it is done
     now = ((producer.get("status") or {}).get("model") or {}).get("digest")
-    return now if now and now != evaluated else None
+    planned = ((mine or {}).get("metadata", {}).get("annotations") or {}).get(ANNOTATION_MODEL_DIGEST)
+    was = planned or (obj.get("status") or {}).get("modelDigest")
+    if not planned and outcome_of(obj) is None:
+        return None
+    return (now, was) if now and was and now != was else None
 
 
 def settle(obj: dict[str, Any], spec: Any, job: tuple[str, str, str], name: str) -> tuple[str, str, str, dict]:
@@ -172,18 +171,17 @@ def decide(obj: dict[str, Any], world: World, children: list[dict[str, Any]], se
         return Decision(status(Phase.FAILED, "InvalidSpec", msg), fields, delete=stale, requeue=False, permanent=True)
 
     mine = next((c for c in rayjobs if c["metadata"]["name"] == name), None)
-    if mine is not None and (mine["metadata"].get("deletionTimestamp")
-                             or (reason_of(current) == MODEL_CHANGED and _finished(mine))):
-        # Being deleted (by hand, or the finished attempt of a card whose model changed, which
-        # the store may still hold): decided again once it is gone.
+    if mine is not None and mine["metadata"].get("deletionTimestamp"):
+        # Being deleted (by hand, or a card's attempt for a model made again): decided again once
+        # it is gone.
         return Decision(current, fields, delete=stale, requeue=True)
     changed = model_changed(obj, spec, world, mine) if kind == "ModelCard" else None
     if changed is not None:
         # Its finished RayJob and plan go (the plan names the old model), and the old outcome
-        # with them; once both are gone the next reconcile makes the attempt for the new model.
-        why = f"its model is now {changed}"
-        msg = (f"the model is now {changed}, not the {current.get('modelDigest')} this card evaluated: "
-               f"evaluating it again (RayJob {name})")
+        # with them; once the RayJob is gone the next reconcile makes the attempt for the new model.
+        now, was = changed
+        why = f"its model is now {now}"
+        msg = f"the model is now {now}, not the {was} of this card's last attempt: evaluating it again (RayJob {name})"
         return Decision(status(Phase.PENDING, MODEL_CHANGED, msg, outcome=None, approved=False, approvedBy=None),
                         fields + ("outcome",), delete=[*stale, (RAYJOBS, name, why), (CONFIGMAPS, name, why)])
     if mine is not None:
@@ -216,5 +214,10 @@ def decide(obj: dict[str, Any], world: World, children: list[dict[str, Any]], se
     resources = getattr(spec, "resources", None) or RayResources()
     queue = getattr(getattr(spec, "ray", None), "queue", "") or ""
     plan = builders.plan(obj, settings, {**res.inputs, **(extra_inputs or {})})
-    create = [builders.plan_configmap(obj, plan), builders.rayjob(obj, settings, resources, queue)]
+    job = builders.rayjob(obj, settings, resources, queue)
+    if kind == "ModelCard":
+        # the digest this attempt evaluates: a later one of the producer's starts another attempt
+        model = res.inputs.get(f"{spec.model_ref.kind}/{spec.model_ref.name}", {}).get("model") or {}
+        job["metadata"].setdefault("annotations", {})[ANNOTATION_MODEL_DIGEST] = model.get("digest") or ""
+    create = [builders.plan_configmap(obj, plan), job]
     return Decision(status(Phase.PENDING, "JobCreated", created_message(name)), fields, create=create, delete=stale)
