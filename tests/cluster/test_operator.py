@@ -194,7 +194,7 @@ def test_a_model_made_again_is_evaluated_again_and_needs_its_own_approval(cluste
                       and rj["metadata"]["uid"] != first["metadata"]["uid"] and rj)
     # Pending/ModelChanged lasts as long as deleting the old attempt: its Event stays
     [ev] = [e for e in wait_events(cluster, n, "gpt-card", "ModelChanged") if e["reason"] == "ModelChanged"]
-    assert "the model is now sha256:model2, not the sha256:model1 of this card's last attempt" in ev["message"]
+    assert "the model is now sha256:model2, not the sha256:model1 of the last attempt" in ev["message"]
     assert second["metadata"]["annotations"]["fmforge.io/model-digest"] == "sha256:model2"
     assert first["metadata"]["annotations"]["fmforge.io/model-digest"] == "sha256:model1"
     st = status(cluster, n, "ModelCard", "gpt-card")

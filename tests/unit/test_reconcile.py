@@ -167,7 +167,7 @@ def test_a_card_whose_model_was_made_again_is_evaluated_again():
     old = _attempt(name, "sha256:old", "Complete", "SUCCEEDED")
     d = jobs.decide(card, w, [old], SETTINGS)
     assert (d.status["phase"], cond(d.status, "Ready")["reason"]) == ("Pending", "ModelChanged")
-    assert "the model is now sha256:new, not the sha256:old of this card's last attempt" in d.status["message"]
+    assert "the model is now sha256:new, not the sha256:old of the last attempt" in d.status["message"]
     assert {(r.kind, n) for r, n, _ in d.delete} == {("RayJob", name), ("ConfigMap", name)} and d.create == []
     patch = status_patch(card["status"], d.status, d.owned)
     assert patch["outcome"] is None and patch["approved"] is False and patch["approvedBy"] is None
@@ -541,6 +541,26 @@ def test_an_edge_package_passes_the_same_gate_then_runs_as_a_rayjob():
     d = deployment.decide(dep, w, [], SETTINGS)
     assert [c["kind"] for c in d.create] == ["ConfigMap", "RayJob"]
     assert d.create[1]["metadata"]["name"] == "serve-g2-serve"
+
+
+def test_an_edge_package_of_an_older_model_is_made_again_once_the_new_one_is_approved():
+    dep, w = _serving({"approved": True, "modelDigest": "sha256:a"})
+    dep["spec"] = {"modelRef": {"kind": "TrainingRun", "name": "gpt"}, "target": "edge"}
+    d = deployment.decide(dep, w, [], SETTINGS)
+    job = d.create[1]
+    assert job["metadata"]["annotations"]["fmforge.io/model-digest"] == "sha256:a"
+    # packaged; then the model is made again and its card approves the new digest
+    job["status"] = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}
+    dep["status"] = {"phase": "Succeeded", "observedGeneration": 1, "rayJob": job["metadata"]["name"],
+                     "outcome": {"generation": 1, "verdict": "Succeeded", "message": "packaged"}}
+    w.get("TrainingRun", "gpt")["status"]["model"] = {"uri": "pvc://m/gpt2", "digest": "sha256:b"}
+    w.get("ModelCard", "card")["status"]["modelDigest"] = "sha256:b"
+    d = deployment.decide(dep, w, [job], SETTINGS)
+    assert cond(d.status, "Ready")["reason"] == "ModelChanged" and "packaging it again" in d.status["message"]
+    assert {n for _, n, _ in d.delete} == {job["metadata"]["name"]} and "approved" not in d.status
+    dep["status"] = d.status
+    d = deployment.decide(dep, w, [], SETTINGS)
+    assert d.create[1]["metadata"]["annotations"]["fmforge.io/model-digest"] == "sha256:b"
 
 
 def test_operator_flags_default_to_the_environment(monkeypatch):

@@ -11,11 +11,11 @@ they are now (`card_verdict`, the function the stage uses): rejected → Failed/
 manual approval missing → Waiting/WaitingForApproval until `kubectl annotate` names the digest,
 then Succeeded/Approved. An attempt that finished for the current generation stays finished:
 nothing is created again, even after a restart or after KubeRay deleted the job. One exception,
-as `fmforge run` has it: a ModelCard whose model was made again (its producer reports another
-digest than the one its last attempt was planned with, recorded on that RayJob) is evaluated
-again in the same generation, whatever that attempt's verdict, its finished RayJob and plan
-replaced (Pending/ModelChanged): an approval names a digest, so the new model waits for its own
-verdict and approval while a Deployment goes on serving the approved one.
+as `fmforge run` has it: a ModelCard (or an edge Deployment) whose model was made again (its
+producer reports another digest than the one its last attempt was planned with, recorded on that
+RayJob) is evaluated (packaged) again in the same generation, whatever that attempt's verdict, its
+finished RayJob and plan replaced (Pending/ModelChanged): an approval names a digest, so the new
+model waits for its own verdict and approval while a Deployment goes on serving the approved one.
 """
 
 from __future__ import annotations
@@ -37,8 +37,11 @@ from .store import World, spec_of
 DECIDED_HERE = ("ReferenceCycle", "ChildRejected", "InvalidSpec")
 #: Ready's reason while the RayJob has ended and the stage's outcome is not in the store yet.
 AWAITING_OUTCOME = "AwaitingStageOutcome"
-#: Ready's reason while a ModelCard's model, made again, waits to be evaluated.
+#: Ready's reason while a ModelCard's model (an edge Deployment's), made again, waits to be
+#: evaluated (packaged) again.
 MODEL_CHANGED = "ModelChanged"
+#: The kinds whose attempt is for one model (`spec.modelRef`), made again when it changes.
+PER_MODEL = ("ModelCard", "Deployment")
 
 
 def owned(kind: str) -> tuple[str, ...]:
@@ -95,11 +98,11 @@ def outcome_of(obj: dict[str, Any]) -> dict[str, Any] | None:
 
 def model_changed(obj: dict[str, Any], spec: Any, world: World,
                   mine: dict[str, Any] | None) -> tuple[str, str] | None:
-    """(the digest a ModelCard's model has now, the one its last attempt of this generation was
-    planned with) when they differ (its producer made the model again); None otherwise, and while
-    an attempt runs. The digest an attempt was planned with is on its RayJob, so an attempt for the
-    new model is never taken for the old one; a card with no RayJob left (or one made before
-    RayJobs carried it) is judged by the digest its stage recorded."""
+    """(the digest a ModelCard's or an edge Deployment's model has now, the one its last attempt
+    of this generation was planned with) when they differ (its producer made the model again);
+    None otherwise, and while an attempt runs. The digest an attempt was planned with is on its
+    RayJob, so an attempt for the new model is never taken for the old one; a card with no RayJob
+    left (or one made before RayJobs carried it) is judged by the digest its stage recorded."""
     if mine is not None and not _finished(mine):
         return None
     producer = world.get(spec.model_ref.kind, spec.model_ref.name)
@@ -107,7 +110,7 @@ def model_changed(obj: dict[str, Any], spec: Any, world: World,
         return None  # being made again: the card is evaluated once it is done
     now = ((producer.get("status") or {}).get("model") or {}).get("digest")
     planned = ((mine or {}).get("metadata", {}).get("annotations") or {}).get(ANNOTATION_MODEL_DIGEST)
-    was = planned or (obj.get("status") or {}).get("modelDigest")
+    was = planned or (obj.get("status") or {}).get("modelDigest")  # a card's own record
     if not planned and outcome_of(obj) is None:
         return None
     return (now, was) if now and was and now != was else None
@@ -175,14 +178,16 @@ def decide(obj: dict[str, Any], world: World, children: list[dict[str, Any]], se
         # Being deleted (by hand, or a card's attempt for a model made again): decided again once
         # it is gone.
         return Decision(current, fields, delete=stale, requeue=True)
-    changed = model_changed(obj, spec, world, mine) if kind == "ModelCard" else None
+    changed = model_changed(obj, spec, world, mine) if kind in PER_MODEL else None
     if changed is not None:
         # Its finished RayJob and plan go (the plan names the old model), and the old outcome
         # with them; once the RayJob is gone the next reconcile makes the attempt for the new model.
         now, was = changed
         why = f"its model is now {now}"
-        msg = f"the model is now {now}, not the {was} of this card's last attempt: evaluating it again (RayJob {name})"
-        return Decision(status(Phase.PENDING, MODEL_CHANGED, msg, outcome=None, approved=False, approvedBy=None),
+        doing = "evaluating" if kind == "ModelCard" else "packaging"
+        msg = f"the model is now {now}, not the {was} of the last attempt: {doing} it again (RayJob {name})"
+        unapproved = {"approved": False, "approvedBy": None} if kind == "ModelCard" else {}
+        return Decision(status(Phase.PENDING, MODEL_CHANGED, msg, outcome=None, **unapproved),
                         fields + ("outcome",), delete=[*stale, (RAYJOBS, name, why), (CONFIGMAPS, name, why)])
     if mine is not None:
         phase, reason, message = mirror(mine)
@@ -215,8 +220,8 @@ def decide(obj: dict[str, Any], world: World, children: list[dict[str, Any]], se
     queue = getattr(getattr(spec, "ray", None), "queue", "") or ""
     plan = builders.plan(obj, settings, {**res.inputs, **(extra_inputs or {})})
     job = builders.rayjob(obj, settings, resources, queue)
-    if kind == "ModelCard":
-        # the digest this attempt evaluates: a later one of the producer's starts another attempt
+    if kind in PER_MODEL:
+        # the digest this attempt is for: a later one of the producer's starts another attempt
         model = res.inputs.get(f"{spec.model_ref.kind}/{spec.model_ref.name}", {}).get("model") or {}
         job["metadata"].setdefault("annotations", {})[ANNOTATION_MODEL_DIGEST] = model.get("digest") or ""
     create = [builders.plan_configmap(obj, plan), job]
