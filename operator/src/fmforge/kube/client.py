@@ -167,10 +167,12 @@ class Kube:
                                   params={"fieldManager": FIELD_MANAGER, "force": "true",
                                           "fieldValidation": "Strict"})
 
-    async def delete(self, res: Resource, namespace: str, name: str) -> None:
+    async def delete(self, res: Resource, namespace: str, name: str, propagation: str = "Background") -> None:
+        """Delete one object (gone already is fine); `propagation` Foreground keeps it, with a
+        deletionTimestamp, until the garbage collector has deleted what it owns."""
         try:
             await self.request("DELETE", res, res.path(namespace, name),
-                               {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"})
+                               {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation})
         except ApiError as e:
             if e.status != 404:
                 raise

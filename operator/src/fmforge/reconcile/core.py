@@ -22,7 +22,7 @@ import kopf
 from ..api.status import Phase
 from ..api.v1alpha1 import KINDS
 from ..kube import builders
-from ..kube.client import ApiError, Kube, fmforge_resource
+from ..kube.client import RAYJOBS, ApiError, Kube, fmforge_resource
 from ..kube.settings import Settings
 from . import deployment, jobs
 from .decision import WARNING_REASONS, Decision, phase_status, reason_of, status_patch
@@ -111,7 +111,9 @@ class Reconciler:
         ns = obj["metadata"]["namespace"]
         existed = False
         for res, name, why in decision.delete:
-            await self.kube.delete(res, ns, name)
+            # A RayJob goes after what it owns (KubeRay's submitter Job, its Ray cluster): an
+            # attempt made again under its name (a card's new model) never meets the old Job.
+            await self.kube.delete(res, ns, name, "Foreground" if res == RAYJOBS else "Background")
             log.info("Deleted %s %s: %s", res.kind, name, why, extra=_object(obj))
         if any(c["kind"] == "RayJob" for c in decision.create) and ns not in self._stage_rbac:
             for o in builders.stage_rbac(ns):
