@@ -191,8 +191,9 @@ def test_a_model_made_again_is_evaluated_again_and_needs_its_own_approval(cluste
     succeed(cluster, n, "TrainingRun", "gpt", gen=2,
             results={"model": {"uri": "pvc://fmforge-artifacts/models/m2", "digest": "sha256:model2"}})
     second = wait_for("a new attempt", lambda: (rj := get(cluster, n, "rayjobs", job))
-                      and rj["metadata"]["uid"] != first["metadata"]["uid"] and rj)
-    # Pending/ModelChanged lasts as long as deleting the old attempt: its Event stays
+                      and rj["metadata"]["uid"] != first["metadata"]["uid"] and rj, timeout=120)
+    # Pending/ModelChanged lasts as long as deleting the old attempt (the garbage collector ends
+    # the foreground deletion; generous bounds for a loaded machine): its Event stays
     [ev] = [e for e in wait_events(cluster, n, "gpt-card", "ModelChanged") if e["reason"] == "ModelChanged"]
     assert "the model is now sha256:model2, not the sha256:model1 of the last attempt" in ev["message"]
     assert second["metadata"]["annotations"]["fmforge.io/model-digest"] == "sha256:model2"
@@ -210,12 +211,12 @@ def test_a_model_made_again_is_evaluated_again_and_needs_its_own_approval(cluste
     # the new model evaluated: ana's approval of model1 does not carry over
     assert evaluated("sha256:model2")["metadata"]["uid"] == second["metadata"]["uid"]
     st = wait_for("the card to wait for a new approval", lambda: (s := status(cluster, n, "ModelCard", "gpt-card"))
-                  .get("modelDigest") == "sha256:model2" and s.get("phase") == "Waiting" and s)
+                  .get("modelDigest") == "sha256:model2" and s.get("phase") == "Waiting" and s, timeout=120)
     assert "the approval by ana was for sha256:model1" in st["message"], st["message"]
     assert status(cluster, n, "Deployment", "serve")["servedModel"]["digest"] == "sha256:model1"
     approve("sha256:model2")
     st = wait_for("model2 served", lambda: (s := status(cluster, n, "Deployment", "serve")).get(
-        "servedModel", {}).get("digest") == "sha256:model2" and s)
+        "servedModel", {}).get("digest") == "sha256:model2" and s, timeout=120)
     isvc = get(cluster, n, "inferenceservices", "serve")
     assert isvc["metadata"]["annotations"]["fmforge.io/model-digest"] == "sha256:model2"
     assert st["servedModel"]["modelCard"] == "gpt-card"
