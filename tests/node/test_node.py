@@ -214,6 +214,7 @@ def test_deleting_the_object_removes_its_rayjob_raycluster_and_pods(platform: Pl
         pytest.fail(f"left after the delete: {left!r:.2000}")
 
 
+@pytest.mark.extended
 def test_a_worker_pod_deleted_mid_training_is_replaced_and_the_run_resumes(platform: Platform):
     """The Ray worker's pod deleted while it trains (as a node drain or an eviction would):
     KubeRay starts another, Ray Train restarts the worker group from the newest checkpoint
@@ -259,6 +260,7 @@ def test_a_worker_pod_deleted_mid_training_is_replaced_and_the_run_resumes(platf
           f"{record['restarts']} restart(s); progress seen {[x.get('step') for x in w.progress]}")
 
 
+@pytest.mark.extended
 def test_a_spec_change_starts_a_new_generations_rayjob_and_stops_the_old_ones_pods(platform: Platform):
     """A spec changed while generation 1 runs: the operator starts generation 2's RayJob and stops
     generation 1's (its RayJob, Ray cluster and pods go), and the object ends with generation 2's
