@@ -29,6 +29,12 @@ export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 what=${1:-all}
 staging_version="v0${K8S_VERSION#v1}"   # v1.36.3 -> v0.36.3
 
+# One build at a time: two test runs (or a run and `make node`) building the same binary into the
+# same cache would move each other's half-written files. The second waits, then finds it built.
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.build-controlplane.lock"
+flock -n 9 || { echo "Waiting for another build-controlplane.sh to finish ($CACHE/.build-controlplane.lock)" >&2; flock 9; }
+
 # wrapper_build OUT MODULE VERSION LOCAL_REPLACE_VERSION PKG...
 # Builds PKGs of MODULE@VERSION from a throwaway wrapper module in which every replace
 # directive of MODULE that points at a local path (`=> ./staging/...`, `=> ../api`) points at

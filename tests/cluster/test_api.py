@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -84,6 +86,56 @@ def test_kubectl_get_fmforge_lists_all_examples(cluster: ControlPlane, crds):
     assert pile["spec"]["tokenizer"]["train"]["minFrequency"] == 2
     assert pile["spec"]["sources"][0]["invalidText"] == "skip"
     assert pile["spec"]["sources"][2]["maxDocumentBytes"] == "2Mi"
+
+
+def _lineage(cluster: ControlPlane, *args: str) -> subprocess.CompletedProcess:
+    """The real command line, as a person runs it, against this API server."""
+    return subprocess.run([sys.executable, "-m", "fmforge.cli", "lineage", *args], capture_output=True, text=True,
+                          env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}, timeout=120)
+
+
+def test_lineage_reads_the_chain_from_the_statuses_on_the_cluster(cluster: ControlPlane, crds):
+    """`fmforge lineage --cluster`: endpoint -> model -> pile version -> sources with their digests,
+    from what the API server keeps of the statuses (a field the CRD lacked would be pruned here).
+    The statuses are written by hand: this tests the reader; the node tier reads the ones the
+    stages and the operator wrote."""
+    ns = _ns(cluster, "lineage")
+    cluster.kubectl("apply", "--server-side", "-n", ns, "-f", str(ROOT / "examples" / "quickstart" / "datapile.yaml"),
+                    "-f", str(ROOT / "examples" / "quickstart" / "trainingrun.yaml"))
+    dep = {"apiVersion": "fmforge.io/v1alpha1", "kind": "Deployment", "metadata": {"name": "gpt", "namespace": ns},
+           "spec": {"modelRef": {"kind": "TrainingRun", "name": "pydocs-gpt"}, "requireApprovedModelCard": False,
+                    "target": "kserve", "kserve": {"runtime": "fmforge"}}}
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(dep))
+    src, model = "sha256:" + "ab" * 32, {"uri": "pvc://fmforge-data/artifacts/m", "digest": "sha256:" + "ef" * 32}
+    statuses = {
+        ("datapile", "pydocs"): {"phase": "Succeeded", "tags": ["v1"],
+                                 "version": {"snapshotId": "4242", "digest": "sha256:" + "cd" * 32},
+                                 "sources": [{"name": "python-docs", "uri": "pvc://fmforge-data/corpus/prose/",
+                                              "digest": src}]},
+        ("trainingrun", "pydocs-gpt"): {"phase": "Succeeded", "dataPile": {"name": "pydocs", "snapshotId": "4242",
+                                                                           "tag": "v1"},
+                                        "model": model},
+        ("deployments.fmforge.io", "gpt"): {"phase": "Ready", "url": "http://gpt-predictor.example",
+                                            "servedModel": model},
+    }
+    for (resource, name), status in statuses.items():
+        cluster.kubectl("patch", resource, name, "-n", ns, "--subresource=status", "--type=merge",
+                        "-p", json.dumps({"status": status}))
+    r = _lineage(cluster, "Deployment/gpt", "--cluster", "-n", ns)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("Deployment/gpt: Ready") and "serving sha256:efefefefefef" in lines[0] \
+        and "at http://gpt-predictor.example" in lines[0], lines
+    assert "└─ TrainingRun/pydocs-gpt: Succeeded" in lines[1] and "trained on pydocs snapshot 4242" in lines[1], lines
+    assert "└─ DataPile/pydocs: Succeeded" in lines[2] and "snapshot 4242" in lines[2] and "tags v1" in lines[2]
+    assert lines[3].strip() == f"└─ source python-docs: pvc://fmforge-data/corpus/prose/ {src}", lines
+    # errors a person meets: no such object, and no cluster to read
+    r = _lineage(cluster, "TrainingRun/nope", "--cluster", "-n", ns)
+    assert r.returncode == 1 and f"TrainingRun/nope not found in namespace {ns} of the cluster" in r.stderr, r.stderr
+    r = _lineage(cluster, "DataPile/pydocs", "--cluster", "--kubeconfig", "/nonexistent/kubeconfig")
+    assert r.returncode == 1 and "no cluster to read from" in r.stderr and "--kubeconfig" in r.stderr, r.stderr
+    r = _lineage(cluster, "DataPile/pydocs", "-n", ns)
+    assert r.returncode == 2 and "add --cluster" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.api_server], ids=lambda c: c.id)

@@ -44,6 +44,12 @@ BUILDAH=(buildah --root "$STORE/storage" --runroot "$STORE/run" --storage-driver
 
 what=${1:-all}
 
+# One build at a time (two test runs building the same tag would race on it); `stream` only reads.
+if [[ $what != stream ]]; then
+  exec 9>"$CACHE/.build-images.lock"
+  flock -n 9 || { echo "Waiting for another build-images.sh to finish ($CACHE/.build-images.lock)" >&2; flock 9; }
+fi
+
 apt_install() {
   local missing=()
   for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -7,6 +7,8 @@ the stage in the pod writes its own status. Nothing here plays a controller's pa
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -105,6 +107,15 @@ def ray_pods(p: Platform, rayjob: str) -> list[dict]:
     return (pods(p, f"ray.io/cluster={cluster}") if cluster else []) + pods(p, f"batch.kubernetes.io/job-name={rayjob}")
 
 
+def lineage(p: Platform, obj: str) -> list[str]:
+    """`fmforge lineage OBJ --cluster` run from the host as a person would, with the node's kubeconfig:
+    the chain read from the statuses the stages and the operator wrote in the pods."""
+    r = subprocess.run([sys.executable, "-m", "fmforge.cli", "lineage", obj, "--cluster", "-n", WORK_NS,
+                        "--kubeconfig", str(p.node.kubeconfig)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
 def assert_restricted_and_arbitrary_uid(pod: dict) -> None:
     sc = pod["spec"]["securityContext"]
     assert sc["runAsUser"] == UID and sc["runAsNonRoot"] is True, sc
@@ -162,7 +173,19 @@ def test_a_datapile_then_a_trainingrun_run_as_rayjobs_on_real_pods(platform: Pla
     assert st["model"]["uri"].startswith(f"file:///mnt/pvc/{CLAIM}/"), st["model"]
     model_dir = pv / st["model"]["uri"].removeprefix(f"file:///mnt/pvc/{CLAIM}/")
     assert model_dir.is_dir() and any(model_dir.iterdir())
+    # the lineage, model -> pile version -> sources with their digests, from the statuses alone
+    pile_st = get(p, "datapile", "docs")["status"]
+    assert st["dataPile"]["snapshotId"] == pile_st["version"]["snapshotId"], (st["dataPile"], pile_st["version"])
+    chain = lineage(p, "TrainingRun/gpt")
+    assert chain[0].startswith("TrainingRun/gpt: Succeeded") and \
+        f"trained on docs snapshot {pile_st['version']['snapshotId']}" in chain[0], chain
+    assert chain[1].startswith("  └─ DataPile/docs: Succeeded"), chain
+    assert [c.strip() for c in chain[2:]] == [f"└─ source {s['name']}: {s['uri']} {s['digest']}"
+                                              for s in pile_st["sources"]], (chain, pile_st["sources"])
+    assert [s["name"] for s in pile_st["sources"]] == ["python-docs", "python-code"], pile_st["sources"]
+    assert all(s["digest"].startswith("sha256:") for s in pile_st["sources"]), pile_st["sources"]
     print(f"\nDataPile on the node {took_pile:.0f}s, TrainingRun {took_train:.0f}s; progress seen: {steps}")
+    print("\n".join(chain))
 
 
 def test_a_stage_that_fails_in_its_pod_says_why(platform: Platform):

@@ -22,7 +22,7 @@ import pytest
 from argocd import evaluate, luahealth, script
 from operatorproc import wait_for
 from platform_ import CLAIM, UID, WORK_NS, Platform
-from test_node import API, Watch, apply, assert_restricted_and_arbitrary_uid, get, pods
+from test_node import API, Watch, apply, assert_restricted_and_arbitrary_uid, get, lineage, pods
 
 #: The first test also tunes the model (the module's fixture) and may start the node: more than
 #: pytest.ini's 900 s on two busy cores.
@@ -210,6 +210,11 @@ def test_a_manual_card_waits_for_its_annotations_then_kserve_serves_the_model(pl
     assert c["args"][-2:] == ["--model-digest", digest], c["args"]
 
     text, answer, took = ask(p)
+    # the endpoint's lineage from the statuses: the served digest, the card, the tuned model
+    chain = lineage(p, f"Deployment/{MODEL}")
+    assert chain[0].startswith(f"Deployment/{MODEL}: Ready") and f"serving {digest[:19]} (card qa-manual)" in chain[0] \
+        and f"at {dep['url']}" in chain[0], chain
+    assert chain[1].startswith(f"  └─ TunedModel/{MODEL}: Succeeded") and tuned["model"]["uri"] in chain[1], chain
     print(f"\nserving {took_ready:.0f}s after the approval; completion {text!r}; {QUESTION!r} -> {answer!r} "
           f"({took:.2f}s); phases {w.phases}")
 

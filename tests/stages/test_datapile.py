@@ -265,7 +265,13 @@ def test_rerun_unchanged_publishes_nothing(first_run):
     assert report.ok
     assert "already published" in report.outcomes[0].message
     assert len(cat.load_table(pub.table_names("default", "pydocs")[0]).snapshots()) == before
-    assert state.read("DataPile", "pydocs")["status"]["version"] == rec["status"]["version"]
+    again = state.read("DataPile", "pydocs")
+    assert again["status"]["version"] == rec["status"]["version"]
+    # the sources the version was made from, with their digests, in the status (the lineage a
+    # cluster reads) as in the record, on the run that published and on the one that found it
+    sources = rec["status"]["sources"]
+    assert sources and all(s["digest"].startswith("sha256:") and s["uri"] for s in sources), sources
+    assert sources == rec["fmforge"]["lineage"] == again["status"]["sources"]
 
 
 def test_retag_publishes_no_new_snapshot(first_run):

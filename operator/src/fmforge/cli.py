@@ -3,7 +3,7 @@
     fmforge validate PATH...          check manifests with the API models
     fmforge run PATH...               run the pipeline locally (the embedded default)
     fmforge get [KIND [NAME]]         the local status, shaped like the CR status
-    fmforge lineage KIND/NAME         where an artifact came from
+    fmforge lineage KIND/NAME         where an artifact came from (--cluster: from a cluster's statuses)
     fmforge approve ModelCard/NAME --by WHO   approve the model a ModelCard evaluated
     fmforge serve Deployment/NAME     serve a Deployment's model in the foreground
     fmforge crds [--out DIR]          write the CRDs generated from the models
@@ -215,7 +215,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def _describe(rec: dict[str, Any]) -> str:
     """One line of `fmforge lineage`: the phase, generation and what the object made or used."""
-    st, fm = rec.get("status", {}), rec.get("fmforge", {})
+    st, fm = rec.get("status") or {}, rec.get("fmforge") or {}
     bits = [st.get("phase") or "Pending", f"generation {rec['metadata'].get('generation')}"]
     if st.get("version"):
         bits.append(f"snapshot {st['version'].get('snapshotId')}")
@@ -227,15 +227,26 @@ def _describe(rec: dict[str, Any]) -> str:
         bits.append(f"evaluated {st['modelDigest'][:19]}" + (" (approved)" if st.get("approved") else ""))
     if (st.get("model") or {}).get("uri"):
         bits.append(f"model {st['model']['uri']}")
+    if (st.get("servedModel") or {}).get("digest"):
+        served = st["servedModel"]
+        bits.append(f"serving {served['digest'][:19]}" + (f" (card {served['modelCard']})"
+                                                          if served.get("modelCard") else ""))
+    if st.get("url"):
+        bits.append(f"at {st['url']}")
     if fm.get("artifactDigest"):
         bits.append(fm["artifactDigest"][:19])
     return ", ".join(bits)
 
 
+def _sources(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """What the object read, with digests: the local record's lineage, or the status's sources (a
+    DataPile's, on a cluster)."""
+    return (rec.get("fmforge") or {}).get("lineage") or (rec.get("status") or {}).get("sources") or []
+
+
 def cmd_lineage(args: argparse.Namespace) -> int:
     from .api.v1alpha1 import KINDS, kind_info
 
-    state = _state(args)
     if "/" not in args.object:
         _err(f"expected KIND/NAME, such as TrainingRun/pydocs-gpt (got {args.object!r})")
         return EXIT_USAGE
@@ -245,16 +256,36 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     except KeyError as e:
         _err(str(e.args[0]))
         return EXIT_USAGE
-    if state.read(kind, name) is None:
-        _err(f"{kind}/{name} not found in {state.root}")
+    #: what a read may raise part way (the cluster gone): said, not a traceback
+    unreachable: tuple[type[Exception], ...] = ()
+    if args.cluster:
+        from .kube.lookup import ClusterUnreachable, object_reader
+
+        unreachable = (ClusterUnreachable,)
+        try:
+            read, namespace = object_reader(args.namespace, args.kubeconfig, args.context)
+            first = read(kind, name)
+        except ClusterUnreachable as e:
+            _err(str(e))
+            return EXIT_FAILED
+        where = f"namespace {namespace} of the cluster"
+    else:
+        if args.namespace or args.kubeconfig or args.context:
+            _err("--namespace, --kubeconfig and --context read a cluster: add --cluster")
+            return EXIT_USAGE
+        state = _state(args)
+        read, where = state.read, str(state.root)
+        first = read(kind, name)
+    if first is None:
+        _err(f"{kind}/{name} not found in {where}")
         return EXIT_FAILED
 
     def walk(k: str, n: str, depth: int, seen: set[str]) -> None:
         key = f"{k}/{n}"
-        rec = state.read(k, n)
+        rec = first if depth == 0 else read(k, n)
         pad = "  " * depth + ("└─ " if depth else "")
         if rec is None:
-            print(f"{pad}{key}: not in the state directory")
+            print(f"{pad}{key}: not in {where}")
             return
         print(f"{pad}{key}: {_describe(rec)}")
         if key in seen:
@@ -263,11 +294,15 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         spec = KINDS[k].spec.model_validate(rec["spec"])
         for ref in KINDS[k].references(spec):
             walk(ref.kind, ref.name, depth + 1, seen)
-        for src in (rec.get("fmforge") or {}).get("lineage") or []:
-            line = f"└─ source {src.get('name')}: {src.get('uri')} {src.get('digest', '')}"
+        for src in _sources(rec):
+            line = f"└─ source {src.get('name')}: {src.get('uri')} {src.get('digest') or ''}"
             print("  " * (depth + 1) + line.rstrip())
 
-    walk(kind, name, 0, set())
+    try:
+        walk(kind, name, 0, set())
+    except unreachable as e:
+        _err(str(e))
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -436,10 +471,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_get)
 
     ln = sub.add_parser("lineage", help="print where an object's artifact came from",
-                        description="Print the chain model -> training run -> pile version -> sources, "
-                        "with digests, from the local state.")
+                        description="Print the chain endpoint -> model -> training run -> pile version -> "
+                        "sources, with digests, from the local state, or with --cluster from the objects' "
+                        "statuses on a cluster (kubectl's configuration).")
     ln.add_argument("object", metavar="KIND/NAME")
     ln.add_argument("--state-dir", type=Path, help="state directory (default: ./.fmforge)")
+    ln.add_argument("--cluster", action="store_true",
+                    help="read the objects from the cluster of KUBECONFIG (or --kubeconfig) instead")
+    ln.add_argument("-n", "--namespace", help="with --cluster: the namespace (default: the context's, else default)")
+    ln.add_argument("--kubeconfig", help="with --cluster: the kubeconfig file (default: KUBECONFIG, ~/.kube/config)")
+    ln.add_argument("--context", help="with --cluster: the kubeconfig context (default: the current one)")
     ln.set_defaults(func=cmd_lineage)
 
     sv = sub.add_parser("serve", help="serve a Deployment's model in the foreground",

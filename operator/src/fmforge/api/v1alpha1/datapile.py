@@ -433,11 +433,25 @@ class PileStats(Status):
     filter by type, exactHash, minhash."""
 
 
+class SourceRead(Status):
+    """A source as the latest version read it."""
+
+    name: str
+    """The source's name in the spec."""
+    uri: str
+    """Where it was read (the spec's URI, resolved)."""
+    digest: str | None = None
+    """sha256 over the files' names, sizes and content read: a changed source has another."""
+
+
 class DataPileStatus(CommonStatus):
     """What the DataPile is."""
 
     version: PileVersion | None = None
     """The latest published version."""
+    sources: list[SourceRead] = []
+    """The sources the latest version was made from, each with the digest of what was read: the
+    lineage (`fmforge lineage`) from the status alone, on a cluster as locally."""
     tags: list[str] = []
     """Tags on the latest version."""
     stats: PileStats | None = None

@@ -441,11 +441,11 @@ def result(w: Work) -> None:
     stats = w.stats
     w.result = StageResult(
         status=_status(w.published, w.spec.publish.tags, stats.model_dump(by_alias=True, mode="json"), w.card_md,
-                       w.digest),
+                       w.digest, w.reads),
         digest=w.digest,
         message=f"published snapshot {w.published.snapshot_id} ({stats.documents.kept}/{stats.documents.read} "
                 f"documents, {stats.tokens} tokens)",
-        lineage=[{"name": r.name, "uri": r.uri, "digest": r.digest} for r in w.reads],
+        lineage=_lineage(w.reads),
     )
 
 
@@ -535,9 +535,15 @@ def _tokens(w: Work) -> dict[str, int]:
     return out
 
 
-def _status(published: pub.Published, tags: list[str], stats: dict[str, Any], md: Path, digest: str) -> dict:
+def _lineage(reads) -> list[dict[str, Any]]:
+    """The sources as read, with their digests: the status's `sources` and the local record's lineage."""
+    return [{"name": r.name, "uri": r.uri, "digest": r.digest} for r in reads]
+
+
+def _status(published: pub.Published, tags: list[str], stats: dict[str, Any], md: Path, digest: str, reads) -> dict:
     return {
         "version": {"snapshotId": str(published.snapshot_id), "digest": digest, "createdAt": published.created_at},
+        "sources": _lineage(reads),
         "tags": list(tags),
         "stats": stats,
         "dataCard": md.resolve().as_uri(),
@@ -561,11 +567,11 @@ def _reuse(ctx: StageContext, cat, existing: pub.Published, digest: str, reads) 
     return StageResult(
         status={"version": {"snapshotId": str(existing.snapshot_id), "digest": digest,
                             "createdAt": existing.created_at},
-                "tags": tags, "stats": stats, "table": existing.table,
+                "sources": _lineage(reads), "tags": tags, "stats": stats, "table": existing.table,
                 **({"dataCard": card.as_uri()} if card else {})},
         digest=digest,
         message=f"version {existing.snapshot_id} already published with this spec and these sources; nothing new",
-        lineage=[{"name": r.name, "uri": r.uri, "digest": r.digest} for r in reads],
+        lineage=_lineage(reads),
     )
 
 
