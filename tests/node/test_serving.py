@@ -239,3 +239,52 @@ def test_a_killed_predictor_pod_is_brought_back_by_kserves_deployment(platform: 
     assert dep["inferenceService"] == MODEL
     print(f"\npredictor {victim['metadata']['name']} deleted; {new[0]['metadata']['name']} Ready after {took:.0f}s; "
           f"answered {answer!r}")
+
+
+@pytest.mark.extended
+def test_a_model_made_again_needs_its_own_approval_before_it_is_served(platform: Platform, tuned: dict):
+    """The tuned model made again (one epoch fewer: another digest). The manual card evaluates
+    the new model and waits: the approval of the old digest does not carry over. Approved, the
+    Deployment serves the new digest. The Deployment is deleted first and applied again after:
+    the node's two cores do not hold the predictor beside the tuning's Ray cluster."""
+    p = platform
+    if fmdeploy(p).get("phase") != "Ready":
+        pytest.skip("the model is not served (an earlier test failed)")
+    old = tuned["model"]["digest"]
+    p.kubectl("delete", "deployments.fmforge.io", MODEL, "-n", WORK_NS, "--wait=true", "--timeout=120s")
+    until("the predictor's pods gone", lambda: not predictor_pods(p), timeout=180)
+    again = tuned_model()
+    again["spec"]["training"]["epochs"] = 2
+    apply(p, again)
+    generation = get(p, "tunedmodel", MODEL)["metadata"]["generation"]
+    assert generation == 2
+
+    def tuned_again():
+        st = (get(p, "tunedmodel", MODEL) or {}).get("status") or {}
+        assert st.get("phase") != "Failed" or st.get("observedGeneration") != generation, st.get("message")
+        return st.get("observedGeneration") == generation and st.get("phase") == "Succeeded" and st
+
+    st = until("the TunedModel's generation 2 Succeeded", tuned_again, timeout=1500, every=5)
+    new = st["model"]["digest"]
+    assert new != old, "another spec made the same model"
+
+    def card_waits():
+        s = (get(p, "modelcard", "qa-manual") or {}).get("status") or {}
+        return s.get("modelDigest") == new and s.get("phase") in ("Waiting", "Failed") and s
+
+    card_st = until("the card to evaluate the new model", card_waits, timeout=900, every=5)
+    assert card_st["phase"] == "Waiting" and not card_st.get("approved"), json.dumps(card_st, indent=1)[-2000:]
+    # the old approval is still on the object, for the old digest: it approves nothing new
+    ann = get(p, "modelcard", "qa-manual")["metadata"]["annotations"]
+    assert ann["fmforge.io/approved-digest"] == old
+    p.kubectl("annotate", "--overwrite", "modelcard", "qa-manual", "-n", WORK_NS,
+              "fmforge.io/approved-by=bob@example.com", f"fmforge.io/approved-digest={new}")
+    st = Watch(p, "modelcard", "qa-manual").until({"Succeeded", "Failed"}, timeout=120)
+    assert st["phase"] == "Succeeded" and st["approvedBy"] == "bob@example.com" and st["modelDigest"] == new, st
+    apply(p, deployment())
+    dep = Watch(p, "deployments.fmforge.io", MODEL).until({"Ready", "Failed"}, timeout=600)
+    assert dep["phase"] == "Ready" and dep["servedModel"]["digest"] == new, json.dumps(dep, indent=1)
+    [pod] = until("one predictor pod Ready", lambda: [q for q in predictor_pods(p) if ready(q)] or None, timeout=300)
+    assert pod["spec"]["containers"][0]["args"][-2:] == ["--model-digest", new]
+    _, answer, _ = ask(p)
+    print(f"\nmade again: {old[:19]} -> {new[:19]}; approved by bob; served; answered {answer!r}")
