@@ -87,13 +87,15 @@ node-quickstart: setup
 # other tiers' control plane and Ray are gone by then). Its parts are built first, where
 # the machine can run it (root, Go, disk: tests/node/preflight.py), so their progress shows; where
 # it cannot, the line says why and its tests skip (in CI they fail, unless only disk is short).
-# The node tier's `extended` tests (a worker pod killed mid-training, a spec change mid-run) run
-# in `make test-node` only: CI's 90 minutes hold the rest of the tier cold, not those too.
+# The node tier's `extended` tests (a worker pod killed mid-training, a spec change mid-run, a
+# model made again) run in `make test-node` only: CI's 90 minutes hold the rest of the tier cold,
+# not those too. Exit 5 of the node run (PYTEST_ARGS deselected all its tests) is no failure.
 test: setup
 	$(BIN)/ruff check --config operator/pyproject.toml operator/src tests examples
-	@if $(BIN)/python tests/node/preflight.py; then $(MAKE) --no-print-directory node; fi
+	@if $(BIN)/python tests/node/preflight.py; then $(MAKE) --no-print-directory node \
+	  || { [ "$(CI)" != true ] || exit 1; echo "node tier: building its parts failed (above); its tests will skip"; }; fi
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/unit tests/stages tests/cluster tests/e2e
-	$(BIN)/python -m pytest $(PYTEST_ARGS) -m "not extended" tests/node
+	$(BIN)/python -m pytest $(PYTEST_ARGS) -m "not extended" tests/node || [ $$? -eq 5 ]
 	cd operator && ../$(BIN)/lint-imports
 
 test-stages: setup

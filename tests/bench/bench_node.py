@@ -16,7 +16,7 @@ own timestamps and the pods' conditions:
                 `ray job submit` and the driver's imports)
   status        Ray job ended -> the DataPile `Succeeded` (the operator sees the verdict)
 
-then runs `fmforge run` on a copy of the same corpus on the host, and prints both wall times and
+then stops the node and runs `fmforge run` on a copy of the same corpus on the host, and prints both wall times and
 the difference, as a table and one JSON line. The node's start (cold or warm) is printed too.
 Never part of `make test`.
 """
@@ -76,6 +76,8 @@ def on_node(plat: P.Platform, doc: dict, timeout: float = 1800) -> dict:
     t_apply = time.time()
     kube("apply", "-f", "-", input=json.dumps(doc))
     pods: dict[str, dict] = {}
+    #: the first Ready seen of each Ray pod: a finished job's pods go at once (ttlSecondsAfterFinished: 0)
+    first_ready: dict[str, float] = {}
     rayjob: dict = {}
     deadline = time.monotonic() + timeout
     while True:
@@ -91,7 +93,10 @@ def on_node(plat: P.Platform, doc: dict, timeout: float = 1800) -> dict:
                 for sel in selectors:
                     found = kube("get", "pods", "-n", P.WORK_NS, "-l", sel, "-o", "json").stdout
                     for pod in json.loads(found)["items"]:
-                        pods[pod["metadata"]["name"]] = pod
+                        name = pod["metadata"]["name"]
+                        pods[name] = pod
+                        if name not in first_ready and (t := condition_time(pod, "Ready")):
+                            first_ready[name] = t
         if st.get("phase") in ("Succeeded", "Failed"):
             t_end = time.time()
             break
@@ -101,10 +106,11 @@ def on_node(plat: P.Platform, doc: dict, timeout: float = 1800) -> dict:
     if st["phase"] != "Succeeded":
         raise SystemExit(f"DataPile/{PILE} failed on the node: {st.get('message')}")
     role = {n: p["metadata"]["labels"].get("ray.io/node-type") or "submitter" for n, p in pods.items()}
-    ray_ready = [condition_time(p, "Ready") for n, p in pods.items() if role[n] in ("head", "worker")]
+    ray_ready = [first_ready.get(n) for n in pods if role[n] in ("head", "worker")]
     sub = [p for n, p in pods.items() if role[n] == "submitter"]
-    info = (rayjob.get("status") or {}).get("rayJobInfo") or {}
-    job_end = (info.get("endTime") or 0) / 1000 or ts((rayjob.get("status") or {}).get("endTime"))
+    rj = rayjob.get("status") or {}
+    # the Ray job's own end (KubeRay copies it from Ray's dashboard), else the RayJob's
+    job_end = ts((rj.get("rayJobInfo") or {}).get("endTime")) or ts(rj.get("endTime"))
     return {
         "apply": t_apply, "end": t_end,
         "rayjob": ts(rayjob["metadata"]["creationTimestamp"]) if rayjob else None,
@@ -154,10 +160,16 @@ def main() -> int:
                                                                              **plat.timings}.items()), flush=True)
         doc = node_pile(plat)
         n = on_node(plat, doc)
-        corpus = plat.pv_dir / "corpus"
-        host_s, host_st = on_host(corpus, doc)
+        # the same corpus, kept for the host's run, which starts once the node is gone (its
+        # control plane, kubelet and controllers would share the two cores with it)
+        corpus = Path(tempfile.mkdtemp(prefix="fmforge-bench-corpus-")) / "corpus"
+        shutil.copytree(plat.pv_dir / "corpus", corpus)
     finally:
         node.stop()
+    try:
+        host_s, host_st = on_host(corpus, doc)
+    finally:
+        shutil.rmtree(corpus.parent, ignore_errors=True)
     node_s = n["end"] - n["apply"]
     parts = [("operator: apply -> RayJob", n["apply"], n["rayjob"]),
              ("ray cluster: RayJob -> head and worker Ready", n["rayjob"], n["rayReady"]),

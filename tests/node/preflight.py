@@ -25,9 +25,13 @@ CACHE = Path(os.environ.get("FMFORGE_CACHE", Path.home() / ".cache" / "fmforge")
 #: and unpacked), the Go module and build caches of kubelet, CoreDNS and KServe about 9 GB, and
 #: the pods' volume and logs; rounded up.
 COLD_GB = 40
+#: Free disk once the images are built but not yet in the node's containerd (the state after
+#: `make node`, which `make test` runs before the tier): the import and the pods.
+BUILT_GB = 20
 #: Free disk a warm start needs (the images built and imported before): a code change makes new
 #: top layers and imports them again, a change of the runtime's dependencies a new 7.7 GB layer.
 WARM_GB = 12
+RUNTIME_IMAGE = os.environ.get("RUNTIME_IMAGE", "localhost/fmforge/runtime:dev")
 
 
 @dataclass(frozen=True)
@@ -40,11 +44,21 @@ class Reason:
     fails_ci: bool
 
 
-def built_before() -> bool:
-    """The runtime image was built and imported into the node's containerd before (marks written
-    by node.Node._import_images)."""
+def imported_before() -> bool:
+    """The runtime image was imported into the node's containerd before (the marks that
+    node.Node._import_images writes, one file per image, named after it)."""
     marks = CACHE / "node" / "containerd" / "fmforge-imported"
-    return marks.is_dir() and any("runtime" in m.name for m in marks.iterdir())
+    return (marks / RUNTIME_IMAGE.replace("/", "_").replace(":", "_")).is_file()
+
+
+def built() -> bool:
+    """The runtime image is in build-images.sh's buildah storage (its image list, read as a file:
+    buildah may not be installed yet)."""
+    listing = CACHE / "containers" / "storage" / "overlay-images" / "images.json"
+    try:
+        return f'"{RUNTIME_IMAGE}"' in listing.read_text()
+    except OSError:
+        return False
 
 
 def free_gb(path: Path = CACHE) -> float:
@@ -61,11 +75,15 @@ def why_not() -> Reason | None:
     if shutil.which("go") is None:
         return Reason("Go is not installed: the node tier builds kubelet, kube-proxy and CoreDNS with it",
                       fails_ci=True)
-    warm = built_before()
-    need, have = (WARM_GB if warm else COLD_GB), free_gb()
+    if imported_before():
+        need, state = WARM_GB, "the images built and imported before"
+    elif built():
+        need, state = BUILT_GB, "the images built, not yet imported into the node's containerd"
+    else:
+        need, state = COLD_GB, "nothing built yet"
+    have = free_gb()
     if have < need:
-        return Reason(f"the node tier needs {need} GB free under {CACHE} ({'warm' if warm else 'cold'}: "
-                      f"{'the images built before' if warm else 'nothing built yet'}); {have:.1f} GB is free. "
+        return Reason(f"the node tier needs {need} GB free under {CACHE} ({state}); {have:.1f} GB is free. "
                       f"Free disk (`tests/node/build-images.sh prune` drops old image layers) or set FMFORGE_CACHE "
                       f"to a larger disk", fails_ci=False)
     return None

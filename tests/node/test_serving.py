@@ -242,6 +242,7 @@ def test_a_killed_predictor_pod_is_brought_back_by_kserves_deployment(platform: 
 
 
 @pytest.mark.extended
+@pytest.mark.timeout(3600)
 def test_a_model_made_again_needs_its_own_approval_before_it_is_served(platform: Platform, tuned: dict):
     """The tuned model made again (one epoch fewer: another digest). The manual card evaluates
     the new model and waits: the approval of the old digest does not carry over. Approved, the
@@ -252,7 +253,9 @@ def test_a_model_made_again_needs_its_own_approval_before_it_is_served(platform:
         pytest.skip("the model is not served (an earlier test failed)")
     old = tuned["model"]["digest"]
     p.kubectl("delete", "deployments.fmforge.io", MODEL, "-n", WORK_NS, "--wait=true", "--timeout=120s")
-    until("the predictor's pods gone", lambda: not predictor_pods(p), timeout=180)
+    # gone, not only terminating: a terminating pod still holds its CPU
+    until("the predictor's pods gone", lambda: not pods(p, f"serving.kserve.io/inferenceservice={MODEL}"),
+          timeout=180)
     again = tuned_model()
     again["spec"]["training"]["epochs"] = 2
     apply(p, again)
