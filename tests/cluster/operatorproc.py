@@ -1,7 +1,8 @@
 """The fmforge operator run for real, as `fmforge operator`, against the test control plane, and
 the helpers the tests drive it with (apply, wait, play the KubeRay/KServe controllers' part).
 
-A child process with the control plane's kubeconfig, free ports for /metrics and /healthz, and
+A child process logged in as the chart's ServiceAccount with the chart's RBAC (`chart_kubeconfig`),
+free ports for /metrics and /healthz, and
 its log in the control plane's directory. Tests kill it (SIGKILL, as a node failure would) and
 start it again; the process group is its own, so stopping ends exactly what was started here.
 Used by tests/cluster/test_operator*.py and tests/bench/bench_operator.py.
@@ -25,6 +26,46 @@ from typing import Any
 from badmanifests import BASE
 from controlplane import ROOT, ControlPlane, free_port
 
+#: Where the chart's ServiceAccount and RBAC are installed for the operator processes.
+RELEASE_NS = "fmforge-system"
+
+
+def chart_kubeconfig(cluster: ControlPlane) -> Path:
+    """A kubeconfig that logs in as the chart's ServiceAccount, with the chart's own RBAC (its
+    ClusterRole and binding, rendered by helm and applied once per control plane): the operator
+    processes here hold exactly the permissions an installed operator holds, so a verb the
+    chart forgot fails here (403) as it would on a cluster, not only on the node tier."""
+    path = cluster.workdir / "operator-kubeconfig"
+    if path.exists():
+        return path
+    import yaml
+    from tools import build
+
+    helm = build("helm") / "helm"
+    rendered = subprocess.run([str(helm), "template", "fmforge", str(ROOT / "charts" / "fmforge"), "--namespace",
+                               RELEASE_NS, "--show-only", "templates/serviceaccount.yaml", "--show-only",
+                               "templates/rbac.yaml"], capture_output=True, text=True, check=True).stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    [sa] = [d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"]
+    cluster.kubectl("create", "namespace", RELEASE_NS, check=False)
+    cluster.kubectl("apply", "-n", RELEASE_NS, "-f", "-", input="\n---\n".join(json.dumps(d) for d in docs))
+    tmp = token_kubeconfig(cluster, sa, RELEASE_NS, path.with_suffix(".tmp"))
+    tmp.replace(path)
+    return path
+
+
+def token_kubeconfig(cluster: ControlPlane, sa: str, namespace: str, path: Path) -> Path:
+    """A kubeconfig at `path` with nothing but a token of ServiceAccount `namespace/sa`."""
+    import yaml
+
+    token = cluster.kubectl("create", "token", sa, "-n", namespace, "--duration=48h").stdout.strip()
+    cfg = yaml.safe_load(cluster.kubeconfig.read_text())
+    cfg["users"] = [{"name": sa, "user": {"token": token}}]
+    cfg["contexts"][0]["context"]["user"] = sa
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 KINDS = {"DataPile": "datapiles", "TrainingRun": "trainingruns", "ModelCard": "modelcards",
          "TunedModel": "tunedmodels", "Deployment": "deployments.fmforge.io"}
 STAGE = {"DataPile": "prepare", "TrainingRun": "train", "ModelCard": "eval", "TunedModel": "tune"}
@@ -36,7 +77,7 @@ class OperatorProcess:
     def __init__(self, cluster: ControlPlane, config: Path | None = None, extra_env: dict[str, str] | None = None,
                  name: str = "operator", args: list[str] | None = None, kubeconfig: Path | None = None):
         self.cluster = cluster
-        self.kubeconfig = kubeconfig or cluster.kubeconfig
+        self.kubeconfig = kubeconfig or chart_kubeconfig(cluster)
         self.config = config
         self.extra_env = extra_env or {}
         self.name = name

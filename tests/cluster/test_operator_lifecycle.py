@@ -8,7 +8,6 @@ nothing else reconciles these objects.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -27,6 +26,7 @@ from operatorproc import (
     rayjob_status,
     stage_outcome,
     succeed,
+    token_kubeconfig,
     wait_events,
     wait_for,
     wait_phase,
@@ -143,15 +143,8 @@ def test_helm_install_and_the_operator_run_with_the_charts_settings_and_identity
     env.pop("FMFORGE_METRICS_PORT"), env.pop("FMFORGE_HEALTH_PORT")  # free ports here instead
     env["FMFORGE_CONFIG"] = str(config)
     # a kubeconfig with nothing but the chart's ServiceAccount token
-    sa = dep["spec"]["template"]["spec"]["serviceAccountName"]
-    token = cluster.kubectl("create", "token", sa, "-n", release).stdout.strip()
-    kubeconfig = tmp_path / "kubeconfig"
-    ca = base64.b64encode((cluster.workdir / "pki" / "ca.crt").read_bytes()).decode()
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
-        "clusters": [{"name": "c", "cluster": {"server": cluster.url, "certificate-authority-data": ca}}],
-        "users": [{"name": "sa", "user": {"token": token}}],
-        "contexts": [{"name": "sa", "context": {"cluster": "c", "user": "sa"}}]}))
+    kubeconfig = token_kubeconfig(cluster, dep["spec"]["template"]["spec"]["serviceAccountName"], release,
+                                  tmp_path / "kubeconfig")
     assert c["command"] == ["fmforge"]
     op = OperatorProcess(cluster, name="operator-helm", args=c["args"][1:], kubeconfig=kubeconfig,
                          extra_env=env).start()

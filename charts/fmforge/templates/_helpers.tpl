@@ -60,9 +60,10 @@ grants get and patch of the status subresources, which the operator must hold it
 - apiGroups: ["route.openshift.io"]
   resources: [routes]
   verbs: [create, patch, delete]
+# A stage's plan: made with its RayJob, deleted with it when a card's model is made again.
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [get, create]
+  verbs: [get, create, delete]
 - apiGroups: [""]
   resources: [serviceaccounts]
   verbs: [create]
