@@ -36,9 +36,10 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "cluster"))
+sys.path.insert(0, str(HERE))
 from controlplane import ControlPlane, build, free_port  # noqa: E402
+from preflight import CACHE, CONTAINERD_ROOT, IMPORT_MARKS, import_mark  # noqa: E402
 
-CACHE = Path(os.environ.get("FMFORGE_CACHE", Path.home() / ".cache" / "fmforge"))
 STATE = CACHE / "node"
 BUILD_IMAGES = HERE / "build-images.sh"
 NODE_NAME = "fmforge-node"
@@ -256,7 +257,7 @@ class Node:
     @property
     def containerd_root(self) -> Path:
         # Kept between runs: the imported images (several GB) are not imported again.
-        return STATE / "containerd"
+        return CONTAINERD_ROOT
 
     @property
     def kubeconfig(self) -> Path:
@@ -441,11 +442,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     def _import_images(self) -> None:
         """Stream each image from buildah's storage into containerd, unless containerd has that
         very build already (its image id recorded beside the containerd root)."""
-        marks = self.containerd_root / "fmforge-imported"
-        marks.mkdir(exist_ok=True)
+        IMPORT_MARKS.mkdir(exist_ok=True)
         have = set(self.ctr("images", "ls", "-q").stdout.split())
         for name, (image_id, _) in self.images.items():
-            mark = marks / name.replace("/", "_").replace(":", "_")
+            mark = import_mark(name)
             if name in have and mark.exists() and mark.read_text() == image_id:
                 continue
             t = time.monotonic()

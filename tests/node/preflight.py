@@ -44,11 +44,19 @@ class Reason:
     fails_ci: bool
 
 
+#: The node's containerd root, kept between runs, and beside it the marks of what was imported.
+CONTAINERD_ROOT = CACHE / "node" / "containerd"
+IMPORT_MARKS = CONTAINERD_ROOT / "fmforge-imported"
+
+
+def import_mark(image: str) -> Path:
+    """The file in which node.Node._import_images records the buildah image id it imported as `image`."""
+    return IMPORT_MARKS / image.replace("/", "_").replace(":", "_")
+
+
 def imported_before() -> bool:
-    """The runtime image was imported into the node's containerd before (the marks that
-    node.Node._import_images writes, one file per image, named after it)."""
-    marks = CACHE / "node" / "containerd" / "fmforge-imported"
-    return (marks / RUNTIME_IMAGE.replace("/", "_").replace(":", "_")).is_file()
+    """The runtime image was imported into the node's containerd before."""
+    return import_mark(RUNTIME_IMAGE).is_file()
 
 
 def built() -> bool:
